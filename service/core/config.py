@@ -1,0 +1,103 @@
+"""The one settings object. Nothing else in prefloop reads ``os.environ``.
+
+Every field is an environment variable with the ``PREFLOOP_`` prefix (``PREFLOOP_PORT=9000``),
+or a line in a ``.env`` file in the working directory.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PREFLOOP_", env_file=".env", extra="ignore")
+
+    # --- where things live
+    home: Path = Field(
+        default=Path("~/.cache/prefloop"),
+        description="Cache for the prepared model, adapters and the default SQLite database.",
+    )
+    database_url: str = Field(
+        default="",
+        description="SQLAlchemy URL. Empty: a SQLite file `prefloop.db` under PREFLOOP_HOME.",
+    )
+    sqlite_synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = Field(
+        default="FULL",
+        description="SQLite `synchronous` pragma (WAL mode). FULL: a commit survives power loss.",
+    )
+
+    # --- serving
+    host: str = "127.0.0.1"
+    port: int = 8000
+    engine: Literal["local", "vllm"] = Field(
+        default="local", description="`local`: embedded transformers+peft; `vllm`: vLLM over HTTP."
+    )
+    model: str = Field(
+        default="",
+        description="HF model directory or hub id. Empty: SmolLM2-135M-Instruct, prepared offline.",
+    )
+    served_model_name: str = Field(
+        default="", description="Name clients use in `model`. Empty: the model directory's name."
+    )
+    device: str = Field(default="auto", description="`auto`, `cpu`, `cuda`, `cuda:1`, ...")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="`auto`: bfloat16 on GPU, float32 on CPU."
+    )
+    torch_threads: int = Field(default=0, description="Intra-op CPU threads; 0 lets torch pick.")
+    log_level: str = "info"
+
+    # --- generation defaults and limits
+    default_max_tokens: int = Field(default=256, ge=1)
+    max_tokens_limit: int = Field(default=1024, ge=1, description="Largest `max_tokens` accepted.")
+    default_temperature: float = Field(default=0.7, ge=0.0, le=2.0)
+    default_top_p: float = Field(default=0.95, gt=0.0, le=1.0)
+    max_n: int = Field(default=4, ge=1, description="Largest `n` (choices per request).")
+    max_messages: int = Field(default=128, ge=1, description="Most messages in one request.")
+    max_message_chars: int = Field(default=32_000, ge=1, description="Longest message content.")
+    max_stop_sequences: int = Field(default=4, ge=0)
+    max_queue: int = Field(
+        default=32, ge=1, description="Generation requests waiting or running before 503."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError("default_max_tokens must not exceed max_tokens_limit")
+        return self
+
+    @property
+    def home_dir(self) -> Path:
+        return self.home.expanduser().resolve()
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home_dir / 'prefloop.db'}"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home_dir / "models"
+
+    @property
+    def uses_default_model(self) -> bool:
+        return not self.model
+
+    @property
+    def model_name(self) -> str:
+        """The id clients put in `model` to reach the base model."""
+        if self.served_model_name:
+            return self.served_model_name
+        if not self.model:
+            return DEFAULT_MODEL_NAME
+        return Path(self.model.rstrip("/")).name
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
