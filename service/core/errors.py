@@ -1,0 +1,129 @@
+"""Domain errors, and the one place that turns them into OpenAI-style HTTP errors.
+
+    PrefloopError                   500 server_error
+    ├── InvalidRequestError         400 invalid_request_error   (bad input; names the `param`)
+    ├── NotFoundError               404 not_found_error
+    │   └── ModelNotFoundError      404 model_not_found
+    ├── OverloadedError             503 overloaded              (queue full; Retry-After)
+    ├── NotReadyError               503 not_ready               (model still loading)
+    └── EngineError                 500 engine_error            (generation failed)
+
+Code raises these; routes never build error responses themselves and nothing matches error text.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+
+class PrefloopError(Exception):
+    status_code = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        return None
+
+
+class InvalidRequestError(PrefloopError):
+    status_code = 400
+    type = "invalid_request_error"
+
+
+class NotFoundError(PrefloopError):
+    status_code = 404
+    type = "not_found_error"
+
+
+class ModelNotFoundError(NotFoundError):
+    code = "model_not_found"
+
+
+class OverloadedError(PrefloopError):
+    status_code = 503
+    type = "overloaded_error"
+    code = "overloaded"
+    retry_after_s = 2
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
+class NotReadyError(OverloadedError):
+    code = "not_ready"
+
+
+class EngineError(PrefloopError):
+    type = "engine_error"
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_response(exc: PrefloopError) -> JSONResponse:
+    return JSONResponse(
+        error_body(exc.message, exc.type, exc.param, exc.code),
+        status_code=exc.status_code,
+        headers=exc.headers,
+    )
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    if first.get("type") == "json_invalid":
+        return "request body is not valid JSON: " + str(first.get("msg", "")), None
+    param = ".".join(loc) or None
+    msg = first.get("msg", "invalid value")
+    extra = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    return (f"{param}: {msg}" if param else msg) + extra, param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(PrefloopError)
+    async def _prefloop(_req: Request, exc: PrefloopError) -> JSONResponse:
+        if exc.status_code >= 500:
+            log.warning("request failed: %s", exc.message)
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_req: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
+        type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        return JSONResponse(
+            error_body(detail, type_), status_code=exc.status_code, headers=exc.headers
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_req: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return JSONResponse(
+            error_body("internal server error; see the server log", "server_error"),
+            status_code=500,
+        )

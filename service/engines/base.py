@@ -1,0 +1,73 @@
+"""The engine contract: what the gateway needs from whatever runs the model.
+
+Two implementations: `local.LocalEngine` (embedded transformers + peft) and, later,
+`vllm.VLLMEngine` (vLLM servers over HTTP). Routes only ever see this Protocol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = 1
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    messages: list[dict[str, str]]
+    params: SamplingParams
+    adapter: str | None = None  # a loaded adapter's name; None serves the base model
+
+
+@dataclass(frozen=True)
+class ChoiceDelta:
+    """New text for one choice. The last delta of a choice carries its finish_reason."""
+
+    index: int
+    text: str
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    completion_tokens: int = 0  # tokens generated for this choice so far
+
+
+class GenerationStream(Protocol):
+    prompt_tokens: int
+
+    def __aiter__(self) -> AsyncIterator[ChoiceDelta]: ...
+
+    def cancel(self) -> None: ...
+
+
+class Engine(Protocol):
+    model_name: str  # the id clients use to reach the base model
+
+    async def start(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+    def is_ready(self) -> bool: ...
+
+    def adapters(self) -> list[str]: ...
+
+    async def load_adapter(self, name: str, path: str) -> None: ...
+
+    async def unload_adapter(self, name: str) -> None: ...
+
+    def context_length(self) -> int: ...
+
+    def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int: ...
+
+    async def generate(self, request: GenerationRequest) -> GenerationStream:
+        """Reserve a slot and start generating; raises OverloadedError when the queue is full."""
+        ...

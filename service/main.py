@@ -1,0 +1,85 @@
+"""The FastAPI application."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service.api.routes import chat, health, models
+from service.core.config import Settings, get_settings
+from service.core.db import init_db, make_engine
+from service.core.errors import install_error_handlers
+from service.engines.base import Engine
+
+log = logging.getLogger(__name__)
+
+
+def build_engine(settings: Settings) -> Engine:
+    from service.engines.local import LocalEngine
+    from service.modelprep import default_model_dir
+
+    return LocalEngine(
+        settings.model or str(default_model_dir(settings.models_dir)),
+        model_name=settings.model_name,
+        device=settings.device,
+        dtype=settings.dtype,
+        max_queue=settings.max_queue,
+        torch_threads=settings.torch_threads,
+    )
+
+
+async def _start_engine(app: FastAPI, settings: Settings) -> None:
+    from service.modelprep import prepare_default_model
+
+    engine = app.state.engine
+    try:
+        if settings.uses_default_model:  # instant when `prefloop serve` prepared it already
+            await asyncio.to_thread(prepare_default_model, settings.models_dir, progress=False)
+        await engine.start()
+        for name, path in settings.lora_adapters.items():
+            await engine.load_adapter(name, path)
+        log.info("ready: serving %s (adapters: %s)", engine.model_name, engine.adapters())
+    except Exception as exc:
+        app.state.engine_error = f"{type(exc).__name__}: {exc}"
+        log.exception("the model failed to load; /readyz reports why")
+
+
+def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
+    """Build the app. `engine` lets a caller share an already started engine (benchmarks)."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.db = make_engine(settings)
+        await asyncio.to_thread(init_db, app.state.db)
+        app.state.engine_error = None
+        app.state.engine = engine or build_engine(settings)
+        # Load in the background: /healthz answers at once, /readyz once the model is loaded.
+        loading = None
+        if not app.state.engine.is_ready():
+            loading = asyncio.create_task(_start_engine(app, settings))
+        try:
+            yield
+        finally:
+            if loading is not None:
+                loading.cancel()
+            if engine is None:
+                await app.state.engine.aclose()
+            app.state.db.dispose()
+
+    app = FastAPI(
+        title="prefloop",
+        summary="A chat model service that learns from its own users.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(models.router)
+    app.include_router(chat.router)
+    return app
