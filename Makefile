@@ -1,0 +1,32 @@
+# `make run` serves the embedded default model; `make test` runs the whole suite.
+# Both create .venv and install what they need on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test lint bench-gateway clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# The CPU build of torch (a looser pin pulls several GB of CUDA wheels); see the README
+	# for a CUDA install.
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(BIN)/prefloop serve
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+bench-gateway: install
+	$(BIN)/python bench/gateway.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,247 @@
+"""Training data: read TRL-style JSONL, tokenise with the chat template, group by length.
+
+Rows are TRL's conversational format. Preference (DPO) rows::
+
+    {"prompt": [{"role": "user", "content": "..."}, ...],
+     "chosen": [{"role": "assistant", "content": "..."}],
+     "rejected": [{"role": "assistant", "content": "..."}],
+     "weight": 1.0}                      # optional; scales this example's loss
+
+Unpaired (KTO) rows::
+
+    {"prompt": [...], "completion": [{"role": "assistant", ...}], "label": true}
+
+Plain strings are accepted too and read as one user turn and one assistant turn, since prefloop
+only trains chat models. Other columns (provenance from ``trainer.pairs``) are ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+Messages = list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """One tokenised prompt + completion; ``prompt_len`` tokens of ``ids`` are the prompt."""
+
+    ids: tuple[int, ...]
+    prompt_len: int
+
+    @property
+    def completion_len(self) -> int:
+        return len(self.ids) - self.prompt_len
+
+
+@dataclass(frozen=True)
+class PairExample:
+    chosen: Tokens
+    rejected: Tokens
+    weight: float = 1.0
+
+    @property
+    def length(self) -> int:
+        return max(len(self.chosen.ids), len(self.rejected.ids))
+
+
+@dataclass(frozen=True)
+class KTOExample:
+    """``mismatched`` is this prompt with another row's completion: KTO's KL estimate uses it."""
+
+    completion: Tokens
+    mismatched: Tokens
+    label: bool
+    weight: float = 1.0
+
+    @property
+    def length(self) -> int:
+        return max(len(self.completion.ids), len(self.mismatched.ids))
+
+
+Example = PairExample | KTOExample
+
+
+class DataError(ValueError):
+    """A row of the training file is malformed."""
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not JSON ({e})") from e
+    return rows
+
+
+def _as_messages(value: Any, role: str) -> Messages:
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if isinstance(value, list) and all(isinstance(m, dict) and "role" in m for m in value):
+        return value
+    raise DataError(f"expected a string or a list of messages, got {type(value).__name__}")
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _ids(tokenizer: Any, messages: Messages, *, generation_prompt: bool) -> list[int]:
+    out = tokenizer.apply_chat_template(
+        messages, tokenize=True, add_generation_prompt=generation_prompt
+    )
+    # transformers 5 returns a BatchEncoding; older versions a plain list.
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def tokenize_sequence(
+    tokenizer: Any, prompt: Messages, completion: Messages, max_length: int
+) -> Tokens | None:
+    """Prompt + completion ids, prompt tokens counted; None when the prompt leaves no room.
+
+    The completion starts where the tokenised prompt (with generation prompt) and the tokenised
+    conversation diverge, as in TRL: templates may render the last turn differently when it is
+    not last. Too-long sequences lose the end of the completion (TRL's ``keep_start``).
+    """
+    prompt_ids = _ids(tokenizer, prompt, generation_prompt=True)
+    full_ids = _ids(tokenizer, prompt + completion, generation_prompt=False)
+    prompt_len = _common_prefix(prompt_ids, full_ids)
+    if prompt_len >= max_length or prompt_len == len(full_ids):
+        return None
+    return Tokens(ids=tuple(full_ids[:max_length]), prompt_len=prompt_len)
+
+
+def _splice(prompt_of: Tokens, completion_of: Tokens, max_length: int) -> Tokens:
+    """One row's prompt with another row's completion tokens (the chat template renders the
+    assistant turn the same whatever came before, so the ids can be joined directly)."""
+    ids = prompt_of.ids[: prompt_of.prompt_len] + completion_of.ids[completion_of.prompt_len :]
+    return Tokens(ids=ids[:max_length], prompt_len=prompt_of.prompt_len)
+
+
+def load_examples(
+    path: Path, tokenizer: Any, *, kind: str, max_length: int
+) -> tuple[list[Example], int]:
+    """Tokenised examples of ``kind`` "pairs" or "kto", and how many rows were dropped because
+    their prompt alone reaches ``max_length``."""
+    rows = read_rows(path)
+    examples: list[Example] = []
+    dropped = 0
+    if kind == "pairs":
+        for i, row in enumerate(rows):
+            try:
+                prompt = _as_messages(row["prompt"], "user")
+                chosen = _as_messages(row["chosen"], "assistant")
+                rejected = _as_messages(row["rejected"], "assistant")
+            except (KeyError, DataError) as e:
+                raise DataError(f"{path} row {i}: not a preference row ({e})") from e
+            c = tokenize_sequence(tokenizer, prompt, chosen, max_length)
+            r = tokenize_sequence(tokenizer, prompt, rejected, max_length)
+            if c is None or r is None:
+                dropped += 1
+                continue
+            examples.append(PairExample(c, r, float(row.get("weight", 1.0))))
+        return examples, dropped
+
+    assert kind == "kto", f"unknown data kind {kind!r}"
+    singles: list[tuple[Tokens, bool, float]] = []
+    for i, row in enumerate(rows):
+        try:
+            prompt = _as_messages(row["prompt"], "user")
+            completion = _as_messages(row["completion"], "assistant")
+            label = row["label"]
+        except (KeyError, DataError) as e:
+            raise DataError(f"{path} row {i}: not a KTO row ({e})") from e
+        if not isinstance(label, bool):
+            raise DataError(f"{path} row {i}: label must be true or false, got {label!r}")
+        seq = tokenize_sequence(tokenizer, prompt, completion, max_length)
+        if seq is None:
+            dropped += 1
+            continue
+        singles.append((seq, label, float(row.get("weight", 1.0))))
+    # A fixed mismatch (row i's prompt, row i+1's completion) keeps the reference log-probs of
+    # the KL sequences computable once, up front, like every other reference log-prob.
+    for i, (seq, label, weight) in enumerate(singles):
+        other = singles[(i + 1) % len(singles)][0]
+        examples.append(KTOExample(seq, _splice(seq, other, max_length), label, weight))
+    return examples, dropped
+
+
+def split_heldout(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices (train, held-out): a seeded random ``fraction`` held out, none below 10 rows."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_heldout = int(n * fraction) if n >= 10 else 0
+    return sorted(order[n_heldout:]), sorted(order[:n_heldout])
+
+
+def length_grouped_batches(
+    lengths: Sequence[int], batch_size: int, *, seed: int, group_factor: int = 50
+) -> list[list[int]]:
+    """Batches of indices with similar lengths, in a seeded random order.
+
+    Shuffle, cut into groups of ``group_factor`` batches, sort each group by length (longest
+    first) and cut it into batches, then shuffle the batches. Similar lengths mean little padding;
+    the group keeps some randomness in which examples meet; the final shuffle keeps long batches
+    from all coming first. Same seed, same batches: resuming relies on it.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(lengths), generator=gen).tolist()
+    group = batch_size * group_factor
+    batches: list[list[int]] = []
+    for start in range(0, len(order), group):
+        chunk = sorted(order[start : start + group], key=lambda i: -lengths[i])
+        batches += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
+    perm = torch.randperm(len(batches), generator=gen).tolist()
+    return [batches[i] for i in perm]
+
+
+@dataclass
+class Batch:
+    """Right-padded sequences; ``completion_mask`` marks completion tokens of ``input_ids``."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    completion_mask: torch.Tensor
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.completion_mask.to(device),
+        )
+
+
+def collate(seqs: Sequence[Tokens], pad_id: int) -> Batch:
+    width = max(len(s.ids) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    completion_mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for row, s in enumerate(seqs):
+        input_ids[row, : len(s.ids)] = torch.tensor(s.ids)
+        attention_mask[row, : len(s.ids)] = 1
+        completion_mask[row, s.prompt_len : len(s.ids)] = True
+    return Batch(input_ids, attention_mask, completion_mask)
