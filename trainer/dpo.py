@@ -1,0 +1,719 @@
+"""LoRA preference training (DPO and its variants, KTO), as one loop you can read top to bottom.
+
+    python -m trainer train --pairs pairs.jsonl --base MODEL_DIR --out ADAPTER_DIR [--loss dpo]
+    torchrun --nproc-per-node 2 -m trainer train ...          # data-parallel, same arguments
+
+What happens, in order (``train``):
+
+1. Read and tokenise the rows (``trainer.data``), hold out a seeded fraction for evaluation.
+2. Load the base model and add LoRA, or warm-start from a parent adapter (the "online" case: the
+   reference is the parent, and the policy starts from it).
+3. Compute every reference log-prob once, up front: the adapter disabled (fresh LoRA) or the
+   parent adapter as loaded. Training then needs one forward per batch, not two.
+4. Train: length-grouped batches, one forward over chosen+rejected concatenated, logits only at
+   completion positions, gradient accumulation, warmup + cosine decay, clipping. Metrics go to
+   ``metrics.jsonl``, tqdm and an optional progress callback; checkpoints allow an exact resume.
+5. Save a PEFT adapter directory plus ``manifest.json``, atomically: everything is written to
+   ``.<name>.partial`` next to the output and renamed into place at the end.
+
+Memory: the LM head of a small model dominates activations (SmolLM2: 49k vocab x 576). We never
+build ``(batch, length, vocab)`` logits: hidden states are gathered at completion positions and
+pushed through the head a chunk at a time, with the gradient of the head's input computed in the
+same pass (``_SelectedLogProbs``), so one chunk of logits is the most ever held.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from trainer import losses
+from trainer.data import (
+    Batch,
+    Example,
+    PairExample,
+    Tokens,
+    collate,
+    file_sha256,
+    length_grouped_batches,
+    load_examples,
+    split_heldout,
+)
+
+ProgressFn = Callable[[int, int, dict[str, float]], None]
+"""Called after every optimizer step with (step, total steps, metrics)."""
+
+MANIFEST_FORMAT = "prefloop-adapter/1"
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides the result of a run; saved into every adapter manifest."""
+
+    loss: str = "dpo"  # one of trainer.losses.LOSS_NAMES
+    beta: float = 0.1
+    label_smoothing: float = 0.1  # label-flip rate eps, used by cdpo and robust only
+    rpo_alpha: float = 0.0  # weight of the NLL on chosen answers (RPO, Pang et al. 2024)
+    desirable_weight: float = 1.0  # KTO lambda_D
+    undesirable_weight: float = 1.0  # KTO lambda_U
+    # lr 2e-4 for 1-3 epochs moved held-out greedy answers of SmolLM2-135M on ~80 on-policy
+    # pairs; 5e-5 on off-policy pairs drove the loss to 0.02 and changed nothing.
+    lr: float = 2e-4
+    epochs: int = 2
+    batch_size: int = 8  # pairs per micro-batch per process
+    grad_accum: int = 1
+    warmup_ratio: float = 0.1
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_length: int = 1024  # prompt + completion tokens; longer completions are cut
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0  # 0 keeps "policy == reference" exact at step 0
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    eval_fraction: float = 0.1  # held out when there are at least 10 rows
+    seed: int = 0
+    logits_chunk: int = 1024  # completion tokens per LM-head chunk
+    checkpoint_every: int = 50  # optimizer steps; 0 disables checkpoints
+    bf16: bool = True  # autocast, on GPU only
+    gradient_checkpointing: bool = True  # on GPU only: on 2 CPU cores compute, not memory, binds
+
+    def __post_init__(self) -> None:
+        assert self.loss in losses.LOSS_NAMES, f"loss must be one of {losses.LOSS_NAMES}"
+        assert not (self.loss == "kto" and self.rpo_alpha), "rpo_alpha needs paired data"
+        assert self.batch_size >= 1 and self.grad_accum >= 1 and self.epochs >= 1
+
+
+@dataclass
+class TrainResult:
+    out: Path | None  # None on ranks other than 0, which write nothing
+    metrics: dict[str, Any]
+    model: torch.nn.Module = field(repr=False)
+
+
+# --- processes and devices --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> Dist:
+    """One process per device; torchrun's environment says how many (WORLD_SIZE, RANK)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    return Dist(rank, world, device)
+
+
+def _all_reduce_mean_(tensors: Sequence[torch.Tensor], d: Dist) -> None:
+    """Average in place across processes, as one flat buffer (one collective, not hundreds)."""
+    if d.world == 1 or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= d.world
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+# --- log-probs of completion tokens ---------------------------------------------------------
+
+
+class _SelectedLogProbs(torch.autograd.Function):
+    """``log_softmax(hidden @ weight.T)[target]`` row by row, one chunk of rows at a time.
+
+    The gradient with respect to ``hidden``, ``(onehot - softmax) @ weight`` per row, is worked
+    out in the same pass, while the chunk's logits exist anyway; backward only scales it. So no
+    logits are kept for backward and none are recomputed. The head weight must be frozen (LoRA
+    leaves it alone); its gradient would need the upstream gradient, unknown at forward time.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int
+    ) -> torch.Tensor:
+        w = weight.float()  # fp32 logits even under bf16 autocast: log-probs are summed
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.shape[0], chunk):
+                rows = slice(start, start + chunk)
+                logits = hidden[rows].float() @ w.T
+                lse = logits.logsumexp(-1)
+                tgt = targets[rows]
+                out[rows] = logits.gather(1, tgt[:, None]).squeeze(1) - lse
+                if grad is not None:
+                    probs = logits.sub_(lse[:, None]).exp_()  # softmax in the logits' memory
+                    probs[torch.arange(len(tgt), device=tgt.device), tgt] -= 1.0
+                    grad[rows] = (probs @ w).neg_().to(hidden.dtype)
+        ctx.save_for_backward(grad)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
+        (grad,) = ctx.saved_tensors
+        return grad * grad_out[:, None].to(grad.dtype), None, None, None
+
+
+def _causal_lm(model: torch.nn.Module) -> Any:
+    from peft import PeftModel
+
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def completion_logps(
+    model: torch.nn.Module, batch: Batch, chunk: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence: summed log-probs of the completion tokens, and how many there are.
+
+    Runs the model body, keeps the hidden states at positions that predict a completion token,
+    and applies the LM head only there. Assumes logits = lm_head(hidden), true for Llama, Qwen,
+    Mistral and SmolLM (``check_logits_path`` verifies it for a given model).
+    """
+    lm = _causal_lm(model)
+    head = lm.get_output_embeddings()
+    assert getattr(head, "bias", None) is None, "LM heads with a bias are not supported"
+    assert not head.weight.requires_grad, "the LM head must be frozen (see _SelectedLogProbs)"
+    hidden = lm.get_decoder()(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+    ).last_hidden_state
+    # Hidden state t predicts token t + 1, so completion token t + 1 is scored from position t.
+    scored = batch.completion_mask[:, 1:]
+    rows, cols = scored.nonzero(as_tuple=True)
+    token_logps = _SelectedLogProbs.apply(
+        hidden[rows, cols], head.weight, batch.input_ids[rows, cols + 1], chunk
+    )
+    sums = torch.zeros(len(scored), dtype=torch.float32, device=hidden.device)
+    return sums.index_add(0, rows, token_logps), scored.sum(1)
+
+
+@torch.no_grad()
+def check_logits_path(model: torch.nn.Module, device: torch.device) -> None:
+    """Refuse models whose logits are not plain ``lm_head(hidden)`` (soft-capping, scaling):
+    compare our path with the model's own forward on a few tokens."""
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]], device=device)
+    batch = Batch(ids, torch.ones_like(ids), torch.ones_like(ids, dtype=torch.bool))
+    ours, _ = completion_logps(model, batch)
+    logits = model(input_ids=ids, use_cache=False).logits.float()
+    theirs = logits[:, :-1].log_softmax(-1).gather(2, ids[:, 1:, None]).sum()
+    gap = (ours.sum() - theirs).abs().item()
+    assert gap < 1e-2, f"{type(_causal_lm(model)).__name__}: logits path differs by {gap}"
+
+
+# --- model ------------------------------------------------------------------------------------
+
+
+def load_policy(
+    base: Path, init_adapter: Path | None, cfg: TrainConfig, device: torch.device
+) -> torch.nn.Module:
+    """The base model in fp32 (master weights; bf16 only through autocast) with a trainable
+    LoRA: fresh from ``cfg``, or the parent adapter's weights and LoRA shape."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model.config.use_cache = False
+    model.to(device)
+    torch.manual_seed(cfg.seed)  # LoRA's A matrices: same seed, same start on every rank
+    if init_adapter is not None:
+        model = PeftModel.from_pretrained(model, init_adapter, is_trainable=True)
+    else:
+        lora = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=list(cfg.lora_targets),
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+    if device.type == "cuda" and cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def _autocast(device: torch.device, cfg: TrainConfig) -> Any:
+    if device.type == "cuda" and cfg.bf16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+# --- losses over a batch ----------------------------------------------------------------------
+
+
+def _halves(e: Example) -> tuple[Tokens, Tokens]:
+    """(chosen, rejected) of a pair; (completion, mismatched completion) of a KTO row."""
+    return (e.chosen, e.rejected) if isinstance(e, PairExample) else (e.completion, e.mismatched)
+
+
+def make_paired_loss(cfg: TrainConfig) -> losses.PairedLoss:
+    kwargs: dict[str, float] = {"beta": cfg.beta}
+    if cfg.loss in losses.USES_LABEL_SMOOTHING:
+        kwargs["label_smoothing"] = cfg.label_smoothing
+    return functools.partial(losses.PAIRED_LOSSES[cfg.loss], **kwargs)
+
+
+def batch_losses(
+    model: torch.nn.Module,
+    examples: Sequence[Example],
+    ref: torch.Tensor,
+    cfg: TrainConfig,
+    d: Dist,
+    pad_id: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-example losses and (chosen, rejected) rewards for one micro-batch. ``ref`` holds the
+    reference log-probs of both halves of each example, shape (batch, 2)."""
+    ref = ref.to(d.device)
+    if cfg.loss == "kto":
+        batch = collate([e.completion for e in examples], pad_id).to(d.device)
+        logps, _ = completion_logps(model, batch, cfg.logits_chunk)
+        with torch.no_grad():  # the KL estimate is a detached reference point
+            mismatched = collate([e.mismatched for e in examples], pad_id).to(d.device)
+            kl_logps, _ = completion_logps(model, mismatched, cfg.logits_chunk)
+            kl = (kl_logps - ref[:, 1]).mean()
+            _all_reduce_mean_([kl], d)
+        labels = torch.tensor([e.label for e in examples], device=d.device)
+        return losses.kto_loss(
+            logps,
+            ref[:, 0],
+            labels,
+            kl,
+            beta=cfg.beta,
+            desirable_weight=cfg.desirable_weight,
+            undesirable_weight=cfg.undesirable_weight,
+        )
+
+    # One forward for chosen and rejected together (TRL's concatenated forward), split after.
+    batch = collate([e.chosen for e in examples] + [e.rejected for e in examples], pad_id)
+    logps, counts = completion_logps(model, batch.to(d.device), cfg.logits_chunk)
+    policy_chosen, policy_rejected = logps.chunk(2)
+    n_chosen, n_rejected = counts.chunk(2)
+    ref_chosen, ref_rejected = ref[:, 0], ref[:, 1]
+    if cfg.loss in losses.LENGTH_NORMALIZED:
+        policy_chosen, policy_rejected = policy_chosen / n_chosen, policy_rejected / n_rejected
+        ref_chosen, ref_rejected = ref_chosen / n_chosen, ref_rejected / n_rejected
+    per_example, chosen_rewards, rejected_rewards = make_paired_loss(cfg)(
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected
+    )
+    if cfg.rpo_alpha:
+        # RPO (Pang et al. 2024, arXiv:2404.19733, Eq. 2): NLL of the chosen answer per token.
+        per_example = per_example - cfg.rpo_alpha * logps.chunk(2)[0] / n_chosen
+    return per_example, chosen_rewards, rejected_rewards
+
+
+@torch.no_grad()
+def reference_logps(
+    model: torch.nn.Module,
+    examples: Sequence[Example],
+    cfg: TrainConfig,
+    d: Dist,
+    pad_id: int,
+    *,
+    fresh_lora: bool,
+) -> torch.Tensor:
+    """Log-probs of both halves of every example under the reference, shape (n, 2).
+
+    The reference is the policy as it starts: with a fresh LoRA that is the base model (adapter
+    disabled, which also skips the LoRA matmuls); warm-started, it is the parent adapter. Each
+    process scores its share and the shares are summed into one table.
+    """
+    table = torch.zeros(len(examples), 2)
+    mine = list(range(d.rank, len(examples), d.world))
+    # Longest first within this process's share, so batches pad little.
+    mine.sort(key=lambda i: -examples[i].length)
+    with model.disable_adapter() if fresh_lora else nullcontext(), _autocast(d.device, cfg):
+        for start in range(0, len(mine), cfg.batch_size):
+            idx = mine[start : start + cfg.batch_size]
+            seqs = [_halves(examples[i])[0] for i in idx] + [_halves(examples[i])[1] for i in idx]
+            logps, _ = completion_logps(model, collate(seqs, pad_id).to(d.device), cfg.logits_chunk)
+            table[idx] = torch.stack(logps.float().cpu().chunk(2), dim=1)
+    if d.world > 1:
+        dist.all_reduce(table)  # each row was filled by exactly one process
+    return table
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    examples: Sequence[Example],
+    ref: torch.Tensor,
+    cfg: TrainConfig,
+    d: Dist,
+    pad_id: int,
+) -> dict[str, float]:
+    """Mean loss, rewards, accuracy and margin over held-out examples (every process computes
+    the same numbers: held-out sets are small)."""
+    stats = torch.zeros(8, device=d.device)
+    for start in range(0, len(examples), cfg.batch_size):
+        sl = slice(start, start + cfg.batch_size)
+        with _autocast(d.device, cfg):
+            per_example, chosen, rejected = batch_losses(
+                model, examples[sl], ref[sl], cfg, d, pad_id
+            )
+        stats += _stats(per_example, chosen, rejected, cfg)
+    return _metrics(stats)
+
+
+def _stats(
+    per_example: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor, cfg: TrainConfig
+) -> torch.Tensor:
+    """Sums to aggregate over micro-batches and processes before dividing (see ``_metrics``)."""
+    paired = cfg.loss != "kto"
+    return torch.stack(
+        [
+            per_example.detach().float().sum(),
+            torch.tensor(float(len(per_example)), device=per_example.device),
+            chosen.float().sum(),
+            torch.tensor(float(len(chosen)), device=per_example.device),
+            rejected.float().sum(),
+            torch.tensor(float(len(rejected)), device=per_example.device),
+            (chosen > rejected).float().sum() if paired else per_example.new_zeros(()),
+            torch.tensor(float(len(chosen) if paired else 0), device=per_example.device),
+        ]
+    )
+
+
+def _metrics(s: torch.Tensor) -> dict[str, float]:
+    s = s.tolist()  # one device sync for all of them
+    chosen = s[2] / s[3] if s[3] else 0.0
+    rejected = s[4] / s[5] if s[5] else 0.0
+    out = {"loss": s[0] / max(s[1], 1), "rewards/chosen": chosen, "rewards/rejected": rejected}
+    out["margin"] = chosen - rejected
+    if s[7]:
+        out["accuracy"] = s[6] / s[7]
+    return out
+
+
+# --- schedule, checkpoints, output ------------------------------------------------------------
+
+
+def get_lr(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to ``lr * min_lr_ratio`` at the last step."""
+    warmup = math.ceil(cfg.warmup_ratio * total)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine)
+
+
+def _trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _save_checkpoint(
+    path: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ref: torch.Tensor,
+    cfg: TrainConfig,
+) -> None:
+    state = {
+        "step": step,
+        "config": asdict(cfg),
+        "trainable": {n: p.detach().cpu() for n, p in _trainable(model)},
+        "optimizer": optimizer.state_dict(),
+        "reference_logps": ref,
+        "rng": torch.get_rng_state(),
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a crash mid-save leaves the previous checkpoint intact
+
+
+def _load_checkpoint(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig
+) -> tuple[int, torch.Tensor]:
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    saved = state["config"]
+    saved["lora_targets"] = tuple(saved["lora_targets"])
+    assert saved == asdict(cfg), "resuming needs the same TrainConfig as the interrupted run"
+    params = dict(_trainable(model))
+    assert params.keys() == state["trainable"].keys(), "checkpoint is for another adapter shape"
+    with torch.no_grad():
+        for name, value in state["trainable"].items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    return state["step"], state["reference_logps"]
+
+
+def _log(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_log(path: Path, last_step: int) -> None:
+    """Drop records written after the checkpoint we resume from: they will be written again."""
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = [line for line in lines if json.loads(line)["step"] <= last_step]
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def _versions() -> dict[str, str]:
+    import peft
+    import transformers
+
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+    }
+
+
+# --- the loop ---------------------------------------------------------------------------------
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    pairs: Path,
+    base: Path,
+    out: Path,
+    init_adapter: Path | None = None,
+    resume: bool = False,
+    on_progress: ProgressFn | None = None,
+    progress_bar: bool = True,
+) -> TrainResult:
+    """Train an adapter on ``pairs`` (DPO rows, or KTO rows with ``cfg.loss == "kto"``) and
+    write it to ``out``, which must not exist: adapter versions are immutable."""
+    from transformers import AutoTokenizer
+
+    t_start = time.perf_counter()
+    d = setup_distributed()
+    out, base, pairs = Path(out), Path(base), Path(pairs)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; adapter directories are never overwritten")
+    work = out.parent / f".{out.name}.partial"  # same filesystem, so the final rename is atomic
+    checkpoint, log_path = work / "checkpoint.pt", work / "metrics.jsonl"
+    resume = resume and checkpoint.exists()
+    if d.main and not resume:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+    if d.world > 1:
+        dist.barrier()
+
+    # 1. Data.
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    kind = "kto" if cfg.loss == "kto" else "pairs"
+    examples, dropped = load_examples(pairs, tokenizer, kind=kind, max_length=cfg.max_length)
+    assert examples, f"{pairs}: no usable rows ({dropped} dropped as too long)"
+    train_idx, heldout_idx = split_heldout(len(examples), cfg.eval_fraction, cfg.seed)
+
+    # 2. Model, optimizer.
+    model = load_policy(base, init_adapter, cfg, d.device)
+    check_logits_path(model, d.device)
+    params = [p for _, p in _trainable(model)]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    # 3. Reference log-probs, once (or from the checkpoint when resuming).
+    step = 0
+    if resume:
+        step, ref = _load_checkpoint(checkpoint, model, optimizer, cfg)
+        if d.main:
+            _truncate_log(log_path, step)
+    else:
+        ref = reference_logps(model, examples, cfg, d, pad_id, fresh_lora=init_adapter is None)
+    heldout = [examples[i] for i in heldout_idx]
+    if heldout and not resume:
+        eval_before = evaluate(model, heldout, ref[heldout_idx], cfg, d, pad_id)
+        if d.main:
+            _log(log_path, {"split": "eval", "step": 0, "epoch": 0, **eval_before})
+
+    # 4. Train. Every process sees the same batch list; process r takes micro-batches r, r+W, ..
+    micro_per_step = d.world * cfg.grad_accum
+    n_batches = math.ceil(len(train_idx) / cfg.batch_size)
+    steps_per_epoch = math.ceil(n_batches / micro_per_step)
+    total = steps_per_epoch * cfg.epochs
+    lengths = [examples[i].length for i in train_idx]
+    model.train()
+    bar = tqdm(total=total, initial=step, desc="train", disable=not (d.main and progress_bar))
+    last: dict[str, float] = {}
+    tokens_seen, t_loop = 0, time.perf_counter()
+    for epoch in range(step // steps_per_epoch, cfg.epochs):
+        batches = [
+            [train_idx[i] for i in b]
+            for b in length_grouped_batches(lengths, cfg.batch_size, seed=cfg.seed + epoch)
+        ]
+        # Fill the last step by repeating a few batches, so every process has the same work.
+        batches += batches[: steps_per_epoch * micro_per_step - len(batches)]
+        for step_in_epoch in range(step - epoch * steps_per_epoch, steps_per_epoch):
+            lr = get_lr(step, total, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            window = batches[step_in_epoch * micro_per_step : (step_in_epoch + 1) * micro_per_step]
+            mine = window[d.rank :: d.world]
+            n_window = sum(len(b) for b in mine)
+            stats = torch.zeros(8, device=d.device)
+            for idx in mine:
+                with _autocast(d.device, cfg):
+                    per_example, chosen, rejected = batch_losses(
+                        model, [examples[i] for i in idx], ref[idx], cfg, d, pad_id
+                    )
+                weights = torch.tensor([examples[i].weight for i in idx], device=d.device)
+                # Callers reduce: weighted sum over the accumulation window, divided by its size.
+                ((weights * per_example).sum() / n_window).backward()
+                stats += _stats(per_example, chosen, rejected, cfg)
+                tokens_seen += sum(len(s.ids) for i in idx for s in _halves(examples[i]))
+            _all_reduce_mean_([p.grad for p in params if p.grad is not None], d)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            if d.world > 1:
+                dist.all_reduce(stats)
+            last = _metrics(stats) | {"lr": lr, "grad_norm": float(grad_norm)}
+            if d.main:
+                _log(log_path, {"split": "train", "step": step, "epoch": epoch, **last})
+                bar.update()
+                bar.set_postfix(loss=f"{last['loss']:.4f}", margin=f"{last['margin']:.3f}")
+                if on_progress is not None:
+                    on_progress(step, total, last)
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
+                    _save_checkpoint(checkpoint, step, model, optimizer, ref, cfg)
+            if d.world > 1:
+                dist.barrier()  # nobody runs ahead of a checkpoint being written
+        if heldout:
+            eval_metrics = evaluate(model, heldout, ref[heldout_idx], cfg, d, pad_id)
+            if d.main:
+                _log(log_path, {"split": "eval", "step": step, "epoch": epoch + 1, **eval_metrics})
+    bar.close()
+    model.eval()
+
+    # 5. Save: adapter, manifest, then one rename.
+    summary = {
+        "steps": step,
+        "train": last,
+        "eval": _last_eval(log_path) if d.main else {},
+        "examples": {"train": len(train_idx), "heldout": len(heldout_idx), "dropped": dropped},
+        "tokens_per_second": tokens_seen / max(time.perf_counter() - t_loop, 1e-9),
+        "seconds": time.perf_counter() - t_start,
+    }
+    result_path = None
+    if d.main:
+        checkpoint.unlink(missing_ok=True)
+        model.save_pretrained(work)
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "created_at": datetime.now(UTC).isoformat(),
+            "base_model": str(base),
+            "parent": str(init_adapter) if init_adapter is not None else None,
+            "config": asdict(cfg),
+            "data": {"path": str(pairs), "sha256": file_sha256(pairs), "kind": kind},
+            "metrics": summary,
+            "world_size": d.world,
+            "versions": _versions(),
+            "adapter_sha256": file_sha256(work / "adapter_model.safetensors"),
+        }
+        (work / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        os.replace(work, out)
+        result_path = out
+    if d.world > 1:
+        dist.barrier()
+    return TrainResult(result_path, summary, model)
+
+
+def _last_eval(log_path: Path) -> dict[str, float]:
+    """Held-out metrics before training (step 0) and after the last epoch."""
+    if not log_path.exists():
+        return {}
+    evals = [json.loads(x) for x in log_path.read_text().splitlines() if '"eval"' in x]
+    if not evals:
+        return {}
+    return {"before": evals[0], "after": evals[-1]}
+
+
+# --- command line -----------------------------------------------------------------------------
+
+
+def _config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One ``--flag`` per TrainConfig field, so the CLI can never drift from the config."""
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "loss":
+            parser.add_argument(flag, choices=losses.LOSS_NAMES, default=f.default)
+        elif isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        elif isinstance(f.default, tuple):
+            parser.add_argument(flag, nargs="+", default=list(f.default))
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train a LoRA adapter on preference or KTO rows")
+    p.add_argument("--pairs", type=Path, required=True, help="TRL-style JSONL rows")
+    p.add_argument("--base", type=Path, required=True, help="base model directory")
+    p.add_argument("--out", type=Path, required=True, help="adapter directory to create")
+    p.add_argument("--init-adapter", type=Path, help="warm-start from (and refer to) this adapter")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _config_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    values["lora_targets"] = tuple(values["lora_targets"])
+    try:
+        cfg = TrainConfig(**values)
+    except AssertionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        result = train(
+            cfg,
+            pairs=args.pairs,
+            base=args.base,
+            out=args.out,
+            init_adapter=args.init_adapter,
+            resume=args.resume,
+            progress_bar=not args.no_progress,
+        )
+    except (FileExistsError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if result.out is not None:
+        print(json.dumps({"out": str(result.out), **result.metrics}))
+    return 0
