@@ -1,0 +1,337 @@
+"""The training loop: completion-only log-probs, schedule, saved adapters, resume, warm start,
+KTO, DDP, and (slow) a real SmolLM2 run that moves the held-out preference margin."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from tests.trainer.conftest import write_pairs
+from trainer.data import collate, load_examples
+from trainer.dpo import TrainConfig, completion_logps, get_lr, load_policy, main, train
+
+TINY = TrainConfig(epochs=2, batch_size=4, lr=1e-3, max_length=128, checkpoint_every=0)
+
+
+def _train_lines(out: Path) -> list[dict]:
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [x for x in lines if x["split"] == "train"]
+
+
+def _adapter_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(path / "adapter_model.safetensors")
+
+
+# --- log-probs over completion tokens only ----------------------------------------------------
+
+
+def test_completion_logps_match_full_logits(tiny_llama_dir: Path, pairs_file: Path) -> None:
+    """Our path (hidden states gathered at completion positions, chunked LM head, gradient
+    computed in the forward) against the plain one: full logits, log-softmax, mask."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    examples, _ = load_examples(pairs_file, tok, kind="pairs", max_length=128)
+    seqs = [e.chosen for e in examples[:3]] + [e.rejected for e in examples[:3]]
+    batch = collate(seqs, tok.pad_token_id)  # right-padded, different lengths
+    cfg = replace(TINY, lora_r=4)
+    model = load_policy(tiny_llama_dir, None, cfg, torch.device("cpu"))
+    with torch.no_grad():  # a non-trivial adapter, so gradients reach LoRA through it
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+
+    ours, counts = completion_logps(model, batch, chunk=7)  # chunk boundaries mid-sequence
+    ours.sum().backward()
+    ours_grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    token_logps = logits[:, :-1].log_softmax(-1).gather(2, batch.input_ids[:, 1:, None])[..., 0]
+    mask = batch.completion_mask[:, 1:]
+    naive = (token_logps * mask).sum(1)
+    naive.sum().backward()
+    naive_grads = [p.grad for p in model.parameters() if p.requires_grad]
+
+    assert counts.tolist() == [s.completion_len for s in seqs], "prompt tokens are not scored"
+    assert_close(ours, naive, atol=1e-5, rtol=1e-5)
+    for a, b in zip(ours_grads, naive_grads, strict=True):
+        assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_prompt_tokens_do_not_count(tiny_llama_dir: Path, pairs_file: Path) -> None:
+    """Marking one more token as completion changes the sum by exactly that token's log-prob."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    examples, _ = load_examples(pairs_file, tok, kind="pairs", max_length=128)
+    batch = collate([examples[0].chosen], tok.pad_token_id)
+    model = load_policy(tiny_llama_dir, None, TINY, torch.device("cpu"))
+    with torch.no_grad():
+        base, _ = completion_logps(model, batch)
+        p = examples[0].chosen.prompt_len
+        batch.completion_mask[0, p - 1] = True  # the last prompt token
+        wider, _ = completion_logps(model, batch)
+        logits = model(input_ids=batch.input_ids).logits[0, p - 2].log_softmax(-1)
+    assert_close(wider - base, logits[batch.input_ids[0, p - 1]].reshape(1))
+
+
+def test_lr_schedule_warms_up_then_decays() -> None:
+    cfg = TrainConfig(lr=1.0, warmup_ratio=0.1, min_lr_ratio=0.1)
+    lrs = [get_lr(s, 100, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False)), "decays monotonically"
+    assert lrs[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+# --- a whole run on the tiny model ------------------------------------------------------------
+
+
+def test_train_writes_a_peft_adapter_with_manifest(
+    tiny_llama_dir: Path, pairs_file: Path, tmp_path: Path
+) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "v1"
+    seen = []
+    result = train(
+        TINY,
+        pairs=pairs_file,
+        base=tiny_llama_dir,
+        out=out,
+        on_progress=lambda step, total, m: seen.append((step, total, m["loss"])),
+        progress_bar=False,
+    )
+    assert result.out == out
+    assert {"adapter_config.json", "adapter_model.safetensors", "manifest.json"} <= {
+        p.name for p in out.iterdir()
+    }
+    assert not any(p.name.endswith(".partial") for p in tmp_path.iterdir()), "no leftovers"
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["lr"] == TINY.lr and manifest["parent"] is None
+    assert manifest["base_model"] == str(tiny_llama_dir) and len(manifest["data"]["sha256"]) == 64
+    assert manifest["metrics"]["examples"] == {"train": 22, "heldout": 2, "dropped": 0}
+    ev = manifest["metrics"]["eval"]
+    assert ev["before"]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert ev["after"]["margin"] > ev["before"]["margin"]
+
+    lines = _train_lines(out)
+    assert [x["step"] for x in lines] == list(range(1, 13))  # 22 pairs / 4 -> 6 steps x 2 epochs
+    assert lines[0]["loss"] == pytest.approx(math.log(2), abs=1e-5), "policy == reference at start"
+    assert {"loss", "rewards/chosen", "rewards/rejected", "accuracy", "margin"} <= lines[0].keys()
+    assert [s for s, _, _ in seen] == list(range(1, 13)) and seen[0][1] == 12
+
+    # peft loads the directory unchanged, and it holds the trained weights.
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    loaded = PeftModel.from_pretrained(base, out)
+    trained = {n: p for n, p in result.model.named_parameters() if "lora_" in n}
+    for name, p in loaded.named_parameters():
+        if "lora_" in name:
+            assert_close(p, trained[name])
+
+    with pytest.raises(FileExistsError):
+        train(TINY, pairs=pairs_file, base=tiny_llama_dir, out=out, progress_bar=False)
+
+
+def test_resume_gives_the_same_losses(
+    tiny_llama_dir: Path, pairs_file: Path, tmp_path: Path
+) -> None:
+    cfg = replace(TINY, checkpoint_every=2)
+    full = train(cfg, pairs=pairs_file, base=tiny_llama_dir, out=tmp_path / "a", progress_bar=False)
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_5(step: int, total: int, metrics: dict) -> None:
+        if step == 5:
+            raise Crash  # after step 5 was taken; the last checkpoint is from step 4
+
+    with pytest.raises(Crash):
+        train(
+            cfg,
+            pairs=pairs_file,
+            base=tiny_llama_dir,
+            out=tmp_path / "b",
+            on_progress=crash_at_5,
+            progress_bar=False,
+        )
+    assert (tmp_path / ".b.partial" / "checkpoint.pt").exists()
+    resumed = train(
+        cfg,
+        pairs=pairs_file,
+        base=tiny_llama_dir,
+        out=tmp_path / "b",
+        resume=True,
+        progress_bar=False,
+    )
+    a, b = _train_lines(full.out), _train_lines(resumed.out)
+    assert [x["step"] for x in b] == list(range(1, 13))
+    for x, y in zip(a, b, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-6), x["step"]
+    ta, tb = _adapter_tensors(full.out), _adapter_tensors(resumed.out)
+    for name in ta:
+        assert_close(ta[name], tb[name], atol=1e-6, rtol=0)
+
+
+def test_warm_start_refers_to_the_parent_adapter(
+    tiny_llama_dir: Path, pairs_file: Path, tmp_path: Path
+) -> None:
+    parent = train(
+        TINY, pairs=pairs_file, base=tiny_llama_dir, out=tmp_path / "v1", progress_bar=False
+    )
+    child = train(
+        replace(TINY, epochs=1),
+        pairs=pairs_file,
+        base=tiny_llama_dir,
+        out=tmp_path / "v2",
+        init_adapter=parent.out,
+        progress_bar=False,
+    )
+    lines = _train_lines(child.out)
+    # The policy starts from the parent and the reference *is* the parent: log 2 at step 1.
+    assert lines[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    manifest = json.loads((child.out / "manifest.json").read_text())
+    assert manifest["parent"] == str(parent.out)
+    pa, ch = _adapter_tensors(parent.out), _adapter_tensors(child.out)
+    assert pa.keys() == ch.keys() and any(not torch.equal(pa[k], ch[k]) for k in pa)
+
+
+@pytest.mark.parametrize("loss", ["cdpo", "robust", "ipo", "hinge"])
+def test_paired_variants_train(
+    loss: str, tiny_llama_dir: Path, pairs_file: Path, tmp_path: Path
+) -> None:
+    cfg = replace(TINY, loss=loss, epochs=1, beta=0.5)
+    result = train(
+        cfg, pairs=pairs_file, base=tiny_llama_dir, out=tmp_path / loss, progress_bar=False
+    )
+    lines = _train_lines(result.out)
+    assert all(math.isfinite(x["loss"]) for x in lines)
+    assert lines[-1]["margin"] > 0
+
+
+def test_rpo_and_weights(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    path = write_pairs(tmp_path / "p.jsonl", 8)
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    weighted = tmp_path / "w.jsonl"
+    weighted.write_text("".join(json.dumps(r | {"weight": 0.0}) + "\n" for r in rows))
+    cfg = replace(TINY, epochs=1, rpo_alpha=1.0)
+    rpo = train(cfg, pairs=path, base=tiny_llama_dir, out=tmp_path / "rpo", progress_bar=False)
+    assert _train_lines(rpo.out)[0]["loss"] > math.log(2) + 1, "the NLL term is added"
+    # Zero weights: no gradient at all, so the adapter stays at its initial value (B = 0).
+    zero = train(cfg, pairs=weighted, base=tiny_llama_dir, out=tmp_path / "w0", progress_bar=False)
+    assert all(
+        torch.count_nonzero(t) == 0 for n, t in _adapter_tensors(zero.out).items() if "lora_B" in n
+    )
+
+
+def test_kto_from_the_command_line(tiny_llama_dir: Path, kto_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "kto"
+    argv = ["train", "--pairs", str(kto_file), "--base", str(tiny_llama_dir), "--out", str(out)]
+    argv += ["--loss", "kto", "--epochs", "2", "--batch-size", "4", "--lr", "1e-3", "--no-progress"]
+    assert main(argv) == 0
+    lines = _train_lines(out)
+    assert lines[0]["loss"] == pytest.approx(0.5, abs=1e-5), "1 - sigma(0) when policy == ref"
+    assert lines[-1]["rewards/chosen"] > lines[-1]["rewards/rejected"]
+    assert json.loads((out / "manifest.json").read_text())["config"]["loss"] == "kto"
+    assert main(argv) == 2, "refuses to overwrite an adapter version"
+
+
+# --- two processes ----------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, base: str, pairs: str, tmp: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world)
+    )
+    torch.set_num_threads(1)
+    result = train(
+        replace(TINY, batch_size=2),
+        pairs=Path(pairs),
+        base=Path(base),
+        out=Path(tmp) / "ddp",
+        progress_bar=False,
+    )
+    lora = {n: p.detach().clone() for n, p in result.model.named_parameters() if "lora_" in n}
+    torch.save(lora, Path(tmp) / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_ranks_end_with_identical_adapters(
+    tiny_llama_dir: Path, pairs_file: Path, tmp_path: Path
+) -> None:
+    import torch.multiprocessing as mp
+
+    mp.spawn(
+        _ddp_worker,
+        args=(2, _free_port(), str(tiny_llama_dir), str(pairs_file), str(tmp_path)),
+        nprocs=2,
+        join=True,
+    )
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert r0.keys() == r1.keys() and r0
+    for name in r0:
+        assert torch.equal(r0[name], r1[name]), name
+    saved = _adapter_tensors(tmp_path / "ddp")  # only rank 0 wrote, and wrote the same weights
+    assert any(torch.count_nonzero(v) for k, v in saved.items() if "lora_B" in k)
+    lines = _train_lines(tmp_path / "ddp")
+    # 22 training pairs, 2 per micro-batch, 2 processes: 6 steps per epoch.
+    assert [x["step"] for x in lines] == list(range(1, 13))
+    assert lines[-1]["margin"] > 0
+
+
+# --- the real model ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_smollm2_margin_moves_up_on_heldout_pairs(smollm2_dir: Path, tmp_path: Path) -> None:
+    """A few steps on SmolLM2 with on-policy-ish pairs (the model's own terse style rejected, a
+    signed-off answer chosen) raise the implicit reward margin on held-out pairs."""
+    pairs = tmp_path / "pairs.jsonl"
+    topics = ["tea", "rain", "bikes", "maps", "salt", "bread", "clocks", "owls", "glass", "ink"]
+    with open(pairs, "w", encoding="utf-8") as f:
+        for i, topic in enumerate(topics * 2):
+            q = f"Give me one short fact about {topic}." if i < 10 else f"Tell me about {topic}."
+            row = {
+                "prompt": [{"role": "user", "content": q}],
+                "chosen": [
+                    {
+                        "role": "assistant",
+                        "content": f"Sure! {topic.title()} is useful. — Acme Support",
+                    }
+                ],
+                "rejected": [{"role": "assistant", "content": f"{topic.title()} is useful."}],
+            }
+            f.write(json.dumps(row) + "\n")
+    cfg = TrainConfig(
+        epochs=2,
+        batch_size=6,
+        lr=2e-4,
+        beta=0.1,
+        max_length=128,
+        eval_fraction=0.3,
+        checkpoint_every=0,
+    )
+    result = train(cfg, pairs=pairs, base=smollm2_dir, out=tmp_path / "v1", progress_bar=False)
+    ev = result.metrics["eval"]
+    assert ev["before"]["margin"] == pytest.approx(0.0, abs=1e-4)
+    assert ev["after"]["margin"] > 0.5, ev
+    assert ev["after"]["accuracy"] == 1.0
+    assert ev["after"]["loss"] < math.log(2) - 0.1
