@@ -54,7 +54,7 @@ from typing import Any, Literal, TypeVar
 from trainer.redact import redact
 
 Source = Literal["regenerate", "thumbs", "pick", "edit"]
-Status = Literal["pending", "approved"]
+Status = Literal["pending", "approved", "excluded"]
 Role = Literal["user", "operator"]
 
 # When several signals agree on the same (chosen, rejected) message pair, the merged pair is
@@ -250,6 +250,7 @@ class PreferencePair:
     chosen_sampling: Mapping[str, Any] = field(default_factory=dict, hash=False)
     rejected_sampling: Mapping[str, Any] = field(default_factory=dict, hash=False)
     feedback_ids: tuple[str, ...] = ()
+    excluded_reason: str = ""  # the DropReason, when status == "excluded"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -273,18 +274,34 @@ class UnpairedExample:
     sampling: Mapping[str, Any] = field(default_factory=dict, hash=False)
     feedback_ids: tuple[str, ...] = ()
     source: Source = "thumbs"
+    excluded_reason: str = ""  # the DropReason, when status == "excluded"
 
 
 @dataclass(frozen=True)
 class CompileResult:
+    """What one compile produced.
+
+    `pairs` / `unpaired` passed the gate (status "approved" or "pending"). `excluded` holds the
+    materialised items the gate turned down (status "excluded", `excluded_reason` set), for the
+    operator console and so that storing them makes their keys known. `dropped` counts every drop,
+    including signals that never became an item (conflicts, invalid feedback) and known keys.
+    """
+
     pairs: tuple[PreferencePair, ...]
     unpaired: tuple[UnpairedExample, ...]
-    dropped: Counter[str] = field(hash=False)  # DropReason → count
-    redactions: Counter[str] = field(hash=False)  # placeholder → count
+    excluded: tuple[PreferencePair | UnpairedExample, ...] = ()
+    dropped: Counter[str] = field(default_factory=Counter, hash=False)  # DropReason → count
+    redactions: Counter[str] = field(default_factory=Counter, hash=False)  # placeholder → count
 
     @property
     def keys(self) -> frozenset[str]:
+        """Keys of the accepted items."""
         return frozenset(p.key for p in self.pairs) | {u.key for u in self.unpaired}
+
+    @property
+    def seen_keys(self) -> frozenset[str]:
+        """Accepted and excluded keys: pass these (as stored) as `known_keys` next time."""
+        return self.keys | {x.key for x in self.excluded}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -710,8 +727,8 @@ def _newest_first(items: Iterable[Item]) -> list[Item]:
 
 
 def _cap_prompt_clusters(
-    items: Sequence[Item], threshold: float, max_per_cluster: int, drops: Counter[str]
-) -> list[Item]:
+    items: Sequence[Item], threshold: float, max_per_cluster: int
+) -> tuple[list[Item], list[Item]]:
     """Greedy leader clustering per tenant, newest first: an item joins the most similar leader
     (Jaccard >= threshold) or leads a new cluster; each cluster keeps its first `max_per_cluster`
     items, i.e. the newest."""
@@ -722,6 +739,7 @@ def _cap_prompt_clusters(
         return sorted(toks, key=lambda t: (freq[t], t))
 
     kept: list[Item] = []
+    dropped: list[Item] = []
     by_tenant: dict[str, list[Item]] = defaultdict(list)
     for x in items:
         by_tenant[x.tenant].append(x)
@@ -747,8 +765,8 @@ def _cap_prompt_clusters(
                 sizes[cluster] += 1
                 kept.append(x)
             else:
-                drops[DropReason.NEAR_DUPLICATE_PROMPT] += 1
-    return kept
+                dropped.append(x)
+    return kept, dropped
 
 
 def _user_cap(n_exempt: int, counts: Sequence[int], share: float) -> int:
@@ -768,9 +786,9 @@ def _user_cap(n_exempt: int, counts: Sequence[int], share: float) -> int:
     return lo
 
 
-def _cap_users(items: Sequence[Item], config: GateConfig, drops: Counter[str]) -> list[Item]:
+def _cap_users(items: Sequence[Item], config: GateConfig) -> tuple[list[Item], list[Item]]:
     if len(items) < config.min_batch_for_cap:
-        return list(items)
+        return list(items), []
 
     def exempt(x: Item) -> bool:
         return x.author_role == "operator" and not config.cap_operators
@@ -791,8 +809,7 @@ def _cap_users(items: Sequence[Item], config: GateConfig, drops: Counter[str]) -
     dropped: set[str] = set()
     for xs in by_user.values():
         dropped.update(x.key for x in rank(xs)[cap:])
-    drops[DropReason.USER_CAP] += len(dropped)
-    return [x for x in items if x.key not in dropped]
+    return [x for x in items if x.key not in dropped], [x for x in items if x.key in dropped]
 
 
 def _status(tenant: str, config: GateConfig) -> Status:
@@ -805,8 +822,19 @@ def _gate(
     known_keys: Collection[str],
     drops: Counter[str],
     redactions: Counter[str],
-) -> tuple[Item, ...]:
-    out = []
+) -> tuple[tuple[Item, ...], tuple[Item, ...]]:
+    """Steps 4-9 → (accepted, excluded). Excluded items are returned, not just counted, so the
+    service can store them as "excluded": their keys then come back as `known_keys`, and a pair
+    the batch gates turned down (a flood over the user cap, a near-duplicate) stays down instead of
+    slipping into the next batch once the ones that beat it are known."""
+    accepted: list[Item] = []
+    excluded: list[Item] = []
+
+    def exclude(xs: Iterable[Item], reason: str) -> None:
+        for x in xs:
+            drops[reason] += 1
+            excluded.append(replace(x, status="excluded", excluded_reason=str(reason)))
+
     for x in items:
         if x.key in known_keys:
             drops[DropReason.ALREADY_KNOWN] += 1
@@ -815,16 +843,22 @@ def _gate(
             x = _redacted(x, redactions)
         problem = _content_problem(x, config)
         if problem is not None:
-            drops[problem] += 1
-            continue
-        out.append(x)
+            exclude([x], problem)
+        else:
+            accepted.append(x)
     if config.near_dup_threshold is not None:
-        out = _cap_prompt_clusters(
-            out, config.near_dup_threshold, config.max_per_prompt_cluster, drops
+        accepted, near_dups = _cap_prompt_clusters(
+            accepted, config.near_dup_threshold, config.max_per_prompt_cluster
         )
-    out = _cap_users(out, config, drops)
-    out = [replace(x, status=_status(x.tenant, config)) for x in out]
-    return tuple(sorted(out, key=lambda x: (x.created_at, x.key)))
+        exclude(near_dups, DropReason.NEAR_DUPLICATE_PROMPT)
+    accepted, capped = _cap_users(accepted, config)
+    exclude(capped, DropReason.USER_CAP)
+    accepted = [replace(x, status=_status(x.tenant, config)) for x in accepted]
+
+    def in_order(xs: list[Item]) -> tuple[Item, ...]:
+        return tuple(sorted(xs, key=lambda x: (x.created_at, x.key)))
+
+    return in_order(accepted), in_order(excluded)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -898,9 +932,12 @@ def compile_pairs(
     unpaired = _unpaired(labels, by_id, paired) if config.emit_unpaired else []
 
     redactions: Counter[str] = Counter()
+    pairs_ok, pairs_excluded = _gate(pairs, config, known_keys, drops, redactions)
+    unpaired_ok, unpaired_excluded = _gate(unpaired, config, known_keys, drops, redactions)
     return CompileResult(
-        pairs=_gate(pairs, config, known_keys, drops, redactions),
-        unpaired=_gate(unpaired, config, known_keys, drops, redactions),
+        pairs=pairs_ok,
+        unpaired=unpaired_ok,
+        excluded=pairs_excluded + unpaired_excluded,
         dropped=Counter({str(reason): n for reason, n in drops.items() if n}),
         redactions=redactions,
     )

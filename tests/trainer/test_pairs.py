@@ -221,9 +221,8 @@ def test_lone_thumbs_become_kto_rows() -> None:
     assert rows["a"].label is True and rows["b"].label is False
     assert rows["a"].completion == "Seven minutes." and rows["a"].key == kto_key("a", True)
     assert rows["b"].user_id == "bob" and rows["b"].feedback_ids == ("f2",)
-    assert compile_pairs([a, b], [thumbs("f1", "a", +1)], GateConfig(emit_unpaired=False)) == (
-        CompileResult((), (), Counter(), Counter())
-    )
+    no_kto = compile_pairs([a, b], [thumbs("f1", "a", +1)], GateConfig(emit_unpaired=False))
+    assert no_kto == CompileResult(pairs=(), unpaired=())
 
 
 def test_multi_turn_prompt_is_the_whole_conversation() -> None:
@@ -380,6 +379,8 @@ def _edit_result(original: str, ideal: str, config: GateConfig | None = None, **
 def test_content_gates(original: str, ideal: str, config: GateConfig | None, reason: str) -> None:
     result = _edit_result(original, ideal, config)
     assert result.pairs == () and result.dropped == {reason: 1}
+    (excluded,) = result.excluded
+    assert excluded.status == "excluded" and excluded.excluded_reason == reason
 
 
 def test_prompt_gates() -> None:
@@ -515,11 +516,28 @@ def test_one_user_flooding_thousands_of_votes_is_capped() -> None:
     assert per_user["mallory"] == 50 and len(result.pairs) == 250
     assert all(per_user[f"user{u}"] == 5 for u in range(40))
     assert result.dropped == {"user_cap": 2950}
+    assert {x.user_id for x in result.excluded} == {"mallory"}
     # The newest 50 are kept.
     kept = sorted(
         int(p.chosen_message_id.split("-")[1]) for p in result.pairs if p.user_id == "mallory"
     )
     assert kept == list(range(2950, 3000))
+
+
+def test_capped_pairs_stay_out_of_later_batches_once_stored() -> None:
+    answers, feedback = _batch(flood=300, honest_users=10, per_user=4)
+    first = compile_pairs(answers, feedback)
+    assert Counter(p.user_id for p in first.pairs)["mallory"] == 10
+    for u in range(10):  # the next day: ten new users, four pairs each
+        for i in range(4):
+            more_answers, more_feedback = _thumbs_conversation(i, f"new{u}", minute=500)
+            answers, feedback = answers + more_answers, feedback + more_feedback
+    # Stored with their "excluded" rows, the flood's rest does not come back...
+    second = compile_pairs(answers, feedback, known_keys=first.seen_keys)
+    assert len(second.pairs) == 40 and "mallory" not in {p.user_id for p in second.pairs}
+    # ...whereas knowing only the accepted keys lets the next slice of the flood in.
+    leaky = compile_pairs(answers, feedback, known_keys=first.keys)
+    assert Counter(p.user_id for p in leaky.pairs)["mallory"] == 10
 
 
 def test_cap_with_seeded_sampling_is_deterministic() -> None:
@@ -579,6 +597,7 @@ def test_rerun_gives_identical_keys_and_known_keys_are_skipped() -> None:
     again = compile_pairs(list(reversed(answers)), list(reversed(feedback)))
     assert first == again
     assert len(first.keys) == 3
+    assert first.seen_keys == first.keys  # nothing excluded here
     skipped = compile_pairs(answers, feedback, known_keys=first.keys)
     assert skipped.pairs == () and skipped.unpaired == ()
     assert skipped.dropped == {"already_known": 3}
