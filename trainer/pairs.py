@@ -24,6 +24,8 @@ Pipeline, one small function per step, each drop counted under a `DropReason`:
 3. `_settle`: per unordered message pair, a user's latest direction wins; users are counted per
    direction as in step 1; votes agreeing on the winning direction merge into one pair.
 4. keys (`dpo_pair_key` & co.); keys in `known_keys` are skipped (re-runs add nothing).
+   Items turned down from here on come back in `CompileResult.excluded` (status "excluded"):
+   storing them makes their keys known, so a flood cut by the cap stays cut in later runs.
 5. PII redaction (`trainer.redact`) of prompts and answers.
 6. content checks: prompt must end with a user turn; empty / too short / too long / identical.
 7. near-duplicate prompts (token-set Jaccard) clustered per tenant; the newest few per cluster kept.
@@ -129,6 +131,8 @@ class Answer:
     """One assistant message: one choice of one completion, as the service stored it.
 
     `prompt` is the whole conversation up to this turn (dicts are accepted and converted).
+    Timestamps, here and in `Feedback`, should all be timezone-aware (UTC): "latest vote wins"
+    compares them, and Python refuses to compare naive with aware ones.
     Siblings — regenerations and `n>1` choices of the same turn — share `parent_id`, the id of
     the last prompt message. `kept` means the user continued the conversation from this answer.
     """
@@ -493,13 +497,13 @@ def _settle(votes: Sequence[_Vote], policy: str, drops: Counter[str]) -> list[_V
 
     settled = []
     for (a, b), group in sorted(by_pair.items()):
-        # A user's latest direction counts; their older opposite votes are superseded.
+        # A user's latest direction counts; their older opposite votes are superseded. (Equal
+        # times compare the direction's id, only so the outcome never depends on input order.)
         latest: dict[str, tuple[datetime, str]] = {}
         for v in group:
             for voter in v.voters:
-                seen = latest.get(voter.user_id)
-                if seen is None or voter.at > seen[0]:
-                    latest[voter.user_id] = (voter.at, v.chosen_id)
+                mine = (voter.at, v.chosen_id)
+                latest[voter.user_id] = max(latest.get(voter.user_id, mine), mine)
         camps: dict[str, list[_Voter]] = {a: [], b: []}
         for v in group:
             camps[v.chosen_id].extend(x for x in v.voters if latest[x.user_id][1] == v.chosen_id)
@@ -875,12 +879,14 @@ def _valid(f: Feedback) -> bool:
     return False
 
 
-def _index_answers(answers: Iterable[Answer]) -> dict[str, Answer]:
-    index: dict[str, Answer] = {}
-    for a in sorted(answers, key=lambda a: a.message_id):
-        if a.message_id in index and index[a.message_id] != a:
-            raise ValueError(f"two different answers share message_id {a.message_id!r}")
-        index[a.message_id] = a
+def _index(rows: Iterable[Any], id_of: Any, what: str) -> dict[str, Any]:
+    """Rows by id; repeated identical rows collapse, different rows under one id are a bug
+    upstream (and would make the result depend on input order)."""
+    index: dict[str, Any] = {}
+    for row in rows:
+        if id_of(row) in index and index[id_of(row)] != row:
+            raise ValueError(f"two different {what} share the id {id_of(row)!r}")
+        index[id_of(row)] = row
     return index
 
 
@@ -899,8 +905,11 @@ def compile_pairs(
     """
     config = config or GateConfig()
     drops: Counter[str] = Counter()
-    by_id = _index_answers(answers)
-    rows = sorted({f.id: f for f in feedback}.values(), key=lambda f: (f.created_at, f.id))
+    by_id = dict(sorted(_index(answers, lambda a: a.message_id, "answers").items()))
+    rows = sorted(
+        _index(feedback, lambda f: f.id, "feedback rows").values(),
+        key=lambda f: (f.created_at, f.id),
+    )
 
     usable: dict[str, list[Feedback]] = defaultdict(list)
     for f in rows:

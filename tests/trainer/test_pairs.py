@@ -354,8 +354,11 @@ def test_invalid_and_unknown_feedback() -> None:
 def test_duplicate_message_ids_must_agree() -> None:
     a = answer("a")
     assert compile_pairs([a, a], [thumbs("f1", "a", 1)]).unpaired[0].message_id == "a"
-    with pytest.raises(ValueError, match="share message_id"):
+    with pytest.raises(ValueError, match="answers share the id 'a'"):
         compile_pairs([a, replace(a, text="different")], [])
+    f = thumbs("f1", "a", 1)
+    with pytest.raises(ValueError, match="feedback rows share the id 'f1'"):
+        compile_pairs([a], [f, replace(f, value=-1)])
 
 
 # ---------------------------------------------------------------------------------------------
