@@ -544,13 +544,15 @@ def train(
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     # 3. Reference log-probs, once (or from the checkpoint when resuming).
-    step = 0
+    step, seconds_reference = 0, 0.0
     if resume:
         step, ref = _load_checkpoint(checkpoint, model, optimizer, cfg)
         if d.main:
             _truncate_log(log_path, step)
     else:
+        t_ref = time.perf_counter()
         ref = reference_logps(model, examples, cfg, d, pad_id, fresh_lora=init_adapter is None)
+        seconds_reference = time.perf_counter() - t_ref
     heldout = [examples[i] for i in heldout_idx]
     if heldout and not resume:
         eval_before = evaluate(model, heldout, ref[heldout_idx], cfg, d, pad_id)
@@ -616,6 +618,7 @@ def train(
             if d.main:
                 _log(log_path, {"split": "eval", "step": step, "epoch": epoch + 1, **eval_metrics})
     bar.close()
+    seconds_loop = time.perf_counter() - t_loop
     model.eval()
 
     # 5. Save: adapter, manifest, then one rename.
@@ -624,8 +627,12 @@ def train(
         "train": last,
         "eval": _last_eval(log_path) if d.main else {},
         "examples": {"train": len(train_idx), "heldout": len(heldout_idx), "dropped": dropped},
-        "tokens_per_second": tokens_seen / max(time.perf_counter() - t_loop, 1e-9),
-        "seconds": time.perf_counter() - t_start,
+        "tokens_per_second": tokens_seen / max(seconds_loop, 1e-9),
+        "seconds": {
+            "reference": seconds_reference,
+            "train": seconds_loop,  # includes the held-out evaluations
+            "total": time.perf_counter() - t_start,
+        },
     }
     result_path = None
     if d.main:
