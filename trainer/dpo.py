@@ -78,8 +78,11 @@ class TrainConfig:
     # pairs; 5e-5 on off-policy pairs drove the loss to 0.02 and changed nothing.
     lr: float = 2e-4
     epochs: int = 2
-    batch_size: int = 8  # pairs per micro-batch per process
-    grad_accum: int = 1
+    batch_size: int = 8  # pairs per optimizer step, per process
+    # Pairs per forward/backward; gradients accumulate over the batch's micro-batches. Small
+    # micro-batches cut activation memory, and on CPU they are faster too (SmolLM2, 2 cores:
+    # 16 sequences in one forward+backward 8.4 s / 5.6 GB, in chunks of 4: 4.4 s / 2.4 GB).
+    micro_batch_size: int = 2
     warmup_ratio: float = 0.1
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
     weight_decay: float = 0.0
@@ -99,7 +102,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         assert self.loss in losses.LOSS_NAMES, f"loss must be one of {losses.LOSS_NAMES}"
         assert not (self.loss == "kto" and self.rpo_alpha), "rpo_alpha needs paired data"
-        assert self.batch_size >= 1 and self.grad_accum >= 1 and self.epochs >= 1
+        assert self.batch_size >= 1 and self.micro_batch_size >= 1 and self.epochs >= 1
 
 
 @dataclass
@@ -351,12 +354,13 @@ def reference_logps(
     process scores its share and the shares are summed into one table.
     """
     table = torch.zeros(len(examples), 2)
+    model.eval()  # the reference has no dropout
     mine = list(range(d.rank, len(examples), d.world))
     # Longest first within this process's share, so batches pad little.
     mine.sort(key=lambda i: -examples[i].length)
     with model.disable_adapter() if fresh_lora else nullcontext(), _autocast(d.device, cfg):
-        for start in range(0, len(mine), cfg.batch_size):
-            idx = mine[start : start + cfg.batch_size]
+        for start in range(0, len(mine), cfg.micro_batch_size):
+            idx = mine[start : start + cfg.micro_batch_size]
             seqs = [_halves(examples[i])[0] for i in idx] + [_halves(examples[i])[1] for i in idx]
             logps, _ = completion_logps(model, collate(seqs, pad_id).to(d.device), cfg.logits_chunk)
             table[idx] = torch.stack(logps.float().cpu().chunk(2), dim=1)
@@ -376,14 +380,17 @@ def evaluate(
 ) -> dict[str, float]:
     """Mean loss, rewards, accuracy and margin over held-out examples (every process computes
     the same numbers: held-out sets are small)."""
+    was_training = model.training
+    model.eval()  # no LoRA dropout while measuring
     stats = torch.zeros(8, device=d.device)
-    for start in range(0, len(examples), cfg.batch_size):
-        sl = slice(start, start + cfg.batch_size)
+    for start in range(0, len(examples), cfg.micro_batch_size):
+        sl = slice(start, start + cfg.micro_batch_size)
         with _autocast(d.device, cfg):
             per_example, chosen, rejected = batch_losses(
                 model, examples[sl], ref[sl], cfg, d, pad_id
             )
         stats += _stats(per_example, chosen, rejected, cfg)
+    model.train(was_training)
     return _metrics(stats)
 
 
@@ -559,10 +566,9 @@ def train(
         if d.main:
             _log(log_path, {"split": "eval", "step": 0, "epoch": 0, **eval_before})
 
-    # 4. Train. Every process sees the same batch list; process r takes micro-batches r, r+W, ..
-    micro_per_step = d.world * cfg.grad_accum
+    # 4. Train. Every process sees the same batch list; in each step process r takes batch r.
     n_batches = math.ceil(len(train_idx) / cfg.batch_size)
-    steps_per_epoch = math.ceil(n_batches / micro_per_step)
+    steps_per_epoch = math.ceil(n_batches / d.world)
     total = steps_per_epoch * cfg.epochs
     lengths = [examples[i].length for i in train_idx]
     model.train()
@@ -575,23 +581,22 @@ def train(
             for b in length_grouped_batches(lengths, cfg.batch_size, seed=cfg.seed + epoch)
         ]
         # Fill the last step by repeating a few batches, so every process has the same work.
-        batches += batches[: steps_per_epoch * micro_per_step - len(batches)]
+        batches += batches[: steps_per_epoch * d.world - len(batches)]
         for step_in_epoch in range(step - epoch * steps_per_epoch, steps_per_epoch):
             lr = get_lr(step, total, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            window = batches[step_in_epoch * micro_per_step : (step_in_epoch + 1) * micro_per_step]
-            mine = window[d.rank :: d.world]
-            n_window = sum(len(b) for b in mine)
+            mine = batches[step_in_epoch * d.world + d.rank]  # sorted by length already
             stats = torch.zeros(8, device=d.device)
-            for idx in mine:
+            for start in range(0, len(mine), cfg.micro_batch_size):
+                idx = mine[start : start + cfg.micro_batch_size]
                 with _autocast(d.device, cfg):
                     per_example, chosen, rejected = batch_losses(
                         model, [examples[i] for i in idx], ref[idx], cfg, d, pad_id
                     )
                 weights = torch.tensor([examples[i].weight for i in idx], device=d.device)
-                # Callers reduce: weighted sum over the accumulation window, divided by its size.
-                ((weights * per_example).sum() / n_window).backward()
+                # Callers reduce: weighted sum over the batch, divided by its size.
+                ((weights * per_example).sum() / len(mine)).backward()
                 stats += _stats(per_example, chosen, rejected, cfg)
                 tokens_seen += sum(len(s.ids) for i in idx for s in _halves(examples[i]))
             _all_reduce_mean_([p.grad for p in params if p.grad is not None], d)
@@ -721,6 +726,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if dist.is_initialized():  # started by train() under torchrun
+            dist.destroy_process_group()
     if result.out is not None:
         print(json.dumps({"out": str(result.out), **result.metrics}))
     return 0

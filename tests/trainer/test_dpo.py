@@ -335,3 +335,29 @@ def test_smollm2_margin_moves_up_on_heldout_pairs(smollm2_dir: Path, tmp_path: P
     assert ev["after"]["margin"] > 0.5, ev
     assert ev["after"]["accuracy"] == 1.0
     assert ev["after"]["loss"] < math.log(2) - 0.1
+
+
+def test_micro_batches_accumulate_to_the_same_step(
+    tiny_llama_dir: Path, pairs_file: Path, tmp_path: Path
+) -> None:
+    """Gradient accumulation over micro-batches is the same optimizer step as one big batch."""
+    cfg = replace(TINY, epochs=1, batch_size=8)
+    whole = train(
+        replace(cfg, micro_batch_size=8),
+        pairs=pairs_file,
+        base=tiny_llama_dir,
+        out=tmp_path / "whole",
+        progress_bar=False,
+    )
+    split = train(
+        replace(cfg, micro_batch_size=3),
+        pairs=pairs_file,
+        base=tiny_llama_dir,
+        out=tmp_path / "split",
+        progress_bar=False,
+    )
+    a, b = _train_lines(whole.out), _train_lines(split.out)
+    assert [x["loss"] for x in a] == pytest.approx([x["loss"] for x in b], abs=1e-5)
+    ta, tb = _adapter_tensors(whole.out), _adapter_tensors(split.out)
+    for name in ta:
+        assert_close(ta[name], tb[name], atol=1e-5, rtol=1e-4)

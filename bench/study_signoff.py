@@ -1,0 +1,159 @@
+"""Which settings change held-out *greedy generations*? A small study on SmolLM2 (not in CI).
+
+The preference: answers that end with the sign-off "— Acme Support". Pairs are on-policy: the
+rejected answer is the model's own greedy answer, the chosen one is that answer plus the
+sign-off. After training, the held-out prompts are answered greedily and we count sign-offs.
+
+    .venv/bin/python bench/study_signoff.py                        # the default grid
+    .venv/bin/python bench/study_signoff.py --grid lr=2e-4,epochs=2 lr=5e-5,epochs=2
+
+Prints one line per setting: held-out implicit-reward margin and accuracy (what the loss sees)
+and the share of held-out greedy answers that sign off (what users see).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SIGN_OFF = "— Acme Support"
+SUBJECTS = [
+    "tea", "rain", "bicycles", "maps", "salt", "bread", "clocks", "owls", "glass", "ink",
+    "volcanoes", "bees", "trains", "chess", "coffee", "rivers", "moss", "kites", "paper", "snow",
+    "whales", "copper", "lighthouses", "honey", "deserts", "violins", "bridges", "tides",
+    "mushrooms", "comets",
+]  # fmt: skip
+FORMS = ["Give me one short fact about {}.", "In one sentence, why do people like {}?"]
+DEFAULT_GRID = [
+    "lr=5e-5,epochs=2",
+    "lr=2e-4,epochs=1",
+    "lr=2e-4,epochs=2",
+    "lr=2e-4,epochs=3",
+    "lr=2e-4,epochs=2,beta=0.5",
+    "lr=2e-4,epochs=2,rpo_alpha=1.0",
+    "lr=5e-4,epochs=2",
+]
+
+
+def greedy(model, tok, prompts: list[str], max_new_tokens: int) -> list[str]:
+    import torch
+
+    tok.padding_side = "left"
+    texts = [
+        tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                add_generation_prompt=True)
+        for p in prompts
+    ]  # fmt: skip
+    answers = []
+    for start in range(0, len(texts), 16):
+        enc = tok(texts[start : start + 16], return_tensors="pt", padding=True,
+                  add_special_tokens=False)  # fmt: skip
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id)  # fmt: skip
+        answers += tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    return [a.strip() for a in answers]
+
+
+def main() -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.dpo import TrainConfig, train
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    default_model = Path("~/.cache/prefloop/models/SmolLM2-135M-Instruct").expanduser()
+    p.add_argument("--model", type=Path, default=default_model)
+    p.add_argument("--train", type=int, default=40, help="training prompts")
+    p.add_argument("--heldout", type=int, default=20)
+    p.add_argument("--answer-tokens", type=int, default=40, help="length of the model's answers")
+    p.add_argument("--eval-tokens", type=int, default=64, help="room for the sign-off at eval")
+    p.add_argument("--grid", nargs="+", default=DEFAULT_GRID)
+    args = p.parse_args()
+
+    prompts = [form.format(s) for form in FORMS for s in SUBJECTS]
+    # Held-out subjects are unseen in training (both forms), so this tests generalisation.
+    held_subjects = set(SUBJECTS[-args.heldout // 2 :])
+    heldout = [q for q in prompts if any(s in q for s in held_subjects)][: args.heldout]
+    train_prompts = [q for q in prompts if q not in heldout][: args.train]
+
+    tok = AutoTokenizer.from_pretrained(args.model)
+    base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    t0 = time.perf_counter()
+    own = greedy(base, tok, train_prompts + heldout, args.answer_tokens)
+    base_heldout = greedy(base, tok, heldout, args.eval_tokens)
+    print(f"base model: {sum(SIGN_OFF in a for a in base_heldout)}/{len(heldout)} held-out "
+          f"answers sign off ({time.perf_counter() - t0:.0f} s to sample)")  # fmt: skip
+
+    work = Path(tempfile.mkdtemp(prefix="prefloop-study-"))
+    pairs = work / "pairs.jsonl"
+    with open(pairs, "w", encoding="utf-8") as f:
+        # Training rows first, then held-out rows; eval_fraction picks its own held-out split,
+        # so we pass the held-out rows only through generation, and train on training rows.
+        for q, a in zip(train_prompts, own, strict=False):
+            row = {
+                "prompt": [{"role": "user", "content": q}],
+                "chosen": [{"role": "assistant", "content": f"{a}\n\n{SIGN_OFF}"}],
+                "rejected": [{"role": "assistant", "content": a}],
+            }
+            f.write(json.dumps(row) + "\n")
+    heldout_pairs = work / "heldout.jsonl"
+    with open(heldout_pairs, "w", encoding="utf-8") as f:
+        for q, a in zip(heldout, own[len(train_prompts) :], strict=True):
+            row = {
+                "prompt": [{"role": "user", "content": q}],
+                "chosen": [{"role": "assistant", "content": f"{a}\n\n{SIGN_OFF}"}],
+                "rejected": [{"role": "assistant", "content": a}],
+            }
+            f.write(json.dumps(row) + "\n")
+
+    base_cfg = TrainConfig(batch_size=8, max_length=192, eval_fraction=0.0, checkpoint_every=0)
+    header = f"{'setting':34s}{'loss':>7s}{'margin':>8s}{'acc':>6s}{'signs off':>11s}{'train s':>9s}"
+    print(header)
+    examples_shown = False
+    for setting in args.grid:
+        changes = {}
+        for kv in setting.split(","):
+            k, v = kv.split("=")
+            changes[k] = type(getattr(base_cfg, k))(v)
+        cfg = replace(base_cfg, **changes)
+        out = work / setting.replace(",", "_").replace("=", "-")
+        result = train(cfg, pairs=pairs, base=args.model, out=out, progress_bar=False)
+        margin = heldout_margin(result.model, tok, heldout_pairs, cfg)
+        model = PeftModel.from_pretrained(base, out).eval()
+        answers = greedy(model, tok, heldout, args.eval_tokens)
+        base = model.unload()  # the same base weights for the next setting
+        signed = sum(SIGN_OFF in a for a in answers)
+        secs = result.metrics["seconds"]["reference"] + result.metrics["seconds"]["train"]
+        print(f"{setting:34s}{result.metrics['train']['loss']:7.3f}{margin['margin']:8.2f}"
+              f"{margin.get('accuracy', 0):6.2f}{signed:>6d}/{len(heldout):<4d}{secs:9.0f}",
+              flush=True)  # fmt: skip
+        if signed and not examples_shown:
+            print("    e.g. " + json.dumps(next(a for a in answers if SIGN_OFF in a))[:200])
+            examples_shown = True
+
+
+def heldout_margin(model, tok, heldout_pairs: Path, cfg) -> dict:
+    """Implicit-reward metrics on the held-out pairs, reference = the base (adapter off)."""
+    import torch
+
+    from trainer.data import load_examples
+    from trainer.dpo import Dist, evaluate, reference_logps
+
+    d = Dist(0, 1, torch.device("cpu"))
+    examples, _ = load_examples(heldout_pairs, tok, kind="pairs", max_length=cfg.max_length)
+    ref = reference_logps(model, examples, cfg, d, tok.pad_token_id, fresh_lora=True)
+    return evaluate(model, examples, ref, cfg, d, tok.pad_token_id)
+
+
+if __name__ == "__main__":
+    main()
