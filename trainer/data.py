@@ -164,6 +164,10 @@ def load_examples(
             if c is None or r is None:
                 dropped += 1
                 continue
+            # One prompt for both, so a batch can run it once (``collate_pairs``); as in TRL,
+            # it ends where either tokenisation first departs from the prompt's.
+            p = min(c.prompt_len, r.prompt_len)
+            c, r = Tokens(c.ids, p), Tokens(r.ids, p)
             examples.append(PairExample(c, r, float(row.get("weight", 1.0))))
         return examples, dropped
 
@@ -221,27 +225,91 @@ def length_grouped_batches(
 
 @dataclass
 class Batch:
-    """Right-padded sequences; ``completion_mask`` marks completion tokens of ``input_ids``."""
+    """Right-padded rows for one forward, and which hidden states score which tokens.
 
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    completion_mask: torch.Tensor
+    Completion token ``k`` is scored from the hidden state at ``(score_rows[k], score_cols[k])``
+    (the position before it), against ``score_targets[k]``, and its log-prob is added to
+    sequence ``score_seqs[k]``. A row may hold more than one sequence (``collate_pairs``).
+    """
+
+    input_ids: torch.Tensor  # (rows, width)
+    attention_mask: torch.Tensor  # (rows, width) padding mask, or (rows, 1, width, width) bool
+    position_ids: torch.Tensor  # (rows, width)
+    score_rows: torch.Tensor
+    score_cols: torch.Tensor
+    score_targets: torch.Tensor
+    score_seqs: torch.Tensor
+    n_seqs: int
 
     def to(self, device: torch.device) -> Batch:
-        return Batch(
-            self.input_ids.to(device),
-            self.attention_mask.to(device),
-            self.completion_mask.to(device),
-        )
+        tensors = {k: v.to(device) for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
+        return Batch(**tensors, n_seqs=self.n_seqs)
+
+
+def _plan(
+    row: int, seq: int, ids: Sequence[int], first: int, last: int, prev: int
+) -> list[tuple[int, int, int, int]]:
+    """Score ``ids[first:last]`` (positions in the row); the first is predicted from ``prev``."""
+    sources = [prev, *range(first, last - 1)]
+    return [(row, src, ids[t], seq) for src, t in zip(sources, range(first, last), strict=True)]
+
+
+def _batch(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    plan: list[tuple[int, int, int, int]],
+    n_seqs: int,
+) -> Batch:
+    rows, cols, targets, seqs = torch.tensor(plan, dtype=torch.long).T
+    return Batch(input_ids, attention_mask, position_ids, rows, cols, targets, seqs, n_seqs)
 
 
 def collate(seqs: Sequence[Tokens], pad_id: int) -> Batch:
+    """One sequence per row (KTO rows, or any list of sequences)."""
     width = max(len(s.ids) for s in seqs)
     input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    completion_mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+    plan = []
     for row, s in enumerate(seqs):
         input_ids[row, : len(s.ids)] = torch.tensor(s.ids)
         attention_mask[row, : len(s.ids)] = 1
-        completion_mask[row, s.prompt_len : len(s.ids)] = True
-    return Batch(input_ids, attention_mask, completion_mask)
+        plan += _plan(row, row, s.ids, s.prompt_len, len(s.ids), s.prompt_len - 1)
+    position_ids = torch.arange(width).expand(len(seqs), width)
+    return _batch(input_ids, attention_mask, position_ids, plan, len(seqs))
+
+
+def collate_pairs(pairs: Sequence[PairExample], pad_id: int) -> Batch:
+    """One row per pair, the prompt once: ``[prompt][chosen][rejected]``.
+
+    Chosen and rejected share their prompt, so it is run once instead of twice (on chat data
+    the system prompt and question are often half the tokens). The rejected tokens take the
+    positions right after the prompt and a mask hides the chosen tokens from them, so every
+    token sees exactly what it would see in its own sequence. Sequences 0..n-1 are the chosen
+    answers, n..2n-1 the rejected ones, like TRL's concatenated batch, so results ``chunk(2)``.
+    """
+    n = len(pairs)
+    lengths = [
+        e.chosen.prompt_len + e.chosen.completion_len + e.rejected.completion_len for e in pairs
+    ]
+    width = max(lengths)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((n, width), dtype=torch.long)
+    allowed = torch.zeros((n, 1, width, width), dtype=torch.bool)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    plan_chosen, plan_rejected = [], []
+    for row, e in enumerate(pairs):
+        p, c, r = e.chosen.prompt_len, e.chosen.completion_len, e.rejected.completion_len
+        assert e.chosen.ids[:p] == e.rejected.ids[:p], "a pair's two sequences share a prompt"
+        ids = e.chosen.ids + e.rejected.ids[p:]
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        position_ids[row, : p + c] = torch.arange(p + c)
+        position_ids[row, p + c : p + c + r] = torch.arange(p, p + r)
+        allowed[row, 0, : len(ids), : len(ids)] = causal[: len(ids), : len(ids)]
+        allowed[row, 0, p + c : p + c + r, p : p + c] = False  # rejected never sees chosen
+        plan_chosen += _plan(row, row, ids, p, p + c, p - 1)
+        plan_rejected += _plan(row, n + row, ids, p + c, p + c + r, p - 1)
+    # Padding rows attend to themselves only, so no query row is all-masked (NaN in SDPA).
+    pad = torch.arange(width)
+    allowed[:, 0, pad, pad] = True
+    return _batch(input_ids, allowed, position_ids, plan_chosen + plan_rejected, 2 * n)

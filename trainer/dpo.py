@@ -51,6 +51,7 @@ from trainer.data import (
     PairExample,
     Tokens,
     collate,
+    collate_pairs,
     file_sha256,
     length_grouped_batches,
     load_examples,
@@ -212,16 +213,18 @@ def completion_logps(
     assert getattr(head, "bias", None) is None, "LM heads with a bias are not supported"
     assert not head.weight.requires_grad, "the LM head must be frozen (see _SelectedLogProbs)"
     hidden = lm.get_decoder()(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
     ).last_hidden_state
-    # Hidden state t predicts token t + 1, so completion token t + 1 is scored from position t.
-    scored = batch.completion_mask[:, 1:]
-    rows, cols = scored.nonzero(as_tuple=True)
     token_logps = _SelectedLogProbs.apply(
-        hidden[rows, cols], head.weight, batch.input_ids[rows, cols + 1], chunk
+        hidden[batch.score_rows, batch.score_cols], head.weight, batch.score_targets, chunk
     )
-    sums = torch.zeros(len(scored), dtype=torch.float32, device=hidden.device)
-    return sums.index_add(0, rows, token_logps), scored.sum(1)
+    sums = torch.zeros(batch.n_seqs, dtype=torch.float32, device=hidden.device)
+    counts = torch.zeros(batch.n_seqs, dtype=torch.long, device=hidden.device)
+    counts.index_add_(0, batch.score_seqs, torch.ones_like(batch.score_seqs))
+    return sums.index_add(0, batch.score_seqs, token_logps), counts
 
 
 @torch.no_grad()
@@ -229,8 +232,7 @@ def check_logits_path(model: torch.nn.Module, device: torch.device) -> None:
     """Refuse models whose logits are not plain ``lm_head(hidden)`` (soft-capping, scaling):
     compare our path with the model's own forward on a few tokens."""
     ids = torch.tensor([[1, 2, 3, 4, 5, 6]], device=device)
-    batch = Batch(ids, torch.ones_like(ids), torch.ones_like(ids, dtype=torch.bool))
-    ours, _ = completion_logps(model, batch)
+    ours, _ = completion_logps(model, collate([Tokens((1, 2, 3, 4, 5, 6), 1)], 0).to(device))
     logits = model(input_ids=ids, use_cache=False).logits.float()
     theirs = logits[:, :-1].log_softmax(-1).gather(2, ids[:, 1:, None]).sum()
     gap = (ours.sum() - theirs).abs().item()
@@ -282,6 +284,14 @@ def _halves(e: Example) -> tuple[Tokens, Tokens]:
     return (e.chosen, e.rejected) if isinstance(e, PairExample) else (e.completion, e.mismatched)
 
 
+def _collate_halves(examples: Sequence[Example], pad_id: int) -> Batch:
+    """Both halves of every example in one forward: sequences [firsts..., seconds...]."""
+    if all(isinstance(e, PairExample) for e in examples):
+        return collate_pairs(examples, pad_id)
+    firsts, seconds = zip(*(_halves(e) for e in examples), strict=True)
+    return collate([*firsts, *seconds], pad_id)
+
+
 def make_paired_loss(cfg: TrainConfig) -> losses.PairedLoss:
     kwargs: dict[str, float] = {"beta": cfg.beta}
     if cfg.loss in losses.USES_LABEL_SMOOTHING:
@@ -319,8 +329,8 @@ def batch_losses(
             undesirable_weight=cfg.undesirable_weight,
         )
 
-    # One forward for chosen and rejected together (TRL's concatenated forward), split after.
-    batch = collate([e.chosen for e in examples] + [e.rejected for e in examples], pad_id)
+    # One forward for chosen and rejected together, the prompt run once; split after.
+    batch = collate_pairs(examples, pad_id)
     logps, counts = completion_logps(model, batch.to(d.device), cfg.logits_chunk)
     policy_chosen, policy_rejected = logps.chunk(2)
     n_chosen, n_rejected = counts.chunk(2)
@@ -361,8 +371,8 @@ def reference_logps(
     with model.disable_adapter() if fresh_lora else nullcontext(), _autocast(d.device, cfg):
         for start in range(0, len(mine), cfg.micro_batch_size):
             idx = mine[start : start + cfg.micro_batch_size]
-            seqs = [_halves(examples[i])[0] for i in idx] + [_halves(examples[i])[1] for i in idx]
-            logps, _ = completion_logps(model, collate(seqs, pad_id).to(d.device), cfg.logits_chunk)
+            batch = _collate_halves([examples[i] for i in idx], pad_id).to(d.device)
+            logps, _ = completion_logps(model, batch, cfg.logits_chunk)
             table[idx] = torch.stack(logps.float().cpu().chunk(2), dim=1)
     if d.world > 1:
         dist.all_reduce(table)  # each row was filled by exactly one process
@@ -448,10 +458,12 @@ def _save_checkpoint(
     optimizer: torch.optim.Optimizer,
     ref: torch.Tensor,
     cfg: TrainConfig,
+    data_sha256: str,
 ) -> None:
     state = {
         "step": step,
         "config": asdict(cfg),
+        "data_sha256": data_sha256,
         "trainable": {n: p.detach().cpu() for n, p in _trainable(model)},
         "optimizer": optimizer.state_dict(),
         "reference_logps": ref,
@@ -463,12 +475,17 @@ def _save_checkpoint(
 
 
 def _load_checkpoint(
-    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    data_sha256: str,
 ) -> tuple[int, torch.Tensor]:
     state = torch.load(path, map_location="cpu", weights_only=False)
     saved = state["config"]
     saved["lora_targets"] = tuple(saved["lora_targets"])
     assert saved == asdict(cfg), "resuming needs the same TrainConfig as the interrupted run"
+    assert state["data_sha256"] == data_sha256, "resuming needs the same training data"
     params = dict(_trainable(model))
     assert params.keys() == state["trainable"].keys(), "checkpoint is for another adapter shape"
     with torch.no_grad():
@@ -543,6 +560,7 @@ def train(
     examples, dropped = load_examples(pairs, tokenizer, kind=kind, max_length=cfg.max_length)
     assert examples, f"{pairs}: no usable rows ({dropped} dropped as too long)"
     train_idx, heldout_idx = split_heldout(len(examples), cfg.eval_fraction, cfg.seed)
+    data_sha256 = file_sha256(pairs)
 
     # 2. Model, optimizer.
     model = load_policy(base, init_adapter, cfg, d.device)
@@ -553,7 +571,7 @@ def train(
     # 3. Reference log-probs, once (or from the checkpoint when resuming).
     step, seconds_reference = 0, 0.0
     if resume:
-        step, ref = _load_checkpoint(checkpoint, model, optimizer, cfg)
+        step, ref = _load_checkpoint(checkpoint, model, optimizer, cfg, data_sha256)
         if d.main:
             _truncate_log(log_path, step)
     else:
@@ -615,7 +633,7 @@ def train(
                 if on_progress is not None:
                     on_progress(step, total, last)
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
-                    _save_checkpoint(checkpoint, step, model, optimizer, ref, cfg)
+                    _save_checkpoint(checkpoint, step, model, optimizer, ref, cfg, data_sha256)
             if d.world > 1:
                 dist.barrier()  # nobody runs ahead of a checkpoint being written
         if heldout:
@@ -649,7 +667,7 @@ def train(
             "base_model": str(base),
             "parent": str(init_adapter) if init_adapter is not None else None,
             "config": asdict(cfg),
-            "data": {"path": str(pairs), "sha256": file_sha256(pairs), "kind": kind},
+            "data": {"path": str(pairs), "sha256": data_sha256, "kind": kind},
             "metrics": summary,
             "world_size": d.world,
             "versions": _versions(),

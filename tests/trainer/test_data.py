@@ -13,6 +13,7 @@ from trainer.data import (
     KTOExample,
     PairExample,
     collate,
+    collate_pairs,
     length_grouped_batches,
     load_examples,
     split_heldout,
@@ -83,14 +84,31 @@ def test_kto_rows_get_a_mismatched_completion(tokenizer, kto_file: Path) -> None
     assert m.ids[m.prompt_len :] == second.completion.ids[second.completion.prompt_len :]
 
 
-def test_collate_masks_prompt_and_padding(tokenizer, pairs_file: Path) -> None:
+def test_collate_scores_only_completion_tokens(tokenizer, pairs_file: Path) -> None:
     examples, _ = load_examples(pairs_file, tokenizer, kind="pairs", max_length=256)
     seqs = [examples[0].chosen, examples[4].rejected]
     batch = collate(seqs, pad_id=tokenizer.pad_token_id)
     for row, s in enumerate(seqs):
-        assert batch.completion_mask[row].sum() == s.completion_len
-        assert not batch.completion_mask[row, : s.prompt_len].any()
+        mine = batch.score_rows == row
+        assert mine.sum() == s.completion_len
+        assert batch.score_cols[mine].tolist() == list(range(s.prompt_len - 1, len(s.ids) - 1))
+        assert batch.score_targets[mine].tolist() == list(s.ids[s.prompt_len :])
         assert batch.attention_mask[row].sum() == len(s.ids)
+
+
+def test_collate_pairs_runs_the_prompt_once(tokenizer, pairs_file: Path) -> None:
+    examples, _ = load_examples(pairs_file, tokenizer, kind="pairs", max_length=256)
+    e = examples[2]
+    batch = collate_pairs([e], pad_id=tokenizer.pad_token_id)
+    p, c, r = e.chosen.prompt_len, e.chosen.completion_len, e.rejected.completion_len
+    assert batch.input_ids.shape == (1, p + c + r) and batch.n_seqs == 2
+    # Rejected tokens continue the prompt's positions and cannot see the chosen tokens.
+    assert batch.position_ids[0, p + c :].tolist() == list(range(p, p + r))
+    mask = batch.attention_mask[0, 0]
+    assert not mask[p + c :, p : p + c].any() and mask[p + c :, :p].all()
+    # Both answers' first tokens are scored from the last prompt token.
+    first_rejected = (batch.score_seqs == 1).nonzero()[0, 0]
+    assert batch.score_cols[0] == p - 1 and batch.score_cols[first_rejected] == p - 1
 
 
 def test_length_grouped_batches() -> None:

@@ -15,7 +15,7 @@ import torch
 from torch.testing import assert_close
 
 from tests.trainer.conftest import write_pairs
-from trainer.data import collate, load_examples
+from trainer.data import Tokens, collate, collate_pairs, load_examples
 from trainer.dpo import TrainConfig, completion_logps, get_lr, load_policy, main, train
 
 TINY = TrainConfig(epochs=2, batch_size=4, lr=1e-3, max_length=128, checkpoint_every=0)
@@ -35,17 +35,35 @@ def _adapter_tensors(path: Path) -> dict[str, torch.Tensor]:
 # --- log-probs over completion tokens only ----------------------------------------------------
 
 
-def test_completion_logps_match_full_logits(tiny_llama_dir: Path, pairs_file: Path) -> None:
-    """Our path (hidden states gathered at completion positions, chunked LM head, gradient
-    computed in the forward) against the plain one: full logits, log-softmax, mask."""
+def _naive_logps(model, seqs, pad_id: int) -> torch.Tensor:
+    """The plain way: each sequence on its own row, full logits, log-softmax, completion mask."""
+    width = max(len(s.ids) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id)
+    attn = torch.zeros((len(seqs), width), dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for row, s in enumerate(seqs):
+        ids[row, : len(s.ids)] = torch.tensor(s.ids)
+        attn[row, : len(s.ids)] = 1
+        mask[row, s.prompt_len : len(s.ids)] = True
+    logits = model(input_ids=ids, attention_mask=attn).logits
+    token_logps = logits[:, :-1].log_softmax(-1).gather(2, ids[:, 1:, None])[..., 0]
+    return (token_logps * mask[:, 1:]).sum(1)
+
+
+@pytest.mark.parametrize("shared_prompt", [True, False])
+def test_completion_logps_match_full_logits(
+    shared_prompt: bool, tiny_llama_dir: Path, pairs_file: Path
+) -> None:
+    """Our path (prompt run once per pair, hidden states gathered at completion positions,
+    chunked LM head, gradient computed in the forward) against the plain one."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
     examples, _ = load_examples(pairs_file, tok, kind="pairs", max_length=128)
-    seqs = [e.chosen for e in examples[:3]] + [e.rejected for e in examples[:3]]
-    batch = collate(seqs, tok.pad_token_id)  # right-padded, different lengths
-    cfg = replace(TINY, lora_r=4)
-    model = load_policy(tiny_llama_dir, None, cfg, torch.device("cpu"))
+    pairs = [examples[i] for i in (0, 3, 4)]  # different lengths, so there is padding
+    seqs = [e.chosen for e in pairs] + [e.rejected for e in pairs]
+    batch = collate_pairs(pairs, tok.pad_token_id) if shared_prompt else collate(seqs, 2)
+    model = load_policy(tiny_llama_dir, None, replace(TINY, lora_r=4), torch.device("cpu"))
     with torch.no_grad():  # a non-trivial adapter, so gradients reach LoRA through it
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -55,11 +73,7 @@ def test_completion_logps_match_full_logits(tiny_llama_dir: Path, pairs_file: Pa
     ours.sum().backward()
     ours_grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
     model.zero_grad()
-
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    token_logps = logits[:, :-1].log_softmax(-1).gather(2, batch.input_ids[:, 1:, None])[..., 0]
-    mask = batch.completion_mask[:, 1:]
-    naive = (token_logps * mask).sum(1)
+    naive = _naive_logps(model, seqs, tok.pad_token_id)
     naive.sum().backward()
     naive_grads = [p.grad for p in model.parameters() if p.requires_grad]
 
@@ -70,20 +84,19 @@ def test_completion_logps_match_full_logits(tiny_llama_dir: Path, pairs_file: Pa
 
 
 def test_prompt_tokens_do_not_count(tiny_llama_dir: Path, pairs_file: Path) -> None:
-    """Marking one more token as completion changes the sum by exactly that token's log-prob."""
+    """Counting one more token as completion changes the sum by exactly that token's log-prob."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
     examples, _ = load_examples(pairs_file, tok, kind="pairs", max_length=128)
-    batch = collate([examples[0].chosen], tok.pad_token_id)
+    seq = examples[0].chosen
+    p = seq.prompt_len
     model = load_policy(tiny_llama_dir, None, TINY, torch.device("cpu"))
     with torch.no_grad():
-        base, _ = completion_logps(model, batch)
-        p = examples[0].chosen.prompt_len
-        batch.completion_mask[0, p - 1] = True  # the last prompt token
-        wider, _ = completion_logps(model, batch)
-        logits = model(input_ids=batch.input_ids).logits[0, p - 2].log_softmax(-1)
-    assert_close(wider - base, logits[batch.input_ids[0, p - 1]].reshape(1))
+        base, _ = completion_logps(model, collate([seq], tok.pad_token_id))
+        wider, _ = completion_logps(model, collate([Tokens(seq.ids, p - 1)], tok.pad_token_id))
+        logits = model(input_ids=torch.tensor([seq.ids])).logits[0, p - 2].log_softmax(-1)
+    assert_close(wider - base, logits[seq.ids[p - 1]].reshape(1))
 
 
 def test_lr_schedule_warms_up_then_decays() -> None:
