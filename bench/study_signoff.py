@@ -75,8 +75,8 @@ def main() -> None:
     p.add_argument("--model", type=Path, default=default_model)
     p.add_argument("--train", type=int, default=40, help="training prompts")
     p.add_argument("--heldout", type=int, default=20)
-    p.add_argument("--answer-tokens", type=int, default=40, help="length of the model's answers")
-    p.add_argument("--eval-tokens", type=int, default=64, help="room for the sign-off at eval")
+    p.add_argument("--answer-tokens", type=int, default=48, help="length of the model's answers")
+    p.add_argument("--eval-tokens", type=int, default=80, help="room for the sign-off at eval")
     p.add_argument("--grid", nargs="+", default=DEFAULT_GRID)
     args = p.parse_args()
 
@@ -89,7 +89,11 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(args.model)
     base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     t0 = time.perf_counter()
-    own = greedy(base, tok, train_prompts + heldout, args.answer_tokens)
+    # The model's own answers, cut back to the last full sentence so none ends mid-word.
+    own = [
+        a[: a.rfind(".") + 1] if "." in a else a
+        for a in greedy(base, tok, train_prompts + heldout, args.answer_tokens)
+    ]
     base_heldout = greedy(base, tok, heldout, args.eval_tokens)
     print(f"base model: {sum(SIGN_OFF in a for a in base_heldout)}/{len(heldout)} held-out "
           f"answers sign off ({time.perf_counter() - t0:.0f} s to sample)")  # fmt: skip
@@ -97,8 +101,6 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="prefloop-study-"))
     pairs = work / "pairs.jsonl"
     with open(pairs, "w", encoding="utf-8") as f:
-        # Training rows first, then held-out rows; eval_fraction picks its own held-out split,
-        # so we pass the held-out rows only through generation, and train on training rows.
         for q, a in zip(train_prompts, own, strict=False):
             row = {
                 "prompt": [{"role": "user", "content": q}],
@@ -117,7 +119,9 @@ def main() -> None:
             f.write(json.dumps(row) + "\n")
 
     base_cfg = TrainConfig(batch_size=8, max_length=192, eval_fraction=0.0, checkpoint_every=0)
-    header = f"{'setting':34s}{'loss':>7s}{'margin':>8s}{'acc':>6s}{'signs off':>11s}{'train s':>9s}"
+    header = (
+        f"{'setting':34s}{'loss':>7s}{'margin':>8s}{'acc':>6s}{'signs off':>11s}{'train s':>9s}"
+    )
     print(header)
     examples_shown = False
     for setting in args.grid:

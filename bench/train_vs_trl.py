@@ -102,6 +102,7 @@ def our_config(args: argparse.Namespace):
     return TrainConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
+        micro_batch_size=args.micro_batch_size,
         lr=args.lr,
         beta=0.1,
         max_length=args.max_length,
@@ -112,14 +113,17 @@ def our_config(args: argparse.Namespace):
     )
 
 
-def trl_config(args: argparse.Namespace, out: Path, precompute: bool):
+def trl_config(args: argparse.Namespace, out: Path, precompute: bool, accumulate: bool = False):
     import torch
     from trl import DPOConfig
 
     cuda = torch.cuda.is_available()
+    # "trl-accum": TRL given our micro-batching, the same batch by gradient accumulation.
+    micro = args.micro_batch_size if accumulate else args.batch_size
     return DPOConfig(
         output_dir=str(out),
-        per_device_train_batch_size=args.batch_size,
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=args.batch_size // micro,
         max_steps=args.steps,
         learning_rate=args.lr,
         lr_scheduler_type="cosine",
@@ -166,7 +170,7 @@ def run_ours(args: argparse.Namespace) -> dict:
     }
 
 
-def run_trl(args: argparse.Namespace, precompute: bool) -> dict:
+def run_trl(args: argparse.Namespace, precompute: bool, accumulate: bool = False) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOTrainer
@@ -176,7 +180,7 @@ def run_trl(args: argparse.Namespace, precompute: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         trainer = DPOTrainer(
             model=model,
-            args=trl_config(args, Path(tmp), precompute),
+            args=trl_config(args, Path(tmp), precompute, accumulate),
             train_dataset=trl_dataset(args.pairs_file),
             processing_class=tok,
             peft_config=lora_config(args),
@@ -258,14 +262,15 @@ def child(args: argparse.Namespace) -> None:
     elif args.side == "losscheck":
         result = loss_check(args)
     else:
-        result = run_trl(args, precompute=args.side == "trl-precompute")
+        result = run_trl(args, precompute=args.side != "trl", accumulate=args.side == "trl-accum")
     result["peak_mb"] = peak_memory_mb()
     print("RESULT " + json.dumps(result), flush=True)
 
 
 def spawn(args: argparse.Namespace, side: str) -> dict:
     cmd = [sys.executable, __file__, "--child", side, "--pairs-file", str(args.pairs_file)]
-    for name in ("model", "batch_size", "max_length", "steps", "lr", "lora_r", "pairs"):
+    for name in ("model", "batch_size", "micro_batch_size", "max_length", "steps", "lr",
+                 "lora_r", "pairs"):  # fmt: skip
         cmd += ["--" + name.replace("_", "-"), str(getattr(args, name))]
     env = dict(os.environ, TQDM_DISABLE="1", TRANSFORMERS_VERBOSITY="error")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -282,11 +287,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pairs", type=int, default=32, help="number of template pairs")
     p.add_argument("--steps", type=int, default=4, help="optimizer steps (pairs*epochs/batch)")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--micro-batch-size", type=int, default=2, help="ours, and trl-accum")
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--repeats", type=int, default=1, help="alternating rounds; medians reported")
-    p.add_argument("--sides", nargs="+", default=["ours", "trl", "trl-precompute"])
+    p.add_argument(
+        "--sides",
+        nargs="+",
+        default=["ours", "trl", "trl-precompute"],
+        choices=["ours", "trl", "trl-precompute", "trl-accum"],
+        help="trl-accum: TRL with precomputed reference and our micro-batch size, accumulated",
+    )
     p.add_argument("--child", dest="side", help=argparse.SUPPRESS)
     p.add_argument("--pairs-file", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -316,8 +316,9 @@ def batch_losses(
         with torch.no_grad():  # the KL estimate is a detached reference point
             mismatched = collate([e.mismatched for e in examples], pad_id).to(d.device)
             kl_logps, _ = completion_logps(model, mismatched, cfg.logits_chunk)
+            # Estimated per micro-batch, as in the paper; not averaged over processes, which
+            # may hold different numbers of micro-batches in an epoch's last step.
             kl = (kl_logps - ref[:, 1]).mean()
-            _all_reduce_mean_([kl], d)
         labels = torch.tensor([e.label for e in examples], device=d.device)
         return losses.kto_loss(
             logps,

@@ -222,8 +222,8 @@ def kto_loss(
         undesirable (label False): L = lambda_U * (1 - sigma(beta * (z0 - r)))
 
     ``kl`` is the batch estimate of KL(pi || ref): the mean of pi - ref over completions paired
-    with *other* prompts (Sec. 4.1). The caller computes it, since it needs extra forwards, and
-    averages it over ranks under DDP; here it is detached and clamped at 0 as in the paper.
+    with *other* prompts (Sec. 4.1). The caller computes it, since it needs extra forwards;
+    here it is detached and clamped at 0 as in the paper.
 
     Returns losses in the input order, and rewards beta * r split as (rewards of the desirable
     rows, rewards of the undesirable rows), so logging reads like the paired losses.
