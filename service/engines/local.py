@@ -61,7 +61,10 @@ class _Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     def emit(self, item: Any) -> None:
-        self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+        except RuntimeError:  # the caller's event loop is gone: nobody is listening any more
+            self.cancelled.set()
 
 
 class LocalStream:
@@ -340,7 +343,7 @@ class _Detok:
         if last:
             self.finish = "length"
             return self._flush(text)
-        safe = text[: len(text) - self.hold] if self.hold else text
+        safe = text[: max(0, len(text) - self.hold)]
         return self._flush(safe.rstrip("\ufffd"))
 
     def _text(self) -> str:
@@ -361,7 +364,7 @@ def _apply_penalties(logits: torch.Tensor, counts: torch.Tensor, p: Any) -> torc
         logits = logits - (counts > 0).float() * p.presence_penalty
     if p.logit_bias:
         idx = torch.tensor(list(p.logit_bias.keys()), device=logits.device)
-        val = torch.tensor(list(p.logit_bias.values()), device=logits.device)
+        val = torch.tensor(list(p.logit_bias.values()), device=logits.device, dtype=logits.dtype)
         logits = logits.index_add(1, idx, val.expand(logits.shape[0], -1))
     return logits
 

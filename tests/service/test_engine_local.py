@@ -1,0 +1,208 @@
+"""The embedded engine on a tiny random Llama: streaming, stop strings, seeds, the bounded queue,
+and several LoRA adapters served side by side."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+
+from service.core.errors import NotFoundError, OverloadedError
+from service.engines.base import GenerationRequest, SamplingParams
+from service.engines.local import LocalEngine, _Detok
+
+HELLO = [{"role": "user", "content": "Hello there, how are you?"}]
+# The tiny random model mostly repeats one token; a sampled answer has variety to test on.
+VARIED = SamplingParams(max_tokens=30, temperature=1.0, seed=11)
+
+
+def make_adapter(base_dir: Path, out: Path, seed: int) -> Path:
+    """A LoRA adapter with random, non-trivial weights (B is not zero) saved in PEFT layout."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    config = LoraConfig(
+        r=8, lora_alpha=64, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False
+    )
+    peft_model = get_peft_model(model, config)
+    peft_model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return {name: make_adapter(tiny_llama_dir, root / name, i) for i, name in enumerate(["a", "b"])}
+
+
+async def collect(engine: LocalEngine, request: GenerationRequest) -> dict[int, list]:
+    stream = await engine.generate(request)
+    out: dict[int, list] = {}
+    async for d in stream:
+        out.setdefault(d.index, []).append(d)
+    return out
+
+
+def text_of(deltas: list) -> str:
+    return "".join(d.text for d in deltas)
+
+
+def greedy(max_tokens: int = 20, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0, **kw)
+
+
+@pytest.fixture
+def engine(tiny_llama_dir: Path):
+    eng = LocalEngine(str(tiny_llama_dir), model_name="tiny", max_queue=4)
+    asyncio.run(eng.start())
+    yield eng
+    asyncio.run(eng.aclose())
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_stream_matches_hf_generate(engine: LocalEngine, tiny_llama_dir: Path) -> None:
+    """Our decode loop's greedy tokens equal transformers' own `generate`."""
+    out = run(collect(engine, GenerationRequest(HELLO, greedy(max_tokens=24))))
+    ids = torch.tensor([engine.prompt_ids(HELLO)])
+    ref = engine.model.generate(
+        ids, max_new_tokens=24, do_sample=False, eos_token_id=list(engine._eos) or None
+    )
+    expected = engine.tokenizer.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
+    assert text_of(out[0]) == expected
+    assert out[0][-1].finish_reason in ("stop", "length")
+    assert out[0][-1].completion_tokens == min(24, ref.shape[1] - ids.shape[1])
+
+
+def test_seed_reproduces_and_choices_differ(engine: LocalEngine) -> None:
+    params = SamplingParams(max_tokens=16, temperature=1.0, n=3, seed=7)
+    a = run(collect(engine, GenerationRequest(HELLO, params)))
+    b = run(collect(engine, GenerationRequest(HELLO, params)))
+    assert sorted(a) == [0, 1, 2]
+    assert [text_of(a[i]) for i in range(3)] == [text_of(b[i]) for i in range(3)]
+    assert len({text_of(a[i]) for i in range(3)}) > 1
+    c = run(collect(engine, GenerationRequest(HELLO, SamplingParams(16, 1.0, n=3, seed=8))))
+    assert [text_of(c[i]) for i in range(3)] != [text_of(a[i]) for i in range(3)]
+
+
+def test_tiny_top_p_is_greedy(engine: LocalEngine) -> None:
+    g = run(collect(engine, GenerationRequest(HELLO, greedy(16))))
+    p = run(collect(engine, GenerationRequest(HELLO, SamplingParams(16, 1.0, top_p=1e-6, seed=3))))
+    assert text_of(g[0]) == text_of(p[0])
+
+
+def test_stop_string_is_never_streamed(engine: LocalEngine) -> None:
+    full = text_of(run(collect(engine, GenerationRequest(HELLO, VARIED)))[0])
+    assert len(full) > 30
+    stop = full[20:26]  # characters that very likely span token boundaries
+    params = SamplingParams(max_tokens=30, temperature=1.0, seed=11, stop=(stop,))
+    out = run(collect(engine, GenerationRequest(HELLO, params)))[0]
+    assert text_of(out) == full[: full.index(stop)]
+    assert out[-1].finish_reason == "stop"
+    assert all(stop not in d.text for d in out)
+
+
+def test_detok_holds_back_a_stop_string_split_over_tokens(tiny_llama_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    ids = tok("The answer is forty two. Bye", add_special_tokens=False)["input_ids"]
+    d = _Detok(tok, ("two. B",))
+    sent = [d.push(t, is_eos=False, last=False) for t in ids]
+    assert "".join(sent) == "The answer is forty "
+    assert d.finish == "stop"
+
+
+def test_penalties_change_the_output(engine: LocalEngine) -> None:
+    plain = run(collect(engine, GenerationRequest(HELLO, greedy(30))))[0]
+    penalised = run(collect(engine, GenerationRequest(HELLO, greedy(30, frequency_penalty=2.0))))
+    assert text_of(plain) != text_of(penalised[0])
+    (paris,) = engine.tokenizer(" Paris", add_special_tokens=False)["input_ids"]
+    biased = run(collect(engine, GenerationRequest(HELLO, greedy(3, logit_bias={paris: 100}))))
+    assert text_of(biased[0]) == " Paris Paris Paris"
+
+
+def test_full_queue_is_refused_at_once(tiny_llama_dir: Path) -> None:
+    async def scenario() -> None:
+        eng = LocalEngine(str(tiny_llama_dir), model_name="tiny", max_queue=2)
+        await eng.start()
+        try:
+            held = [await eng.generate(GenerationRequest(HELLO, greedy(2))) for _ in range(2)]
+            with pytest.raises(OverloadedError, match="queue is full"):
+                await eng.generate(GenerationRequest(HELLO, greedy(2)))
+            async for _ in held[0]:
+                pass
+            # A finished request frees its slot.
+            again = await eng.generate(GenerationRequest(HELLO, greedy(2)))
+            again.cancel()
+            held[1].cancel()
+        finally:
+            await eng.aclose()
+
+    run(scenario())
+
+
+def test_cancel_stops_generation(engine: LocalEngine) -> None:
+    async def scenario() -> list:
+        stream = await engine.generate(GenerationRequest(HELLO, greedy(500)))
+        seen = []
+        async for d in stream:
+            seen.append(d)
+            if len(seen) == 3:
+                stream.cancel()
+        return seen
+
+    seen = run(scenario())
+    assert seen[-1].finish_reason == "cancelled"
+    assert seen[-1].completion_tokens < 500
+
+
+def test_adapters_are_chosen_per_request(
+    engine: LocalEngine, adapters: dict[str, Path], tiny_llama_dir: Path
+) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = text_of(run(collect(engine, GenerationRequest(HELLO, greedy(20))))[0])
+    for name, path in adapters.items():
+        run(engine.load_adapter(name, str(path)))
+    assert engine.adapters() == ["a", "b"]
+
+    async def all_at_once() -> list[str]:
+        reqs = [GenerationRequest(HELLO, greedy(20), adapter=a) for a in (None, "a", "b", "a")]
+        outs = await asyncio.gather(*(collect(engine, r) for r in reqs))
+        return [text_of(o[0]) for o in outs]
+
+    got = run(all_at_once())
+    assert got[0] == base, "the base model must be unaffected by loaded adapters"
+    assert got[1] == got[3] and len({got[0], got[1], got[2]}) == 3
+
+    # Each adapter's output equals a plain peft model built from that adapter alone.
+    for name, text in (("a", got[1]), ("b", got[2])):
+        ref = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(tiny_llama_dir), adapters[name]
+        ).eval()
+        ids = torch.tensor([engine.prompt_ids(HELLO)])
+        out = ref.generate(input_ids=ids, max_new_tokens=20, do_sample=False)
+        expected = engine.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        assert text == expected
+
+    with pytest.raises(Exception, match="already loaded"):
+        run(engine.load_adapter("a", str(adapters["a"])))
+    run(engine.unload_adapter("a"))
+    with pytest.raises(NotFoundError):
+        run(engine.generate(GenerationRequest(HELLO, greedy(5), adapter="a")))
+    run(engine.unload_adapter("b"))
+    assert engine.adapters() == []
+    assert text_of(run(collect(engine, GenerationRequest(HELLO, greedy(20))))[0]) == base
+
+
+def test_loading_a_missing_adapter_is_a_clear_error(engine: LocalEngine, tmp_path: Path) -> None:
+    with pytest.raises(NotFoundError, match="adapter_config.json"):
+        run(engine.load_adapter("x", str(tmp_path)))
