@@ -244,11 +244,12 @@ async def complete_chat(
         async for d in stream:
             acc.add(d.index, d.text, d.finish_reason, d.completion_tokens)
     except PrefloopError as exc:
+        # A failed answer is not an answer: no assistant message; the error is on the row.
         await run_in_threadpool(
             _finish,
             db,
             completion_id=turn.completion.id,
-            choices=acc.records(),
+            choices=[],
             status="failed",
             error=exc.message,
             prompt_tokens=stream.prompt_tokens,
@@ -349,7 +350,7 @@ async def _sse(
             _finish,
             db,
             completion_id=cid,
-            choices=acc.records(),
+            choices=acc.records() if finish["status"] == "succeeded" else [],
             prompt_tokens=stream.prompt_tokens,
             started=started,
             **finish,

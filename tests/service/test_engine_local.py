@@ -74,7 +74,7 @@ def test_stream_matches_hf_generate(engine: LocalEngine, tiny_llama_dir: Path) -
     ref = engine.model.generate(
         ids, max_new_tokens=24, do_sample=False, eos_token_id=list(engine._eos) or None
     )
-    expected = engine.tokenizer.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
+    expected = engine.tokenizer.decode(ref[0, ids.shape[1] :], skip_special_tokens=True)
     assert text_of(out[0]) == expected
     assert out[0][-1].finish_reason in ("stop", "length")
     assert out[0][-1].completion_tokens == min(24, ref.shape[1] - ids.shape[1])
@@ -190,7 +190,7 @@ def test_adapters_are_chosen_per_request(
         ).eval()
         ids = torch.tensor([engine.prompt_ids(HELLO)])
         out = ref.generate(input_ids=ids, max_new_tokens=20, do_sample=False)
-        expected = engine.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        expected = engine.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
         assert text == expected
 
     with pytest.raises(Exception, match="already loaded"):
