@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from service.core.config import Settings
+
+
+def test_defaults_serve_smollm2_from_sqlite_under_home(tmp_path: Path) -> None:
+    s = Settings(home=tmp_path)
+    assert s.host == "127.0.0.1" and s.port == 8000 and s.engine == "local"
+    assert s.uses_default_model and s.model_name == "SmolLM2-135M-Instruct"
+    assert s.db_url == f"sqlite:///{tmp_path / 'prefloop.db'}"
+    assert s.models_dir == tmp_path / "models"
+
+
+def test_environment_overrides(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PREFLOOP_PORT", "9001")
+    monkeypatch.setenv("PREFLOOP_MODEL", str(tmp_path / "my-model"))
+    monkeypatch.setenv("PREFLOOP_DATABASE_URL", "postgresql+psycopg://u@h/db")
+    monkeypatch.setenv("PREFLOOP_LORA_ADAPTERS", '{"friendly": "/adapters/friendly"}')
+    s = Settings()
+    assert s.port == 9001
+    assert s.model_name == "my-model" and not s.uses_default_model
+    assert s.db_url == "postgresql+psycopg://u@h/db"
+    assert s.lora_adapters == {"friendly": "/adapters/friendly"}
+
+
+def test_inconsistent_limits_are_refused() -> None:
+    with pytest.raises(ValidationError, match="default_max_tokens"):
+        Settings(default_max_tokens=2048, max_tokens_limit=1024)
+    with pytest.raises(ValidationError):
+        Settings(engine="tgi")

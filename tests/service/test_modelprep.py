@@ -1,0 +1,69 @@
+"""`prefloop model prepare`: idempotent, atomic, and a model that answers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from service.modelprep import default_model_dir, is_prepared, prepare_default_model
+from tests.conftest import TEST_HOME
+
+
+def test_prepared_model_is_a_plain_safetensors_hf_directory(smollm2_dir: Path) -> None:
+    import json
+
+    assert is_prepared(smollm2_dir)
+    config = json.loads((smollm2_dir / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["num_hidden_layers"] == 30
+    assert (smollm2_dir / "tokenizer.json").is_file()
+    assert not list(smollm2_dir.parent.glob(".*tmp-*")), "no temporary directories left behind"
+
+
+def test_prepare_is_idempotent_and_cleans_interrupted_runs(smollm2_dir: Path) -> None:
+    models_dir = smollm2_dir.parent
+    stale = models_dir / ".SmolLM2-135M-Instruct.tmp-interrupted"
+    stale.mkdir()
+    mtime = (smollm2_dir / "model.safetensors").stat().st_mtime
+    t0 = time.perf_counter()
+    assert prepare_default_model(models_dir, progress=False) == smollm2_dir
+    assert time.perf_counter() - t0 < 1.0, "a prepared model is not converted again"
+    assert (smollm2_dir / "model.safetensors").stat().st_mtime == mtime
+    # Cleaning happens on the next real preparation; a prepared dir returns before touching it.
+    stale.rmdir()
+
+
+@pytest.mark.slow
+def test_interrupted_preparation_leaves_no_model_and_recovers(tmp_path: Path) -> None:
+    models_dir = tmp_path / "models"
+    models_dir.mkdir()
+    (models_dir / ".SmolLM2-135M-Instruct.tmp-dead").mkdir()  # an earlier run was killed
+    target = default_model_dir(models_dir)
+    env = {**os.environ, "PREFLOOP_HOME": str(tmp_path)}
+    code = "from service.cli import main; raise SystemExit(main(['model', 'prepare']))"
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE)
+    # Kill it mid-way: once it is de-quantising (a temp dir exists), or after 10 s.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and len(list(models_dir.glob(".*tmp-*"))) < 2:
+        time.sleep(0.1)
+    proc.kill()
+    proc.wait()
+    assert not is_prepared(target), "an interrupted run must not leave a model that looks ready"
+    # The next run starts over cleanly and leaves only the finished model.
+    assert prepare_default_model(models_dir, progress=False) == target
+    assert is_prepared(target)
+    assert [p.name for p in models_dir.iterdir()] == [target.name]
+
+
+@pytest.mark.slow
+def test_cli_prepare_prints_the_model_dir() -> None:
+    env = {**os.environ, "PREFLOOP_HOME": str(TEST_HOME)}
+    out = subprocess.run(
+        [sys.executable, "-m", "service", "model", "prepare"],
+        env=env, capture_output=True, text=True, check=True,
+    )
+    assert out.stdout.strip() == str(default_model_dir(TEST_HOME.resolve() / "models"))
