@@ -89,7 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:  # argparse's REMAINDER drops a leading option; pass through
+        args = argparse.Namespace(func=_train, trainer_args=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=get_settings().log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
