@@ -63,6 +63,10 @@ def plan_chat(body: ChatCompletionRequest, settings: Settings, engine: Engine) -
         raise InvalidRequestError("logprobs are not supported", param="logprobs")
     if body.tools:
         raise InvalidRequestError("tools are not supported", param="tools")
+    if not body.messages and body.regenerate is None:
+        raise InvalidRequestError(
+            "messages must contain at least one message (or set `regenerate`)", param="messages"
+        )
     if len(body.messages) > settings.max_messages:
         raise InvalidRequestError(
             f"too many messages: {len(body.messages)} > {settings.max_messages}", param="messages"
@@ -140,6 +144,7 @@ def _start_turn(
             adapter_version=plan.adapter,
             params=_params_record(plan.params),
             stream=body.stream,
+            regenerate=body.regenerate,
         )
         # Counted here, before commit, so a prompt that cannot fit stores nothing.
         prompt_tokens = engine.count_prompt_tokens(turn.prompt)

@@ -1,4 +1,4 @@
-"""`prefloop` command line: serve, model prepare, train."""
+"""`prefloop` command line: serve, model prepare, train, pairs export."""
 
 from __future__ import annotations
 
@@ -62,6 +62,28 @@ def _train(args: argparse.Namespace) -> int:
     return train_main(["train", *rest])
 
 
+def _pairs_export(args: argparse.Namespace) -> int:
+    from service.core.db import init_db, make_engine
+    from service.pairs import compile_and_store, export_pairs
+
+    settings = get_settings()  # the same settings `prefloop serve` reads
+    db = make_engine(settings)
+    try:
+        init_db(db)
+        if not args.no_compile:
+            summary = compile_and_store(db, settings, actor="cli")
+            dropped = ", ".join(f"{k}={v}" for k, v in sorted(summary.dropped.items())) or "none"
+            print(
+                f"compiled: {summary.pairs} new pairs, {summary.unpaired} new KTO rows, "
+                f"{summary.excluded} excluded; dropped: {dropped}"
+            )
+        count = export_pairs(db, fmt=args.format, out=args.out, statuses=args.status)
+    finally:
+        db.dispose()
+    print(f"wrote {count} {args.format} rows ({', '.join(args.status)}) to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prefloop", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -85,6 +107,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("trainer_args", nargs=argparse.REMAINDER)
     train.set_defaults(func=_train)
+
+    pairs = sub.add_parser("pairs", help="training pairs compiled from feedback")
+    pairs_sub = pairs.add_subparsers(dest="pairs_command", required=True)
+    export = pairs_sub.add_parser(
+        "export",
+        help="compile new feedback, then write TRL conversational JSONL (DPO pairs or KTO rows)",
+    )
+    export.add_argument("--format", choices=["dpo", "kto"], required=True)
+    export.add_argument("--out", required=True, help="the .jsonl file to write (atomically)")
+    export.add_argument(
+        "--status",
+        nargs="+",
+        choices=["approved", "pending", "excluded", "used"],
+        default=["approved"],
+        help="which stored rows to export (default: approved)",
+    )
+    export.add_argument(
+        "--no-compile", action="store_true", help="export what is stored; compile nothing new"
+    )
+    export.set_defaults(func=_pairs_export)
     return parser
 
 

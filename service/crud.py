@@ -6,13 +6,16 @@ after the surrounding transaction has committed.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlmodel import Session, col, select
 
-from service.core.errors import InvalidRequestError, NotFoundError
-from service.models import Completion, Conversation, Message, new_id, utcnow
+from service.core.errors import ConflictError, InvalidRequestError, NotFoundError
+from service.models import Completion, Conversation, Feedback, Message, new_id, utcnow
 
 
 @dataclass(frozen=True)
@@ -30,7 +33,7 @@ class ChoiceRecord:
     completion_tokens: int
 
 
-def _path_to(messages: dict[str, Message], leaf_id: str) -> list[Message]:
+def path_to(messages: dict[str, Message], leaf_id: str) -> list[Message]:
     path: list[Message] = []
     node: Message | None = messages[leaf_id]
     while node is not None:
@@ -39,14 +42,38 @@ def _path_to(messages: dict[str, Message], leaf_id: str) -> list[Message]:
     return path[::-1]
 
 
+def _resent_leaf(by_id: dict[str, Message], messages: list[dict[str, str]]) -> str | None:
+    """The deepest stored message whose path is a proper prefix of `messages`: a client that
+    resends the history continues from the answer it shows, which need not be the newest one
+    (after a regeneration the user may go on from either sibling)."""
+    best: tuple[int, str] | None = None
+    for m in by_id.values():
+        path = path_to(by_id, m.id)
+        if len(path) >= len(messages) or (best is not None and len(path) <= best[0]):
+            continue
+        if all(
+            p.role == q["role"] and p.content == q["content"]
+            for p, q in zip(path, messages, strict=False)
+        ):
+            best = (len(path), m.id)
+    return best[1] if best else None
+
+
 def _history(
-    session: Session, *, conversation_id: str, parent_id: str | None, tenant: str
+    session: Session,
+    *,
+    conversation_id: str,
+    parent_id: str | None,
+    tenant: str,
+    messages: list[dict[str, str]] | None = None,
 ) -> list[Message]:
     conversation = session.get(Conversation, conversation_id)
     if conversation is None or conversation.tenant != tenant:
         raise NotFoundError(f"conversation {conversation_id!r} not found", param="conversation_id")
     rows = session.exec(select(Message).where(Message.conversation_id == conversation_id)).all()
     by_id = {m.id: m for m in rows}
+    if parent_id is None and messages and len(messages) > 1:
+        parent_id = _resent_leaf(by_id, messages)
     if parent_id is None:
         answers = [m for m in rows if m.role == "assistant"] or list(rows)
         if not answers:
@@ -57,7 +84,7 @@ def _history(
             f"message {parent_id!r} not found in conversation {conversation_id!r}",
             param="parent_id",
         )
-    return _path_to(by_id, parent_id)
+    return path_to(by_id, parent_id)
 
 
 def start_completion(
@@ -73,12 +100,32 @@ def start_completion(
     adapter_version: str | None,
     params: dict[str, Any],
     stream: bool,
+    regenerate: str | None = None,
 ) -> StartedTurn:
     """Store the request's new messages and a running completion; return the prompt to answer.
 
     A client may resend the whole conversation (as OpenAI clients do) or only the new messages:
-    when the stored history is a prefix of `messages`, that prefix is not stored twice.
+    when the stored history is a prefix of `messages`, that prefix is not stored twice. An
+    assistant message the new turn continues from is marked kept.
+
+    `regenerate` names an earlier completion whose prompt is answered again: nothing new is
+    stored but the completion, under the same parent message, so its answers become siblings of
+    the earlier ones.
     """
+    if regenerate is not None:
+        return _start_regeneration(
+            session,
+            tenant=tenant,
+            user_id=user_id,
+            conversation_id=conversation_id,
+            messages=messages,
+            regenerate=regenerate,
+            model=model,
+            base_model=base_model,
+            adapter_version=adapter_version,
+            params=params,
+            stream=stream,
+        )
     if conversation_id is None:
         if parent_id is not None:
             raise InvalidRequestError(
@@ -89,7 +136,11 @@ def start_completion(
         history: list[Message] = []
     else:
         history = _history(
-            session, conversation_id=conversation_id, parent_id=parent_id, tenant=tenant
+            session,
+            conversation_id=conversation_id,
+            parent_id=parent_id,
+            tenant=tenant,
+            messages=messages,
         )
         conversation = session.get(Conversation, conversation_id)
     assert conversation is not None
@@ -101,6 +152,9 @@ def start_completion(
             "the last message must be a user message (the one to answer)", param="messages"
         )
 
+    if history and history[-1].role == "assistant" and history[-1].kept_at is None:
+        history[-1].kept_at = utcnow()
+        session.add(history[-1])
     parent = history[-1].id if history else None
     for m in new:
         row = Message(
@@ -125,6 +179,62 @@ def start_completion(
     session.add(completion)
     session.flush()
     return StartedTurn(completion=completion, prompt=stored + new)
+
+
+def _start_regeneration(
+    session: Session,
+    *,
+    tenant: str,
+    user_id: str | None,
+    conversation_id: str | None,
+    messages: list[dict[str, str]],
+    regenerate: str,
+    model: str,
+    base_model: str,
+    adapter_version: str | None,
+    params: dict[str, Any],
+    stream: bool,
+) -> StartedTurn:
+    original = session.get(Completion, regenerate)
+    conversation = original and session.get(Conversation, original.conversation_id)
+    if original is None or conversation is None or conversation.tenant != tenant:
+        raise NotFoundError(f"completion {regenerate!r} not found", param="regenerate")
+    if conversation_id is not None and conversation_id != original.conversation_id:
+        raise InvalidRequestError(
+            f"completion {regenerate!r} belongs to conversation {original.conversation_id!r}, "
+            f"not {conversation_id!r}",
+            param="conversation_id",
+        )
+    by_id = {
+        m.id: m
+        for m in session.exec(
+            select(Message).where(Message.conversation_id == original.conversation_id)
+        ).all()
+    }
+    prompt = [
+        {"role": m.role, "content": m.content} for m in path_to(by_id, original.parent_message_id)
+    ]
+    # OpenAI clients resend the history: accept it when it is the stored prompt (or its tail).
+    if messages and prompt[-len(messages) :] != messages:
+        raise InvalidRequestError(
+            "a regeneration answers the stored prompt again: send no messages, or exactly the "
+            "ones that completion answered",
+            param="messages",
+        )
+    completion = Completion(
+        conversation_id=original.conversation_id,
+        parent_message_id=original.parent_message_id,
+        user_id=user_id if user_id is not None else original.user_id,
+        model=model,
+        base_model=base_model,
+        adapter_version=adapter_version,
+        params=params,
+        stream=stream,
+        regenerated_from=original.id,
+    )
+    session.add(completion)
+    session.flush()
+    return StartedTurn(completion=completion, prompt=prompt)
 
 
 def finish_completion(
@@ -175,10 +285,117 @@ def answers_of(session: Session, *, completion_id: str) -> list[Message]:
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# Feedback
+
+
+def request_hash(payload: dict[str, Any]) -> str:
+    """A stable hash of a request body, to tell a retry from a different request under one key."""
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def feedback_by_idempotency_key(
+    session: Session, *, key: str, request_hash: str
+) -> Feedback | None:
+    """The feedback an earlier request with this key stored, or None. The same key with a
+    different body is a client bug: 409 rather than a silent second write."""
+    row = session.exec(select(Feedback).where(Feedback.idempotency_key == key)).first()
+    if row is not None and row.request_hash != request_hash:
+        raise ConflictError(
+            "this Idempotency-Key was already used with a different request body; use a new "
+            "key for a new request",
+            param="Idempotency-Key",
+            code="idempotency_key_reused",
+        )
+    return row
+
+
+def record_feedback(
+    session: Session,
+    *,
+    kind: str,
+    completion_id: str,
+    choice_index: int,
+    value: int,
+    user_id: str | None,
+    author_role: str,
+    comment: str | None,
+    edited_text: str | None,
+    idempotency_key: str | None,
+    request_hash: str,
+    now: datetime | None = None,
+) -> Feedback:
+    """Check a feedback signal against the stored completion and upsert it into its slot.
+
+    Thumbs and edits address one choice (`choice_index`); a pick addresses the whole `n=2`
+    completion and `choice_index` is the chosen one. The caller's transaction makes the upsert
+    atomic; the unique slot constraint turns a concurrent first write into an IntegrityError
+    the caller retries (the retry then updates).
+    """
+    completion = session.get(Completion, completion_id)
+    if completion is None:
+        raise NotFoundError(f"completion {completion_id!r} not found", param="completion_id")
+    if completion.status != "succeeded":
+        raise ConflictError(
+            f"completion {completion_id!r} is {completion.status}; feedback needs an answer",
+            param="completion_id",
+            code="completion_not_succeeded",
+        )
+    answers = answers_of(session, completion_id=completion_id)
+    if kind == "pick":
+        if len(answers) != 2:
+            raise InvalidRequestError(
+                f"a pick needs a response with n=2 choices; {completion_id!r} has {len(answers)}",
+                param="completion_id",
+            )
+        if choice_index not in (0, 1):
+            raise InvalidRequestError(
+                f"chosen_index is {choice_index}; it must be 0 or 1", param="chosen_index"
+            )
+        target, other = completion_id, answers[1 - choice_index].id
+    else:
+        if choice_index >= len(answers):
+            raise InvalidRequestError(
+                f"choice_index is {choice_index}; completion {completion_id!r} has "
+                f"{len(answers)} choice(s)",
+                param="choice_index",
+            )
+        target, other = answers[choice_index].id, None
+    user = user_id or completion.user_id or "anonymous"
+    now = now or utcnow()
+
+    row = session.exec(
+        select(Feedback).where(
+            Feedback.user_id == user, Feedback.kind == kind, Feedback.target == target
+        )
+    ).first()
+    if row is None:
+        row = Feedback(
+            completion_id=completion_id, user_id=user, kind=kind, target=target, created_at=now
+        )
+    row.message_id = answers[choice_index].id
+    row.other_message_id = other
+    row.choice_index = choice_index
+    row.value = value
+    row.comment = comment
+    row.edited_text = edited_text
+    row.author_role = author_role
+    row.idempotency_key = idempotency_key
+    row.request_hash = request_hash
+    row.updated_at = now
+    session.add(row)
+    session.flush()
+    return row
+
+
 __all__ = [
     "ChoiceRecord",
     "StartedTurn",
     "answers_of",
+    "feedback_by_idempotency_key",
+    "record_feedback",
+    "request_hash",
     "finish_completion",
     "new_id",
     "start_completion",

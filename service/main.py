@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service.api.routes import chat, health, models
+from service.api.routes import chat, feedback, health, models, operator
 from service.core.config import Settings, get_settings
 from service.core.db import init_db, make_engine
 from service.core.errors import install_error_handlers
@@ -82,4 +82,6 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(health.router)
     app.include_router(models.router)
     app.include_router(chat.router)
+    app.include_router(feedback.router)
+    app.include_router(operator.router)
     return app

@@ -3,6 +3,11 @@
 A conversation is a tree of messages: each message points at its parent, so a regenerated answer
 is a sibling of the one it replaces. One `Completion` is one generation request; its `n` choices
 are the assistant messages that point back at it with their `choice_index`.
+
+Feedback on those answers (`Feedback`) is compiled into training data (`PreferencePair`: DPO
+pairs and, in the same table with `kind="unpaired"`, KTO rows); every operator decision on them
+is logged in `OperatorAction`. No migrations yet: `SQLModel.metadata.create_all` creates missing
+tables but does not add columns to existing ones.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, Text
+from sqlalchemy import JSON, Column, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -41,6 +46,9 @@ class Message(SQLModel, table=True):
     choice_index: int | None = None
     finish_reason: str | None = None
     completion_tokens: int | None = None
+    # Assistant messages: set when a later request continued the conversation from this answer
+    # (the user kept it; among regenerated siblings it is the preferred one).
+    kept_at: datetime | None = None
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -62,5 +70,79 @@ class Completion(SQLModel, table=True):
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     latency_ms: float | None = None
+    # A regeneration: the completion whose prompt this one answered again (same parent message).
+    regenerated_from: str | None = Field(default=None, foreign_key="completion.id", index=True)
     created_at: datetime = Field(default_factory=utcnow, index=True)
     finished_at: datetime | None = None
+
+
+class Feedback(SQLModel, table=True):
+    """One user's (or operator's) current signal on one answer.
+
+    kind     value                    target (the unique slot per user)
+    thumbs   +1 / -1                  the rated answer's message id
+    pick     the chosen choice index  the completion id (an `n=2` response: one pick per user)
+    edit     0                        the edited answer's message id (`edited_text` is the ideal)
+
+    A later signal by the same user on the same slot updates the row in place (`updated_at` is
+    the time of the current vote; the compiler's "later vote wins" reads it).
+    `idempotency_key`/`request_hash` belong to the request that last wrote the row.
+    """
+
+    __table_args__ = (UniqueConstraint("user_id", "kind", "target", name="uq_feedback_slot"),)
+
+    id: str = Field(default_factory=lambda: new_id("fb"), primary_key=True)
+    completion_id: str = Field(foreign_key="completion.id", index=True)
+    message_id: str = Field(foreign_key="message.id", index=True)  # rated / picked / edited
+    other_message_id: str | None = Field(default=None, foreign_key="message.id")  # pick: loser
+    choice_index: int = 0
+    user_id: str = Field(index=True)
+    kind: str = Field(index=True)  # thumbs|pick|edit
+    target: str
+    value: int = 0
+    comment: str | None = Field(default=None, sa_column=Column(Text))
+    edited_text: str | None = Field(default=None, sa_column=Column(Text))
+    author_role: str = "user"  # user|operator
+    idempotency_key: str | None = Field(default=None, unique=True, max_length=255)
+    request_hash: str | None = None
+    created_at: datetime = Field(default_factory=utcnow, index=True)
+    updated_at: datetime = Field(default_factory=utcnow, index=True)
+
+
+class PreferencePair(SQLModel, table=True):
+    """Compiled training data: a DPO pair (`kind="pair"`) or a KTO row (`kind="unpaired"`).
+
+    One table for both, because operators review, filter and count them together and they share
+    every column but the answer side: an unpaired row keeps its completion in `chosen`, has no
+    `rejected`, and carries its thumbs `label`. `key` is `trainer.pairs`' content key, so
+    re-compiling never stores an item twice. `provenance` holds the message, completion, adapter
+    and feedback ids the item came from (and the operator edits made to it).
+    """
+
+    id: str = Field(default_factory=lambda: new_id("pair"), primary_key=True)
+    key: str = Field(unique=True)
+    kind: str = Field(default="pair", index=True)  # pair|unpaired
+    tenant: str = Field(default="default", index=True)
+    segment: str = Field(default="default", index=True)
+    prompt: list[dict[str, Any]] = Field(sa_column=Column(JSON, nullable=False))
+    chosen: str = Field(sa_column=Column(Text, nullable=False))
+    rejected: str | None = Field(default=None, sa_column=Column(Text))
+    label: bool | None = None
+    source: str = Field(index=True)  # regenerate|thumbs|pick|edit
+    weight: float = 1.0
+    status: str = Field(default="pending", index=True)  # pending|approved|excluded|used
+    excluded_reason: str | None = None
+    provenance: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow, index=True)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class OperatorAction(SQLModel, table=True):
+    """Who did what to which rows, when: the audit log of the operator API."""
+
+    id: str = Field(default_factory=lambda: new_id("op"), primary_key=True)
+    actor: str = Field(index=True)
+    action: str = Field(index=True)
+    target_ids: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    detail: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow, index=True)

@@ -43,7 +43,8 @@ class StreamOptions(BaseModel):
 class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    # At least one message, unless `regenerate` names the prompt (checked in `plan_chat`).
+    messages: list[ChatMessage] = Field(default_factory=list)
     model: str | None = None
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
@@ -69,6 +70,12 @@ class ChatCompletionRequest(BaseModel):
         default=None,
         description="The message to continue from (an earlier choice's `message_id`); "
         "defaults to the conversation's latest answer.",
+    )
+    regenerate: str | None = Field(
+        default=None,
+        max_length=128,
+        description="Answer this earlier completion's prompt again (its `id`): the new answers "
+        "are stored as siblings of the earlier ones. `messages` may then be empty.",
     )
 
     @field_validator("stop")

@@ -71,10 +71,34 @@ class Settings(BaseSettings):
         default=32, ge=1, description="Generation requests waiting or running before 503."
     )
 
+    # --- feedback → training pairs (the quality gate of `trainer.pairs`)
+    pairs_max_user_share: float = Field(
+        default=0.2, gt=0.0, le=1.0, description="Most of a compiled batch one user may own."
+    )
+    pairs_min_batch_for_cap: int = Field(
+        default=50, ge=0, description="The per-user cap applies from this batch size on."
+    )
+    pairs_require_approval: bool = Field(
+        default=False, description="New pairs wait as `pending` until an operator approves them."
+    )
+    pairs_near_dup_threshold: float = Field(
+        default=0.9,
+        ge=0.0,
+        le=1.0,
+        description="Token-set Jaccard from which prompts count as near-duplicates; 0 disables.",
+    )
+    pairs_min_answer_chars: int = Field(default=2, ge=0)
+    pairs_max_answer_chars: int = Field(default=8_000, ge=1)
+    pairs_edit_weight: float = Field(
+        default=1.0, gt=0.0, description="Training weight of operator-edit pairs."
+    )
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.default_max_tokens > self.max_tokens_limit:
             raise ValueError("default_max_tokens must not exceed max_tokens_limit")
+        if self.pairs_min_answer_chars > self.pairs_max_answer_chars:
+            raise ValueError("pairs_min_answer_chars must not exceed pairs_max_answer_chars")
         return self
 
     @property

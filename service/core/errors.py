@@ -4,6 +4,9 @@
     ├── InvalidRequestError         400 invalid_request_error   (bad input; names the `param`)
     ├── NotFoundError               404 not_found_error
     │   └── ModelNotFoundError      404 model_not_found
+    ├── ConflictError               409 conflict_error          (clashes with stored state:
+    │                                                            a reused idempotency key, a
+    │                                                            pair already used in training)
     ├── OverloadedError             503 overloaded              (queue full; Retry-After)
     ├── NotReadyError               503 not_ready               (model still loading)
     └── EngineError                 500 engine_error            (generation failed)
@@ -55,6 +58,11 @@ class ModelNotFoundError(NotFoundError):
     code = "model_not_found"
 
 
+class ConflictError(PrefloopError):
+    status_code = 409
+    type = "conflict_error"
+
+
 class OverloadedError(PrefloopError):
     status_code = 503
     type = "overloaded_error"
@@ -91,7 +99,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if not errors:
         return "invalid request", None
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    # Union members tagged "type=..." (see `service.api.schemas`) are not part of the field's name.
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not str(p).startswith("type=")]
     if first.get("type") == "json_invalid":
         return "request body is not valid JSON: " + str(first.get("msg", "")), None
     param = ".".join(loc) or None

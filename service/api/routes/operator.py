@@ -1,0 +1,126 @@
+"""The operator queue. Every route sits behind `OperatorDep` (the later API-key check)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query
+from fastapi.concurrency import run_in_threadpool
+
+from service.api.deps import DbDep, OperatorDep, SettingsDep
+from service.api.schemas import (
+    BulkPairAction,
+    CompileRequest,
+    CompileSummary,
+    FeedbackList,
+    PairAction,
+    PairActionName,
+    PairActionResult,
+    PairList,
+)
+from service.operator import act_on_pairs, list_feedback, list_pairs
+from service.pairs import compile_and_store
+
+router = APIRouter(prefix="/v1/operator", tags=["operator"])
+
+Limit = Annotated[int, Query(ge=1, le=500)]
+Offset = Annotated[int, Query(ge=0)]
+
+
+@router.get("/feedback", response_model=FeedbackList)
+async def get_feedback(
+    db: DbDep,
+    _operator: OperatorDep,
+    kind: Literal["thumbs", "pick", "edit"] | None = None,
+    rating: Literal[1, -1] | None = None,
+    user: str | None = None,
+    adapter_version: str | None = None,
+    has_comment: bool | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: Limit = 50,
+    offset: Offset = 0,
+) -> FeedbackList:
+    """Feedback, newest first. `rating` implies thumbs; `since`/`until` bound the vote time."""
+    return await run_in_threadpool(
+        lambda: list_feedback(
+            db,
+            kind=kind,
+            rating=rating,
+            user=user,
+            adapter_version=adapter_version,
+            has_comment=has_comment,
+            since=since,
+            until=until,
+            limit=limit,
+            offset=offset,
+        )
+    )
+
+
+@router.get("/pairs", response_model=PairList)
+async def get_pairs(
+    db: DbDep,
+    _operator: OperatorDep,
+    status: Literal["pending", "approved", "excluded", "used"] | None = None,
+    source: Literal["regenerate", "thumbs", "pick", "edit"] | None = None,
+    segment: str | None = None,
+    kind: Literal["pair", "unpaired"] | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: Limit = 50,
+    offset: Offset = 0,
+) -> PairList:
+    """Stored pairs and KTO rows, newest first."""
+    return await run_in_threadpool(
+        lambda: list_pairs(
+            db,
+            status=status,
+            source=source,
+            segment=segment,
+            kind=kind,
+            since=since,
+            until=until,
+            limit=limit,
+            offset=offset,
+        )
+    )
+
+
+@router.post("/pairs/compile", response_model=CompileSummary)
+async def compile_pairs(
+    db: DbDep, settings: SettingsDep, operator: OperatorDep, body: CompileRequest | None = None
+) -> CompileSummary:
+    """Compile new pairs from the stored feedback now (the scheduler does the same)."""
+    actor = (body and body.operator) or operator
+    return await run_in_threadpool(lambda: compile_and_store(db, settings, actor=actor))
+
+
+@router.post("/pairs/actions", response_model=PairActionResult)
+async def bulk_pair_action(
+    body: BulkPairAction, db: DbDep, operator: OperatorDep
+) -> PairActionResult:
+    """One action on many pairs, all or nothing: approve, exclude, flip, replace_chosen."""
+    return await run_in_threadpool(
+        lambda: act_on_pairs(
+            db, action=body.action, ids=body.ids, text=body.text, actor=body.operator or operator
+        )
+    )
+
+
+@router.post("/pairs/{pair_id}/{action}", response_model=PairActionResult)
+async def pair_action(
+    pair_id: str,
+    action: PairActionName,
+    db: DbDep,
+    operator: OperatorDep,
+    body: PairAction | None = None,
+) -> PairActionResult:
+    """One action on one pair (`replace_chosen` takes `{"text": ...}`)."""
+    body = body or PairAction()
+    return await run_in_threadpool(
+        lambda: act_on_pairs(
+            db, action=action, ids=[pair_id], text=body.text, actor=body.operator or operator
+        )
+    )

@@ -1,0 +1,165 @@
+"""Request and response models of prefloop's own endpoints: feedback and the operator queue.
+
+(The OpenAI-compatible ones are in `protocol.py`.) Requests refuse unknown fields: these are our
+own APIs, so a misspelt field is a client bug worth a 400, not something to ignore.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+
+# --- feedback -----------------------------------------------------------------------------
+
+
+class _FeedbackBase(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    completion_id: str = Field(max_length=128, description="The chat response's `id`.")
+    comment: str | None = Field(default=None, max_length=4000)
+    user: str | None = Field(
+        default=None,
+        max_length=256,
+        description="Who gives the feedback (as OpenAI's `user`); default: the completion's user.",
+    )
+
+
+class ThumbsFeedback(_FeedbackBase):
+    type: Literal["thumbs"] = "thumbs"
+    rating: Annotated[int, Field(strict=True)] = Field(description="+1 or -1")
+    choice_index: int = Field(default=0, ge=0, description="Which choice of an `n>1` response.")
+
+    @field_validator("rating")
+    @classmethod
+    def _plus_minus_one(cls, v: int) -> int:
+        if v not in (1, -1):
+            raise ValueError("rating must be 1 (thumbs up) or -1 (thumbs down)")
+        return v
+
+
+class PickFeedback(_FeedbackBase):
+    type: Literal["pick"]
+    chosen_index: int = Field(ge=0, description="The better choice of an `n=2` response.")
+
+
+class EditFeedback(_FeedbackBase):
+    type: Literal["edit"]
+    text: str = Field(max_length=32_000, description="The ideal answer.")
+    choice_index: int = Field(default=0, ge=0)
+
+    @field_validator("text")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("an edit needs the ideal answer's text; it is empty")
+        return v
+
+
+def _feedback_type(v: Any) -> str:
+    # "thumbs" is the default type, so the tag may be missing (pydantic's plain discriminator
+    # requires it). Tags are spelt "type=..." so the error handler can leave them out of
+    # `param` (a client sent `rating`, not `thumbs.rating`).
+    raw = v.get("type", "thumbs") if isinstance(v, dict) else getattr(v, "type", "thumbs")
+    return f"type={raw}" if raw in ("thumbs", "pick", "edit") else "type=thumbs"
+
+
+FeedbackRequest = Annotated[
+    Annotated[ThumbsFeedback, Tag("type=thumbs")]
+    | Annotated[PickFeedback, Tag("type=pick")]
+    | Annotated[EditFeedback, Tag("type=edit")],
+    Discriminator(_feedback_type),
+]
+
+
+class FeedbackPublic(BaseModel):
+    id: str
+    object: Literal["feedback"] = "feedback"
+    type: str
+    completion_id: str
+    message_id: str
+    choice_index: int
+    user: str
+    value: int  # thumbs: ±1; pick: the chosen index; edit: 0
+    comment: str | None
+    text: str | None  # edit: the ideal answer
+    author_role: str
+    created_at: datetime
+    updated_at: datetime
+
+
+class FeedbackList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FeedbackPublic]
+    has_more: bool
+
+
+# --- pairs and operator actions -------------------------------------------------------------
+
+
+class PairPublic(BaseModel):
+    id: str
+    object: Literal["preference_pair"] = "preference_pair"
+    key: str
+    kind: str
+    tenant: str
+    segment: str
+    prompt: list[dict[str, Any]]
+    chosen: str
+    rejected: str | None
+    label: bool | None
+    source: str
+    weight: float
+    status: str
+    excluded_reason: str | None
+    provenance: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+
+
+class PairList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[PairPublic]
+    has_more: bool
+
+
+PairActionName = Literal["approve", "exclude", "flip", "replace_chosen"]
+
+
+class PairAction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text: str | None = Field(default=None, max_length=32_000, description="replace_chosen only")
+    operator: str | None = Field(default=None, max_length=256, description="overrides X-Operator")
+
+
+class BulkPairAction(PairAction):
+    action: PairActionName
+    ids: list[str] = Field(min_length=1, max_length=1000)
+
+
+class PairActionResult(BaseModel):
+    object: Literal["operator_action"] = "operator_action"
+    id: str
+    action: str
+    actor: str
+    data: list[PairPublic]
+
+
+class CompileRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    operator: str | None = Field(default=None, max_length=256)
+
+
+class CompileSummary(BaseModel):
+    object: Literal["compile_summary"] = "compile_summary"
+    stored: dict[str, int]  # by status: approved / pending / excluded
+    pairs: int  # new DPO pairs accepted
+    unpaired: int  # new KTO rows accepted
+    excluded: int
+    dropped: dict[str, int]  # DropReason → count
+    redactions: dict[str, int]
+    answers: int  # answers considered
+    feedback: int  # feedback rows considered

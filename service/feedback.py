@@ -1,0 +1,83 @@
+"""Feedback capture: one signal in, one committed row out.
+
+The route calls `submit_feedback` in a worker thread and answers only after it returns, i.e.
+after the commit. One short transaction per signal: look up the idempotency key, check the
+completion, upsert the user's slot.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy.engine import Engine as Database
+from sqlalchemy.exc import IntegrityError
+
+from service import crud
+from service.api.deps import Author
+from service.api.schemas import EditFeedback, FeedbackPublic, PickFeedback, ThumbsFeedback
+from service.core.db import session_scope
+from service.models import Feedback
+
+
+def public(row: Feedback) -> FeedbackPublic:
+    return FeedbackPublic(
+        id=row.id,
+        type=row.kind,
+        completion_id=row.completion_id,
+        message_id=row.message_id,
+        choice_index=row.choice_index,
+        user=row.user_id,
+        value=row.value,
+        comment=row.comment,
+        text=row.edited_text,
+        author_role=row.author_role,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+    )
+
+
+def submit_feedback(
+    db: Database,
+    body: ThumbsFeedback | PickFeedback | EditFeedback,
+    author: Author,
+    idempotency_key: str | None,
+) -> tuple[FeedbackPublic, bool]:
+    """Store one signal; returns (the stored feedback, whether this was a replayed retry)."""
+    digest = crud.request_hash(
+        {"body": body.model_dump(), "author": author.role, "by": author.name}
+    )
+    if isinstance(body, ThumbsFeedback):
+        choice, value, text = body.choice_index, body.rating, None
+    elif isinstance(body, PickFeedback):
+        choice, value, text = body.chosen_index, body.chosen_index, None
+    else:
+        choice, value, text = body.choice_index, 0, body.text
+
+    for attempt in range(2):
+        try:
+            with session_scope(db) as session:
+                if idempotency_key is not None:
+                    earlier = crud.feedback_by_idempotency_key(
+                        session, key=idempotency_key, request_hash=digest
+                    )
+                    if earlier is not None:
+                        return public(earlier), True
+                row = crud.record_feedback(
+                    session,
+                    kind=body.type,
+                    completion_id=body.completion_id,
+                    choice_index=choice,
+                    value=value,
+                    user_id=body.user or author.name,
+                    author_role=author.role,
+                    comment=body.comment,
+                    edited_text=text,
+                    idempotency_key=idempotency_key,
+                    request_hash=digest,
+                )
+                stored = public(row)
+            return stored, False
+        except IntegrityError:
+            # A concurrent first write to the same slot (or the same key) won the race; the
+            # retry sees its row and updates it (or replays it).
+            if attempt == 1:
+                raise
+    raise AssertionError("unreachable")

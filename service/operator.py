@@ -1,0 +1,175 @@
+"""The operator queue: list feedback and pairs, and act on pairs (approve, exclude, flip,
+replace the chosen side). Every action is one transaction that also writes its
+`OperatorAction` row, so the audit log cannot miss a change."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.engine import Engine as Database
+from sqlmodel import Session, col, select
+
+from service.api.schemas import (
+    FeedbackList,
+    PairActionResult,
+    PairList,
+    PairPublic,
+)
+from service.core.db import session_scope
+from service.core.errors import ConflictError, InvalidRequestError, NotFoundError
+from service.feedback import public as feedback_public
+from service.models import Completion, Feedback, OperatorAction, PreferencePair, utcnow
+
+
+def list_feedback(
+    db: Database,
+    *,
+    kind: str | None = None,
+    rating: int | None = None,
+    user: str | None = None,
+    adapter_version: str | None = None,
+    has_comment: bool | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> FeedbackList:
+    """Newest first (by the time of the current vote)."""
+    q = select(Feedback)
+    if kind is not None:
+        q = q.where(Feedback.kind == kind)
+    if rating is not None:
+        q = q.where(Feedback.kind == "thumbs", Feedback.value == rating)
+    if user is not None:
+        q = q.where(Feedback.user_id == user)
+    if adapter_version is not None:
+        q = q.join(Completion, col(Feedback.completion_id) == Completion.id).where(
+            Completion.adapter_version == adapter_version
+        )
+    if has_comment is True:
+        q = q.where(col(Feedback.comment).is_not(None), Feedback.comment != "")
+    elif has_comment is False:
+        q = q.where((col(Feedback.comment).is_(None)) | (Feedback.comment == ""))
+    if since is not None:
+        q = q.where(Feedback.updated_at >= since)
+    if until is not None:
+        q = q.where(Feedback.updated_at < until)
+    q = q.order_by(col(Feedback.updated_at).desc(), col(Feedback.id).desc())
+    with Session(db) as session:
+        rows = session.exec(q.offset(offset).limit(limit + 1)).all()
+    return FeedbackList(data=[feedback_public(r) for r in rows[:limit]], has_more=len(rows) > limit)
+
+
+def pair_public(row: PreferencePair) -> PairPublic:
+    return PairPublic.model_validate(row, from_attributes=True)
+
+
+def list_pairs(
+    db: Database,
+    *,
+    status: str | None = None,
+    source: str | None = None,
+    segment: str | None = None,
+    kind: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> PairList:
+    """Newest first (by the time the pair was stored)."""
+    q = select(PreferencePair)
+    for column, value in (
+        (PreferencePair.status, status),
+        (PreferencePair.source, source),
+        (PreferencePair.segment, segment),
+        (PreferencePair.kind, kind),
+    ):
+        if value is not None:
+            q = q.where(column == value)
+    if since is not None:
+        q = q.where(PreferencePair.created_at >= since)
+    if until is not None:
+        q = q.where(PreferencePair.created_at < until)
+    q = q.order_by(col(PreferencePair.created_at).desc(), col(PreferencePair.id).desc())
+    with Session(db) as session:
+        rows = session.exec(q.offset(offset).limit(limit + 1)).all()
+    return PairList(data=[pair_public(r) for r in rows[:limit]], has_more=len(rows) > limit)
+
+
+def _apply(row: PreferencePair, action: str, text: str | None, actor: str) -> dict[str, Any]:
+    """Change one pair in place; returns what changed, for the audit log."""
+    if row.status == "used":
+        raise ConflictError(
+            f"pair {row.id!r} was already used for training; it is kept as trained on",
+            param="ids",
+            code="pair_used",
+        )
+    before = {"status": row.status}
+    if action == "approve":
+        row.status, row.excluded_reason = "approved", None
+    elif action == "exclude":
+        row.status, row.excluded_reason = "excluded", f"operator:{actor}"
+    elif action == "flip":
+        if row.kind == "unpaired":
+            row.label = not row.label
+        else:
+            assert row.rejected is not None
+            row.chosen, row.rejected = row.rejected, row.chosen
+            p = dict(row.provenance)
+            for a, b in (
+                ("chosen_message_id", "rejected_message_id"),
+                ("chosen_completion_id", "rejected_completion_id"),
+                ("chosen_adapter_version", "rejected_adapter_version"),
+                ("chosen_sampling", "rejected_sampling"),
+            ):
+                p[a], p[b] = p.get(b), p.get(a)
+            row.provenance = p
+    elif action == "replace_chosen":
+        if row.kind == "unpaired":
+            raise InvalidRequestError(
+                f"{row.id!r} is an unpaired (KTO) row: it has no chosen side to replace",
+                param="ids",
+            )
+        if not text or not text.strip():
+            raise InvalidRequestError("replace_chosen needs the new chosen text", param="text")
+        before["chosen"] = row.chosen
+        row.chosen = text
+        row.provenance = row.provenance | {
+            "chosen_message_id": None,
+            "chosen_completion_id": None,
+            "chosen_replaced_by": actor,
+        }
+    else:  # the schema's Literal admits nothing else
+        raise InvalidRequestError(f"unknown action {action!r}", param="action")
+    row.updated_at = utcnow()
+    return before
+
+
+def act_on_pairs(
+    db: Database, *, action: str, ids: list[str], text: str | None, actor: str
+) -> PairActionResult:
+    """Apply one action to every listed pair, all or nothing, and log it."""
+    unique = list(dict.fromkeys(ids))
+    with session_scope(db) as session:
+        rows = {
+            r.id: r
+            for r in session.exec(select(PreferencePair).where(col(PreferencePair.id).in_(unique)))
+        }
+        missing = [i for i in unique if i not in rows]
+        if missing:
+            raise NotFoundError(f"no such pair(s): {', '.join(missing)}", param="ids")
+        before = {i: _apply(rows[i], action, text, actor) for i in unique}
+        session.add_all(rows.values())
+        log = OperatorAction(
+            actor=actor,
+            action=f"pairs.{action}",
+            target_ids=unique,
+            detail={"before": before} | ({"text": text} if text is not None else {}),
+        )
+        session.add(log)
+        session.flush()
+        result = PairActionResult(
+            id=log.id, action=action, actor=actor, data=[pair_public(rows[i]) for i in unique]
+        )
+    return result

@@ -1,0 +1,75 @@
+"""A live gateway on a tiny random Llama, fresh database per test, for the feedback and operator
+API tests: real HTTP through uvicorn in a thread, the engine shared across a module."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import create_engine
+from sqlmodel import Session
+
+from service.core.config import Settings
+from service.main import create_app
+from tests.servers import serve_thread
+
+
+@dataclass
+class Live:
+    base_url: str
+    db_url: str
+    http: httpx.Client
+
+    def chat(self, messages: list[dict[str, str]] | None = None, **body: Any) -> dict[str, Any]:
+        """A short sampled answer (the tiny model's text is random but non-empty)."""
+        payload = {"max_tokens": 6, "temperature": 1.0, "seed": 1, **body}
+        if messages is not None:
+            payload["messages"] = messages
+        r = self.http.post("/v1/chat/completions", json=payload)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def feedback(self, headers: dict[str, str] | None = None, **body: Any) -> httpx.Response:
+        return self.http.post("/v1/feedback", json=body, headers=headers)
+
+    def compile(self, operator: str = "ops") -> dict[str, Any]:
+        r = self.http.post("/v1/operator/pairs/compile", headers={"X-Operator": operator})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def session(self) -> Session:
+        return Session(create_engine(self.db_url))
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_llama_dir: Path) -> Iterator[Any]:
+    from service.engines.local import LocalEngine
+
+    engine = LocalEngine(str(tiny_llama_dir), model_name="tiny", max_queue=8)
+    asyncio.run(engine.start())
+    yield engine
+    asyncio.run(engine.aclose())
+
+
+@pytest.fixture
+def settings_overrides() -> dict[str, Any]:
+    """Override in a test module (or with `pytest.mark.parametrize(..., indirect=True)`)."""
+    return {}
+
+
+@pytest.fixture
+def live(
+    tiny_engine: Any, tiny_llama_dir: Path, tmp_path: Path, settings_overrides: dict[str, Any]
+) -> Iterator[Live]:
+    db_url = f"sqlite:///{tmp_path / 'p.db'}"
+    settings = Settings(
+        home=tmp_path, model=str(tiny_llama_dir), database_url=db_url, **settings_overrides
+    )
+    with serve_thread(create_app(settings, engine=tiny_engine)) as base_url:
+        with httpx.Client(base_url=base_url, timeout=30) as http:
+            yield Live(base_url=base_url, db_url=db_url, http=http)
