@@ -100,7 +100,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         return "invalid request", None
     first = errors[0]
     # Union members tagged "type=..." (see `service.api.schemas`) are not part of the field's name.
-    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not str(p).startswith("type=")]
+    loc = [str(p) for p in first.get("loc", ()) if not str(p).startswith("type=")]
+    if loc and loc[0] in ("body", "query", "path", "header"):
+        loc = loc[1:]
     if first.get("type") == "json_invalid":
         return "request body is not valid JSON: " + str(first.get("msg", "")), None
     param = ".".join(loc) or None

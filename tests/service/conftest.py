@@ -24,10 +24,13 @@ class Live:
     base_url: str
     db_url: str
     http: httpx.Client
+    seed: int = 0
 
     def chat(self, messages: list[dict[str, str]] | None = None, **body: Any) -> dict[str, Any]:
-        """A short sampled answer (the tiny model's text is random but non-empty)."""
-        payload = {"max_tokens": 6, "temperature": 1.0, "seed": 1, **body}
+        """A short sampled answer. The tiny model's text is random: each call gets its own seed,
+        or two prompts could get the same text."""
+        self.seed += 1
+        payload = {"max_tokens": 6, "temperature": 1.0, "seed": self.seed, **body}
         if messages is not None:
             payload["messages"] = messages
         r = self.http.post("/v1/chat/completions", json=payload)

@@ -19,6 +19,7 @@ from service.api.schemas import (
     PairActionResult,
     PairList,
 )
+from service.core.errors import InvalidRequestError
 from service.operator import act_on_pairs, list_feedback, list_pairs
 from service.pairs import compile_and_store
 
@@ -33,7 +34,7 @@ async def get_feedback(
     db: DbDep,
     _operator: OperatorDep,
     kind: Literal["thumbs", "pick", "edit"] | None = None,
-    rating: Literal[1, -1] | None = None,
+    rating: Annotated[int | None, Query(description="1 or -1")] = None,
     user: str | None = None,
     adapter_version: str | None = None,
     has_comment: bool | None = None,
@@ -43,6 +44,8 @@ async def get_feedback(
     offset: Offset = 0,
 ) -> FeedbackList:
     """Feedback, newest first. `rating` implies thumbs; `since`/`until` bound the vote time."""
+    if rating not in (None, 1, -1):
+        raise InvalidRequestError("rating must be 1 or -1", param="rating")
     return await run_in_threadpool(
         lambda: list_feedback(
             db,
