@@ -237,7 +237,7 @@ def to_trainer(row: PreferencePair) -> tp.PreferencePair | tp.UnpairedExample:
     p = row.provenance
     common = dict(
         key=row.key,
-        prompt=row.prompt,
+        prompt=tp.as_messages(row.prompt),
         weight=row.weight,
         status=row.status,
         tenant=row.tenant,
