@@ -374,3 +374,19 @@ def test_micro_batches_accumulate_to_the_same_step(
     ta, tb = _adapter_tensors(whole.out), _adapter_tensors(split.out)
     for name in ta:
         assert_close(ta[name], tb[name], atol=1e-5, rtol=1e-4)
+
+
+def test_python_dash_m_trainer_and_layering() -> None:
+    """``python -m trainer`` answers, and importing the trainer pulls in nothing of service."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "trainer", "train", "--help"], capture_output=True, text=True
+    )
+    assert out.returncode == 0 and "--rpo-alpha" in out.stdout and "--init-adapter" in out.stdout
+    code = (
+        "import sys, trainer.dpo, trainer.losses, trainer.data; "
+        "sys.exit(any(m == 'service' or m.startswith('service.') for m in sys.modules))"
+    )
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
