@@ -311,11 +311,35 @@ def feedback_by_idempotency_key(
     return row
 
 
+@dataclass(frozen=True)
+class RatedCompletion:
+    """What feedback needs to know about a completion. Immutable once `succeeded`, so callers
+    may cache it."""
+
+    id: str
+    status: str
+    user_id: str | None
+    answer_ids: tuple[str, ...]  # by choice index
+
+
+def rated_completion(session: Session, *, completion_id: str) -> RatedCompletion:
+    rows = session.exec(
+        select(Completion.status, Completion.user_id, Message.id)
+        .outerjoin(Message, col(Message.completion_id) == Completion.id)
+        .where(Completion.id == completion_id)
+        .order_by(col(Message.choice_index))
+    ).all()
+    if not rows:
+        raise NotFoundError(f"completion {completion_id!r} not found", param="completion_id")
+    status, user_id = rows[0][0], rows[0][1]
+    return RatedCompletion(completion_id, status, user_id, tuple(r[2] for r in rows if r[2]))
+
+
 def record_feedback(
     session: Session,
     *,
     kind: str,
-    completion_id: str,
+    completion: RatedCompletion,
     choice_index: int,
     value: int,
     user_id: str | None,
@@ -333,16 +357,14 @@ def record_feedback(
     atomic; the unique slot constraint turns a concurrent first write into an IntegrityError
     the caller retries (the retry then updates).
     """
-    completion = session.get(Completion, completion_id)
-    if completion is None:
-        raise NotFoundError(f"completion {completion_id!r} not found", param="completion_id")
+    completion_id = completion.id
     if completion.status != "succeeded":
         raise ConflictError(
             f"completion {completion_id!r} is {completion.status}; feedback needs an answer",
             param="completion_id",
             code="completion_not_succeeded",
         )
-    answers = answers_of(session, completion_id=completion_id)
+    answers = completion.answer_ids
     if kind == "pick":
         if len(answers) != 2:
             raise InvalidRequestError(
@@ -353,7 +375,7 @@ def record_feedback(
             raise InvalidRequestError(
                 f"chosen_index is {choice_index}; it must be 0 or 1", param="chosen_index"
             )
-        target, other = completion_id, answers[1 - choice_index].id
+        target, other = completion_id, answers[1 - choice_index]
     else:
         if choice_index >= len(answers):
             raise InvalidRequestError(
@@ -361,7 +383,7 @@ def record_feedback(
                 f"{len(answers)} choice(s)",
                 param="choice_index",
             )
-        target, other = answers[choice_index].id, None
+        target, other = answers[choice_index], None
     user = user_id or completion.user_id or "anonymous"
     now = now or utcnow()
 
@@ -374,7 +396,7 @@ def record_feedback(
         row = Feedback(
             completion_id=completion_id, user_id=user, kind=kind, target=target, created_at=now
         )
-    row.message_id = answers[choice_index].id
+    row.message_id = answers[choice_index]
     row.other_message_id = other
     row.choice_index = choice_index
     row.value = value
@@ -394,6 +416,8 @@ __all__ = [
     "StartedTurn",
     "answers_of",
     "feedback_by_idempotency_key",
+    "RatedCompletion",
+    "rated_completion",
     "record_feedback",
     "request_hash",
     "finish_completion",
