@@ -28,6 +28,7 @@ def build_engine(settings: Settings) -> Engine:
         device=settings.device,
         dtype=settings.dtype,
         max_queue=settings.max_queue,
+        max_batch=settings.max_batch,
         torch_threads=settings.torch_threads,
     )
 

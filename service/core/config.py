@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     max_messages: int = Field(default=128, ge=1, description="Most messages in one request.")
     max_message_chars: int = Field(default=32_000, ge=1, description="Longest message content.")
     max_stop_sequences: int = Field(default=4, ge=0)
+    max_batch: int = Field(
+        default=8, ge=1, description="Rows (requests x n) decoded together by the local engine."
+    )
     max_queue: int = Field(
         default=32, ge=1, description="Generation requests waiting or running before 503."
     )

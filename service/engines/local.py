@@ -19,6 +19,7 @@ import queue
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,8 +56,11 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 @dataclass(eq=False)
 class _Job:
-    fn: Callable[[_Job], Any]
+    """Work for the model thread: a call (`fn`) or a generation (`generation`)."""
+
+    fn: Callable[[_Job], Any] | None
     loop: asyncio.AbstractEventLoop
+    generation: tuple[GenerationRequest, list[int]] | None = None
     out: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -107,6 +111,7 @@ class LocalEngine:
         device: str = "auto",
         dtype: str = "auto",
         max_queue: int = 32,
+        max_batch: int = 8,
         torch_threads: int = 0,
     ):
         self.model_path = model_path
@@ -114,6 +119,7 @@ class LocalEngine:
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.max_queue = max_queue
+        self.max_batch = max_batch
         self.torch_threads = torch_threads
         self.model: Any = None
         self.tokenizer: Any = None
@@ -238,10 +244,7 @@ class LocalEngine:
             )
         try:
             ids = self.prompt_ids(request.messages)
-            job = _Job(
-                fn=lambda j: self._run(j, request, ids),
-                loop=asyncio.get_running_loop(),
-            )
+            job = _Job(fn=None, loop=asyncio.get_running_loop(), generation=(request, ids))
             self._jobs.put(job)
         except BaseException:
             self._slots.release()
@@ -249,69 +252,166 @@ class LocalEngine:
         return LocalStream(job, len(ids), self._slots.release)
 
     def _work(self) -> None:
+        backlog: deque[_Job | None] = deque()
         while True:
-            job = self._jobs.get()
+            job = backlog.popleft() if backlog else self._jobs.get()
             if job is None:
                 return
+            if job.generation is None:
+                self._run_call(job)
+                continue
+            # Dynamic batching: generations already waiting join this one, up to max_batch rows.
+            # Anything else (an adapter load, shutdown) keeps its place after the batch.
+            batch, rows = [job], job.generation[0].params.n
+            while True:
+                try:
+                    nxt = backlog.popleft() if backlog else self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if (
+                    nxt is None
+                    or nxt.generation is None
+                    or rows + nxt.generation[0].params.n > (self.max_batch)
+                ):
+                    backlog.appendleft(nxt)
+                    break
+                batch.append(nxt)
+                rows += nxt.generation[0].params.n
+            self._run_batch(batch)
+
+    def _run_call(self, job: _Job) -> None:
+        try:
+            job.fn(job)
+        except Exception as exc:  # noqa: BLE001 - every failure goes back to its caller
+            job.emit(_as_engine_error(exc))
+        job.emit(_END)
+
+    def _run_batch(self, jobs: list[_Job]) -> None:
+        gens = []
+        for job in jobs:
+            request, prompt = job.generation
             if job.cancelled.is_set():
                 job.emit(_END)
-                continue
-            try:
-                job.fn(job)
-            except Exception as exc:  # noqa: BLE001 - every failure goes back to its request
-                log.exception("engine job failed")
-                job.emit(
-                    exc
-                    if isinstance(exc, EngineError | InvalidRequestError | NotFoundError)
-                    else EngineError(f"generation failed: {type(exc).__name__}: {exc}")
-                )
-            job.emit(_END)
+            elif request.adapter is not None and request.adapter not in self._adapters:
+                job.emit(NotFoundError(f"adapter {request.adapter!r} was unloaded; retry"))
+                job.emit(_END)
+            else:
+                gens.append(_Gen(job, request, prompt, self.tokenizer))
+        if not gens:
+            return
+        try:
+            self._decode(gens)
+        except Exception as exc:  # noqa: BLE001 - every failure goes back to its requests
+            log.exception("generation failed")
+            error = _as_engine_error(exc)
+            for g in gens:
+                if not g.ended:
+                    g.job.emit(error)
+                    g.job.emit(_END)
+
+    def _forward(self, rows: list[tuple[_Gen, int]], **inputs: Any) -> Any:
+        if self._adapters:  # the model is a PeftModel: peft picks each row's adapter
+            inputs["adapter_names"] = [g.request.adapter or BASE_ADAPTER for g, _ in rows]
+        return self.model(use_cache=True, **inputs)
 
     @torch.inference_mode()
-    def _run(self, job: _Job, request: GenerationRequest, prompt: list[int]) -> None:
-        p = request.params
-        n = p.n
-        kwargs: dict[str, Any] = {}
-        if self._adapters:  # the model is a PeftModel: choose the adapter per row
-            kwargs["adapter_names"] = [request.adapter or BASE_ADAPTER] * n
-        elif request.adapter is not None:
-            raise NotFoundError(f"adapter {request.adapter!r} is not loaded")
-        if request.adapter is not None and request.adapter not in self._adapters:
-            raise NotFoundError(f"adapter {request.adapter!r} was unloaded; retry")
-
-        gen = torch.Generator().manual_seed(
-            p.seed if p.seed is not None else random.getrandbits(63)
-        )
-        input_ids = torch.tensor([prompt], device=self.device).expand(n, -1)
-        out = self.model(input_ids=input_ids, use_cache=True, **kwargs)
-        past, logits = out.past_key_values, out.logits[:, -1, :].float()
-        decoders = [_Detok(self.tokenizer, p.stop) for _ in range(n)]
-        counts = torch.zeros(n, logits.shape[-1], device=logits.device)
+    def _decode(self, gens: list[_Gen]) -> None:
+        rows = [(g, i) for g in gens for i in range(g.request.params.n)]
         pad = next(iter(self._eos)) if self._eos else 0
+        width = max(len(g.prompt) for g in gens)
+        # Left padding, so every row's next token sits in the last column.
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, (g, _) in enumerate(rows):
+            input_ids[r, width - len(g.prompt) :] = torch.tensor(g.prompt)
+            mask[r, width - len(g.prompt) :] = 1
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self._forward(rows, input_ids=input_ids, attention_mask=mask, position_ids=positions)
+        past, logits = out.past_key_values, out.logits[:, -1, :].float()
+        positions = positions[:, -1]
+        counts = torch.zeros(len(rows), logits.shape[-1], device=logits.device)
 
-        for step in range(p.max_tokens):
-            if job.cancelled.is_set():
-                for i, d in enumerate(decoders):
-                    if d.finish is None:
-                        job.emit(ChoiceDelta(i, "", "cancelled", len(d.tokens)))
-                return
-            logits = _apply_penalties(logits, counts, p)
-            next_ids = _sample(logits, p.temperature, p.top_p, gen).tolist()
-            last = step == p.max_tokens - 1
-            for i, d in enumerate(decoders):
-                if d.finish is not None:
-                    next_ids[i] = pad
+        while True:
+            next_ids = torch.full((len(rows),), pad, dtype=torch.long)
+            for g in gens:
+                idx = [r for r, (h, _) in enumerate(rows) if h is g]
+                if not idx:
                     continue
-                text = d.push(next_ids[i], is_eos=next_ids[i] in self._eos, last=last)
-                if text or d.finish:
-                    job.emit(ChoiceDelta(i, text, d.finish, len(d.tokens)))
-                if d.finish is None:
-                    counts[i, next_ids[i]] += 1
-            if all(d.finish is not None for d in decoders):
+                if g.job.cancelled.is_set():
+                    g.cancel()
+                    continue
+                p = g.request.params
+                picked = _sample(
+                    _apply_penalties(logits[idx], counts[idx], p), p.temperature, p.top_p, g.rng
+                )
+                next_ids[idx] = picked.cpu()
+            for r, (g, i) in enumerate(rows):
+                if g.decoders[i].finish is None:
+                    g.push(i, int(next_ids[r]), self._eos)
+                    counts[r, next_ids[r]] += 1
+            for g in gens:
+                g.step_done()
+
+            keep = [r for r, (g, i) in enumerate(rows) if g.decoders[i].finish is None]
+            if not keep:
                 return
-            step_ids = torch.tensor(next_ids, device=self.device).unsqueeze(1)
-            out = self.model(input_ids=step_ids, past_key_values=past, use_cache=True, **kwargs)
+            if len(keep) < len(rows):  # drop finished rows: no compute is spent on them
+                index = torch.tensor(keep, device=self.device)
+                past.batch_select_indices(index)
+                mask, positions, counts = mask[index], positions[index], counts[index]
+                next_ids = next_ids[keep]
+                rows = [rows[r] for r in keep]
+            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+            positions = positions + 1
+            out = self._forward(
+                rows,
+                input_ids=next_ids.to(self.device).unsqueeze(1),
+                attention_mask=mask,
+                position_ids=positions.unsqueeze(1),
+                past_key_values=past,
+            )
             past, logits = out.past_key_values, out.logits[:, -1, :].float()
+
+
+def _as_engine_error(exc: Exception) -> Exception:
+    if isinstance(exc, EngineError | InvalidRequestError | NotFoundError):
+        return exc
+    return EngineError(f"generation failed: {type(exc).__name__}: {exc}")
+
+
+class _Gen:
+    """One request's state inside a batch: its RNG, its choices' decoders, its step count."""
+
+    def __init__(self, job: _Job, request: GenerationRequest, prompt: list[int], tokenizer: Any):
+        self.job, self.request, self.prompt = job, request, prompt
+        seed = request.params.seed
+        # Per request, so a seeded request samples the same tokens whatever else is running.
+        self.rng = torch.Generator().manual_seed(
+            seed if seed is not None else random.getrandbits(63)
+        )
+        self.decoders = [_Detok(tokenizer, request.params.stop) for _ in range(request.params.n)]
+        self.steps = 0
+        self.ended = False
+
+    def push(self, i: int, token: int, eos: set[int]) -> None:
+        d = self.decoders[i]
+        last = self.steps == self.request.params.max_tokens - 1
+        text = d.push(token, is_eos=token in eos, last=last)
+        if text or d.finish:
+            self.job.emit(ChoiceDelta(i, text, d.finish, len(d.tokens)))
+
+    def cancel(self) -> None:
+        for i, d in enumerate(self.decoders):
+            if d.finish is None:
+                d.finish = "cancelled"
+                self.job.emit(ChoiceDelta(i, "", "cancelled", len(d.tokens)))
+
+    def step_done(self) -> None:
+        self.steps += 1
+        if not self.ended and all(d.finish is not None for d in self.decoders):
+            self.ended = True
+            self.job.emit(_END)
 
 
 class _Detok:

@@ -206,3 +206,77 @@ def test_adapters_are_chosen_per_request(
 def test_loading_a_missing_adapter_is_a_clear_error(engine: LocalEngine, tmp_path: Path) -> None:
     with pytest.raises(NotFoundError, match="adapter_config.json"):
         run(engine.load_adapter("x", str(tmp_path)))
+
+
+async def _batched(engine: LocalEngine, requests: list[GenerationRequest]) -> list[dict]:
+    """Queue all requests while the model thread is held, so they form one batch."""
+    import threading
+
+    gate = threading.Event()
+    blocker = asyncio.ensure_future(engine._call(lambda _job: gate.wait(30)))
+    await asyncio.sleep(0.05)  # the model thread is now inside the blocker
+    streams = [await engine.generate(r) for r in requests]
+    gate.set()
+    await blocker
+
+    async def drain(stream) -> dict:
+        out: dict[int, list] = {}
+        async for d in stream:
+            out.setdefault(d.index, []).append(d)
+        return out
+
+    return await asyncio.gather(*(drain(s) for s in streams))
+
+
+def count_forwards(engine: LocalEngine) -> dict[str, int]:
+    real = engine.model.forward
+    calls = {"n": 0}
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    engine.model.forward = counted
+    return calls
+
+
+def test_concurrent_requests_are_decoded_as_one_batch(engine: LocalEngine) -> None:
+    prompts = ["Hi", "Tell me about the moon, please.", "What is 2+2?", "A longer question here?"]
+    requests = [
+        GenerationRequest([{"role": "user", "content": p}], SamplingParams(8 + i, 1.0, seed=i))
+        for i, p in enumerate(prompts)
+    ]
+    alone = [run(collect(engine, r)) for r in requests]
+    calls = count_forwards(engine)
+    together = run(_batched(engine, requests))
+    # One prefill and one step per token of the longest request, not one per request.
+    assert calls["n"] <= 8 + len(prompts)
+    for a, t, r in zip(alone, together, requests, strict=True):
+        assert t[0][-1].completion_tokens == a[0][-1].completion_tokens
+        assert t[0][-1].finish_reason == a[0][-1].finish_reason
+        if a[0][-1].finish_reason == "length":
+            assert t[0][-1].completion_tokens == r.params.max_tokens
+
+
+@pytest.mark.slow
+def test_batched_greedy_answers_equal_one_at_a_time(smollm2_dir: Path) -> None:
+    """Left padding and per-row positions are right: SmolLM2's greedy answers do not depend
+    on what else is in the batch."""
+    eng = LocalEngine(str(smollm2_dir), model_name="smol")
+    run(eng.start())
+    try:
+        prompts = [
+            "What is the capital of France?",
+            "Name three primary colours.",
+            "Write one short sentence about autumn leaves falling in the park.",
+            "Hi!",
+        ]
+        requests = [
+            GenerationRequest([{"role": "user", "content": p}], greedy(24)) for p in prompts
+        ]
+        alone = [text_of(run(collect(eng, r))[0]) for r in requests]
+        together = [text_of(o[0]) for o in run(_batched(eng, requests))]
+        assert together == alone
+        assert "Paris" in together[0]
+    finally:
+        run(eng.aclose())
