@@ -386,7 +386,7 @@ class _Gen:
     def __init__(self, job: _Job, request: GenerationRequest, prompt: list[int], tokenizer: Any):
         self.job, self.request, self.prompt = job, request, prompt
         seed = request.params.seed
-        # Per request, so a seeded request samples the same tokens whatever else is running.
+        # Per request: its random draws do not depend on what else shares the batch.
         self.rng = torch.Generator().manual_seed(
             seed if seed is not None else random.getrandbits(63)
         )
