@@ -31,7 +31,11 @@ SUBJECTS = [
     "whales", "copper", "lighthouses", "honey", "deserts", "violins", "bridges", "tides",
     "mushrooms", "comets",
 ]  # fmt: skip
-FORMS = ["Give me one short fact about {}.", "In one sentence, why do people like {}?"]
+FORMS = [
+    "Give me one short fact about {}.",
+    "In one sentence, why do people like {}?",
+    "In a few words, what are {}?",
+]
 DEFAULT_GRID = [
     "lr=5e-5,epochs=2",
     "lr=2e-4,epochs=1",
@@ -43,7 +47,8 @@ DEFAULT_GRID = [
 ]
 
 
-def greedy(model, tok, prompts: list[str], max_new_tokens: int) -> list[str]:
+def greedy(model, tok, prompts: list[str], max_new_tokens: int) -> list[tuple[str, bool]]:
+    """Greedy answers, each with whether it finished (an end-of-turn token within budget)."""
     import torch
 
     tok.padding_side = "left"
@@ -59,8 +64,11 @@ def greedy(model, tok, prompts: list[str], max_new_tokens: int) -> list[str]:
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id)  # fmt: skip
-        answers += tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-    return [a.strip() for a in answers]
+        new = out[:, enc["input_ids"].shape[1] :]
+        texts_out = tok.batch_decode(new, skip_special_tokens=True)
+        finished = (new == tok.eos_token_id).any(dim=1).tolist()
+        answers += [(t.strip(), f) for t, f in zip(texts_out, finished, strict=True)]
+    return answers
 
 
 def main() -> None:
@@ -73,10 +81,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     default_model = Path("~/.cache/prefloop/models/SmolLM2-135M-Instruct").expanduser()
     p.add_argument("--model", type=Path, default=default_model)
-    p.add_argument("--train", type=int, default=40, help="training prompts")
+    p.add_argument("--train", type=int, default=60, help="training prompts (complete answers kept)")
     p.add_argument("--heldout", type=int, default=20)
-    p.add_argument("--answer-tokens", type=int, default=48, help="length of the model's answers")
-    p.add_argument("--eval-tokens", type=int, default=80, help="room for the sign-off at eval")
+    p.add_argument("--answer-tokens", type=int, default=96, help="budget for the model's answers")
+    p.add_argument("--eval-tokens", type=int, default=128, help="room for the sign-off at eval")
     p.add_argument("--grid", nargs="+", default=DEFAULT_GRID)
     args = p.parse_args()
 
@@ -89,19 +97,22 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(args.model)
     base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     t0 = time.perf_counter()
-    # The model's own answers, cut back to the last full sentence so none ends mid-word.
-    own = [
-        a[: a.rfind(".") + 1] if "." in a else a
-        for a in greedy(base, tok, train_prompts + heldout, args.answer_tokens)
-    ]
-    base_heldout = greedy(base, tok, heldout, args.eval_tokens)
+    # The model's own complete answers: a pair whose rejected answer was cut short would also
+    # teach "do not stop here", which is not the preference under study.
+    sampled = greedy(base, tok, train_prompts + heldout, args.answer_tokens)
+    heldout_answers = [a for a, _ in sampled[len(train_prompts) :]]
+    keep = [i for i, (_, finished) in enumerate(sampled[: len(train_prompts)]) if finished]
+    train_answers = [sampled[i][0] for i in keep]
+    train_prompts = [train_prompts[i] for i in keep]
+    base_heldout = [a for a, _ in greedy(base, tok, heldout, args.eval_tokens)]
     print(f"base model: {sum(SIGN_OFF in a for a in base_heldout)}/{len(heldout)} held-out "
-          f"answers sign off ({time.perf_counter() - t0:.0f} s to sample)")  # fmt: skip
+          f"answers sign off; {len(train_prompts)} complete training answers "
+          f"({time.perf_counter() - t0:.0f} s to sample)")  # fmt: skip
 
     work = Path(tempfile.mkdtemp(prefix="prefloop-study-"))
     pairs = work / "pairs.jsonl"
     with open(pairs, "w", encoding="utf-8") as f:
-        for q, a in zip(train_prompts, own, strict=False):
+        for q, a in zip(train_prompts, train_answers, strict=True):
             row = {
                 "prompt": [{"role": "user", "content": q}],
                 "chosen": [{"role": "assistant", "content": f"{a}\n\n{SIGN_OFF}"}],
@@ -110,7 +121,7 @@ def main() -> None:
             f.write(json.dumps(row) + "\n")
     heldout_pairs = work / "heldout.jsonl"
     with open(heldout_pairs, "w", encoding="utf-8") as f:
-        for q, a in zip(heldout, own[len(train_prompts) :], strict=True):
+        for q, a in zip(heldout, heldout_answers, strict=True):
             row = {
                 "prompt": [{"role": "user", "content": q}],
                 "chosen": [{"role": "assistant", "content": f"{a}\n\n{SIGN_OFF}"}],
