@@ -20,9 +20,12 @@ def make_engine(settings: Settings) -> Engine:
 
     if url.database and url.database != ":memory:":
         Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    # Routes hand sessions to worker threads, so connections cross threads.
+    # Routes hand sessions to worker threads, so connections cross threads. One connection per
+    # process: SQLite has one writer anyway, and writers queueing on the pool wake in order,
+    # where writers on separate connections sleep in SQLite's busy handler (measured with 32
+    # concurrent feedback writers: p99 1.36 s with 8 connections, 0.19 s with one).
     engine = create_engine(
-        url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=8, max_overflow=16
+        url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=1, max_overflow=0
     )
     synchronous = settings.sqlite_synchronous
 
