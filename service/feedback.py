@@ -1,8 +1,8 @@
 """Feedback capture: one signal in, one committed row out.
 
-The route calls `submit_feedback` in a worker thread and answers only after it returns, i.e.
-after the commit. One short transaction per signal: look up the idempotency key, check the
-completion, upsert the user's slot.
+The route awaits `submit_feedback`, which hands the write to the group-commit thread and returns
+after the commit. Each signal is one savepoint in a shared transaction: look up the
+idempotency key, check the completion, upsert the user's slot.
 """
 
 from __future__ import annotations
@@ -12,11 +12,12 @@ from collections import OrderedDict
 
 from sqlalchemy.engine import Engine as Database
 from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session
 
 from service import crud
 from service.api.deps import Author
 from service.api.schemas import EditFeedback, FeedbackPublic, PickFeedback, ThumbsFeedback
-from service.core.db import session_scope
+from service.core.db import GroupCommit
 from service.models import Feedback
 
 
@@ -65,13 +66,16 @@ class _CompletionCache:
 _completions = _CompletionCache()
 
 
-def submit_feedback(
-    db: Database,
+async def submit_feedback(
+    writer: GroupCommit,
     body: ThumbsFeedback | PickFeedback | EditFeedback,
     author: Author,
     idempotency_key: str | None,
 ) -> tuple[FeedbackPublic, bool]:
-    """Store one signal; returns (the stored feedback, whether this was a replayed retry)."""
+    """Store one signal; returns (the stored feedback, whether this was a replayed retry).
+
+    Returns only after the group transaction holding the write has committed.
+    """
     digest = crud.request_hash(
         {"body": body.model_dump(), "author": author.role, "by": author.name}
     )
@@ -82,33 +86,35 @@ def submit_feedback(
     else:
         choice, value, text = body.choice_index, 0, body.text
 
+    def write(session: Session) -> tuple[FeedbackPublic, bool]:
+        if idempotency_key is not None:
+            earlier = crud.feedback_by_idempotency_key(
+                session, key=idempotency_key, request_hash=digest
+            )
+            if earlier is not None:
+                return public(earlier), True
+        row = crud.record_feedback(
+            session,
+            kind=body.type,
+            completion=_completions.get(writer.engine, session, body.completion_id),
+            choice_index=choice,
+            value=value,
+            user_id=body.user or author.name,
+            author_role=author.role,
+            comment=body.comment,
+            edited_text=text,
+            idempotency_key=idempotency_key,
+            request_hash=digest,
+        )
+        session.flush()  # a unique-slot clash surfaces here, inside this write's savepoint
+        return public(row), False
+
     for attempt in range(2):
         try:
-            with session_scope(db) as session:
-                if idempotency_key is not None:
-                    earlier = crud.feedback_by_idempotency_key(
-                        session, key=idempotency_key, request_hash=digest
-                    )
-                    if earlier is not None:
-                        return public(earlier), True
-                row = crud.record_feedback(
-                    session,
-                    kind=body.type,
-                    completion=_completions.get(db, session, body.completion_id),
-                    choice_index=choice,
-                    value=value,
-                    user_id=body.user or author.name,
-                    author_role=author.role,
-                    comment=body.comment,
-                    edited_text=text,
-                    idempotency_key=idempotency_key,
-                    request_hash=digest,
-                )
-                stored = public(row)
-            return stored, False
+            return await writer.write(write)
         except IntegrityError:
-            # A concurrent first write to the same slot (or the same key) won the race; the
-            # retry sees its row and updates it (or replays it).
+            # Another process's first write to the same slot (or key) won the race; the retry
+            # sees its row and updates it (or replays it).
             if attempt == 1:
                 raise
     raise AssertionError("unreachable")

@@ -11,7 +11,7 @@ from fastapi import FastAPI
 
 from service.api.routes import chat, feedback, health, models, operator
 from service.core.config import Settings, get_settings
-from service.core.db import init_db, make_engine
+from service.core.db import GroupCommit, init_db, make_engine
 from service.core.errors import install_error_handlers
 from service.engines.base import Engine
 
@@ -57,6 +57,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.db = make_engine(settings)
         await asyncio.to_thread(init_db, app.state.db)
+        app.state.writer = GroupCommit(app.state.db)
         app.state.engine_error = None
         app.state.engine = engine or build_engine(settings)
         # Load in the background: /healthz answers at once, /readyz once the model is loaded.
@@ -70,6 +71,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
                 loading.cancel()
             if engine is None:
                 await app.state.engine.aclose()
+            app.state.writer.close()
             app.state.db.dispose()
 
     app = FastAPI(

@@ -9,6 +9,7 @@ from fastapi import Depends, Header, Request
 from sqlalchemy.engine import Engine as Database
 
 from service.core.config import Settings
+from service.core.db import GroupCommit
 from service.engines.base import Engine
 
 
@@ -24,7 +25,12 @@ def get_engine(request: Request) -> Engine:
     return request.app.state.engine
 
 
+def get_writer(request: Request) -> GroupCommit:
+    return request.app.state.writer
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+WriterDep = Annotated[GroupCommit, Depends(get_writer)]
 DbDep = Annotated[Database, Depends(get_db)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 

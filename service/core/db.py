@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TypeVar
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine, make_url
 from sqlmodel import Session, SQLModel, create_engine
 
 from service.core.config import Settings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def make_engine(settings: Settings) -> Engine:
@@ -38,6 +46,13 @@ def make_engine(settings: Settings) -> Engine:
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute("PRAGMA busy_timeout=30000")
         cur.close()
+        # Let SQLAlchemy, not the sqlite3 module, open transactions: otherwise SAVEPOINTs (used
+        # by GroupCommit) do not work (SQLAlchemy's documented pysqlite recipe).
+        dbapi_conn.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _sqlite_begin(conn) -> None:  # noqa: ANN001
+        conn.exec_driver_sql("BEGIN")
 
     return engine
 
@@ -59,3 +74,79 @@ def session_scope(engine: Engine) -> Iterator[Session]:
         except BaseException:
             session.rollback()
             raise
+
+
+class GroupCommit:
+    """Many small writes, one transaction and one disk sync.
+
+    With SQLite in `synchronous=FULL`, a commit costs a sync (~2 ms here), and a database has one
+    writer, so committing each feedback signal alone caps the service at ~500 writes/s. Writers
+    hand their work to this one thread instead; it runs whatever is waiting in one transaction,
+    each write inside its own SAVEPOINT (a failing write is rolled back alone and gets its own
+    error), commits once, and only then answers every caller: nothing is acknowledged before
+    it is durable.
+    """
+
+    def __init__(self, engine: Engine, *, max_batch: int = 256):
+        self.engine = engine
+        self.max_batch = max_batch
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="prefloop-writer", daemon=True)
+        self._thread.start()
+
+    async def write(self, fn: Callable[[Session], T]) -> T:
+        """Run `fn(session)` in the next group transaction; return its result once committed."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._queue.put((fn, future, loop))
+        return await future
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            batch = [item]
+            while len(batch) < self.max_batch:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)  # finish this batch, then stop
+                    break
+                batch.append(nxt)
+            for (_, future, loop), (result, error) in zip(batch, self._commit(batch), strict=True):
+                loop.call_soon_threadsafe(_settle, future, result, error)
+
+    def _commit(self, batch: list) -> list[tuple[Any, BaseException | None]]:
+        outcomes: list[tuple[Any, BaseException | None]] = []
+        try:
+            with Session(self.engine, expire_on_commit=False) as session:
+                for fn, _future, _loop in batch:
+                    savepoint = session.begin_nested()
+                    try:
+                        result = fn(session)
+                        savepoint.commit()
+                        outcomes.append((result, None))
+                    except Exception as exc:  # noqa: BLE001 - the error belongs to its caller
+                        savepoint.rollback()
+                        outcomes.append((None, exc))
+                session.commit()
+        except Exception as exc:  # noqa: BLE001 - the commit failed: no write of the batch is stored
+            log.exception("group commit of %d writes failed", len(batch))
+            return [(None, exc)] * len(batch)
+        return outcomes
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():  # the caller went away (cancelled); the write is stored regardless
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

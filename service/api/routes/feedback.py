@@ -3,9 +3,8 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Response
-from fastapi.concurrency import run_in_threadpool
 
-from service.api.deps import AuthorDep, DbDep
+from service.api.deps import AuthorDep, WriterDep
 from service.api.schemas import FeedbackPublic, FeedbackRequest
 from service.feedback import submit_feedback
 
@@ -15,7 +14,7 @@ router = APIRouter(prefix="/v1", tags=["feedback"])
 @router.post("/feedback", status_code=201, response_model=FeedbackPublic)
 async def create_feedback(
     body: FeedbackRequest,
-    db: DbDep,
+    writer: WriterDep,
     author: AuthorDep,
     response: Response,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
@@ -26,7 +25,7 @@ async def create_feedback(
     earlier one. With an `Idempotency-Key`, a retried request returns the stored feedback again
     (header `Idempotent-Replayed: true`) instead of writing twice. 201 only after the commit.
     """
-    stored, replayed = await run_in_threadpool(submit_feedback, db, body, author, idempotency_key)
+    stored, replayed = await submit_feedback(writer, body, author, idempotency_key)
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
     return stored
