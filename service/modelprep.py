@@ -12,6 +12,7 @@ interrupted run leaves nothing half-written behind and the next run starts over 
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shutil
 import subprocess
@@ -37,7 +38,12 @@ def default_model_dir(models_dir: Path) -> Path:
 
 
 def is_prepared(model_dir: Path) -> bool:
-    return (model_dir / "config.json").is_file() and (model_dir / "model.safetensors").is_file()
+    config = model_dir / "config.json"
+    if not (config.is_file() and (model_dir / "model.safetensors").is_file()):
+        return False
+    # Early conversions kept the GGUF's `quantization_config`, which makes transformers treat
+    # the plain fp32 weights as quantised (and HF Trainer/TRL refuse to train them): redo those.
+    return "quantization_config" not in json.loads(config.read_text())
 
 
 def prepare_default_model(models_dir: Path, *, progress: bool = True) -> Path:
@@ -69,7 +75,12 @@ def prepare_default_model(models_dir: Path, *, progress: bool = True) -> Path:
         bar.update()
 
         bar.set_postfix_str(steps[2])
-        model = AutoModelForCausalLM.from_config(gguf_model.config, dtype=torch.float32)
+        config = gguf_model.config
+        # The weights we save are de-quantised fp32: the GGUF's quantisation note must not
+        # travel with them.
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
         # Tied embeddings may show up as "missing" lm_head; anything else is a real mismatch.
         missing = [k for k in missing if k != "lm_head.weight"]

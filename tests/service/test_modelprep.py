@@ -20,6 +20,7 @@ def test_prepared_model_is_a_plain_safetensors_hf_directory(smollm2_dir: Path) -
     assert is_prepared(smollm2_dir)
     config = json.loads((smollm2_dir / "config.json").read_text())
     assert config["model_type"] == "llama" and config["num_hidden_layers"] == 30
+    assert "quantization_config" not in config, "the weights are plain fp32, not GGUF-quantised"
     assert (smollm2_dir / "tokenizer.json").is_file()
     assert not list(smollm2_dir.parent.glob(".*tmp-*")), "no temporary directories left behind"
 
