@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import event
+from sqlalchemy import event, inspect
 from sqlalchemy.engine import Engine, make_url
 from sqlmodel import Session, SQLModel, create_engine
 
@@ -57,11 +57,30 @@ def make_engine(settings: Settings) -> Engine:
     return engine
 
 
+class SchemaMismatchError(RuntimeError):
+    """The database was created by an older prefloop and lacks columns this version needs."""
+
+
 def init_db(engine: Engine) -> None:
     # Import for its side effect: the tables register on SQLModel.metadata.
     import service.models  # noqa: F401
 
     SQLModel.metadata.create_all(engine)
+    # create_all adds missing tables, never missing columns: say so plainly instead of failing
+    # on the first query that touches one.
+    inspector = inspect(engine)
+    missing = [
+        f"{table.name}.{column.name}"
+        for table in SQLModel.metadata.sorted_tables
+        for column in table.columns
+        if column.name not in {c["name"] for c in inspector.get_columns(table.name)}
+    ]
+    if missing:
+        raise SchemaMismatchError(
+            f"the database {engine.url.render_as_string(hide_password=True)} was created by an "
+            f"older prefloop and lacks {', '.join(missing)}; move it aside (or point "
+            "PREFLOOP_DATABASE_URL elsewhere) and start again"
+        )
 
 
 @contextmanager

@@ -1,4 +1,5 @@
-"""GroupCommit: concurrent writes share one transaction, yet each succeeds or fails alone, and
+"""The database layer. GroupCommit: concurrent writes share one transaction, yet each succeeds
+or fails alone, and
 none is answered before the commit."""
 
 from __future__ import annotations
@@ -81,3 +82,19 @@ def test_a_clash_rolls_back_only_its_own_write(writer: GroupCommit) -> None:
     assert isinstance(clash, IntegrityError)
     with Session(writer.engine) as session:
         assert set(session.exec(select(Conversation.id)).all()) == {"conv-same", "conv-other"}
+
+
+def test_an_older_schema_is_refused_with_a_clear_message(tmp_path: Path) -> None:
+    import sqlite3
+
+    from service.core.db import SchemaMismatchError
+
+    path = tmp_path / "old.db"
+    con = sqlite3.connect(path)
+    con.execute("CREATE TABLE conversation (id VARCHAR PRIMARY KEY, created_at DATETIME)")
+    con.commit()
+    con.close()
+    db = make_engine(Settings(home=tmp_path, database_url=f"sqlite:///{path}"))
+    with pytest.raises(SchemaMismatchError, match="conversation.tenant.*move it aside"):
+        init_db(db)
+    db.dispose()
