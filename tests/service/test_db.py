@@ -1,6 +1,5 @@
-"""The database layer. GroupCommit: concurrent writes share one transaction, yet each succeeds
-or fails alone, and
-none is answered before the commit."""
+"""The database layer: GroupCommit (concurrent writes share one transaction, yet each succeeds
+or fails alone, and none is answered before the commit), and the schema check at start-up."""
 
 from __future__ import annotations
 
