@@ -16,14 +16,13 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from study_signoff import FORMS, SUBJECTS, greedy  # noqa: E402
+from study_signoff import FORMS, SUBJECTS, greedy, parse_setting  # noqa: E402
 
 DEFAULT_GRID = ["lr=5e-5,epochs=2", "lr=2e-4,epochs=1", "lr=2e-4,epochs=2"]
 
@@ -96,11 +95,7 @@ def main() -> None:
     base_cfg = TrainConfig(batch_size=8, max_length=192, eval_fraction=0.0, checkpoint_every=0)
     print(f"{'setting':26s}{'loss':>7s}{'mean chars':>12s}{'vs base':>9s}{'changed':>9s}{'s':>6s}")
     for setting in args.grid:
-        changes = {}
-        for kv in setting.split(","):
-            k, v = kv.split("=")
-            changes[k] = type(getattr(base_cfg, k))(v)
-        cfg = replace(base_cfg, **changes)
+        cfg = parse_setting(base_cfg, setting)
         out = work / setting.replace(",", "_").replace("=", "-")
         result = train(cfg, pairs=pairs, base=args.model, out=out, progress_bar=False)
         model = PeftModel.from_pretrained(base, out).eval()

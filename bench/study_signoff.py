@@ -110,24 +110,9 @@ def main() -> None:
           f"({time.perf_counter() - t0:.0f} s to sample)")  # fmt: skip
 
     work = Path(tempfile.mkdtemp(prefix="prefloop-study-"))
-    pairs = work / "pairs.jsonl"
-    with open(pairs, "w", encoding="utf-8") as f:
-        for q, a in zip(train_prompts, train_answers, strict=True):
-            row = {
-                "prompt": [{"role": "user", "content": q}],
-                "chosen": [{"role": "assistant", "content": f"{a}\n\n{SIGN_OFF}"}],
-                "rejected": [{"role": "assistant", "content": a}],
-            }
-            f.write(json.dumps(row) + "\n")
-    heldout_pairs = work / "heldout.jsonl"
-    with open(heldout_pairs, "w", encoding="utf-8") as f:
-        for q, a in zip(heldout, heldout_answers, strict=True):
-            row = {
-                "prompt": [{"role": "user", "content": q}],
-                "chosen": [{"role": "assistant", "content": f"{a}\n\n{SIGN_OFF}"}],
-                "rejected": [{"role": "assistant", "content": a}],
-            }
-            f.write(json.dumps(row) + "\n")
+    pairs, heldout_pairs = work / "pairs.jsonl", work / "heldout.jsonl"
+    write_signoff_pairs(pairs, train_prompts, train_answers)
+    write_signoff_pairs(heldout_pairs, heldout, heldout_answers)
 
     base_cfg = TrainConfig(batch_size=8, max_length=192, eval_fraction=0.0, checkpoint_every=0)
     header = (
@@ -136,11 +121,7 @@ def main() -> None:
     print(header)
     examples_shown = False
     for setting in args.grid:
-        changes = {}
-        for kv in setting.split(","):
-            k, v = kv.split("=")
-            changes[k] = type(getattr(base_cfg, k))(v)
-        cfg = replace(base_cfg, **changes)
+        cfg = parse_setting(base_cfg, setting)
         out = work / setting.replace(",", "_").replace("=", "-")
         result = train(cfg, pairs=pairs, base=args.model, out=out, progress_bar=False)
         margin = heldout_margin(result.model, tok, heldout_pairs, cfg)
@@ -155,6 +136,27 @@ def main() -> None:
         if signed and not examples_shown:
             print("    e.g. " + json.dumps(next(a for a in answers if SIGN_OFF in a))[:200])
             examples_shown = True
+
+
+def write_signoff_pairs(path: Path, prompts: list[str], answers: list[str]) -> None:
+    """Chosen: the model's own answer plus the sign-off; rejected: the answer alone."""
+    with open(path, "w", encoding="utf-8") as f:
+        for q, a in zip(prompts, answers, strict=True):
+            row = {
+                "prompt": [{"role": "user", "content": q}],
+                "chosen": [{"role": "assistant", "content": f"{a}\n\n{SIGN_OFF}"}],
+                "rejected": [{"role": "assistant", "content": a}],
+            }
+            f.write(json.dumps(row) + "\n")
+
+
+def parse_setting(base_cfg, setting: str):
+    """`lr=2e-4,epochs=2` -> base_cfg with those fields replaced (typed like the defaults)."""
+    changes = {}
+    for kv in setting.split(","):
+        k, v = kv.split("=")
+        changes[k] = type(getattr(base_cfg, k))(v)
+    return replace(base_cfg, **changes)
 
 
 def heldout_margin(model, tok, heldout_pairs: Path, cfg) -> dict:
