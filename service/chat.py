@@ -189,6 +189,22 @@ def _finish(
         )
 
 
+async def _store_failure(
+    db: Database, completion_id: str, exc: PrefloopError, prompt_tokens: int | None, started: float
+) -> None:
+    # A failed answer is not an answer: no assistant message; the error is on the row.
+    await run_in_threadpool(
+        _finish,
+        db,
+        completion_id=completion_id,
+        choices=[],
+        status="failed",
+        error=exc.message,
+        prompt_tokens=prompt_tokens,
+        started=started,
+    )
+
+
 async def _begin(
     db: Database, engine: Engine, plan: ChatPlan, body: ChatCompletionRequest, tenant: str
 ) -> tuple[crud.StartedTurn, GenerationStream, float]:
@@ -198,16 +214,7 @@ async def _begin(
     try:
         stream = await engine.generate(request)
     except PrefloopError as exc:
-        await run_in_threadpool(
-            _finish,
-            db,
-            completion_id=turn.completion.id,
-            choices=[],
-            status="failed",
-            error=exc.message,
-            prompt_tokens=None,
-            started=started,
-        )
+        await _store_failure(db, turn.completion.id, exc, None, started)
         raise
     return turn, stream, started
 
@@ -249,17 +256,7 @@ async def complete_chat(
         async for d in stream:
             acc.add(d.index, d.text, d.finish_reason, d.completion_tokens)
     except PrefloopError as exc:
-        # A failed answer is not an answer: no assistant message; the error is on the row.
-        await run_in_threadpool(
-            _finish,
-            db,
-            completion_id=turn.completion.id,
-            choices=[],
-            status="failed",
-            error=exc.message,
-            prompt_tokens=stream.prompt_tokens,
-            started=started,
-        )
+        await _store_failure(db, turn.completion.id, exc, stream.prompt_tokens, started)
         raise
     records = acc.records()
     await run_in_threadpool(
