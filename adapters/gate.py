@@ -1,0 +1,141 @@
+"""The regression gate: one pure function from two evaluation reports to a verdict with reasons.
+
+The reports are ``trainer.evaluate``'s sides: the candidate and the incumbent (the segment's
+active version, or the base model when none is active), both scored on the same held-out pairs,
+golden set and canary prompts. Every rule produces a line that reads on its own in the console
+and the audit log, e.g. ``golden pass rate 0.82 < incumbent 0.90 - 0.02``.
+
+The rules guard against what DPO users report going wrong: a candidate that prefers the wrong
+answers (poisoned or flipped data: pair accuracy), forgets what it knew (golden set), grows its
+answers (length ratio), degenerates into loops (repetition), or drifts far from the base
+(KL per token).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class GateThresholds:
+    min_pair_accuracy: float = 0.55  # on held-out pairs, ties count half (the base scores 0.5)
+    pair_accuracy_tolerance: float = 0.05  # may trail the incumbent by this much
+    min_pairs: int = 4  # fewer held-out pairs: the pair rule is skipped, and says so
+    golden_tolerance: float = 0.02  # golden pass rate may trail the incumbent by this much
+    min_golden_pass_rate: float = 0.0
+    max_length_ratio: float = 1.5  # mean canary answer length / the base's
+    min_length_ratio: float = 0.2
+    max_repetition: float = 0.35  # share of repeated token 3-grams in canary answers
+    repetition_tolerance: float = 0.05  # may exceed the incumbent's by this much
+    max_kl: float = 1.0  # nats per token from the base, along its own canary answers
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    passed: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class Verdict:
+    approved: bool
+    reasons: list[str]  # the failed checks' details; empty when approved
+    checks: list[Check] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "approved": self.approved,
+            "reasons": self.reasons,
+            "checks": [asdict(c) for c in self.checks],
+        }
+
+
+def decide(candidate: dict[str, Any], incumbent: dict[str, Any], t: GateThresholds) -> Verdict:
+    """``candidate`` and ``incumbent`` are report sides: ``{"pairs", "golden", "drift"}``."""
+    checks: list[Check] = []
+
+    def check(name: str, ok: bool, detail: str) -> None:
+        checks.append(Check(name, bool(ok), detail))
+
+    pairs, inc_pairs = candidate.get("pairs") or {}, incumbent.get("pairs") or {}
+    n = int(pairs.get("n", 0))
+    if n < t.min_pairs:
+        check("pairs", True, f"pair checks skipped: {n} held-out pairs < {t.min_pairs}")
+    else:
+        acc = float(pairs["accuracy"])
+        check(
+            "pair_accuracy",
+            acc >= t.min_pair_accuracy,
+            f"held-out pair accuracy {acc:.2f} {_cmp(acc >= t.min_pair_accuracy)} "
+            f"minimum {t.min_pair_accuracy:.2f} ({n} pairs)",
+        )
+        if inc_pairs.get("n"):
+            inc = float(inc_pairs["accuracy"])
+            floor = inc - t.pair_accuracy_tolerance
+            check(
+                "pair_accuracy_vs_incumbent",
+                acc >= floor,
+                f"held-out pair accuracy {acc:.2f} {_cmp(acc >= floor)} incumbent "
+                f"{inc:.2f} - {t.pair_accuracy_tolerance:.2f}",
+            )
+        margin = float(pairs.get("margin", 0.0))
+        check(
+            "pair_margin",
+            margin > 0,
+            f"mean reward margin {margin:+.3f} {'>' if margin > 0 else '<='} 0",
+        )
+
+    golden, inc_golden = candidate.get("golden") or {}, incumbent.get("golden") or {}
+    if golden.get("n"):
+        rate = float(golden["pass_rate"])
+        inc_rate = float(inc_golden.get("pass_rate", 0.0)) if inc_golden.get("n") else 0.0
+        floor = max(t.min_golden_pass_rate, inc_rate - t.golden_tolerance)
+        failed = [f["id"] for f in golden.get("failures", [])][:5]
+        check(
+            "golden",
+            rate >= floor - 1e-9,
+            f"golden pass rate {rate:.2f} {_cmp(rate >= floor - 1e-9)} incumbent "
+            f"{inc_rate:.2f} - {t.golden_tolerance:.2f}"
+            + (f" (failed: {', '.join(failed)})" if failed else ""),
+        )
+    else:
+        check("golden", True, "golden set is empty: check skipped")
+
+    drift, inc_drift = candidate.get("drift") or {}, incumbent.get("drift") or {}
+    if drift.get("n"):
+        ratio = float(drift["length_ratio"])
+        check(
+            "length_ratio",
+            t.min_length_ratio <= ratio <= t.max_length_ratio,
+            f"canary answer length {ratio:.2f}x the base's "
+            f"(allowed {t.min_length_ratio:.2f}-{t.max_length_ratio:.2f})",
+        )
+        rep = float(drift["repetition"])
+        ceiling = min(
+            t.max_repetition, float(inc_drift.get("repetition", 0.0)) + t.repetition_tolerance
+        )
+        ceiling = max(ceiling, float(inc_drift.get("repetition", 0.0)))  # never stricter than now
+        check(
+            "repetition",
+            rep <= ceiling + 1e-9,
+            f"repeated 3-gram share {rep:.2f} {_cmp(rep <= ceiling + 1e-9, '<=', '>')} "
+            f"allowed {ceiling:.2f}",
+        )
+        kl = float(drift["kl"])
+        check(
+            "kl",
+            kl <= t.max_kl,
+            f"KL from the base {kl:.3f} nats/token {_cmp(kl <= t.max_kl, '<=', '>')} "
+            f"maximum {t.max_kl:.3f}",
+        )
+    else:
+        check("drift", True, "no canary prompts: drift checks skipped")
+
+    reasons = [c.detail for c in checks if not c.passed]
+    return Verdict(approved=not reasons, reasons=reasons, checks=checks)
+
+
+def _cmp(ok: bool, yes: str = ">=", no: str = "<") -> str:
+    return yes if ok else no
