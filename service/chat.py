@@ -35,7 +35,6 @@ from service.core.config import Settings
 from service.core.db import session_scope
 from service.core.errors import (
     InvalidRequestError,
-    ModelNotFoundError,
     PrefloopError,
     error_body,
 )
@@ -54,8 +53,11 @@ class ChatPlan:
     include_usage: bool
 
 
-def plan_chat(body: ChatCompletionRequest, settings: Settings, engine: Engine) -> ChatPlan:
-    """Check the request against the limits and resolve the model; raises 4xx errors."""
+def plan_chat(
+    body: ChatCompletionRequest, settings: Settings, engine: Engine, adapter: str | None
+) -> ChatPlan:
+    """Check the request against the limits; raises 4xx errors. ``adapter`` is what the router
+    resolved the request's ``model`` to (None: the base model)."""
     unknown = sorted(body.model_extra or {})
     if unknown:
         log.warning("ignoring unknown request fields: %s", ", ".join(unknown))
@@ -99,15 +101,6 @@ def plan_chat(body: ChatCompletionRequest, settings: Settings, engine: Engine) -
             )
         logit_bias[int(key)] = value
 
-    if body.model in (None, "", engine.model_name):
-        adapter = None
-    elif body.model in engine.adapters():
-        adapter = body.model
-    else:
-        raise ModelNotFoundError(
-            f"the model {body.model!r} does not exist; GET /v1/models lists the available ones",
-            param="model",
-        )
     params = SamplingParams(
         max_tokens=max_tokens,
         temperature=settings.default_temperature if body.temperature is None else body.temperature,

@@ -1,4 +1,4 @@
-"""`prefloop` command line: serve, model prepare, train, pairs export."""
+"""`prefloop` command line: serve, model prepare, train, pairs export, adapters."""
 
 from __future__ import annotations
 
@@ -84,6 +84,71 @@ def _pairs_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _adapters(args: argparse.Namespace) -> int:
+    """`prefloop adapters ...`: the registry, from any process. A serving replica notices a
+    promotion or rollback made here within PREFLOOP_ADAPTER_POLL_SECONDS."""
+    import json
+
+    from adapters.registry import APPROVED, REJECTED, Registry, RegistryError
+    from service.core.db import init_db, make_engine
+
+    settings = get_settings()
+    db = make_engine(settings)
+    actor = args.actor
+    try:
+        init_db(db)
+        registry = Registry(db, settings.adapters_dir)
+        cmd = args.adapters_command
+        if cmd == "list":
+            rows = registry.list(segment=args.segment, status=args.status)
+            print(f"{'VERSION':<24} {'STATUS':<10} {'CREATED':<20} REASON")
+            for r in rows:
+                when = r.created_at.strftime("%Y-%m-%d %H:%M:%S")
+                print(f"{r.id:<24} {r.status:<10} {when:<20} {r.status_reason or ''}")
+        elif cmd == "show":
+            row = registry.get(args.version)
+            out = row.model_dump(mode="json")
+            out["events"] = [e.model_dump(mode="json") for e in registry.events(args.version)]
+            print(json.dumps(out, indent=2))
+        elif cmd == "register":
+            row = registry.register(
+                args.path, segment=args.segment, parent=args.parent, actor=actor, reason=args.reason
+            )
+            print(f"{row.id} {row.status} {row.path}")
+        elif cmd == "gate":
+            from service.lifecycle import gate_version
+
+            heldout = None
+            if args.pairs:
+                lines = open(args.pairs).read().splitlines()  # noqa: SIM115 - small file
+                heldout = [json.loads(x) for x in lines if x.strip()]
+            row, verdict = gate_version(
+                settings, registry, args.version, heldout=heldout, actor=actor
+            )
+            for check in verdict.checks:
+                print(f"  [{'pass' if check.passed else 'FAIL'}] {check.detail}")
+            print(f"{row.id} {row.status}")
+        elif cmd in ("approve", "reject"):
+            to = APPROVED if cmd == "approve" else REJECTED
+            row = registry.transition(args.version, to, actor=actor, reason=args.reason)
+            print(f"{row.id} {row.status}")
+        elif cmd == "promote":
+            row = registry.promote(args.version, actor=actor, reason=args.reason)
+            print(f"{row.id} {row.status} (replaced {row.previous or 'the base model'})")
+        elif cmd == "rollback":
+            row = registry.rollback(args.segment, to=args.to, actor=actor, reason=args.reason)
+            print(f"{args.segment}: now {row.id if row else 'the base model'}")
+        elif cmd == "gc":
+            deleted = registry.collect_garbage(settings.retention)
+            print(f"deleted the files of {len(deleted)} versions: {', '.join(deleted) or '-'}")
+    except RegistryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        db.dispose()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prefloop", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -127,6 +192,38 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-compile", action="store_true", help="export what is stored; compile nothing new"
     )
     export.set_defaults(func=_pairs_export)
+
+    adapters = sub.add_parser("adapters", help="adapter versions: list, gate, promote, rollback")
+    adapters.add_argument("--actor", default="cli", help="who is acting, for the audit log")
+    a_sub = adapters.add_subparsers(dest="adapters_command", required=True)
+    p = a_sub.add_parser("list", help="versions, newest first")
+    p.add_argument("--segment")
+    p.add_argument("--status", choices=["candidate", "approved", "active", "retired", "rejected"])
+    p = a_sub.add_parser("show", help="one version: manifest, evaluation, verdict, history")
+    p.add_argument("version", help="e.g. default@v3")
+    p = a_sub.add_parser("register", help="copy a PEFT adapter directory in as a candidate")
+    p.add_argument("path")
+    p.add_argument("--segment", default="default")
+    p.add_argument("--parent", help="the version it was warm-started from")
+    p.add_argument("--reason")
+    p = a_sub.add_parser(
+        "gate", help="evaluate a candidate against the active version; approve or reject it"
+    )
+    p.add_argument("version")
+    p.add_argument("--pairs", help="held-out DPO rows (JSONL) to score")
+    for name, text in (("approve", "approve a candidate by hand"), ("reject", "reject it")):
+        p = a_sub.add_parser(name, help=text)
+        p.add_argument("version")
+        p.add_argument("--reason")
+    p = a_sub.add_parser("promote", help="make an approved (or retired) version active")
+    p.add_argument("version")
+    p.add_argument("--reason")
+    p = a_sub.add_parser("rollback", help="reactivate the active version's predecessor")
+    p.add_argument("--segment", default="default")
+    p.add_argument("--to", help="a specific retired version")
+    p.add_argument("--reason")
+    a_sub.add_parser("gc", help="apply retention: delete old retired and rejected files")
+    adapters.set_defaults(func=_adapters)
     return parser
 
 

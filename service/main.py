@@ -9,11 +9,13 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service.api.routes import chat, feedback, health, models, operator
+from adapters.registry import Registry
+from service.api.routes import adapters, chat, feedback, health, models, operator
 from service.core.config import Settings, get_settings
 from service.core.db import GroupCommit, init_db, make_engine
 from service.core.errors import install_error_handlers
 from service.engines.base import Engine
+from service.routing import AdapterRouter
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,23 @@ def build_engine(settings: Settings) -> Engine:
     )
 
 
+async def _watch(app: FastAPI, settings: Settings) -> None:
+    """The live watch: roll back a promoted version whose thumbs-up rate dropped."""
+    from service.lifecycle import watch_once
+
+    while True:
+        await asyncio.sleep(settings.watch_interval_seconds)
+        try:
+            results = await asyncio.to_thread(
+                watch_once, app.state.db, app.state.registry, settings
+            )
+        except Exception:  # noqa: BLE001 - try again next interval
+            log.exception("the live watch failed")
+            continue
+        if any(r.verdict.rollback for r in results):
+            app.state.router.kick()
+
+
 async def _start_engine(app: FastAPI, settings: Settings) -> None:
     from service.modelprep import prepare_default_model
 
@@ -43,10 +62,17 @@ async def _start_engine(app: FastAPI, settings: Settings) -> None:
         await engine.start()
         for name, path in settings.lora_adapters.items():
             await engine.load_adapter(name, path)
+        await app.state.router.sync()  # the active versions, before /readyz says ready
         log.info("ready: serving %s (adapters: %s)", engine.model_name, engine.adapters())
     except Exception as exc:
         app.state.engine_error = f"{type(exc).__name__}: {exc}"
         log.exception("the model failed to load; /readyz reports why")
+
+
+async def _poll(app: FastAPI) -> None:
+    while not app.state.engine.is_ready():  # adapters load once the model has
+        await asyncio.sleep(0.05)
+    await app.state.router.run()
 
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
@@ -60,17 +86,29 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         app.state.writer = GroupCommit(app.state.db)
         app.state.engine_error = None
         app.state.engine = engine or build_engine(settings)
+        app.state.registry = Registry(app.state.db, settings.adapters_dir)
+        app.state.router = AdapterRouter(
+            app.state.engine, app.state.registry, poll_seconds=settings.adapter_poll_seconds
+        )
         # Load in the background: /healthz answers at once, /readyz once the model is loaded.
-        loading = None
+        tasks = []
         if not app.state.engine.is_ready():
-            loading = asyncio.create_task(_start_engine(app, settings))
+            tasks.append(asyncio.create_task(_start_engine(app, settings)))
+        else:
+            tasks.append(asyncio.create_task(app.state.router.sync()))
+        tasks.append(asyncio.create_task(_poll(app)))
+        if settings.watch_interval_seconds > 0:
+            tasks.append(asyncio.create_task(_watch(app, settings)))
         try:
             yield
         finally:
-            if loading is not None:
-                loading.cancel()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             if engine is None:
                 await app.state.engine.aclose()
+            else:  # a shared engine: give back what this app loaded into it
+                await app.state.router.release_all()
             app.state.writer.close()
             app.state.db.dispose()
 
@@ -87,4 +125,5 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(chat.router)
     app.include_router(feedback.router)
     app.include_router(operator.router)
+    app.include_router(adapters.router)
     return app

@@ -46,3 +46,20 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) 
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def make_adapter(base_dir: Path, out: Path, seed: int) -> Path:
+    """A LoRA adapter with random, non-trivial weights (B is not zero) saved in PEFT layout:
+    adapters made with different seeds answer differently, even greedily."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    config = LoraConfig(
+        r=8, lora_alpha=64, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False
+    )
+    peft_model = get_peft_model(model, config)
+    peft_model.save_pretrained(out)
+    return out

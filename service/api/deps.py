@@ -11,6 +11,7 @@ from sqlalchemy.engine import Engine as Database
 from service.core.config import Settings
 from service.core.db import GroupCommit
 from service.engines.base import Engine
+from service.routing import AdapterRouter
 
 
 def get_settings(request: Request) -> Settings:
@@ -25,6 +26,10 @@ def get_engine(request: Request) -> Engine:
     return request.app.state.engine
 
 
+def get_router(request: Request) -> AdapterRouter:
+    return request.app.state.router
+
+
 def get_writer(request: Request) -> GroupCommit:
     return request.app.state.writer
 
@@ -33,6 +38,7 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 WriterDep = Annotated[GroupCommit, Depends(get_writer)]
 DbDep = Annotated[Database, Depends(get_db)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
+RouterDep = Annotated[AdapterRouter, Depends(get_router)]
 
 
 @dataclass(frozen=True)

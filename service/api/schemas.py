@@ -163,3 +163,95 @@ class CompileSummary(BaseModel):
     redactions: dict[str, int]
     answers: int  # answers considered
     feedback: int  # feedback rows considered
+
+
+# --- adapters ---------------------------------------------------------------------------------
+
+
+class AdapterPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    segment: str
+    version: int
+    status: str
+    status_reason: str | None
+    content_hash: str
+    path: str
+    base_model: str
+    parent: str | None
+    previous: str | None
+    created_at: datetime
+    status_changed_at: datetime
+    promoted_at: datetime | None
+    retired_at: datetime | None
+    files_deleted_at: datetime | None
+    verdict: dict[str, Any] | None = None
+
+
+class AdapterEventPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    version_id: str
+    from_status: str | None
+    to_status: str
+    actor: str
+    reason: str | None
+    created_at: datetime
+
+
+class AdapterDetail(AdapterPublic):
+    manifest: dict[str, Any]
+    eval_report: dict[str, Any] | None
+    events: list[AdapterEventPublic]
+
+
+class AdapterList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[AdapterPublic]
+    serving: dict[str, str] = Field(description="segment -> the version this replica serves")
+    load_errors: dict[str, str] = Field(default_factory=dict)
+
+
+class RegisterAdapter(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(max_length=4096, description="A PEFT adapter directory on the server.")
+    segment: str = Field(default="default", max_length=64)
+    parent: str | None = Field(default=None, max_length=128)
+    reason: str | None = Field(default=None, max_length=2000)
+
+
+class AdapterAction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str | None = Field(default=None, max_length=2000)
+
+
+class RollbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    segment: str = Field(default="default", max_length=64)
+    to: str | None = Field(default=None, max_length=128, description="Default: its predecessor.")
+    reason: str | None = Field(default=None, max_length=2000)
+
+
+class RollbackResult(BaseModel):
+    segment: str
+    active: str | None = Field(description="The version now active; null: the base model.")
+
+
+class GoldenItemBody(BaseModel):
+    """One golden-set item; validated by `trainer.golden.parse_item`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    messages: list[dict[str, Any]] | None = None
+    prompt: str | None = None
+    checks: dict[str, Any]
+
+
+class GoldenList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[dict[str, Any]]
+    path: str

@@ -6,6 +6,7 @@ or a line in a ``.env`` file in the working directory.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -13,11 +14,17 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from adapters.gate import GateThresholds
+from adapters.registry import Retention
+from adapters.watch import WatchConfig
+
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="PREFLOOP_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="PREFLOOP_", env_file=".env", extra="ignore", env_nested_delimiter="__"
+    )
 
     # --- where things live
     home: Path = Field(
@@ -96,6 +103,39 @@ class Settings(BaseSettings):
         default=1.0, gt=0.0, description="Training weight of operator-edit pairs."
     )
 
+    # --- adapter lifecycle (registry, regression gate, live watch)
+    adapters_path: str = Field(
+        default="",
+        description="Where adapter versions are stored; replicas must share it. "
+        "Empty: PREFLOOP_HOME/adapters.",
+    )
+    golden_path: str = Field(
+        default="",
+        description="The operator's golden set (JSONL). Empty: PREFLOOP_HOME/golden.jsonl.",
+    )
+    adapter_poll_seconds: float = Field(
+        default=0.5,
+        gt=0.0,
+        description="How often each replica reads the active versions (promotions elsewhere).",
+    )
+    adapter_keep_retired: int = Field(
+        default=3, ge=0, description="Retired versions per segment whose files are kept."
+    )
+    adapter_rejected_grace_hours: float = Field(
+        default=72.0, ge=0.0, description="Rejected versions' files are deleted after this."
+    )
+    gate: GateThresholds = Field(
+        default_factory=GateThresholds,
+        description="Regression gate thresholds, e.g. PREFLOOP_GATE__MAX_KL=0.5.",
+    )
+    watch: WatchConfig = Field(
+        default_factory=WatchConfig,
+        description="Live watch (automatic rollback), e.g. PREFLOOP_WATCH__MIN_VOTES=50.",
+    )
+    watch_interval_seconds: float = Field(
+        default=10.0, ge=0.0, description="How often the live watch runs; 0 turns it off."
+    )
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.default_max_tokens > self.max_tokens_limit:
@@ -115,6 +155,29 @@ class Settings(BaseSettings):
     @property
     def models_dir(self) -> Path:
         return self.home_dir / "models"
+
+    @property
+    def adapters_dir(self) -> Path:
+        return (
+            Path(self.adapters_path).expanduser()
+            if self.adapters_path
+            else self.home_dir / "adapters"
+        )
+
+    @property
+    def golden_file(self) -> Path:
+        return (
+            Path(self.golden_path).expanduser()
+            if self.golden_path
+            else self.home_dir / "golden.jsonl"
+        )
+
+    @property
+    def retention(self) -> Retention:
+        return Retention(
+            keep_retired=self.adapter_keep_retired,
+            rejected_grace=timedelta(hours=self.adapter_rejected_grace_hours),
+        )
 
     @property
     def uses_default_model(self) -> bool:

@@ -63,6 +63,7 @@ class SchemaMismatchError(RuntimeError):
 
 def init_db(engine: Engine) -> None:
     # Import for its side effect: the tables register on SQLModel.metadata.
+    import adapters.registry  # noqa: F401
     import service.models  # noqa: F401
 
     SQLModel.metadata.create_all(engine)
@@ -71,7 +72,7 @@ def init_db(engine: Engine) -> None:
     inspector = inspect(engine)
     missing = [
         f"{table.name}.{column.name}"
-        for table in SQLModel.metadata.sorted_tables
+        for table in SQLModel.metadata.tables.values()
         for column in table.columns
         if column.name not in {c["name"] for c in inspector.get_columns(table.name)}
     ]

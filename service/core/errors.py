@@ -11,6 +11,9 @@
     ├── NotReadyError               503 not_ready               (model still loading)
     └── EngineError                 500 engine_error            (generation failed)
 
+The adapter registry's own errors (`adapters.registry`, which cannot import this module) map to
+404 (unknown version), 409 (illegal transition, concurrent change) and 400 (bad adapter).
+
 Code raises these; routes never build error responses themselves and nothing matches error text.
 """
 
@@ -23,6 +26,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from adapters import registry
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +116,22 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return (f"{param}: {msg}" if param else msg) + extra, param
 
 
+def from_registry_error(exc: registry.RegistryError) -> PrefloopError:
+    message = str(exc)
+    if isinstance(exc, registry.VersionNotFound):
+        return NotFoundError(message, code="adapter_not_found")
+    if isinstance(exc, registry.IllegalTransition):
+        return ConflictError(message, code="illegal_transition")
+    if isinstance(exc, registry.PromotionConflict):
+        return ConflictError(message, code="concurrent_change")
+    return InvalidRequestError(message)
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(registry.RegistryError)
+    async def _registry(_req: Request, exc: registry.RegistryError) -> JSONResponse:
+        return error_response(from_registry_error(exc))
+
     @app.exception_handler(PrefloopError)
     async def _prefloop(_req: Request, exc: PrefloopError) -> JSONResponse:
         if exc.status_code >= 500:

@@ -156,9 +156,7 @@ def test_the_database_refuses_a_second_active_version(registry: Registry, tmp_pa
         s.commit()
 
 
-def test_concurrent_promotions_leave_exactly_one_active(
-    registry: Registry, tmp_path: Path
-) -> None:
+def test_concurrent_promotions_leave_exactly_one_active(registry: Registry, tmp_path: Path) -> None:
     ids = [approved(registry, tmp_path, f"v{i}") for i in range(6)]
     errors: list[Exception] = []
 

@@ -12,25 +12,11 @@ import torch
 from service.core.errors import NotFoundError, OverloadedError
 from service.engines.base import GenerationRequest, SamplingParams
 from service.engines.local import LocalEngine, _Detok
+from tests.conftest import make_adapter
 
 HELLO = [{"role": "user", "content": "Hello there, how are you?"}]
 # The tiny random model mostly repeats one token; a sampled answer has variety to test on.
 VARIED = SamplingParams(max_tokens=30, temperature=1.0, seed=11)
-
-
-def make_adapter(base_dir: Path, out: Path, seed: int) -> Path:
-    """A LoRA adapter with random, non-trivial weights (B is not zero) saved in PEFT layout."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base_dir)
-    config = LoraConfig(
-        r=8, lora_alpha=64, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False
-    )
-    peft_model = get_peft_model(model, config)
-    peft_model.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,8 @@ async def readyz(request: Request, engine: EngineDep, db: DbDep) -> dict[str, st
         with db.connect() as conn:
             conn.execute(text("SELECT 1"))
 
+    if not request.app.state.router.synced:
+        raise NotReadyError("the active adapter versions are still loading")
     try:
         await run_in_threadpool(ping)
     except Exception as exc:

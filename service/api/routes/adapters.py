@@ -1,0 +1,196 @@
+"""Operator API for adapter versions (list, show, register, approve/reject, promote, rollback)
+and the golden set the regression gate checks. Every route sits behind `OperatorDep`."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+from fastapi.concurrency import run_in_threadpool
+
+from adapters.registry import APPROVED, REJECTED, STATUSES, Registry
+from service.api.deps import OperatorDep, RouterDep, SettingsDep
+from service.api.schemas import (
+    AdapterAction,
+    AdapterDetail,
+    AdapterEventPublic,
+    AdapterList,
+    AdapterPublic,
+    GoldenItemBody,
+    GoldenList,
+    RegisterAdapter,
+    RollbackRequest,
+    RollbackResult,
+)
+from service.core.errors import InvalidRequestError, NotFoundError
+
+router = APIRouter(prefix="/v1/operator", tags=["adapters"])
+_golden_lock = threading.Lock()  # one golden-set edit at a time in this process
+
+
+def _registry(request: Request) -> Registry:
+    return request.app.state.registry
+
+
+@router.get("/adapters", response_model=AdapterList)
+async def list_adapters(
+    request: Request,
+    adapters: RouterDep,
+    _operator: OperatorDep,
+    segment: str | None = None,
+    status: Annotated[str | None, Query(description=" | ".join(STATUSES))] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> AdapterList:
+    """Versions, newest first; `serving` is what this replica routes each segment to."""
+    if status is not None and status not in STATUSES:
+        raise InvalidRequestError(f"status must be one of {', '.join(STATUSES)}", param="status")
+    rows = await run_in_threadpool(
+        _registry(request).list, segment=segment, status=status, limit=limit
+    )
+    return AdapterList(
+        data=[AdapterPublic.model_validate(r) for r in rows],
+        serving=dict(adapters.routes),
+        load_errors=dict(adapters.load_errors),
+    )
+
+
+@router.get("/adapters/{version_id}", response_model=AdapterDetail)
+async def show_adapter(request: Request, version_id: str, _operator: OperatorDep) -> AdapterDetail:
+    registry = _registry(request)
+    row = await run_in_threadpool(registry.get, version_id)
+    events = await run_in_threadpool(registry.events, version_id)
+    return AdapterDetail(
+        **AdapterPublic.model_validate(row).model_dump(),
+        manifest=row.manifest,
+        eval_report=row.eval_report,
+        events=[AdapterEventPublic.model_validate(e) for e in events],
+    )
+
+
+@router.post("/adapters", response_model=AdapterPublic, status_code=201)
+async def register_adapter(
+    request: Request, body: RegisterAdapter, operator: OperatorDep
+) -> AdapterPublic:
+    """Register a PEFT directory on the server as a new candidate (the same weights again:
+    the existing version)."""
+    path = Path(body.path).expanduser()
+    if not path.is_dir():
+        raise InvalidRequestError(f"{body.path} is not a directory on the server", param="path")
+    row = await run_in_threadpool(
+        lambda: _registry(request).register(
+            path, segment=body.segment, parent=body.parent, actor=operator, reason=body.reason
+        )
+    )
+    return AdapterPublic.model_validate(row)
+
+
+async def _transition(
+    request: Request, version_id: str, to: str, body: AdapterAction | None, operator: str
+) -> AdapterPublic:
+    reason = body.reason if body else None
+    row = await run_in_threadpool(
+        lambda: _registry(request).transition(version_id, to, actor=operator, reason=reason)
+    )
+    return AdapterPublic.model_validate(row)
+
+
+@router.post("/adapters/{version_id}/approve", response_model=AdapterPublic)
+async def approve_adapter(
+    request: Request, version_id: str, operator: OperatorDep, body: AdapterAction | None = None
+) -> AdapterPublic:
+    """Approve a candidate by hand (the gate normally decides)."""
+    return await _transition(request, version_id, APPROVED, body, operator)
+
+
+@router.post("/adapters/{version_id}/reject", response_model=AdapterPublic)
+async def reject_adapter(
+    request: Request, version_id: str, operator: OperatorDep, body: AdapterAction | None = None
+) -> AdapterPublic:
+    return await _transition(request, version_id, REJECTED, body, operator)
+
+
+@router.post("/adapters/{version_id}/promote", response_model=AdapterPublic)
+async def promote_adapter(
+    request: Request,
+    version_id: str,
+    operator: OperatorDep,
+    adapters: RouterDep,
+    body: AdapterAction | None = None,
+) -> AdapterPublic:
+    """Make an approved (or retired) version active. Every replica swaps to it within
+    `adapter_poll_seconds`; this one at once."""
+    reason = body.reason if body else None
+    row = await run_in_threadpool(
+        lambda: _registry(request).promote(version_id, actor=operator, reason=reason)
+    )
+    adapters.kick()
+    return AdapterPublic.model_validate(row)
+
+
+@router.post("/adapters/rollback", response_model=RollbackResult)
+async def rollback_adapter(
+    request: Request, body: RollbackRequest, operator: OperatorDep, adapters: RouterDep
+) -> RollbackResult:
+    """Retire the segment's active version and reactivate its predecessor (or `to`)."""
+    row = await run_in_threadpool(
+        lambda: _registry(request).rollback(
+            body.segment, to=body.to, actor=operator, reason=body.reason
+        )
+    )
+    adapters.kick()
+    return RollbackResult(segment=body.segment, active=row.id if row else None)
+
+
+# --- golden set -------------------------------------------------------------------------------
+
+
+@router.get("/golden", response_model=GoldenList)
+async def list_golden(settings: SettingsDep, _operator: OperatorDep) -> GoldenList:
+    from trainer.golden import load_golden
+
+    items = await run_in_threadpool(load_golden, settings.golden_file)
+    return GoldenList(data=[i.to_json() for i in items], path=str(settings.golden_file))
+
+
+@router.put("/golden/{item_id}", response_model=dict)
+async def put_golden(
+    item_id: str, body: GoldenItemBody, settings: SettingsDep, _operator: OperatorDep
+) -> dict:
+    """Add or replace one item (the regression gate checks every item, greedily)."""
+    from trainer.golden import GoldenError, load_golden, parse_item, save_golden
+
+    raw = {"id": item_id, **body.model_dump(exclude_none=True)}
+    try:
+        item = parse_item(raw)
+    except GoldenError as exc:
+        raise InvalidRequestError(str(exc)) from exc
+
+    def write() -> None:
+        with _golden_lock:
+            items = [i for i in load_golden(settings.golden_file) if i.id != item_id]
+            save_golden(settings.golden_file, [*items, item])
+
+    await run_in_threadpool(write)
+    return item.to_json()
+
+
+@router.delete("/golden/{item_id}", response_model=dict)
+async def delete_golden(
+    item_id: str, settings: SettingsDep, _operator: OperatorDep
+) -> dict[str, str | bool]:
+    from trainer.golden import load_golden, save_golden
+
+    def remove() -> bool:
+        with _golden_lock:
+            items = load_golden(settings.golden_file)
+            kept = [i for i in items if i.id != item_id]
+            if len(kept) == len(items):
+                return False
+            save_golden(settings.golden_file, kept)
+            return True
+
+    if not await run_in_threadpool(remove):
+        raise NotFoundError(f"no golden item {item_id!r}")
+    return {"id": item_id, "deleted": True}

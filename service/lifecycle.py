@@ -1,0 +1,143 @@
+"""The adapter lifecycle's steps that need the service's data: gate a candidate (evaluate it
+against the active version, decide, record) and watch live feedback (roll back on a drop).
+
+The registry (`adapters.registry`) owns the states; the gate (`adapters.gate`) and the watch's
+statistics (`adapters.watch`) are pure; this module feeds them and acts on their verdicts.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func
+from sqlalchemy.engine import Engine as Database
+from sqlmodel import Session, col, select
+
+from adapters.gate import Verdict, decide
+from adapters.registry import (
+    APPROVED,
+    CANDIDATE,
+    REJECTED,
+    AdapterVersion,
+    PromotionConflict,
+    Registry,
+)
+from adapters.watch import Tally, WatchVerdict, compare
+from service.core.config import Settings
+from service.models import Completion, Feedback
+
+log = logging.getLogger(__name__)
+
+
+def base_model_path(settings: Settings) -> Path:
+    from service.modelprep import prepare_default_model
+
+    if settings.model:
+        return Path(settings.model)
+    return prepare_default_model(settings.models_dir, progress=False)
+
+
+def gate_version(
+    settings: Settings,
+    registry: Registry,
+    version_id: str,
+    *,
+    heldout: list[dict[str, Any]] | None = None,
+    actor: str = "gate",
+    progress: bool = True,
+) -> tuple[AdapterVersion, Verdict]:
+    """Evaluate a candidate against its segment's active version (or the base model) on the
+    held-out pairs, the golden set and the canary prompts; record the report and verdict; move
+    it to approved or rejected."""
+    from trainer.evaluate import evaluate
+    from trainer.golden import load_golden
+
+    row = registry.get(version_id)
+    if row.status != CANDIDATE:
+        raise PromotionConflict(f"{version_id} is {row.status}; only candidates are gated")
+    incumbent = registry.active().get(row.segment)
+    report = evaluate(
+        base_model_path(settings),
+        Path(row.path),
+        Path(incumbent.path) if incumbent is not None else None,
+        pairs=heldout,
+        golden=load_golden(settings.golden_file),
+        progress=progress,
+    )
+    report["incumbent"]["version"] = incumbent.id if incumbent is not None else None
+    verdict = decide(report["candidate"], report["incumbent"], settings.gate)
+    registry.record_eval(version_id, report, verdict.to_json())
+    against = incumbent.id if incumbent is not None else "the base model"
+    if verdict.approved:
+        reason = f"passed the gate against {against}"
+    else:
+        reason = f"failed the gate against {against}: " + "; ".join(verdict.reasons)
+    row = registry.transition(
+        version_id, APPROVED if verdict.approved else REJECTED, actor=actor, reason=reason
+    )
+    return row, verdict
+
+
+# --- live watch -------------------------------------------------------------------------------
+
+
+def thumbs_tally(session: Session, version: str | None, since: datetime | None = None) -> Tally:
+    """Thumbs on answers produced by ``version`` (None: the base model), optionally only on
+    answers produced since a time (the version's promotion)."""
+    q = (
+        select(Feedback.value, func.count())
+        .join(Completion, col(Feedback.completion_id) == Completion.id)
+        .where(Feedback.kind == "thumbs")
+        .group_by(Feedback.value)
+    )
+    if version is None:
+        q = q.where(col(Completion.adapter_version).is_(None))
+    else:
+        q = q.where(Completion.adapter_version == version)
+    if since is not None:
+        q = q.where(Completion.created_at >= since)
+    counts = dict(session.exec(q).all())
+    return Tally(up=counts.get(1, 0), down=counts.get(-1, 0))
+
+
+@dataclass(frozen=True)
+class WatchResult:
+    version: str
+    previous: str | None
+    verdict: WatchVerdict
+    rolled_back_to: str | None = None
+
+
+def watch_once(
+    db: Database, registry: Registry, settings: Settings, *, actor: str = "watch"
+) -> list[WatchResult]:
+    """Compare each active version's thumbs-up rate since its promotion with its predecessor's
+    (the version it replaced, or the base model); roll back the significantly worse ones."""
+    results = []
+    for segment, active in registry.active().items():
+        with Session(db) as session:
+            new = thumbs_tally(session, active.id, since=active.promoted_at)
+            old = thumbs_tally(session, active.previous)
+        verdict = compare(new, old, settings.watch)
+        result = WatchResult(active.id, active.previous, verdict)
+        if verdict.rollback:
+            try:
+                back = registry.rollback(
+                    segment,
+                    actor=actor,
+                    reason=f"live feedback dropped: {verdict.reason}",
+                    expect_active=active.id,
+                )
+            except PromotionConflict as exc:  # someone else acted first; judge again next time
+                log.info("watch: %s", exc)
+                continue
+            result = WatchResult(active.id, active.previous, verdict, back.id if back else None)
+            log.warning(
+                "rolled back %s to %s: %s", active.id, back.id if back else "base", verdict.reason
+            )
+        results.append(result)
+    return results
