@@ -1,0 +1,486 @@
+"""Offline regression evaluation: a candidate adapter against the incumbent, on one base model.
+
+    python -m trainer evaluate --base MODEL_DIR --candidate ADAPTER_DIR [--incumbent ADAPTER_DIR]
+        [--pairs heldout.jsonl] [--golden golden.jsonl] [--canary canary.jsonl] --out report.json
+
+Each side (an adapter, or the base model where none is given) gets three measures:
+
+- ``pairs``: on held-out DPO rows, the implicit reward r = beta * (log pi(y|x) - log pi_base(y|x))
+  of each answer (summed over its tokens); ``accuracy`` is how often r_chosen > r_rejected (a tie
+  counts half, so the base scores exactly 0.5) and ``margin`` the mean of r_chosen - r_rejected.
+- ``golden``: greedy answers to the operator's golden items (``trainer.golden``) and their checks.
+- ``drift``: greedy answers to fixed neutral prompts (``canary.jsonl``): mean length relative to
+  the base, token 3-gram repetition, and KL(pi || pi_base) per token along the side's own answer.
+
+The base model is loaded once; both adapters sit in one ``PeftModel`` under their own names and
+the base is the same model with the adapter disabled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from trainer.data import (
+    DataError,
+    PairExample,
+    Tokens,
+    _as_messages,
+    collate_pairs,
+    read_rows,
+    tokenize_sequence,
+)
+from trainer.dpo import completion_logps
+from trainer.golden import GoldenError, GoldenItem, failed_checks, load_golden, parse_messages
+
+REPORT_FORMAT = "prefloop-eval/1"
+SIDES = ("candidate", "incumbent")
+MAX_LENGTH = 1024  # prompt + answer tokens of a pair, as TrainConfig.max_length
+GENERATE_BATCH = 8
+SCORE_BATCH = 4  # full-vocabulary logits for KL: batch x length x vocab floats, twice
+ANSWER_CHARS = 300  # of a failing golden answer kept in the report
+
+Messages = list[dict[str, Any]]
+ProgressFn = Callable[[str, int, int], None]
+"""Called after every batch with (stage, items done in the stage, items in the stage)."""
+
+
+@dataclass(frozen=True)
+class Generated:
+    prompt_ids: list[int]
+    answer_ids: list[int]  # generated tokens, through the first end-of-sequence token
+    text: str  # decoded without special tokens, stripped
+    finished: bool  # ended with an end-of-sequence token (else cut at max_new_tokens)
+
+    @property
+    def content_ids(self) -> list[int]:
+        return self.answer_ids[:-1] if self.finished else self.answer_ids
+
+
+def load_canary(path: Path | None = None) -> list[Messages]:
+    """The drift prompts: ``path``, or the set shipped with the trainer."""
+    if path is None:
+        text = resources.files("trainer").joinpath("canary.jsonl").read_text(encoding="utf-8")
+        source = "trainer/canary.jsonl"
+    else:
+        text, source = Path(path).read_text(encoding="utf-8"), str(path)
+    prompts = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            prompts.append([dict(m) for m in parse_messages(json.loads(line).get("messages"))])
+        except (json.JSONDecodeError, AttributeError, GoldenError) as e:
+            raise GoldenError(f"{source}:{lineno}: {e}") from e
+    return prompts
+
+
+# --- the model and its sides ------------------------------------------------------------------
+
+
+def _load(base: Path, adapters: dict[str, Path], device: torch.device) -> torch.nn.Module:
+    """The base model once, with every adapter loaded into it under its name."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).to(device)
+    for name, path in adapters.items():
+        if isinstance(model, PeftModel):
+            model.load_adapter(path, adapter_name=name)
+        else:
+            model = PeftModel.from_pretrained(model, path, adapter_name=name)
+    # Frozen throughout: nothing trains here, and completion_logps needs a frozen LM head.
+    return model.requires_grad_(False).eval()
+
+
+@contextmanager
+def _side(model: torch.nn.Module, adapter: str | None) -> Iterator[None]:
+    """Run as ``adapter``, or as the base model (None)."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        assert adapter is None, f"no adapter {adapter!r} loaded"
+        yield
+    elif adapter is None:
+        with model.disable_adapter():
+            yield
+    else:
+        model.set_adapter(adapter)
+        yield
+
+
+class _Progress:
+    """One tqdm bar over all the work, and the caller's per-stage callback."""
+
+    def __init__(self, total: int, enabled: bool, callback: ProgressFn | None):
+        self.bar = tqdm(total=total, desc="evaluate", disable=not enabled)
+        self.callback = callback
+
+    def stage(self, name: str, total: int) -> Callable[[int], None]:
+        done = 0
+        self.bar.set_description(name)
+
+        def tick(n: int) -> None:
+            nonlocal done
+            done += n
+            self.bar.update(n)
+            if self.callback is not None:
+                self.callback(name, done, total)
+
+        return tick
+
+
+# --- generation -------------------------------------------------------------------------------
+
+
+def _prompt_ids(tokenizer: Any, messages: Messages) -> list[int]:
+    # Rendered then tokenised, as the serving engine does, so we measure what users would get.
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _left_padded(
+    prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``[pad.. prompt][answer ..pad]``: prompts end at the same column, as in ``generate``.
+    Returns ids, attention mask and position ids (counting real tokens only)."""
+    width_p = max(len(p) for p in prompts)
+    width_a = max((len(a) for a in answers), default=0)
+    ids = torch.full((len(prompts), width_p + width_a), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, (p, a) in enumerate(zip(prompts, answers, strict=True)):
+        seq = list(p) + list(a)
+        ids[row, width_p - len(p) : width_p - len(p) + len(seq)] = torch.tensor(seq)
+        mask[row, width_p - len(p) : width_p - len(p) + len(seq)] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, positions
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    conversations: Sequence[Messages],
+    *,
+    max_new_tokens: int,
+    device: torch.device,
+    tick: Callable[[int], None] = lambda n: None,
+) -> list[Generated]:
+    """Greedy answers, batched with left padding (the current side of ``model``)."""
+    eos = model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        eos_ids.add(tokenizer.eos_token_id)
+    out: list[Generated] = []
+    for start in range(0, len(conversations), GENERATE_BATCH):
+        prompts = [_prompt_ids(tokenizer, m) for m in conversations[start : start + GENERATE_BATCH]]
+        ids, mask, _ = _left_padded(prompts, [[] for _ in prompts], tokenizer.pad_token_id)
+        seqs = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=sorted(eos_ids),
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        for prompt, row in zip(prompts, seqs[:, ids.shape[1] :].tolist(), strict=True):
+            ends = [i for i, t in enumerate(row) if t in eos_ids]
+            answer = row[: ends[0] + 1] if ends else row
+            text = tokenizer.decode(answer, skip_special_tokens=True).strip()
+            out.append(Generated(prompt, answer, text, finished=bool(ends)))
+        tick(len(prompts))
+    return out
+
+
+# --- the three measures -----------------------------------------------------------------------
+
+
+def _pair_examples(rows: Sequence[dict[str, Any]], tokenizer: Any) -> list[PairExample]:
+    """Rows tokenised as ``trainer.data.load_examples`` does for a file; too-long rows dropped."""
+    examples = []
+    for i, row in enumerate(rows):
+        try:
+            prompt = _as_messages(row["prompt"], "user")
+            chosen = _as_messages(row["chosen"], "assistant")
+            rejected = _as_messages(row["rejected"], "assistant")
+        except (KeyError, TypeError, DataError) as e:
+            raise DataError(f"pairs row {i}: not a preference row ({e})") from e
+        c = tokenize_sequence(tokenizer, prompt, chosen, MAX_LENGTH)
+        r = tokenize_sequence(tokenizer, prompt, rejected, MAX_LENGTH)
+        if c is None or r is None:
+            continue
+        p = min(c.prompt_len, r.prompt_len)  # one shared prompt, so collate_pairs runs it once
+        examples.append(PairExample(Tokens(c.ids, p), Tokens(r.ids, p)))
+    return examples
+
+
+@torch.no_grad()
+def pair_logps(
+    model: torch.nn.Module,
+    examples: Sequence[PairExample],
+    pad_id: int,
+    device: torch.device,
+    tick: Callable[[int], None] = lambda n: None,
+) -> torch.Tensor:
+    """Summed log-probs of (chosen, rejected) per pair under the current side, shape (n, 2)."""
+    table = torch.zeros(len(examples), 2)
+    for start in range(0, len(examples), SCORE_BATCH):
+        batch = examples[start : start + SCORE_BATCH]
+        logps, _ = completion_logps(model, collate_pairs(batch, pad_id).to(device))
+        table[start : start + len(batch)] = torch.stack(logps.float().cpu().chunk(2), dim=1)
+        tick(len(batch))
+    return table
+
+
+def pair_metrics(side: torch.Tensor, base: torch.Tensor, beta: float) -> dict[str, Any]:
+    if len(base) == 0:
+        return {"n": 0}
+    rewards = beta * (side - base)
+    diff = rewards[:, 0] - rewards[:, 1]
+    wins = (diff > 0).double() + 0.5 * (diff == 0).double()  # ties half: the base scores 0.5
+    return {"n": len(diff), "accuracy": wins.mean().item(), "margin": diff.double().mean().item()}
+
+
+def golden_metrics(items: Sequence[GoldenItem], answers: Sequence[Generated]) -> dict[str, Any]:
+    failures = []
+    for item, answer in zip(items, answers, strict=True):
+        failed = failed_checks(answer.text, item.checks)
+        if failed:
+            failures.append({"id": item.id, "failed": failed, "answer": answer.text[:ANSWER_CHARS]})
+    n = len(items)
+    passed = n - len(failures)
+    return {"n": n, "passed": passed, "pass_rate": passed / n if n else 1.0, "failures": failures}
+
+
+def repetition(ids: Sequence[int]) -> float:
+    """1 - distinct token 3-grams / 3-grams: 0 for no repeats, near 1 for a loop."""
+    grams = [tuple(ids[i : i + 3]) for i in range(len(ids) - 2)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+@torch.no_grad()
+def answer_kl(
+    model: torch.nn.Module,
+    adapter: str,
+    answers: Sequence[Generated],
+    pad_id: int,
+    device: torch.device,
+    tick: Callable[[int], None] = lambda n: None,
+) -> list[float]:
+    """Per answer: mean over its tokens of the exact KL(pi_adapter || pi_base), summed over the
+    vocabulary at each position of the answer the adapter itself generated."""
+    out = []
+    for start in range(0, len(answers), SCORE_BATCH):
+        batch = answers[start : start + SCORE_BATCH]
+        ids, mask, positions = _left_padded(
+            [a.prompt_ids for a in batch], [a.answer_ids for a in batch], pad_id
+        )
+        width_p = max(len(a.prompt_ids) for a in batch)
+        inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        logps = []
+        for side in (adapter, None):
+            with _side(model, side):
+                # The position before each answer token predicts it.
+                logits = model(**inputs, use_cache=False).logits[:, width_p - 1 : -1]
+            logps.append(logits.float().log_softmax(-1))
+        kl = (logps[0].exp() * (logps[0] - logps[1])).sum(-1)
+        answer_mask = mask[:, width_p:].to(device).float()
+        per_answer = (kl * answer_mask).sum(1) / answer_mask.sum(1).clamp(min=1)
+        out += per_answer.cpu().tolist()
+        tick(len(batch))
+    return out
+
+
+def drift_metrics(
+    answers: Sequence[Generated], base_answers: Sequence[Generated], kl: Sequence[float]
+) -> dict[str, Any]:
+    if not answers:
+        return {"n": 0}
+    mean_chars = sum(len(a.text) for a in answers) / len(answers)
+    base_chars = sum(len(a.text) for a in base_answers) / len(base_answers)
+    return {
+        "n": len(answers),
+        # +1: still defined when the base answers nothing (a random test model does).
+        "length_ratio": (mean_chars + 1) / (base_chars + 1),
+        "repetition": sum(repetition(a.content_ids) for a in answers) / len(answers),
+        "kl": sum(kl) / len(kl),
+    }
+
+
+# --- the whole evaluation ---------------------------------------------------------------------
+
+
+def _device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def evaluate(
+    base: Path,
+    candidate: Path | None,
+    incumbent: Path | None,
+    *,
+    pairs: list[dict] | None,
+    golden: list[GoldenItem],
+    canary: list[Messages] | None = None,
+    beta: float = 0.1,
+    max_new_tokens: int = 64,
+    device: str = "auto",
+    progress: bool = True,
+    on_progress: ProgressFn | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``candidate`` and ``incumbent`` (None: the base model) on held-out ``pairs``,
+    the ``golden`` items and the ``canary`` prompts (None: the shipped set); a JSON-ready report."""
+    from transformers import AutoTokenizer
+
+    t_start = time.perf_counter()
+    dev = _device(device)
+    paths = {"candidate": candidate, "incumbent": incumbent}
+    canary = load_canary() if canary is None else canary
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    pad_id = tokenizer.pad_token_id
+    examples = _pair_examples(pairs or [], tokenizer)
+    model = _load(Path(base), {s: Path(p) for s, p in paths.items() if p is not None}, dev)
+
+    # The base side (None) is always measured: its log-probs are the reference and its canary
+    # answers the length yardstick. Greedy answers are deterministic, so each side's run once.
+    keys = [None] + [s for s in SIDES if paths[s] is not None]
+    n_items = len(examples) + len(golden) + 2 * len(canary)  # an adapter's work; KL twice
+    total = len(examples) + len(golden) * (None in (candidate, incumbent)) + len(canary)
+    total += n_items * (len(keys) - 1)
+    bar = _Progress(total, progress, on_progress)
+
+    results: dict[str | None, dict[str, Any]] = {}
+    for key in keys:
+        name = key or "base"
+        with _side(model, key):
+            logps = pair_logps(
+                model, examples, pad_id, dev, bar.stage(f"{name} pairs", len(examples))
+            )
+            answers = None
+            if key is not None or None in (candidate, incumbent):
+                answers = generate(
+                    model,
+                    tokenizer,
+                    [list(item.messages) for item in golden],
+                    max_new_tokens=max_new_tokens,
+                    device=dev,
+                    tick=bar.stage(f"{name} golden", len(golden)),
+                )
+            drift = generate(
+                model,
+                tokenizer,
+                canary,
+                max_new_tokens=max_new_tokens,
+                device=dev,
+                tick=bar.stage(f"{name} canary", len(canary)),
+            )
+        kl = [0.0] * len(drift)
+        if key is not None:
+            kl = answer_kl(model, key, drift, pad_id, dev, bar.stage(f"{name} kl", len(drift)))
+        results[key] = {"logps": logps, "golden": answers, "drift": drift, "kl": kl}
+    bar.bar.close()
+
+    ref = results[None]
+    report_sides = {}
+    for side in SIDES:
+        r = results[side if paths[side] is not None else None]
+        report_sides[side] = {
+            "path": str(paths[side]) if paths[side] is not None else None,
+            "pairs": pair_metrics(r["logps"], ref["logps"], beta),
+            "golden": golden_metrics(golden, r["golden"]),
+            "drift": drift_metrics(r["drift"], ref["drift"], r["kl"]),
+        }
+    return {
+        "format": REPORT_FORMAT,
+        "created_at": datetime.now(UTC).isoformat(),
+        "base": str(base),
+        **report_sides,
+        "settings": {
+            "beta": beta,
+            "max_new_tokens": max_new_tokens,
+            "n_pairs": len(examples),
+            "n_golden": len(golden),
+            "n_canary": len(canary),
+        },
+        "seconds": time.perf_counter() - t_start,
+    }
+
+
+# --- command line -----------------------------------------------------------------------------
+
+
+def summary_line(side: str, s: dict[str, Any]) -> str:
+    p, g, d = s["pairs"], s["golden"], s["drift"]
+    pairs, drift = "pairs n=0", "drift n=0"
+    if p["n"]:
+        pairs = f"pairs acc {p['accuracy']:.3f} margin {p['margin']:+.3f} (n={p['n']})"
+    if d["n"]:
+        drift = f"drift kl {d['kl']:.4f} len x{d['length_ratio']:.2f} rep {d['repetition']:.3f}"
+    return f"{side}: {pairs} | golden {g['passed']}/{g['n']} | {drift} [{s['path'] or 'base'}]"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m trainer evaluate", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--base", type=Path, required=True, help="base model directory")
+    p.add_argument("--candidate", type=Path, help="adapter to evaluate (default: the base)")
+    p.add_argument("--incumbent", type=Path, help="adapter serving now (default: the base)")
+    p.add_argument("--pairs", type=Path, help="held-out DPO rows (JSONL)")
+    p.add_argument("--golden", type=Path, help="golden set (JSONL, see trainer.golden)")
+    p.add_argument("--canary", type=Path, help="drift prompts (default: the shipped set)")
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1")
+    p.add_argument("--out", type=Path, required=True, help="report JSON to write")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        for path in (args.base, args.candidate, args.incumbent, args.pairs, args.golden):
+            if path is not None and not path.exists():
+                raise FileNotFoundError(f"{path} does not exist")
+        report = evaluate(
+            args.base,
+            args.candidate,
+            args.incumbent,
+            pairs=read_rows(args.pairs) if args.pairs else None,
+            golden=load_golden(args.golden) if args.golden else [],
+            canary=load_canary(args.canary) if args.canary else None,
+            beta=args.beta,
+            max_new_tokens=args.max_new_tokens,
+            device=args.device,
+            progress=not args.no_progress,
+        )
+    except (FileNotFoundError, ValueError) as e:  # DataError and GoldenError are ValueErrors
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(f".{args.out.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, args.out)  # a reader never sees half a report
+    for side in SIDES:
+        print(summary_line(side, report[side]))
+    return 0
