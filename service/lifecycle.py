@@ -66,6 +66,7 @@ def gate_version(
         Path(incumbent.path) if incumbent is not None else None,
         pairs=heldout,
         golden=load_golden(settings.golden_file),
+        max_new_tokens=settings.eval_max_new_tokens,
         progress=progress,
     )
     report["incumbent"]["version"] = incumbent.id if incumbent is not None else None

@@ -113,6 +113,9 @@ class Settings(BaseSettings):
         default="",
         description="The operator's golden set (JSONL). Empty: PREFLOOP_HOME/golden.jsonl.",
     )
+    eval_max_new_tokens: int = Field(
+        default=64, ge=1, description="Answer length for the gate's golden and canary prompts."
+    )
     adapter_poll_seconds: float = Field(
         default=0.5,
         gt=0.0,
