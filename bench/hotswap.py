@@ -9,9 +9,10 @@ promotions and rollbacks, half through the replica's operator API (the replica s
 and half straight in the database, as the CLI or another replica would (the replica notices on
 its next poll). Per swap it measures:
 
-- routed: promotion committed -> the first request *started* after it that the new version
-  answers (the flip; includes loading the adapter);
-- answered: promotion committed -> that request's answer is complete.
+- routed: promotion committed -> the replica routes new requests to the new version (loading
+  the adapter, then the flip), read from its operator API every 10 ms;
+- answered: promotion committed -> the first complete answer by the new version to a request
+  sent after the promotion (adds the wait for a client's next request and its generation).
 
 Then it compares request latency in a calm phase (same load, no swaps) with the swap phase,
 side by side. Targets: routed <= 1 s, 0 failed requests.
@@ -170,10 +171,21 @@ def main() -> int:
             else:
                 registry.promote(target, actor="bench-other-process")
             committed = time.monotonic()
+            routed = None
+            while time.monotonic() - committed < 30:  # the replica's route, every 10 ms
+                serving = ops.get("/v1/operator/adapters?limit=1").json()["serving"]
+                if serving.get("default") == target:
+                    routed = time.monotonic() - committed
+                    break
+                time.sleep(0.01)
+            answered = None
+            while time.monotonic() - committed < 60:
+                ends = [e for s, e, v in list(load.records) if v == target and s >= committed]
+                if ends:
+                    answered = min(ends) - committed
+                    break
+                time.sleep(0.05)
             time.sleep(args.gap_seconds)
-            after = [(s, e) for s, e, v in load.records if v == target and s >= committed]
-            routed = min(s for s, _ in after) - committed if after else None
-            answered = min(e for _, e in after) - committed if after else None
             swaps.append((via, committed, routed, answered))
         load.stop()
         swap_lat = [e - s for s, e, _ in load.records[n_calm:]]

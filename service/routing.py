@@ -137,11 +137,12 @@ class AdapterRouter:
             self._unloading.add(name)
             try:
                 await self.engine.unload_adapter(name)
-            except Exception as exc:  # noqa: BLE001 - a leftover adapter costs memory only
-                log.warning("could not unload %s: %s", name, exc)
+            except Exception as exc:  # noqa: BLE001 - still loaded: the next sync retries
+                log.warning("could not unload %s (will retry): %s", name, exc)
+                continue
             finally:
                 self._unloading.discard(name)
-                self._managed.discard(name)
+            self._managed.discard(name)
             log.info("unloaded %s", name)
 
     async def release_all(self) -> None:

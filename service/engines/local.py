@@ -1,7 +1,10 @@
 """The embedded engine: transformers + peft in this process.
 
-One worker thread owns the model. Generation, adapter loads and unloads all run there in order,
-so no request ever sees an adapter half-loaded and the event loop never waits on the model.
+One worker thread owns the model. Generation, adapter loads and unloads all run there, so no
+request ever sees an adapter half-loaded and the event loop never waits on the model. Loads and
+unloads jump the queue and run between two decode steps of a running batch: a hot-swap waits
+for one token, not for a whole batch of answers (the KV caches of running rows stay valid,
+because adding or removing a LoRA never touches the base weights or another adapter's).
 Requests wait in a bounded queue; a full queue is an `OverloadedError` (HTTP 503), not a hang.
 
 Our own decode loop instead of `model.generate`: it streams every choice of an `n>1` request
@@ -28,6 +31,7 @@ from typing import Any
 import torch
 
 from service.core.errors import (
+    ConflictError,
     EngineError,
     InvalidRequestError,
     NotFoundError,
@@ -125,6 +129,8 @@ class LocalEngine:
         self.tokenizer: Any = None
         self._adapters: dict[str, str] = {}  # name -> path
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._calls: queue.SimpleQueue[_Job] = queue.SimpleQueue()  # loads/unloads, run first
+        self._running_adapters: set[str | None] = set()  # adapters of rows being decoded
         self._slots = threading.BoundedSemaphore(max_queue)
         self._worker: threading.Thread | None = None
         self._ready = False
@@ -205,19 +211,23 @@ class LocalEngine:
     def _unload_adapter(self, name: str) -> None:
         if name not in self._adapters:
             raise NotFoundError(f"adapter {name!r} is not loaded")
-        del self._adapters[name]
-        if self._adapters:
+        if name in self._running_adapters:
+            raise ConflictError(f"adapter {name!r} is generating answers; unload it when done")
+        if len(self._adapters) > 1:
             self.model.delete_adapter(name)
         else:  # the last one: back to the plain model, no peft hooks in the hot path
             self.model = self.model.unload()
             self.model.eval()
+        del self._adapters[name]
 
     async def _call(self, fn: Callable[[_Job], Any]) -> Any:
-        """Run `fn` on the worker thread (after queued generations) and return its result."""
+        """Run `fn` on the worker thread, before queued generations and between the decode steps
+        of a running batch; return its result."""
         if not self._ready:
             raise NotReadyError("the model is still loading; retry shortly")
         job = _Job(fn=lambda j: j.emit(fn(j)), loop=asyncio.get_running_loop())
-        self._jobs.put(job)
+        self._calls.put(job)
+        self._jobs.put(job)  # wakes an idle worker; it finds the call already run, or runs it
         item = await job.out.get()
         if isinstance(item, BaseException):
             raise item
@@ -258,7 +268,7 @@ class LocalEngine:
             if job is None:
                 return
             if job.generation is None:
-                self._run_call(job)
+                self._run_calls()
                 continue
             # Dynamic batching: generations already waiting join this one, up to max_batch rows.
             # Anything else (an adapter load, shutdown) keeps its place after the batch.
@@ -268,23 +278,29 @@ class LocalEngine:
                     nxt = backlog.popleft() if backlog else self._jobs.get_nowait()
                 except queue.Empty:
                     break
-                if (
-                    nxt is None
-                    or nxt.generation is None
-                    or rows + nxt.generation[0].params.n > (self.max_batch)
-                ):
+                if nxt is not None and nxt.generation is None:
+                    self._run_calls()
+                    continue
+                if nxt is None or rows + nxt.generation[0].params.n > self.max_batch:
                     backlog.appendleft(nxt)
                     break
                 batch.append(nxt)
                 rows += nxt.generation[0].params.n
             self._run_batch(batch)
 
-    def _run_call(self, job: _Job) -> None:
-        try:
-            job.fn(job)
-        except Exception as exc:  # noqa: BLE001 - every failure goes back to its caller
-            job.emit(_as_engine_error(exc))
-        job.emit(_END)
+    def _run_calls(self) -> None:
+        while True:
+            try:
+                job = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                # Called between decode steps too: weights must not become inference tensors.
+                with torch.inference_mode(False):
+                    job.fn(job)
+            except Exception as exc:  # noqa: BLE001 - every failure goes back to its caller
+                job.emit(_as_engine_error(exc))
+            job.emit(_END)
 
     def _run_batch(self, jobs: list[_Job]) -> None:
         gens = []
@@ -308,6 +324,8 @@ class LocalEngine:
                 if not g.ended:
                     g.job.emit(error)
                     g.job.emit(_END)
+        finally:
+            self._running_adapters = set()
 
     def _forward(self, rows: list[tuple[_Gen, int]], **inputs: Any) -> Any:
         if self._adapters:  # the model is a PeftModel: peft picks each row's adapter
@@ -333,6 +351,8 @@ class LocalEngine:
         counts = torch.zeros(len(rows), logits.shape[-1], device=logits.device)
 
         while True:
+            self._running_adapters = {g.request.adapter for g, _ in rows}
+            self._run_calls()  # a pending adapter load or unload waits one step, not the batch
             next_ids = torch.full((len(rows),), pad, dtype=torch.long)
             for g in gens:
                 idx = [r for r, (h, _) in enumerate(rows) if h is g]
@@ -375,7 +395,7 @@ class LocalEngine:
 
 
 def _as_engine_error(exc: Exception) -> Exception:
-    if isinstance(exc, EngineError | InvalidRequestError | NotFoundError):
+    if isinstance(exc, EngineError | InvalidRequestError | NotFoundError | ConflictError):
         return exc
     return EngineError(f"generation failed: {type(exc).__name__}: {exc}")
 

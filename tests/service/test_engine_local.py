@@ -266,3 +266,40 @@ def test_batched_greedy_answers_equal_one_at_a_time(smollm2_dir: Path) -> None:
         assert "Paris" in together[0]
     finally:
         run(eng.aclose())
+
+
+def test_adapter_swaps_run_between_decode_steps(
+    engine: LocalEngine, adapters: dict[str, Path]
+) -> None:
+    """A load waits for one decode step, not for the running batch, and does not disturb it;
+    an adapter that rows are generating with cannot be unloaded under them."""
+    alone = text_of(run(collect(engine, GenerationRequest(HELLO, greedy(300))))[0])
+
+    async def scenario() -> tuple[str, int, int, str]:
+        stream = await engine.generate(GenerationRequest(HELLO, greedy(300)))
+        seen: list = []
+
+        async def consume() -> None:
+            async for d in stream:
+                seen.append(d)
+
+        task = asyncio.create_task(consume())
+        while len(seen) < 5:
+            await asyncio.sleep(0.005)
+        await engine.load_adapter("a", str(adapters["a"]))
+        at_load = len(seen)
+        busy = await engine.generate(GenerationRequest(HELLO, greedy(300), adapter="a"))
+        first = await anext(aiter(busy))  # "a" is now decoding
+        with pytest.raises(Exception, match="is generating answers"):
+            await engine.unload_adapter("a")
+        busy.cancel()
+        async for _ in busy:  # until its row has left the batch
+            pass
+        await task
+        await engine.unload_adapter("a")
+        return text_of(seen), at_load, len(seen), first.text
+
+    text, at_load, total, _ = run(scenario())
+    assert text == alone  # the running answer is exactly what it would have been
+    assert at_load < total  # the load finished while the answer was still being generated
+    assert engine.adapters() == []
