@@ -65,6 +65,9 @@ def test_cli_prepare_prints_the_model_dir() -> None:
     env = {**os.environ, "PREFLOOP_HOME": str(TEST_HOME)}
     out = subprocess.run(
         [sys.executable, "-m", "service", "model", "prepare"],
-        env=env, capture_output=True, text=True, check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert out.stdout.strip() == str(default_model_dir(TEST_HOME.resolve() / "models"))
