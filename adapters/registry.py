@@ -225,7 +225,9 @@ class Registry:
     # --- writing -------------------------------------------------------------------------------
     @contextmanager
     def _tx(self) -> Iterator[Session]:
-        with Session(self.db, expire_on_commit=False) as s:
+        # `immediate`: on SQLite, take the write lock when the transaction starts (see
+        # service.core.db); other databases ignore the option.
+        with Session(self.db.execution_options(immediate=True), expire_on_commit=False) as s:
             try:
                 yield s
                 s.commit()

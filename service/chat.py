@@ -48,13 +48,18 @@ log = logging.getLogger(__name__)
 class ChatPlan:
     model: str  # the name the client used, echoed back
     adapter: str | None
+    segment: str
     messages: list[dict[str, str]]
     params: SamplingParams
     include_usage: bool
 
 
 def plan_chat(
-    body: ChatCompletionRequest, settings: Settings, engine: Engine, adapter: str | None
+    body: ChatCompletionRequest,
+    settings: Settings,
+    engine: Engine,
+    adapter: str | None,
+    segment: str = "default",
 ) -> ChatPlan:
     """Check the request against the limits; raises 4xx errors. ``adapter`` is what the router
     resolved the request's ``model`` to (None: the base model)."""
@@ -115,6 +120,7 @@ def plan_chat(
     return ChatPlan(
         model=body.model or engine.model_name,
         adapter=adapter,
+        segment=segment,
         messages=[m.plain() for m in body.messages],
         params=params,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
@@ -135,6 +141,7 @@ def _start_turn(
             model=plan.model,
             base_model=engine.model_name,
             adapter_version=plan.adapter,
+            segment=plan.segment,
             params=_params_record(plan.params),
             stream=body.stream,
             regenerate=body.regenerate,

@@ -1,4 +1,5 @@
-"""`prefloop` command line: serve, model prepare, train, pairs export, adapters."""
+"""`prefloop` command line: serve, worker, refresh, model prepare, train, pairs export,
+adapters."""
 
 from __future__ import annotations
 
@@ -149,6 +150,93 @@ def _adapters(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refresh(args: argparse.Namespace) -> int:
+    """One refresh now, in the foreground, with its steps and training progress shown."""
+    import threading
+
+    from tqdm import tqdm
+
+    from adapters.registry import Registry
+    from service.core.db import init_db, make_engine
+    from service.refresh import create_run, get_run, run_refresh
+
+    settings = get_settings()
+    db = make_engine(settings)
+    init_db(db)
+    registry = Registry(db, settings.adapters_dir)
+    run = create_run(db, segment=args.segment, trigger="manual", actor=args.actor)
+    print(f"refresh {run.id} (segment {args.segment})")
+    done = threading.Event()
+
+    def watch() -> None:
+        stage, bar = None, None
+        while not done.wait(0.5):
+            now = get_run(db, run.id)
+            if now is None:
+                continue
+            if now.stage != stage:
+                stage = now.stage
+                if bar is not None:
+                    bar.close()
+                    bar = None
+                if stage:
+                    tqdm.write(f"- {stage}")
+            p = now.progress
+            if stage == "train" and p.get("total"):
+                if bar is None:
+                    bar = tqdm(total=p["total"], desc="train", leave=False)
+                bar.n = p["step"]
+                bar.set_postfix(loss=f"{p.get('loss', 0):.4f}", margin=f"{p.get('margin', 0):.3f}")
+        if bar is not None:
+            bar.close()
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        run = run_refresh(settings, db, registry, run.id)
+    finally:
+        done.set()
+        watcher.join()
+        db.dispose()
+    for step in run.steps:
+        print(f"  {step['name']:<9} {step['seconds'] or 0:8.1f} s  {step.get('detail', '')}")
+    verdict = run.verdict or {}
+    for reason in verdict.get("reasons", []):
+        print(f"  gate: {reason}")
+    print(
+        f"{run.status}"
+        + (f" ({run.outcome})" if run.outcome else "")
+        + (f": {run.error}" if run.error else "")
+        + (f"; candidate {run.candidate_version}" if run.candidate_version else "")
+    )
+    return 0 if run.status in ("succeeded", "skipped") else 1
+
+
+def _worker(_args: argparse.Namespace) -> int:
+    """The refresh scheduler without the HTTP server (replicas notice promotions by polling)."""
+    import signal
+    import threading
+
+    from adapters.registry import Registry
+    from service.core.db import init_db, make_engine
+    from service.scheduler import Refresher
+
+    settings = get_settings()
+    db = make_engine(settings)
+    init_db(db)
+    refresher = Refresher(settings, db, Registry(db, settings.adapters_dir))
+    refresher.start_schedule()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    print(f"prefloop worker: refresh {settings.refresh_cron!r} ({settings.refresh_timezone}), "
+          f"threshold {settings.refresh_threshold_pairs} pairs")  # fmt: skip
+    stop.wait()
+    refresher.shutdown()
+    db.dispose()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prefloop", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -224,6 +312,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason")
     a_sub.add_parser("gc", help="apply retention: delete old retired and rejected files")
     adapters.set_defaults(func=_adapters)
+
+    refresh = sub.add_parser(
+        "refresh", help="run one refresh now: compile, train, evaluate, gate, promote"
+    )
+    refresh.add_argument("--segment", default="default")
+    refresh.add_argument("--actor", default="cli")
+    refresh.set_defaults(func=_refresh)
+    worker = sub.add_parser("worker", help="run the refresh scheduler without serving")
+    worker.set_defaults(func=_worker)
     return parser
 
 

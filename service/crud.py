@@ -98,6 +98,7 @@ def start_completion(
     model: str,
     base_model: str,
     adapter_version: str | None,
+    segment: str = "default",
     params: dict[str, Any],
     stream: bool,
     regenerate: str | None = None,
@@ -123,6 +124,7 @@ def start_completion(
             model=model,
             base_model=base_model,
             adapter_version=adapter_version,
+            segment=segment,
             params=params,
             stream=stream,
         )
@@ -173,6 +175,7 @@ def start_completion(
         model=model,
         base_model=base_model,
         adapter_version=adapter_version,
+        segment=segment,
         params=params,
         stream=stream,
     )
@@ -192,6 +195,7 @@ def _start_regeneration(
     model: str,
     base_model: str,
     adapter_version: str | None,
+    segment: str = "default",
     params: dict[str, Any],
     stream: bool,
 ) -> StartedTurn:
@@ -228,6 +232,7 @@ def _start_regeneration(
         model=model,
         base_model=base_model,
         adapter_version=adapter_version,
+        segment=segment,
         params=params,
         stream=stream,
         regenerated_from=original.id,

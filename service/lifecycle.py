@@ -50,9 +50,8 @@ def gate_version(
     actor: str = "gate",
     progress: bool = True,
 ) -> tuple[AdapterVersion, Verdict]:
-    """Evaluate a candidate against its segment's active version (or the base model) on the
-    held-out pairs, the golden set and the canary prompts; record the report and verdict; move
-    it to approved or rejected."""
+    """Evaluate a candidate (in this process) against its segment's active version (or the
+    base model) on the held-out pairs, the golden set and the canary prompts; then `judge` it."""
     from trainer.evaluate import evaluate
     from trainer.golden import load_golden
 
@@ -69,6 +68,19 @@ def gate_version(
         max_new_tokens=settings.eval_max_new_tokens,
         progress=progress,
     )
+    return judge(settings, registry, version_id, report, incumbent, actor=actor)
+
+
+def judge(
+    settings: Settings,
+    registry: Registry,
+    version_id: str,
+    report: dict[str, Any],
+    incumbent: AdapterVersion | None,
+    *,
+    actor: str = "gate",
+) -> tuple[AdapterVersion, Verdict]:
+    """Decide on an evaluation report, record it with the version, and approve or reject it."""
     report["incumbent"]["version"] = incumbent.id if incumbent is not None else None
     verdict = decide(report["candidate"], report["incumbent"], settings.gate)
     registry.record_eval(version_id, report, verdict.to_json())

@@ -10,12 +10,13 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from adapters.registry import Registry
-from service.api.routes import adapters, chat, feedback, health, models, operator
+from service.api.routes import adapters, chat, feedback, health, models, operator, runs
 from service.core.config import Settings, get_settings
 from service.core.db import GroupCommit, init_db, make_engine
 from service.core.errors import install_error_handlers
 from service.engines.base import Engine
 from service.routing import AdapterRouter
+from service.scheduler import Refresher
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +100,19 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         tasks.append(asyncio.create_task(_poll(app)))
         if settings.watch_interval_seconds > 0:
             tasks.append(asyncio.create_task(_watch(app, settings)))
+        loop = asyncio.get_running_loop()
+        app.state.refresher = Refresher(
+            settings,
+            app.state.db,
+            app.state.registry,
+            on_promote=lambda: loop.call_soon_threadsafe(app.state.router.kick),
+        )
+        if settings.refresh_enabled:
+            app.state.refresher.start_schedule()
         try:
             yield
         finally:
+            await asyncio.to_thread(app.state.refresher.shutdown)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -126,4 +137,5 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(feedback.router)
     app.include_router(operator.router)
     app.include_router(adapters.router)
+    app.include_router(runs.router)
     return app

@@ -6,8 +6,8 @@ are the assistant messages that point back at it with their `choice_index`.
 
 Feedback on those answers (`Feedback`) is compiled into training data (`PreferencePair`: DPO
 pairs and, in the same table with `kind="unpaired"`, KTO rows); every operator decision on them
-is logged in `OperatorAction`. No migrations yet: `SQLModel.metadata.create_all` creates missing
-tables but does not add columns to existing ones.
+is logged in `OperatorAction`; a refresh is a `TrainingRun`. No migrations yet:
+`SQLModel.metadata.create_all` creates missing tables but does not add columns to existing ones.
 """
 
 from __future__ import annotations
@@ -63,6 +63,8 @@ class Completion(SQLModel, table=True):
     model: str  # the name the client asked for
     base_model: str
     adapter_version: str | None = Field(default=None, index=True)
+    # The adapter line it was routed to; feedback on it trains that segment only.
+    segment: str = Field(default="default", index=True)
     params: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     stream: bool = False
     status: str = Field(default="running", index=True)  # running|succeeded|failed|cancelled
@@ -146,3 +148,47 @@ class OperatorAction(SQLModel, table=True):
     target_ids: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     detail: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     created_at: datetime = Field(default_factory=utcnow, index=True)
+
+
+class TrainingRun(SQLModel, table=True):
+    """One refresh: compile -> train -> evaluate -> gate -> register -> promote, as it happens.
+
+    `steps` is a list of {name, started_at, seconds, detail} in order; `progress` is the
+    training's latest {step, total, loss, margin, accuracy}; `counts` the pair numbers (compiled,
+    used for training, held out); `log` the tail of the training and evaluation subprocesses'
+    output. Operators watch it through `/v1/operator/runs/{id}` while it runs.
+    """
+
+    id: str = Field(default_factory=lambda: new_id("run"), primary_key=True)
+    segment: str = Field(default="default", index=True)
+    trigger: str = "manual"  # manual|schedule|threshold|api
+    actor: str = "system"
+    # queued|running|succeeded|skipped|failed|cancelled; `outcome` says what a success did.
+    status: str = Field(default="queued", index=True)
+    outcome: str | None = None  # promoted|approved|rejected
+    stage: str | None = None
+    steps: list[dict[str, Any]] = Field(
+        default_factory=list, sa_column=Column(JSON, nullable=False)
+    )
+    progress: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    counts: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    verdict: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    parent_version: str | None = None
+    candidate_version: str | None = None
+    error: str | None = Field(default=None, sa_column=Column(Text))
+    log: str = Field(default="", sa_column=Column(Text, nullable=False))
+    cancel_requested: bool = False
+    holder: str | None = None  # the process running it
+    created_at: datetime = Field(default_factory=utcnow, index=True)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class Lease(SQLModel, table=True):
+    """A named lock with an expiry, held by one process: one refresh at a time, fleet-wide.
+    A crashed holder stops renewing and its lease expires."""
+
+    name: str = Field(primary_key=True)
+    holder: str
+    expires_at: datetime
+    acquired_at: datetime = Field(default_factory=utcnow)

@@ -109,6 +109,7 @@ def load_signals(session: Session) -> tuple[list[tp.Answer], list[tp.Feedback]]:
                 prompt=prompt,
                 text=message.content,
                 tenant=tenants[completion.conversation_id],
+                segment=completion.segment,
                 user_id=completion.user_id or "anonymous",
                 created_at=_aware(message.created_at),
                 choice_index=message.choice_index or 0,

@@ -36,8 +36,9 @@ log = logging.getLogger(__name__)
 class Lease:
     """One request's hold on an adapter (None: the base model). Released exactly once."""
 
-    def __init__(self, router: AdapterRouter | None, adapter: str | None):
+    def __init__(self, router: AdapterRouter | None, adapter: str | None, segment: str):
         self.adapter = adapter
+        self.segment = segment  # the adapter line the request belongs to (for its feedback)
         self._router = router
 
     def release(self) -> None:
@@ -66,18 +67,20 @@ class AdapterRouter:
     # --- requests ----------------------------------------------------------------------------
     def lease(self, model: str | None) -> Lease:
         """The adapter for a request's ``model``, held until the lease is released."""
-        adapter = self.resolve(model)
+        adapter, segment = self.resolve(model)
         if adapter is not None:
             self._inflight[adapter] += 1
-        return Lease(self, adapter)
+        return Lease(self, adapter, segment)
 
-    def resolve(self, model: str | None) -> str | None:
+    def resolve(self, model: str | None) -> tuple[str | None, str]:
+        """(the adapter to use, its segment) for a request's ``model``."""
         if model in (None, "", self.engine.model_name):
-            return self.routes.get(DEFAULT_SEGMENT)
+            return self.routes.get(DEFAULT_SEGMENT), DEFAULT_SEGMENT
         if model in self.routes:
-            return self.routes[model]
+            return self.routes[model], model
         if model in self.engine.adapters() and model not in self._unloading:
-            return model
+            segment = model.split("@")[0] if "@" in model else DEFAULT_SEGMENT
+            return model, segment
         raise ModelNotFoundError(
             f"the model {model!r} does not exist; GET /v1/models lists the available ones",
             param="model",

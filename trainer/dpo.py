@@ -628,7 +628,10 @@ def train(
                 dist.all_reduce(stats)
             last = _metrics(stats) | {"lr": lr, "grad_norm": float(grad_norm)}
             if d.main:
-                _log(log_path, {"split": "train", "step": step, "epoch": epoch, **last})
+                _log(
+                    log_path,
+                    {"split": "train", "step": step, "total": total, "epoch": epoch, **last},
+                )
                 bar.update()
                 bar.set_postfix(loss=f"{last['loss']:.4f}", margin=f"{last['margin']:.3f}")
                 if on_progress is not None:

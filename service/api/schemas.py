@@ -255,3 +255,46 @@ class GoldenList(BaseModel):
     object: Literal["list"] = "list"
     data: list[dict[str, Any]]
     path: str
+
+
+# --- refresh runs -----------------------------------------------------------------------------
+
+
+class RunPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    segment: str
+    trigger: str
+    actor: str
+    status: str
+    outcome: str | None
+    stage: str | None
+    steps: list[dict[str, Any]]
+    progress: dict[str, Any]
+    counts: dict[str, Any]
+    verdict: dict[str, Any] | None
+    parent_version: str | None
+    candidate_version: str | None
+    error: str | None
+    cancel_requested: bool
+    holder: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class RunDetail(RunPublic):
+    log: str
+
+
+class RunList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[RunPublic]
+    has_more: bool
+
+
+class StartRun(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    segment: str = Field(default="default", max_length=64)

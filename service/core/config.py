@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -137,6 +137,40 @@ class Settings(BaseSettings):
     )
     watch_interval_seconds: float = Field(
         default=10.0, ge=0.0, description="How often the live watch runs; 0 turns it off."
+    )
+
+    # --- the refresh loop (scheduler, one refresh)
+    refresh_enabled: bool = Field(
+        default=True, description="Run the scheduler inside `prefloop serve`."
+    )
+    refresh_cron: str = Field(
+        default="0 3 * * *", description="When the scheduled refresh runs (crontab syntax)."
+    )
+    refresh_timezone: str = Field(default="UTC", description="Timezone of `refresh_cron`.")
+    refresh_threshold_pairs: int = Field(
+        default=200, ge=1, description="Refresh early once this many approved pairs wait."
+    )
+    refresh_min_interval_minutes: float = Field(
+        default=60.0, ge=0.0, description="The threshold trigger fires at most this often."
+    )
+    refresh_check_seconds: float = Field(
+        default=60.0, gt=0.0, description="How often the threshold trigger compiles and counts."
+    )
+    refresh_min_pairs: int = Field(
+        default=16, ge=1, description="Fewer approved training pairs: the refresh is skipped."
+    )
+    refresh_heldout_fraction: float = Field(
+        default=0.15, ge=0.0, lt=1.0, description="Pairs held out for the gate, not trained on."
+    )
+    refresh_auto_promote: bool = Field(
+        default=True, description="Promote a candidate the gate approves (else: wait)."
+    )
+    refresh_lease_seconds: float = Field(
+        default=120.0, gt=0.0, description="A crashed refresh's lease expires after this."
+    )
+    refresh_train: dict[str, Any] = Field(
+        default_factory=lambda: {"lr": 2e-4, "epochs": 2, "eval_fraction": 0.0},
+        description='Trainer options (`prefloop train -h`) as JSON, e.g. {"lr": 2e-4}.',
     )
 
     @model_validator(mode="after")

@@ -52,7 +52,12 @@ def make_engine(settings: Settings) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _sqlite_begin(conn) -> None:  # noqa: ANN001
-        conn.exec_driver_sql("BEGIN")
+        # `immediate=True` (an execution option) takes the write lock up front: a transaction
+        # that reads, then writes, while another *process* writes would otherwise fail at once
+        # with "database is locked" (WAL cannot upgrade a stale read snapshot), busy_timeout or
+        # not. The adapter registry and the refresh lease ask for it.
+        immediate = conn.get_execution_options().get("immediate", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     return engine
 

@@ -108,43 +108,15 @@ def test_promotions_and_rollbacks_under_load_fail_no_request(
                 except Exception as exc:  # noqa: BLE001 - every failure is the finding
                     failures.append(repr(exc))
 
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+    threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(4)]
     for t in threads:
         t.start()
-    # 10 consecutive swaps, alternating the operator API of the replica and the database
-    # (another process), promotions and rollbacks.
-    ops = [  # (via, op, version promoted; rollbacks go to the replaced version)
-        ("api", "promote", ids[0]),
-        ("db", "promote", ids[1]),
-        ("api", "rollback", None),  # -> ids[0]
-        ("db", "promote", ids[2]),
-        ("db", "rollback", None),  # -> ids[0]
-        ("api", "promote", ids[1]),
-        ("api", "rollback", None),  # -> ids[0]
-        ("db", "rollback", None),  # -> ids[2], which ids[0] replaced
-        ("api", "promote", ids[1]),
-        ("db", "rollback", None),  # -> ids[2]
-    ]
-    ops_http = httpx.Client(base_url=server.base_url, timeout=60, headers={"X-Operator": "t"})
-    for via, op, vid in ops:
-        if op == "promote":
-            if via == "api":
-                r = ops_http.post(f"/v1/operator/adapters/{vid}/promote")
-                assert r.status_code == 200, r.text
-            else:
-                registry.promote(vid, actor="other-process")
-        elif via == "api":
-            r = ops_http.post("/v1/operator/adapters/rollback", json={"reason": "test"})
-            assert r.status_code == 200, r.text
-        else:
-            registry.rollback(actor="other-process", reason="test")
-        now = registry.active().get("default")
-        wait_served(http, now.id if now else None)
-        time.sleep(0.3)  # requests in flight across the swap
-    stop.set()
-    for t in threads:
-        t.join()
-
+    try:
+        swap_ten_times(server.base_url, registry, ids, http)
+    finally:  # a failed swap must not leave the clients running
+        stop.set()
+        for t in threads:
+            t.join()
     assert failures == []
     assert len(served) > 40
     # Every answer matches the version it says produced it, and that is what was stored.
@@ -175,3 +147,36 @@ def test_promotions_and_rollbacks_under_load_fail_no_request(
         time.sleep(0.1)
     else:
         raise AssertionError(f"old versions still loaded: {names}")
+
+
+def swap_ten_times(base_url: str, registry: Registry, ids: list[str], http: httpx.Client) -> None:
+    # 10 consecutive swaps, alternating the operator API of the replica and the database
+    # (another process), promotions and rollbacks.
+    ops = [  # (via, op, version promoted; rollbacks go to the replaced version)
+        ("api", "promote", ids[0]),
+        ("db", "promote", ids[1]),
+        ("api", "rollback", None),  # -> ids[0]
+        ("db", "promote", ids[2]),
+        ("db", "rollback", None),  # -> ids[0]
+        ("api", "promote", ids[1]),
+        ("api", "rollback", None),  # -> ids[0]
+        ("db", "rollback", None),  # -> ids[2], which ids[0] replaced
+        ("api", "promote", ids[1]),
+        ("db", "rollback", None),  # -> ids[2]
+    ]
+    ops_http = httpx.Client(base_url=base_url, timeout=60, headers={"X-Operator": "t"})
+    for via, op, vid in ops:
+        if op == "promote":
+            if via == "api":
+                r = ops_http.post(f"/v1/operator/adapters/{vid}/promote")
+                assert r.status_code == 200, r.text
+            else:
+                registry.promote(vid, actor="other-process")
+        elif via == "api":
+            r = ops_http.post("/v1/operator/adapters/rollback", json={"reason": "test"})
+            assert r.status_code == 200, r.text
+        else:
+            registry.rollback(actor="other-process", reason="test")
+        now = registry.active().get("default")
+        wait_served(http, now.id if now else None)
+        time.sleep(0.3)  # requests in flight across the swap

@@ -32,12 +32,12 @@ async def create_chat_completion(
     lease = adapters.lease(body.model)
     if not body.stream:
         try:
-            plan = plan_chat(body, settings, engine, lease.adapter)
+            plan = plan_chat(body, settings, engine, lease.adapter, lease.segment)
             return await complete_chat(db, engine, plan, body, TENANT)
         finally:
             lease.release()
     try:
-        plan = plan_chat(body, settings, engine, lease.adapter)
+        plan = plan_chat(body, settings, engine, lease.adapter, lease.segment)
         events = await stream_chat(db, engine, plan, body, TENANT)
     except BaseException:
         lease.release()

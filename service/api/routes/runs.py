@@ -1,0 +1,81 @@
+"""Operator API for refresh runs: start one, watch it (steps, training progress, log), cancel."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from sqlmodel import Session, col, select
+
+from adapters.registry import check_segment
+from service.api.deps import DbDep, OperatorDep
+from service.api.schemas import RunDetail, RunList, RunPublic, StartRun
+from service.core.errors import ConflictError, InvalidRequestError, NotFoundError
+from service.models import TrainingRun
+from service.refresh import FINISHED, get_run, request_cancel
+
+router = APIRouter(prefix="/v1/operator", tags=["runs"])
+STATUSES = ("queued", "running", *FINISHED)
+
+
+@router.post("/runs", response_model=RunPublic, status_code=202)
+async def start_run(
+    request: Request, operator: OperatorDep, body: StartRun | None = None
+) -> RunPublic:
+    """Start a refresh now (compile, train, evaluate, gate, promote); returns at once."""
+    segment = body.segment if body else "default"
+    check_segment(segment)  # a bad name is a 400
+    run = await run_in_threadpool(
+        request.app.state.refresher.start, segment, trigger="api", actor=operator
+    )
+    return RunPublic.model_validate(run)
+
+
+@router.get("/runs", response_model=RunList)
+async def list_runs(
+    db: DbDep,
+    _operator: OperatorDep,
+    segment: str | None = None,
+    status: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> RunList:
+    """Runs, newest first."""
+    if status is not None and status not in STATUSES:
+        raise InvalidRequestError(f"status must be one of {', '.join(STATUSES)}", param="status")
+
+    def query() -> list[TrainingRun]:
+        q = select(TrainingRun)
+        if segment is not None:
+            q = q.where(TrainingRun.segment == segment)
+        if status is not None:
+            q = q.where(TrainingRun.status == status)
+        q = q.order_by(col(TrainingRun.created_at).desc()).offset(offset).limit(limit + 1)
+        with Session(db) as s:
+            return list(s.exec(q).all())
+
+    rows = await run_in_threadpool(query)
+    return RunList(
+        data=[RunPublic.model_validate(r) for r in rows[:limit]], has_more=len(rows) > limit
+    )
+
+
+@router.get("/runs/{run_id}", response_model=RunDetail)
+async def show_run(run_id: str, db: DbDep, _operator: OperatorDep) -> RunDetail:
+    run = await run_in_threadpool(get_run, db, run_id)
+    if run is None:
+        raise NotFoundError(f"no refresh run {run_id!r}")
+    return RunDetail.model_validate(run)
+
+
+@router.post("/runs/{run_id}/cancel", response_model=RunPublic)
+async def cancel_run(run_id: str, db: DbDep, _operator: OperatorDep) -> RunPublic:
+    """Stop a queued or running refresh (its training subprocess is terminated within a
+    second); the active adapter is untouched."""
+    run = await run_in_threadpool(request_cancel, db, run_id)
+    if run is None:
+        raise NotFoundError(f"no refresh run {run_id!r}")
+    if run.status in FINISHED:
+        raise ConflictError(f"run {run_id} already finished ({run.status})", code="run_finished")
+    return RunPublic.model_validate(run)

@@ -1,0 +1,451 @@
+"""One refresh: the loop the service exists for, as one recorded run.
+
+    compile new feedback into pairs -> select this segment's approved pairs (a seeded share held
+    out for the gate) -> train a LoRA DPO update in a subprocess, warm-started from the active
+    adapter -> register it -> evaluate it against the active one in a subprocess -> gate ->
+    promote (replicas swap it in) or reject -> mark the pairs used
+
+Training and evaluation run as subprocesses (`python -m trainer ...`), so a crash or an
+out-of-memory kills that process, not the server, and GPU memory is released when it exits.
+Every step, its timing, the training progress and the subprocesses' log tail are written to the
+`TrainingRun` row as they happen. A database lease keeps one refresh running at a time across
+every replica and worker; the holder renews it while it works, so a crashed holder's lease
+simply expires. Any failure leaves the active adapter as it was and the run `failed` with its
+reason; cancelling (the operator API sets a flag) stops the subprocess at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.engine import Engine as Database
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, select
+
+from adapters.registry import APPROVED, Registry
+from service.core.config import Settings
+from service.lifecycle import base_model_path, judge
+from service.models import Lease, PreferencePair, TrainingRun, utcnow
+from service.pairs import compile_and_store, to_trainer
+from trainer import pairs as tp
+
+log = logging.getLogger(__name__)
+
+LEASE = "refresh"
+HOLDER = f"{socket.gethostname()}:{os.getpid()}"
+FINISHED = ("succeeded", "skipped", "failed", "cancelled")
+
+
+class RefreshSkipped(Exception):
+    """Nothing to do (too few pairs, another refresh running): not a failure."""
+
+
+class RefreshCancelled(Exception):
+    pass
+
+
+# --- the lease --------------------------------------------------------------------------------
+
+
+def _immediate(db: Database) -> Database:
+    return db.execution_options(immediate=True)  # see service.core.db
+
+
+def acquire_lease(db: Database, holder: str, ttl: float, name: str = LEASE) -> str | None:
+    """Take the lease if it is free or expired; returns None on success, else who holds it."""
+    now = utcnow()
+    with Session(_immediate(db)) as s:
+        row = s.get(Lease, name)
+        if row is None:
+            s.add(Lease(name=name, holder=holder, expires_at=now + timedelta(seconds=ttl)))
+        elif row.holder != holder and _aware(row.expires_at) > now:
+            return f"{row.holder} (until {_aware(row.expires_at).isoformat(timespec='seconds')})"
+        else:
+            row.holder, row.expires_at, row.acquired_at = holder, now + timedelta(seconds=ttl), now
+            s.add(row)
+        try:
+            s.commit()
+        except IntegrityError:  # another process inserted it first
+            return "another process"
+    return None
+
+
+def renew_lease(db: Database, holder: str, ttl: float, name: str = LEASE) -> bool:
+    with Session(_immediate(db)) as s:
+        result = s.exec(
+            update(Lease)
+            .where(col(Lease.name) == name, col(Lease.holder) == holder)
+            .values(expires_at=utcnow() + timedelta(seconds=ttl))
+        )
+        s.commit()
+        return result.rowcount == 1
+
+
+def release_lease(db: Database, holder: str, name: str = LEASE) -> None:
+    with Session(_immediate(db)) as s:
+        row = s.get(Lease, name)
+        if row is not None and row.holder == holder:
+            s.delete(row)
+            s.commit()
+
+
+def _aware(t: Any) -> Any:
+    from datetime import UTC
+
+    return t.replace(tzinfo=UTC) if t is not None and t.tzinfo is None else t
+
+
+# --- run records ------------------------------------------------------------------------------
+
+
+def create_run(db: Database, *, segment: str, trigger: str, actor: str) -> TrainingRun:
+    with Session(db, expire_on_commit=False) as s:
+        run = TrainingRun(segment=segment, trigger=trigger, actor=actor)
+        s.add(run)
+        s.commit()
+        return run
+
+
+def get_run(db: Database, run_id: str) -> TrainingRun | None:
+    with Session(db, expire_on_commit=False) as s:
+        return s.get(TrainingRun, run_id)
+
+
+def request_cancel(db: Database, run_id: str) -> TrainingRun | None:
+    """Ask a run to stop; the process running it notices within a second."""
+    with Session(_immediate(db), expire_on_commit=False) as s:
+        run = s.get(TrainingRun, run_id)
+        if run is None or run.status in FINISHED:
+            return run
+        run.cancel_requested = True
+        s.add(run)
+        s.commit()
+        return run
+
+
+class Recorder:
+    """Writes a run's progress to its row, one short transaction at a time."""
+
+    def __init__(self, db: Database, run_id: str):
+        self.db, self.run_id = db, run_id
+        self.steps: list[dict[str, Any]] = []
+        self._checked, self._cancel = 0.0, False
+
+    def update(self, **fields: Any) -> None:
+        with Session(self.db) as s:
+            s.exec(update(TrainingRun).where(col(TrainingRun.id) == self.run_id).values(**fields))
+            s.commit()
+
+    def cancelled(self) -> bool:
+        if not self._cancel and time.monotonic() - self._checked > 0.5:
+            self._checked = time.monotonic()
+            with Session(self.db) as s:
+                self._cancel = bool(
+                    s.exec(
+                        select(TrainingRun.cancel_requested).where(TrainingRun.id == self.run_id)
+                    ).one()
+                )
+        return self._cancel
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[dict[str, Any]]:
+        """Record a step; the caller fills the yielded dict with what it found."""
+        if self.cancelled():
+            raise RefreshCancelled(f"cancelled before {name}")
+        detail: dict[str, Any] = {}
+        entry = {"name": name, "started_at": utcnow().isoformat(), "seconds": None}
+        self.steps.append(entry)
+        self.update(stage=name, steps=list(self.steps))
+        t0 = time.perf_counter()
+        try:
+            yield detail
+        finally:
+            entry["seconds"] = round(time.perf_counter() - t0, 3)
+            if detail:
+                entry["detail"] = detail
+            self.update(steps=list(self.steps))
+            log.info("refresh %s: %s took %.1f s %s", self.run_id, name, entry["seconds"], detail)
+
+
+# --- subprocesses -----------------------------------------------------------------------------
+
+
+def _train_flags(train: dict[str, Any]) -> list[str]:
+    flags: list[str] = []
+    for key, value in train.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif isinstance(value, list | tuple):
+            flags += [flag, *map(str, value)]
+        else:
+            flags += [flag, str(value)]
+    return flags
+
+
+def run_subprocess(
+    cmd: list[str],
+    rec: Recorder,
+    *,
+    log_lines: deque[str],
+    progress_files: list[Path] | None = None,
+    cwd: Path | None = None,
+) -> None:
+    """Run a trainer command, mirroring its progress and log tail into the run; a cancel
+    request terminates it."""
+    log_lines.append("$ " + " ".join(cmd))
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log_lines.append(line.rstrip()[:500])
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    last_progress: dict[str, Any] = {}
+    while proc.poll() is None:
+        time.sleep(0.5)
+        if rec.cancelled():
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise RefreshCancelled("cancelled by an operator")
+        progress = _read_progress(progress_files) if progress_files else None
+        if progress and progress != last_progress:
+            last_progress = progress
+            rec.update(progress=progress, log="\n".join(log_lines))
+    reader.join(timeout=5)
+    if progress_files:
+        progress = _read_progress(progress_files)
+        if progress:
+            rec.update(progress=progress)
+    rec.update(log="\n".join(log_lines))
+    if proc.returncode != 0:
+        tail = " | ".join(list(log_lines)[-3:])
+        raise RuntimeError(f"{cmd[2]} {cmd[3]} exited with {proc.returncode}: {tail}")
+
+
+def _read_progress(paths: list[Path]) -> dict[str, Any] | None:
+    """The trainer's latest step from its metrics.jsonl (in `.<out>.partial/` while training
+    runs, inside the output once it is renamed into place)."""
+    path = next((p for p in paths if p.is_file()), None)
+    if path is None:
+        return None
+    last = None
+    for line in path.read_text().splitlines():
+        if '"split": "train"' in line:
+            last = line
+    if last is None:
+        return None
+    try:
+        rec = json.loads(last)
+    except json.JSONDecodeError:  # a line being written
+        return None
+    keep = ("step", "total", "epoch", "loss", "margin", "accuracy", "lr")
+    return {k: rec[k] for k in keep if k in rec}
+
+
+# --- the refresh ------------------------------------------------------------------------------
+
+
+def _heldout(key: str, fraction: float) -> bool:
+    """A stable split: a pair is held out (or not) whichever refresh sees it."""
+    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
+
+
+def run_refresh(
+    settings: Settings,
+    db: Database,
+    registry: Registry,
+    run_id: str,
+    *,
+    on_promote: Callable[[], None] | None = None,
+    holder: str = HOLDER,
+) -> TrainingRun:
+    """Run one queued refresh to its end; the row says how it went. Never raises for a failed
+    refresh (the row is marked failed with the reason)."""
+    rec = Recorder(db, run_id)
+    run = get_run(db, run_id)
+    assert run is not None, run_id
+    ttl = settings.refresh_lease_seconds
+    held_by = acquire_lease(db, holder, ttl)
+    if held_by is not None:
+        rec.update(
+            status="skipped",
+            error=f"another refresh is running (lease held by {held_by})",
+            finished_at=utcnow(),
+        )
+        return get_run(db, run_id)  # type: ignore[return-value]
+
+    stop = threading.Event()
+
+    def heartbeat() -> None:
+        while not stop.wait(ttl / 3):
+            if not renew_lease(db, holder, ttl):
+                log.error("refresh %s lost its lease", run_id)
+
+    beat = threading.Thread(target=heartbeat, name="refresh-lease", daemon=True)
+    beat.start()
+    rec.update(status="running", started_at=utcnow(), holder=holder)
+    log_lines: deque[str] = deque(maxlen=200)
+    try:
+        outcome = _refresh(settings, db, registry, run, rec, log_lines, on_promote)
+        rec.update(status="succeeded", outcome=outcome, stage=None)
+    except RefreshSkipped as exc:
+        rec.update(status="skipped", error=str(exc), stage=None)
+    except RefreshCancelled as exc:
+        rec.update(status="cancelled", error=str(exc))
+    except Exception as exc:  # noqa: BLE001 - the run records why; the service goes on
+        log.exception("refresh %s failed", run_id)
+        rec.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+    finally:
+        stop.set()
+        release_lease(db, holder)
+        rec.update(finished_at=utcnow(), log="\n".join(log_lines))
+    return get_run(db, run_id)  # type: ignore[return-value]
+
+
+def _refresh(
+    settings: Settings,
+    db: Database,
+    registry: Registry,
+    run: TrainingRun,
+    rec: Recorder,
+    log_lines: deque[str],
+    on_promote: Callable[[], None] | None,
+) -> str:
+    segment = run.segment
+    work = settings.home_dir / "runs" / run.id
+    work.mkdir(parents=True, exist_ok=True)
+
+    with rec.step("compile") as d:
+        summary = compile_and_store(db, settings, actor=f"refresh {run.id}")
+        d.update(new_pairs=summary.pairs, new_unpaired=summary.unpaired, excluded=summary.excluded)
+
+    with rec.step("select") as d:
+        with Session(db) as s:
+            rows = s.exec(
+                select(PreferencePair)
+                .where(
+                    PreferencePair.kind == "pair",
+                    PreferencePair.status == "approved",
+                    PreferencePair.segment == segment,
+                )
+                .order_by(col(PreferencePair.created_at), col(PreferencePair.key))
+            ).all()
+        heldout = [r for r in rows if _heldout(r.key, settings.refresh_heldout_fraction)]
+        train = [r for r in rows if not _heldout(r.key, settings.refresh_heldout_fraction)]
+        counts = {"approved": len(rows), "train": len(train), "heldout": len(heldout)}
+        d.update(counts)
+        rec.update(counts=counts)
+        if len(train) < settings.refresh_min_pairs:
+            raise RefreshSkipped(
+                f"{len(train)} approved training pairs in segment {segment!r}; a refresh needs "
+                f"{settings.refresh_min_pairs} (PREFLOOP_REFRESH_MIN_PAIRS)"
+            )
+        tp.write_jsonl((tp.dpo_row(to_trainer(r)) for r in train), work / "train.jsonl")
+        tp.write_jsonl((tp.dpo_row(to_trainer(r)) for r in heldout), work / "heldout.jsonl")
+
+    active = registry.active().get(segment)
+    base = base_model_path(settings)
+    rec.update(parent_version=active.id if active else None)
+    out = work / "adapter"
+    with rec.step("train") as d:
+        cmd = [
+            sys.executable, "-m", "trainer", "train",
+            "--pairs", str(work / "train.jsonl"), "--base", str(base), "--out", str(out),
+            "--no-progress", *_train_flags(settings.refresh_train),
+        ]  # fmt: skip
+        if active is not None:  # warm start: the active adapter is the policy and reference
+            cmd += ["--init-adapter", active.path]
+        if out.exists():  # a retried run: resume its checkpoint, never overwrite a version
+            cmd += ["--resume"]
+        metrics = [work / ".adapter.partial" / "metrics.jsonl", out / "metrics.jsonl"]
+        run_subprocess(cmd, rec, log_lines=log_lines, progress_files=metrics)
+        manifest = json.loads((out / "manifest.json").read_text())
+        d.update(
+            steps=manifest["metrics"]["steps"], seconds=manifest["metrics"]["seconds"]["total"]
+        )
+
+    with rec.step("register") as d:
+        version = registry.register(
+            out,
+            segment=segment,
+            base_model=str(base),
+            parent=active.id if active else None,
+            actor=f"refresh {run.id}",
+            reason=f"trained by {run.id} on {len(train)} pairs",
+        )
+        d.update(version=version.id)
+        rec.update(candidate_version=version.id)
+
+    with rec.step("evaluate") as d:
+        cmd = [
+            sys.executable, "-m", "trainer", "evaluate",
+            "--base", str(base), "--candidate", version.path,
+            "--golden", str(settings.golden_file), "--out", str(work / "report.json"),
+            "--max-new-tokens", str(settings.eval_max_new_tokens), "--no-progress",
+        ]  # fmt: skip
+        if active is not None:
+            cmd += ["--incumbent", active.path]
+        if heldout:
+            cmd += ["--pairs", str(work / "heldout.jsonl")]
+        run_subprocess(cmd, rec, log_lines=log_lines)
+        report = json.loads((work / "report.json").read_text())
+        d.update(seconds=report.get("seconds"))
+
+    with rec.step("gate") as d:
+        row, verdict = judge(
+            settings, registry, version.id, report, active, actor=f"refresh {run.id}"
+        )
+        d.update(approved=verdict.approved, reasons=verdict.reasons)
+        rec.update(verdict=verdict.to_json())
+        _mark_used([r.id for r in rows], run.id, db)
+
+    if row.status != APPROVED:
+        return "rejected"
+    if not settings.refresh_auto_promote:
+        return "approved"
+    with rec.step("promote") as d:
+        registry.promote(version.id, actor=f"refresh {run.id}", reason="passed the gate")
+        d.update(version=version.id, replaced=active.id if active else None)
+        if on_promote is not None:
+            on_promote()
+    return "promoted"
+
+
+def _mark_used(pair_ids: list[str], run_id: str, db: Database) -> None:
+    """Pairs a refresh trained or judged on are `used` (whatever the verdict: a rejected
+    update's pairs go back to operators for review, not into the next refresh unseen)."""
+    with Session(db) as s:
+        for row in s.exec(select(PreferencePair).where(col(PreferencePair.id).in_(pair_ids))):
+            row.status = "used"
+            row.provenance = {**row.provenance, "run_id": run_id}
+            row.updated_at = utcnow()
+            s.add(row)
+        s.commit()
