@@ -408,11 +408,13 @@ def _refresh(
         cmd = [
             sys.executable, "-m", "trainer", "evaluate",
             "--base", str(base), "--candidate", version.path,
-            "--golden", str(settings.golden_file), "--out", str(work / "report.json"),
+            "--out", str(work / "report.json"),
             "--max-new-tokens", str(settings.eval_max_new_tokens), "--no-progress",
         ]  # fmt: skip
         if active is not None:
             cmd += ["--incumbent", active.path]
+        if settings.golden_file.is_file():
+            cmd += ["--golden", str(settings.golden_file)]
         if heldout:
             cmd += ["--pairs", str(work / "heldout.jsonl")]
         run_subprocess(cmd, rec, log_lines=log_lines)

@@ -24,6 +24,7 @@ class Live:
     base_url: str
     db_url: str
     http: httpx.Client
+    model_dir: Path | None = None
     seed: int = 0
 
     def chat(self, messages: list[dict[str, str]] | None = None, **body: Any) -> dict[str, Any]:
@@ -75,4 +76,4 @@ def live(
     )
     with serve_thread(create_app(settings, engine=tiny_engine)) as base_url:
         with httpx.Client(base_url=base_url, timeout=30) as http:
-            yield Live(base_url=base_url, db_url=db_url, http=http)
+            yield Live(base_url=base_url, db_url=db_url, http=http, model_dir=tiny_llama_dir)

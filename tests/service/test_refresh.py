@@ -1,0 +1,220 @@
+"""Refreshes on a tiny model through the real HTTP API: a run goes compile -> train (subprocess)
+-> register -> evaluate (subprocess) -> gate -> promote, recorded step by step; runs with
+nothing to do are skipped, a failing one leaves the active adapter alone, a cancelled one stops
+its subprocess, the lease keeps refreshes apart, and the triggers fire when they should."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from sqlmodel import Session, select
+
+from adapters.registry import Registry
+from service.core.config import Settings
+from service.core.db import init_db, make_engine
+from service.models import PreferencePair, TrainingRun
+from service.refresh import acquire_lease, create_run, release_lease, renew_lease, run_refresh
+from service.scheduler import Refresher
+from tests.service.conftest import Live
+
+OPS = {"X-Operator": "olga"}
+LENIENT_GATE = {  # the tiny random model is no judge of quality: let every candidate through
+    "min_pairs": 1000,  # skips the pair checks
+    "max_kl": 1e9,
+    "max_length_ratio": 1e9,
+    "min_length_ratio": 0.0,
+    "max_repetition": 1.0,
+}
+FAST = {
+    "refresh_enabled": False,
+    "refresh_min_pairs": 4,
+    "refresh_heldout_fraction": 0.25,
+    "refresh_train": {"lr": 5e-2, "epochs": 1, "batch_size": 4, "max_length": 64,
+                      "eval_fraction": 0.0},
+    "eval_max_new_tokens": 4,
+    "gate": LENIENT_GATE,
+    "watch_interval_seconds": 0,
+}  # fmt: skip
+
+
+def picks(live: Live, count: int) -> None:
+    """`count` A/B picks on fresh n=2 answers: each becomes one preference pair."""
+    for i in range(count):
+        answer = live.chat([{"role": "user", "content": f"Question {i}: tell me a thing."}], n=2)
+        r = live.feedback(completion_id=answer["id"], type="pick", chosen_index=i % 2, user=f"u{i}")
+        assert r.status_code == 201, r.text
+
+
+def wait_run(live: Live, run_id: str, timeout: float = 300) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = live.http.get(f"/v1/operator/runs/{run_id}", headers=OPS).json()
+        if run["status"] not in ("queued", "running"):
+            return run
+        time.sleep(0.2)
+    raise AssertionError(f"run {run_id} still {run['status']} at {run['stage']}")
+
+
+@pytest.mark.parametrize("settings_overrides", [FAST], indirect=False)
+def test_a_refresh_trains_gates_promotes_and_serves(live: Live) -> None:
+    picks(live, 12)
+    r = live.http.post("/v1/operator/runs", json={"segment": "default"}, headers=OPS)
+    assert r.status_code == 202, r.text
+    run = wait_run(live, r.json()["id"])
+    assert run["status"] == "succeeded", (run["error"], run["log"][-2000:])
+    assert run["outcome"] == "promoted", run["verdict"]
+    assert [s["name"] for s in run["steps"]] == [
+        "compile", "select", "train", "register", "evaluate", "gate", "promote",
+    ]  # fmt: skip
+    assert all(s["seconds"] is not None for s in run["steps"])
+    assert run["steps"][0]["detail"]["new_pairs"] == 12
+    counts = run["counts"]
+    assert counts["approved"] == 12 and counts["train"] + counts["heldout"] == 12
+    assert run["progress"]["step"] == run["progress"]["total"] > 0
+    assert "loss" in run["progress"]
+    assert run["verdict"]["approved"] is True
+    assert run["candidate_version"] == "default@v1" and run["parent_version"] is None
+    assert "python" in run["log"] and "trainer train" in run["log"]
+
+    # Served: the promotion reached the router.
+    deadline = time.monotonic() + 5
+    while live.chat([{"role": "user", "content": "hi"}])["adapter_version"] != "default@v1":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    with live.session() as s:
+        statuses = {p.status for p in s.exec(select(PreferencePair)).all()}
+        used = s.exec(select(PreferencePair)).all()
+    assert statuses == {"used"}
+    assert {p.provenance["run_id"] for p in used} == {run["id"]}
+
+    # Nothing new: the next refresh is skipped and says why.
+    r = live.http.post("/v1/operator/runs", json={}, headers=OPS)
+    run = wait_run(live, r.json()["id"])
+    assert run["status"] == "skipped"
+    assert run["error"].startswith("0 approved training pairs in segment 'default'")
+
+    # Fresh feedback: a second refresh warm-starts from the active version and replaces it.
+    picks(live, 12)
+    run = wait_run(live, live.http.post("/v1/operator/runs", headers=OPS).json()["id"])
+    assert (run["status"], run["outcome"]) == ("succeeded", "promoted"), run["error"]
+    assert run["parent_version"] == "default@v1" and run["candidate_version"] == "default@v2"
+    assert "--init-adapter" in run["log"]
+    listing = live.http.get("/v1/operator/runs", headers=OPS).json()
+    assert [x["status"] for x in listing["data"]] == ["succeeded", "skipped", "succeeded"]
+
+
+@pytest.mark.parametrize(
+    "settings_overrides", [{**FAST, "refresh_train": {"lr": -1.0}}], indirect=False
+)
+def test_a_failed_refresh_leaves_serving_alone(live: Live) -> None:
+    picks(live, 8)
+    run = wait_run(live, live.http.post("/v1/operator/runs", headers=OPS).json()["id"])
+    assert run["status"] == "failed"
+    assert run["stage"] == "train"
+    assert "trainer train exited with 2" in run["error"]
+    assert "Invalid learning rate: -1.0" in run["error"]
+    assert run["candidate_version"] is None
+    assert live.http.get("/v1/operator/adapters", headers=OPS).json()["data"] == []
+    with live.session() as s:  # the pairs wait for the next refresh
+        assert {p.status for p in s.exec(select(PreferencePair)).all()} == {"approved"}
+
+
+@pytest.mark.parametrize(
+    "settings_overrides",
+    [{**FAST, "refresh_train": {**FAST["refresh_train"], "epochs": 500}}],
+    indirect=False,
+)
+def test_cancel_stops_the_training_subprocess(live: Live) -> None:
+    picks(live, 8)
+    run_id = live.http.post("/v1/operator/runs", headers=OPS).json()["id"]
+    deadline = time.monotonic() + 120
+    while True:  # wait until it is training
+        run = live.http.get(f"/v1/operator/runs/{run_id}", headers=OPS).json()
+        if run["progress"].get("step", 0) >= 1:
+            break
+        assert time.monotonic() < deadline, run
+        time.sleep(0.1)
+    r = live.http.post(f"/v1/operator/runs/{run_id}/cancel", headers=OPS)
+    assert r.status_code == 200 and r.json()["cancel_requested"] is True
+    t0 = time.monotonic()
+    run = wait_run(live, run_id, timeout=60)
+    assert time.monotonic() - t0 < 30
+    assert (run["status"], run["stage"]) == ("cancelled", "train")
+    assert run["progress"]["step"] < run["progress"]["total"]
+    r = live.http.post(f"/v1/operator/runs/{run_id}/cancel", headers=OPS)
+    assert r.status_code == 409
+    assert live.http.get("/v1/operator/runs/run-nope", headers=OPS).status_code == 404
+    assert (
+        live.http.post("/v1/operator/runs", json={"segment": "A B"}, headers=OPS).status_code == 400
+    )
+
+
+def test_the_lease_keeps_refreshes_apart(tmp_path) -> None:
+    db = make_engine(Settings(database_url=f"sqlite:///{tmp_path / 'l.db'}"))
+    init_db(db)
+    assert acquire_lease(db, "replica-a", ttl=60) is None
+    assert acquire_lease(db, "replica-a", ttl=60) is None  # its own lease: renewed
+    held = acquire_lease(db, "replica-b", ttl=60)
+    assert held is not None and held.startswith("replica-a (until ")
+    assert renew_lease(db, "replica-a", ttl=60) and not renew_lease(db, "replica-b", ttl=60)
+
+    # A run that finds the lease taken is recorded as skipped, with the holder.
+    settings = Settings(home=tmp_path, database_url=f"sqlite:///{tmp_path / 'l.db'}")
+    registry = Registry(db, tmp_path / "adapters")
+    run = create_run(db, segment="default", trigger="manual", actor="t")
+    run = run_refresh(settings, db, registry, run.id, holder="replica-b")
+    assert run.status == "skipped"
+    assert run.error.startswith("another refresh is running (lease held by replica-a")
+
+    # A crashed holder stops renewing: once its lease expires, another takes it.
+    assert acquire_lease(db, "replica-a", ttl=-1) is None  # renewed into the past
+    assert acquire_lease(db, "replica-b", ttl=60) is None
+    release_lease(db, "replica-a")  # not the holder: nothing happens
+    assert acquire_lease(db, "replica-a", ttl=60) is not None
+    release_lease(db, "replica-b")
+    assert acquire_lease(db, "replica-a", ttl=60) is None
+    db.dispose()
+
+
+@pytest.mark.parametrize(
+    "settings_overrides",
+    [{**FAST, "refresh_threshold_pairs": 6, "refresh_min_interval_minutes": 60}],
+    indirect=False,
+)
+def test_threshold_and_schedule_triggers(live: Live, tmp_path) -> None:
+    settings = Settings(
+        home=tmp_path, model=str(live.model_dir), database_url=live.db_url,
+        **{**FAST, "refresh_threshold_pairs": 6, "refresh_min_interval_minutes": 60},
+    )  # fmt: skip
+    db = make_engine(settings)
+    refresher = Refresher(settings, db, Registry(db, settings.adapters_dir))
+    picks(live, 4)
+    refresher.check_threshold()  # 4 < 6 waiting: nothing
+    with Session(db) as s:
+        assert s.exec(select(TrainingRun)).all() == []
+    picks(live, 4)
+    refresher.check_threshold()  # the check compiles the new feedback: 8 waiting
+    with Session(db) as s:
+        [run] = s.exec(select(TrainingRun)).all()
+    assert (run.trigger, run.status, run.outcome) == ("threshold", "succeeded", "promoted")
+    picks(live, 8)
+    refresher.check_threshold()  # enough pairs again, but within the minimum interval
+    with Session(db) as s:
+        assert len(s.exec(select(TrainingRun)).all()) == 1
+
+    refresher.scheduled()  # the nightly job does not wait for the threshold
+    with Session(db) as s:
+        runs = s.exec(select(TrainingRun).order_by(TrainingRun.created_at)).all()
+    assert [(r.trigger, r.status) for r in runs] == [
+        ("threshold", "succeeded"),
+        ("schedule", "succeeded"),
+    ]
+
+    refresher.start_schedule()
+    job = refresher.scheduler.get_job("scheduled-refresh")
+    nxt = job.next_run_time
+    assert (nxt.hour, nxt.minute) == (3, 0) and str(nxt.tzinfo) == "UTC"
+    refresher.shutdown()
+    db.dispose()
