@@ -89,7 +89,10 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         app.state.engine = engine or build_engine(settings)
         app.state.registry = Registry(app.state.db, settings.adapters_dir)
         app.state.router = AdapterRouter(
-            app.state.engine, app.state.registry, poll_seconds=settings.adapter_poll_seconds
+            app.state.engine,
+            app.state.registry,
+            poll_seconds=settings.adapter_poll_seconds,
+            segments=tuple(settings.segments),
         )
         # Load in the background: /healthz answers at once, /readyz once the model is loaded.
         tasks = []

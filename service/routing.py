@@ -51,8 +51,16 @@ class Lease:
 
 
 class AdapterRouter:
-    def __init__(self, engine: Engine, registry: Registry, *, poll_seconds: float = 0.5):
+    def __init__(
+        self,
+        engine: Engine,
+        registry: Registry,
+        *,
+        poll_seconds: float = 0.5,
+        segments: tuple[str, ...] = (DEFAULT_SEGMENT,),
+    ):
         self.engine = engine
+        self.segments = segments  # names clients may use, with or without an active version
         self.registry = registry
         self.poll_seconds = poll_seconds
         self.routes: dict[str, str] = {}  # segment -> the version id new requests get
@@ -76,8 +84,8 @@ class AdapterRouter:
         """(the adapter to use, its segment) for a request's ``model``."""
         if model in (None, "", self.engine.model_name):
             return self.routes.get(DEFAULT_SEGMENT), DEFAULT_SEGMENT
-        if model in self.routes:
-            return self.routes[model], model
+        if model in self.routes or model in self.segments:
+            return self.routes.get(model), model
         if model in self.engine.adapters() and model not in self._unloading:
             segment = model.split("@")[0] if "@" in model else DEFAULT_SEGMENT
             return model, segment
@@ -95,7 +103,10 @@ class AdapterRouter:
 
     def models(self) -> list[str]:
         """Names a client may use besides the base model's: segments, then loaded versions."""
-        return sorted(self.routes) + sorted(set(self.engine.adapters()) - self._unloading)
+        segments = sorted((set(self.routes) | set(self.segments)) - {DEFAULT_SEGMENT})
+        if DEFAULT_SEGMENT in self.routes:
+            segments.insert(0, DEFAULT_SEGMENT)
+        return segments + sorted(set(self.engine.adapters()) - self._unloading)
 
     # --- keeping in step with the registry ---------------------------------------------------
     def kick(self) -> None:

@@ -104,6 +104,11 @@ class Settings(BaseSettings):
     )
 
     # --- adapter lifecycle (registry, regression gate, live watch)
+    segments: list[str] = Field(
+        default_factory=lambda: ["default"],
+        description="Adapter lines clients can name in `model` (each learns from its own "
+        'feedback), JSON e.g. ["default", "support"]; the base model\'s name is `default`.',
+    )
     adapters_path: str = Field(
         default="",
         description="Where adapter versions are stored; replicas must share it. "
