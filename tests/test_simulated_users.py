@@ -1,0 +1,71 @@
+"""The loop the service exists for, on the real SmolLM2 (CPU): simulated users with a hidden
+preference chat, regenerate, pick and rate the model's own answers through the HTTP API (and an
+operator writes ideal answers), a refresh trains and promotes an adapter, and held-out
+behaviour moves the users' way while the golden set holds.
+
+Two preferences, each in its own segment (each trains only on its own feedback): users who
+prefer concise answers (two refreshes: the second, on fresh feedback, must not regress), and
+operators who add the sign-off "— Acme Support" the base model never writes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.simulate import CONCISE, GOLDEN, SIGNOFF, Client, run_rounds
+from tests.servers import serve_subprocess
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    home = tmp_path_factory.mktemp("simulated")
+    (home / "golden.jsonl").write_text("".join(json.dumps(g) + "\n" for g in GOLDEN))
+    env = {
+        "PREFLOOP_HOME": str(home),
+        "PREFLOOP_MODEL": str(smollm2_dir),
+        "PREFLOOP_SEGMENTS": '["default", "concise", "signoff"]',
+        "PREFLOOP_REFRESH_ENABLED": "false",
+        "PREFLOOP_WATCH_INTERVAL_SECONDS": "0",
+        "PREFLOOP_REFRESH_MIN_PAIRS": "8",
+    }
+    with serve_subprocess(env, home) as s:
+        yield s
+
+
+def test_concise_users_get_shorter_answers_and_a_second_refresh_holds(server) -> None:
+    client = Client(server.base_url, model="concise")
+    first, second = run_rounds(
+        client, CONCISE, "concise", rounds=2, prompts_per_round=60, max_edits=0
+    )
+    assert first["events"].feedback <= 200
+    assert (first["run"]["status"], first["run"]["outcome"]) == ("succeeded", "promoted"), first[
+        "run"
+    ]
+    before, after = first["before"], first["after"]
+    assert before.versions == {None} and after.versions == {"concise@v1"}
+    assert after.value <= 0.7 * before.value, (before.value, after.value)
+    assert after.golden_pass_rate >= before.golden_pass_rate - 0.02
+
+    # A second refresh on fresh feedback: promoted or rejected by the gate, never a regression.
+    assert second["run"]["status"] == "succeeded", second["run"]
+    final = second["after"]
+    assert final.value <= 0.7 * before.value, (before.value, final.value)
+    assert final.golden_pass_rate >= before.golden_pass_rate - 0.02
+
+
+def test_operator_edits_teach_the_sign_off(server) -> None:
+    client = Client(server.base_url, model="signoff")
+    [result] = run_rounds(client, SIGNOFF, "signoff", rounds=1, prompts_per_round=60, max_edits=50)
+    assert result["events"].edits <= 50
+    assert result["events"].feedback <= 200
+    run = result["run"]
+    assert (run["status"], run["outcome"]) == ("succeeded", "promoted"), run
+    before, after = result["before"], result["after"]
+    assert before.value == 0.0  # the base model never signs off
+    assert after.value >= 0.5, after.answers
+    assert after.golden_pass_rate >= before.golden_pass_rate - 0.02
