@@ -218,3 +218,33 @@ def test_threshold_and_schedule_triggers(live: Live, tmp_path) -> None:
     assert (nxt.hour, nxt.minute) == (3, 0) and str(nxt.tzinfo) == "UTC"
     refresher.shutdown()
     db.dispose()
+
+
+@pytest.mark.parametrize(
+    "settings_overrides", [{**FAST, "segments": ["default", "support"]}], indirect=False
+)
+def test_each_segment_trains_only_on_its_own_feedback(live: Live) -> None:
+    for i in range(8):
+        answer = live.chat([{"role": "user", "content": f"Support question {i}?"}], n=2,
+                           model="support")  # fmt: skip
+        assert live.feedback(completion_id=answer["id"], type="pick", chosen_index=0,
+                             user=f"u{i}").status_code == 201  # fmt: skip
+    models = [m["id"] for m in live.http.get("/v1/models").json()["data"]]
+    assert models == ["tiny", "support"]  # a configured segment, served by the base for now
+
+    run = wait_run(live, live.http.post("/v1/operator/runs", headers=OPS).json()["id"])
+    assert run["status"] == "skipped" and "in segment 'default'" in run["error"]
+    run = wait_run(
+        live,
+        live.http.post("/v1/operator/runs", json={"segment": "support"}, headers=OPS).json()["id"],
+    )
+    assert (run["status"], run["outcome"]) == ("succeeded", "promoted"), run["error"]
+    assert run["counts"]["approved"] == 8 and run["candidate_version"] == "support@v1"
+    # The default segment still serves the base model; `support` serves its new version.
+    assert live.chat([{"role": "user", "content": "hi"}])["adapter_version"] is None
+    deadline = time.monotonic() + 5
+    while (
+        live.chat([{"role": "user", "content": "hi"}], model="support")["adapter_version"] is None
+    ):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
