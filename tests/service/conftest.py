@@ -71,9 +71,9 @@ def live(
     tiny_engine: Any, tiny_llama_dir: Path, tmp_path: Path, settings_overrides: dict[str, Any]
 ) -> Iterator[Live]:
     db_url = f"sqlite:///{tmp_path / 'p.db'}"
-    settings = Settings(
-        home=tmp_path, model=str(tiny_llama_dir), database_url=db_url, **settings_overrides
-    )
+    # No scheduler unless a test asks: its threshold check would compile pairs mid-test.
+    overrides = {"refresh_enabled": False, **settings_overrides}
+    settings = Settings(home=tmp_path, model=str(tiny_llama_dir), database_url=db_url, **overrides)
     with serve_thread(create_app(settings, engine=tiny_engine)) as base_url:
         with httpx.Client(base_url=base_url, timeout=30) as http:
             yield Live(base_url=base_url, db_url=db_url, http=http, model_dir=tiny_llama_dir)
