@@ -62,6 +62,11 @@ class Refresher:
         self._lock = threading.Lock()
         self.scheduler: BackgroundScheduler | None = None
 
+    @property
+    def current(self) -> str | None:
+        """The run this process is executing, if any."""
+        return self._current
+
     # --- starting runs -------------------------------------------------------------------
     def start(self, segment: str, *, trigger: str, actor: str) -> TrainingRun:
         """Queue a refresh and return its row at once; 409 when this process runs one."""

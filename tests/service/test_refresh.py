@@ -248,3 +248,16 @@ def test_each_segment_trains_only_on_its_own_feedback(live: Live) -> None:
     ):
         assert time.monotonic() < deadline
         time.sleep(0.05)
+
+
+@pytest.mark.parametrize(
+    "settings_overrides",
+    [{"refresh_enabled": True, "refresh_cron": "30 2 * * *", "refresh_timezone": "Europe/Paris"}],
+    indirect=False,
+)
+def test_serve_runs_the_scheduler(live: Live) -> None:
+    schedule = live.http.get("/v1/operator/schedule", headers=OPS).json()
+    assert schedule["enabled"] is True and schedule["running"] is None
+    assert set(schedule["jobs"]) == {"scheduled-refresh", "threshold-refresh"}
+    assert schedule["jobs"]["scheduled-refresh"].startswith()
+    assert "T02:30:00+01:00" in schedule["jobs"]["scheduled-refresh"]  # Paris in winter

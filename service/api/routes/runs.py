@@ -79,3 +79,20 @@ async def cancel_run(run_id: str, db: DbDep, _operator: OperatorDep) -> RunPubli
     if run.status in FINISHED:
         raise ConflictError(f"run {run_id} already finished ({run.status})", code="run_finished")
     return RunPublic.model_validate(run)
+
+
+@router.get("/schedule")
+async def get_schedule(request: Request, _operator: OperatorDep) -> dict:
+    """When the scheduled and threshold refreshes will next run in this process (empty when
+    PREFLOOP_REFRESH_ENABLED is false), and what is running now."""
+    refresher = request.app.state.refresher
+    jobs = refresher.scheduler.get_jobs() if refresher.scheduler is not None else []
+    settings = request.app.state.settings
+    return {
+        "enabled": refresher.scheduler is not None,
+        "cron": settings.refresh_cron,
+        "timezone": settings.refresh_timezone,
+        "threshold_pairs": settings.refresh_threshold_pairs,
+        "jobs": {j.id: j.next_run_time.isoformat() if j.next_run_time else None for j in jobs},
+        "running": refresher.current,
+    }
