@@ -259,5 +259,4 @@ def test_serve_runs_the_scheduler(live: Live) -> None:
     schedule = live.http.get("/v1/operator/schedule", headers=OPS).json()
     assert schedule["enabled"] is True and schedule["running"] is None
     assert set(schedule["jobs"]) == {"scheduled-refresh", "threshold-refresh"}
-    assert schedule["jobs"]["scheduled-refresh"].startswith()
     assert "T02:30:00+01:00" in schedule["jobs"]["scheduled-refresh"]  # Paris in winter
