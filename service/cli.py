@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from service.core.config import get_settings
@@ -326,6 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # Before torch loads: OpenMP threads that spin while waiting make two torch processes on
+    # one CPU (serving, and a refresh training beside it) starve each other. Measured on 2
+    # cores with training running: greedy decoding 4.6 tok/s spinning, 18.6 tok/s passive.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if argv[:1] == ["train"]:  # argparse's REMAINDER drops a leading option; pass through
         args = argparse.Namespace(func=_train, trainer_args=argv[1:])
     else:

@@ -215,7 +215,8 @@ def run_subprocess(
         stderr=subprocess.STDOUT,
         text=True,
         cwd=cwd,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        # Passive OpenMP waits: the training shares the CPU with serving (see service.cli).
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_WAIT_POLICY": "PASSIVE"},
     )
 
     def read() -> None:

@@ -8,6 +8,10 @@ from pathlib import Path
 
 import pytest
 
+# Tests run torch in this process, servers and trainer subprocesses at once: spinning OpenMP
+# waits would make them starve each other (see service.cli). Set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 # The prepared model is cached across test runs (and CI steps) under this home.
 TEST_HOME = Path(os.environ.get("PREFLOOP_TEST_HOME", "~/.cache/prefloop")).expanduser()
 
