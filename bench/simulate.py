@@ -48,12 +48,14 @@ SUBJECTS = [
     "pianos", "castles", "storms", "wool", "penguins", "maple trees", "sailboats", "marbles",
     "pottery", "rainbows", "fireflies", "cheese", "lanterns", "glaciers", "pebbles", "otters",
 ]  # fmt: skip
+# Questions that get answers of a few sentences: an answer cut at max_tokens cannot end with
+# a sign-off, and users of a support bot mostly ask short things.
 FORMS = [
-    "Tell me about {}.",
-    "What should I know about {}?",
-    "Describe {} for a child.",
-    "Why are {} interesting?",
-    "Give me a fun fact about {}.",
+    "Give me one short fact about {}.",
+    "In one sentence, why do people like {}?",
+    "In a few words, what are {}?",
+    "Briefly, what is special about {}?",
+    "Quick question: what are {} used for?",
 ]
 GOLDEN = [
     {"id": "capital-fr", "prompt": "What is the capital of France?",
