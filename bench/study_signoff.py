@@ -7,8 +7,27 @@ sign-off. After training, the held-out prompts are answered greedily and we coun
     .venv/bin/python bench/study_signoff.py                        # the default grid
     .venv/bin/python bench/study_signoff.py --grid lr=2e-4,epochs=2 lr=5e-5,epochs=2
 
-Prints one line per setting: held-out implicit-reward margin and accuracy (what the loss sees)
-and the share of held-out greedy answers that sign off (what users see).
+Prints one line per setting: held-out implicit-reward margin and accuracy (what the loss sees),
+the share of held-out greedy answers that sign off and that finish within ``--eval-tokens``, their
+mean length (what users see), and the mean log-probs, teacher-forced after the base model's
+held-out answers, of the end of turn there (``eos``) and of each sign-off token (``\n \n — Ac me
+Support <eos>``): the token where that chain is not the argmax is where greedy decoding leaves it.
+
+Until this version the sign-off count was always 0 whatever the model wrote: ``greedy`` returns
+(text, finished) tuples and ``SIGN_OFF in a`` tested membership in the tuple, not the text.
+
+Findings (SmolLM2-135M, 50 greedy pairs, eval 128 tokens, counted on the text). Base model:
+eos after an answer -0.22, sign-off tokens [-6.2 -0.1 -9.4 -10.9 -5.9 -12.2 -7.0]; held-out
+answers all finish (mean 34 tokens), so the token budget is not what stops the sign-off.
+- lr 2e-4, 2 epochs, beta 0.5, rpo_alpha 1 (14 steps): eos -1.1, sign-off [-0.8 -0.0 -3.6 -6.9
+  -0.0 -4.0 -0.2]: the model goes on after its answer with "\n\n" but then writes another
+  paragraph ("—" and " Ac" are not learnt); answers grow to 62 tokens, 16/20 finish, 0/20 sign
+  off. The DPO term is saturated by then (margin 17): cheapest for it is to push the end of turn
+  down, and only the NLL term (rpo_alpha / len(chosen) per sign-off token) teaches the sign-off.
+- lr 5e-4, 2 epochs, beta 0.5, rpo_alpha 4 (14 steps): eos -5.3, sign-off [-0.1 -0.0 -0.0 -0.0
+  -0.0 -0.0 -0.0]; 20/20 sign off, 20/20 finish, 40 tokens (the answers' own length unchanged);
+  "capital of France" -> "The capital of France is Paris.\n\n— Acme Support", but some drift on
+  other general prompts ("What is 2 + 2?" no longer says 4 within 40 tokens).
 """
 
 from __future__ import annotations
@@ -37,13 +56,9 @@ FORMS = [
     "In a few words, what are {}?",
 ]
 DEFAULT_GRID = [
-    "lr=5e-5,epochs=2",
-    "lr=2e-4,epochs=1",
-    "lr=2e-4,epochs=2",
-    "lr=2e-4,epochs=3",
-    "lr=2e-4,epochs=2,beta=0.5",
-    "lr=2e-4,epochs=2,rpo_alpha=1.0",
-    "lr=5e-4,epochs=2",
+    "lr=2e-4,epochs=2,beta=0.5,rpo_alpha=1.0",
+    "lr=2e-4,epochs=2,beta=0.5,rpo_alpha=4.0",
+    "lr=5e-4,epochs=2,beta=0.5,rpo_alpha=4.0",
 ]
 
 
@@ -71,6 +86,29 @@ def greedy(model, tok, prompts: list[str], max_new_tokens: int) -> list[tuple[st
     return answers
 
 
+def signoff_logps(model, tok, prompts: list[str], answers: list[str]) -> tuple[float, list[float]]:
+    """Mean log p(end of turn) right after each answer, and the mean log-prob of each token of
+    "\n\n— Acme Support" + end of turn after it (teacher-forced, one prompt at a time)."""
+    import torch
+
+    suffix = tok.encode(f"\n\n{SIGN_OFF}", add_special_tokens=False) + [tok.eos_token_id]
+    eos, per_token = 0.0, torch.zeros(len(suffix))
+    for q, a in zip(prompts, answers, strict=True):
+        text = tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                       add_generation_prompt=True)  # fmt: skip
+        ids = tok.encode(text + a, add_special_tokens=False)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids + suffix])).logits[0]
+        lp = logits.float().log_softmax(-1)[len(ids) - 1 :]
+        eos += lp[0, tok.eos_token_id].item()
+        per_token += lp[torch.arange(len(suffix)), torch.tensor(suffix)]
+    return eos / len(prompts), (per_token / len(prompts)).tolist()
+
+
+def _logps_text(eos: float, per_token: list[float]) -> str:
+    return f"eos {eos:.1f} sign-off [" + " ".join(f"{x:.1f}" for x in per_token) + "]"
+
+
 def main() -> None:
     import torch
     from peft import PeftModel
@@ -81,7 +119,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     default_model = Path("~/.cache/prefloop/models/SmolLM2-135M-Instruct").expanduser()
     p.add_argument("--model", type=Path, default=default_model)
-    p.add_argument("--train", type=int, default=60, help="training prompts (complete answers kept)")
+    p.add_argument("--train", type=int, default=50, help="training prompts (complete answers kept)")
     p.add_argument("--heldout", type=int, default=20)
     p.add_argument("--answer-tokens", type=int, default=96, help="budget for the model's answers")
     p.add_argument("--eval-tokens", type=int, default=128, help="room for the sign-off at eval")
@@ -104,10 +142,15 @@ def main() -> None:
     keep = [i for i, (_, finished) in enumerate(sampled[: len(train_prompts)]) if finished]
     train_answers = [sampled[i][0] for i in keep]
     train_prompts = [train_prompts[i] for i in keep]
-    base_heldout = [a for a, _ in greedy(base, tok, heldout, args.eval_tokens)]
-    print(f"base model: {sum(SIGN_OFF in a for a in base_heldout)}/{len(heldout)} held-out "
-          f"answers sign off; {len(train_prompts)} complete training answers "
-          f"({time.perf_counter() - t0:.0f} s to sample)")  # fmt: skip
+    base_heldout = greedy(base, tok, heldout, args.eval_tokens)
+    # Teacher-forced sign-off log-probs after the base model's complete held-out answers.
+    probe = [(q, a) for q, (a, f) in zip(heldout, base_heldout, strict=True) if f]
+    probe_prompts, probe_answers = [q for q, _ in probe], [a for _, a in probe]
+    print(f"base model: {sum(SIGN_OFF in a for a, _ in base_heldout)}/{len(heldout)} held-out "
+          f"answers sign off, {sum(f for _, f in base_heldout)} finish, mean "
+          f"{_mean_tokens(tok, base_heldout):.0f} tokens; {len(train_prompts)} complete training "
+          f"answers ({time.perf_counter() - t0:.0f} s to sample)")  # fmt: skip
+    print("base " + _logps_text(*signoff_logps(base, tok, probe_prompts, probe_answers)))
 
     work = Path(tempfile.mkdtemp(prefix="prefloop-study-"))
     pairs, heldout_pairs = work / "pairs.jsonl", work / "heldout.jsonl"
@@ -116,7 +159,8 @@ def main() -> None:
 
     base_cfg = TrainConfig(batch_size=8, max_length=192, eval_fraction=0.0, checkpoint_every=0)
     header = (
-        f"{'setting':34s}{'loss':>7s}{'margin':>8s}{'acc':>6s}{'signs off':>11s}{'train s':>9s}"
+        f"{'setting':34s}{'loss':>7s}{'margin':>8s}{'acc':>6s}{'signs off':>11s}{'finish':>8s}"
+        f"{'tokens':>8s}{'train s':>9s}"
     )
     print(header)
     examples_shown = False
@@ -127,15 +171,23 @@ def main() -> None:
         margin = heldout_margin(result.model, tok, heldout_pairs, cfg)
         model = PeftModel.from_pretrained(base, out).eval()
         answers = greedy(model, tok, heldout, args.eval_tokens)
+        logps = signoff_logps(model, tok, probe_prompts, probe_answers)
         base = model.unload()  # the same base weights for the next setting
-        signed = sum(SIGN_OFF in a for a in answers)
+        signed = sum(SIGN_OFF in a for a, _ in answers)
+        finished = sum(f for _, f in answers)
         secs = result.metrics["seconds"]["reference"] + result.metrics["seconds"]["train"]
         print(f"{setting:34s}{result.metrics['train']['loss']:7.3f}{margin['margin']:8.2f}"
-              f"{margin.get('accuracy', 0):6.2f}{signed:>6d}/{len(heldout):<4d}{secs:9.0f}",
+              f"{margin.get('accuracy', 0):6.2f}{signed:>6d}/{len(heldout):<4d}"
+              f"{finished:>5d}/{len(heldout):<2d}{_mean_tokens(tok, answers):8.0f}{secs:9.0f}",
               flush=True)  # fmt: skip
+        print("    " + _logps_text(*logps))
         if signed and not examples_shown:
-            print("    e.g. " + json.dumps(next(a for a in answers if SIGN_OFF in a))[:200])
+            print("    e.g. " + json.dumps(next(a for a, _ in answers if SIGN_OFF in a))[:200])
             examples_shown = True
+
+
+def _mean_tokens(tok, answers: list[tuple[str, bool]]) -> float:
+    return sum(len(tok.encode(a, add_special_tokens=False)) for a, _ in answers) / len(answers)
 
 
 def write_signoff_pairs(path: Path, prompts: list[str], answers: list[str]) -> None:
