@@ -24,6 +24,8 @@ answers all finish (mean 34 tokens), so the token budget is not what stops the s
   paragraph ("—" and " Ac" are not learnt); answers grow to 62 tokens, 16/20 finish, 0/20 sign
   off. The DPO term is saturated by then (margin 17): cheapest for it is to push the end of turn
   down, and only the NLL term (rpo_alpha / len(chosen) per sign-off token) teaches the sign-off.
+- lr 2e-4, rpo_alpha 4: the same numbers as rpo_alpha 1 (sign-off [-0.8 -0.0 -3.7 -6.8 -0.0 -4.0
+  -0.2], 0/20, 15/20 finish): gradients are clipped and Adam rescales, so the weight barely counts.
 - lr 5e-4, 2 epochs, beta 0.5, rpo_alpha 4 (14 steps): eos -5.3, sign-off [-0.1 -0.0 -0.0 -0.0
   -0.0 -0.0 -0.0]; 20/20 sign off, 20/20 finish, 40 tokens (the answers' own length unchanged);
   "capital of France" -> "The capital of France is Paris.\n\n— Acme Support", but some drift on
