@@ -1,15 +1,17 @@
 """Feedback capture: one signal in, one committed row out.
 
 The route awaits `submit_feedback`, which hands the write to the group-commit thread and returns
-after the commit. Each signal is one savepoint in a shared transaction: look up the
-idempotency key, check the completion, upsert the user's slot.
+after the commit. Each signal is one write in a shared transaction: look up the idempotency
+key, check the completion, upsert the user's slot.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from datetime import UTC, datetime
 
+from sqlalchemy import Row
 from sqlalchemy.engine import Engine as Database
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
@@ -21,7 +23,8 @@ from service.core.db import GroupCommit
 from service.models import Feedback
 
 
-def public(row: Feedback) -> FeedbackPublic:
+def public(row: Feedback | Row) -> FeedbackPublic:
+    """A stored feedback (an ORM object, or a `feedback` table row) as the API shows it."""
     return FeedbackPublic(
         id=row.id,
         type=row.kind,
@@ -33,9 +36,14 @@ def public(row: Feedback) -> FeedbackPublic:
         comment=row.comment,
         text=row.edited_text,
         author_role=row.author_role,
-        created_at=row.created_at,
-        updated_at=row.updated_at,
+        created_at=_utc(row.created_at),
+        updated_at=_utc(row.updated_at),
     )
+
+
+def _utc(t: datetime) -> datetime:
+    # SQLite hands datetimes back naive; they were stored as UTC.
+    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
 
 
 class _CompletionCache:
@@ -106,15 +114,14 @@ async def submit_feedback(
             idempotency_key=idempotency_key,
             request_hash=digest,
         )
-        session.flush()  # a unique-slot clash surfaces here, inside this write's savepoint
         return public(row), False
 
     for attempt in range(2):
         try:
             return await writer.write(write)
         except IntegrityError:
-            # Another process's first write to the same slot (or key) won the race; the retry
-            # sees its row and updates it (or replays it).
+            # Another process's first write with the same Idempotency-Key won the race; the
+            # retry sees its row and replays it (or answers 409).
             if attempt == 1:
                 raise
     raise AssertionError("unreachable")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -64,6 +65,11 @@ async def _start_engine(app: FastAPI, settings: Settings) -> None:
         for name, path in settings.lora_adapters.items():
             await engine.load_adapter(name, path)
         await app.state.router.sync()  # the active versions, before /readyz says ready
+        # What exists now (torch, transformers, the model: ~450k objects) lives as long as the
+        # process: take it out of the cyclic collector's sight. Otherwise every full collection
+        # walks all of it, a 0.1-0.3 s pause every ~2 s under feedback load (p99 ~0.3 s).
+        gc.collect()
+        gc.freeze()
         log.info("ready: serving %s (adapters: %s)", engine.model_name, engine.adapters())
     except Exception as exc:
         app.state.engine_error = f"{type(exc).__name__}: {exc}"

@@ -64,6 +64,10 @@ class Settings(BaseSettings):
     )
     torch_threads: int = Field(default=0, description="Intra-op CPU threads; 0 lets torch pick.")
     log_level: str = "info"
+    access_log: bool = Field(
+        default=True,
+        description="Log every request (uvicorn's access log); costs ~4% of feedback throughput.",
+    )
 
     # --- generation defaults and limits
     default_max_tokens: int = Field(default=256, ge=1)

@@ -3,8 +3,10 @@ edits, later-vote-wins, idempotency keys, every bad input's error, and regenerat
 
 from __future__ import annotations
 
+import asyncio
 import json
 
+import httpx
 import pytest
 from sqlmodel import select
 
@@ -25,6 +27,9 @@ def test_thumbs_is_stored_and_a_later_vote_replaces_it(live: Live) -> None:
     down = live.feedback(completion_id=resp["id"], rating=-1)
     assert down.status_code == 201
     assert down.json()["id"] == body["id"], "the same user's later vote updates their row"
+    assert down.json()["created_at"] == body["created_at"]
+    for t in (body["created_at"], body["updated_at"], down.json()["updated_at"]):
+        assert t.endswith("Z"), f"{t}: timestamps are UTC and say so, stored or not"
     other = live.feedback(completion_id=resp["id"], rating=1, user="bob")
     assert other.json()["id"] != body["id"]
 
@@ -33,6 +38,27 @@ def test_thumbs_is_stored_and_a_later_vote_replaces_it(live: Live) -> None:
     assert set(rows) == {"alice", "bob"}
     assert rows["alice"].value == -1 and rows["alice"].comment is None
     assert rows["alice"].updated_at > rows["alice"].created_at
+
+
+def test_concurrent_votes_on_one_slot_leave_one_row(live: Live) -> None:
+    """Votes that share a group transaction (or race another process) upsert one slot."""
+    resp = live.chat(HELLO, user="erin")
+
+    async def votes() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=live.base_url, timeout=30) as http:
+            return await asyncio.gather(
+                *(
+                    http.post("/v1/feedback", json={"completion_id": resp["id"], "rating": r})
+                    for r in [1, -1] * 8
+                )
+            )
+
+    answers = asyncio.run(votes())
+    assert [a.status_code for a in answers] == [201] * 16, answers[0].text
+    assert len({a.json()["id"] for a in answers}) == 1
+    with live.session() as db:
+        (row,) = db.exec(select(Feedback).where(Feedback.user_id == "erin")).all()
+    assert row.value in (1, -1)
 
 
 def test_thumbs_address_one_choice_of_n(live: Live) -> None:
