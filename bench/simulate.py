@@ -94,8 +94,8 @@ class Preference:
 
 
 def _shorter(a: str, b: str) -> int | None:
-    if abs(len(a) - len(b)) < 0.15 * max(len(a), len(b), 1):
-        return None  # too close to call: a real user would not bother
+    if len(a) == len(b):
+        return None
     return 0 if len(a) < len(b) else 1
 
 

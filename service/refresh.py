@@ -380,7 +380,10 @@ def _refresh(
         cmd = [
             sys.executable, "-m", "trainer", "train",
             "--pairs", str(work / "train.jsonl"), "--base", str(base), "--out", str(out),
-            "--no-progress", *_train_flags(settings.refresh_train),
+            "--no-progress",
+            *_train_flags(
+                {**settings.refresh_train, **settings.refresh_train_segments.get(segment, {})}
+            ),
         ]  # fmt: skip
         if active is not None:  # warm start: the active adapter is the policy and reference
             cmd += ["--init-adapter", active.path]

@@ -181,6 +181,11 @@ class Settings(BaseSettings):
         default_factory=lambda: {"lr": 2e-4, "epochs": 2, "eval_fraction": 0.0},
         description='Trainer options (`prefloop train -h`) as JSON, e.g. {"lr": 2e-4}.',
     )
+    refresh_train_segments: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Per-segment trainer options over `refresh_train`, JSON "
+        '{"support": {"lr": 5e-4, "rpo_alpha": 4.0}}.',
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
