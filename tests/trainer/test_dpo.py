@@ -79,8 +79,10 @@ def test_completion_logps_match_full_logits(
 
     assert counts.tolist() == [s.completion_len for s in seqs], "prompt tokens are not scored"
     assert_close(ours, naive, atol=1e-5, rtol=1e-5)
+    # Gradients sum thousands of float32 terms in a different order on each path: 1e-5 was
+    # exceeded (1.9e-5) once in ~1 of 10 runs; a wrong gradient is off by far more.
     for a, b in zip(ours_grads, naive_grads, strict=True):
-        assert_close(a, b, atol=1e-5, rtol=1e-4)
+        assert_close(a, b, atol=5e-5, rtol=1e-4)
 
 
 def test_prompt_tokens_do_not_count(tiny_llama_dir: Path, pairs_file: Path) -> None:
