@@ -225,17 +225,16 @@ class Registry:
     # --- writing -------------------------------------------------------------------------------
     @contextmanager
     def _tx(self) -> Iterator[Session]:
-        # `immediate`: on SQLite, take the write lock when the transaction starts (see
-        # service.core.db); other databases ignore the option.
-        with Session(self.db.execution_options(immediate=True), expire_on_commit=False) as s:
+        # On SQLite, `service.core.db` begins every transaction IMMEDIATE, so a promotion from
+        # the CLI waits for a replica's write instead of failing with "database is locked".
+        with Session(self.db, expire_on_commit=False) as s:
             try:
                 yield s
                 s.commit()
             except IntegrityError as exc:
                 s.rollback()
                 raise PromotionConflict(
-                    "another process changed this segment at the same time; try again "
-                    f"({exc.orig})"
+                    f"another process changed this segment at the same time; try again ({exc.orig})"
                 ) from exc
             except BaseException:
                 s.rollback()

@@ -62,14 +62,10 @@ class RefreshCancelled(Exception):
 # --- the lease --------------------------------------------------------------------------------
 
 
-def _immediate(db: Database) -> Database:
-    return db.execution_options(immediate=True)  # see service.core.db
-
-
 def acquire_lease(db: Database, holder: str, ttl: float, name: str = LEASE) -> str | None:
     """Take the lease if it is free or expired; returns None on success, else who holds it."""
     now = utcnow()
-    with Session(_immediate(db)) as s:
+    with Session(db) as s:
         row = s.get(Lease, name)
         if row is None:
             s.add(Lease(name=name, holder=holder, expires_at=now + timedelta(seconds=ttl)))
@@ -86,7 +82,7 @@ def acquire_lease(db: Database, holder: str, ttl: float, name: str = LEASE) -> s
 
 
 def renew_lease(db: Database, holder: str, ttl: float, name: str = LEASE) -> bool:
-    with Session(_immediate(db)) as s:
+    with Session(db) as s:
         result = s.exec(
             update(Lease)
             .where(col(Lease.name) == name, col(Lease.holder) == holder)
@@ -97,7 +93,7 @@ def renew_lease(db: Database, holder: str, ttl: float, name: str = LEASE) -> boo
 
 
 def release_lease(db: Database, holder: str, name: str = LEASE) -> None:
-    with Session(_immediate(db)) as s:
+    with Session(db) as s:
         row = s.get(Lease, name)
         if row is not None and row.holder == holder:
             s.delete(row)
@@ -128,7 +124,7 @@ def get_run(db: Database, run_id: str) -> TrainingRun | None:
 
 def request_cancel(db: Database, run_id: str) -> TrainingRun | None:
     """Ask a run to stop; the process running it notices within a second."""
-    with Session(_immediate(db), expire_on_commit=False) as s:
+    with Session(db, expire_on_commit=False) as s:
         run = s.get(TrainingRun, run_id)
         if run is None or run.status in FINISHED:
             return run

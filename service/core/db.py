@@ -52,12 +52,12 @@ def make_engine(settings: Settings) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _sqlite_begin(conn) -> None:  # noqa: ANN001
-        # `immediate=True` (an execution option) takes the write lock up front: a transaction
-        # that reads, then writes, while another *process* writes would otherwise fail at once
-        # with "database is locked" (WAL cannot upgrade a stale read snapshot), busy_timeout or
-        # not. The adapter registry and the refresh lease ask for it.
-        immediate = conn.get_execution_options().get("immediate", False)
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+        # BEGIN IMMEDIATE takes the write lock up front (waiting up to busy_timeout for another
+        # process's writer). A plain BEGIN that reads, then writes, fails at once with
+        # "database is locked" if another *process* committed in between (WAL cannot upgrade a
+        # stale read snapshot), busy_timeout or not; it happened to a chat turn's final write
+        # while the CLI promoted an adapter. Within a process there is one connection anyway.
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
 
