@@ -28,7 +28,7 @@ from sqlmodel import Session, col, select
 from adapters.registry import Registry
 from service.core.config import Settings
 from service.core.errors import ConflictError
-from service.models import PreferencePair, TrainingRun, utcnow
+from service.models import Feedback, Message, PreferencePair, TrainingRun, utcnow
 from service.pairs import compile_and_store
 from service.refresh import FINISHED, create_run, request_cancel, run_refresh
 
@@ -61,6 +61,7 @@ class Refresher:
         self._current: str | None = None
         self._lock = threading.Lock()
         self.scheduler: BackgroundScheduler | None = None
+        self._compiled_mark: tuple | None = None  # the signals the last threshold check saw
 
     @property
     def current(self) -> str | None:
@@ -106,15 +107,26 @@ class Refresher:
             self.run_now(segment, trigger="schedule", actor="scheduler")
 
     def check_threshold(self) -> None:
-        try:
-            compile_and_store(self.db, self.settings, actor="scheduler")
-        except ConflictError:  # another process compiled at the same moment; next time
-            return
+        # Compiling reads every signal (about 1 s of CPU at 40k feedback rows, holding the
+        # process's one SQLite connection): only when a vote or a kept answer changed since.
+        mark = self._signals_mark()
+        if mark != self._compiled_mark:
+            try:
+                compile_and_store(self.db, self.settings, actor="scheduler")
+            except ConflictError:  # another process compiled at the same moment; next time
+                return
+            self._compiled_mark = mark
         for segment, waiting in sorted(waiting_pairs(self.db).items()):
             if waiting < self.settings.refresh_threshold_pairs or self._too_soon(segment):
                 continue
             log.info("threshold refresh for %s: %d approved pairs waiting", segment, waiting)
             self.run_now(segment, trigger="threshold", actor="scheduler")
+
+    def _signals_mark(self) -> tuple:
+        with Session(self.db) as s:
+            votes = s.exec(select(func.count(), func.max(Feedback.updated_at))).one()
+            kept = s.exec(select(func.max(Message.kept_at))).one()
+        return (*votes, kept)
 
     def _too_soon(self, segment: str) -> bool:
         since = utcnow() - timedelta(minutes=self.settings.refresh_min_interval_minutes)

@@ -14,7 +14,7 @@ from sqlmodel import Session, select
 from adapters.registry import Registry
 from service.core.config import Settings
 from service.core.db import init_db, make_engine
-from service.models import PreferencePair, TrainingRun
+from service.models import OperatorAction, PreferencePair, TrainingRun
 from service.refresh import acquire_lease, create_run, release_lease, renew_lease, run_refresh
 from service.scheduler import Refresher
 from tests.service.conftest import Live
@@ -194,6 +194,13 @@ def test_threshold_and_schedule_triggers(live: Live, tmp_path) -> None:
     refresher.check_threshold()  # 4 < 6 waiting: nothing
     with Session(db) as s:
         assert s.exec(select(TrainingRun)).all() == []
+        compiles = len(
+            s.exec(select(OperatorAction).where(OperatorAction.action == "compile")).all()
+        )
+    refresher.check_threshold()  # no new signal since: no second compile
+    with Session(db) as s:
+        again = s.exec(select(OperatorAction).where(OperatorAction.action == "compile")).all()
+    assert len(again) == compiles == 1
     picks(live, 4)
     refresher.check_threshold()  # the check compiles the new feedback: 8 waiting
     with Session(db) as s:
