@@ -66,7 +66,7 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def _aware(t: datetime | None) -> datetime | None:
+def as_utc(t: datetime | None) -> datetime | None:
     # SQLite hands datetimes back naive; they were stored in UTC.
     return t.replace(tzinfo=UTC) if t is not None and t.tzinfo is None else t
 
@@ -479,11 +479,11 @@ class Registry:
             for r in rows:
                 if r.status == RETIRED:
                     by_segment.setdefault(r.segment, []).append(r)
-                elif now - _aware(r.status_changed_at) >= retention.rejected_grace:
+                elif now - as_utc(r.status_changed_at) >= retention.rejected_grace:
                     deleted.append(r.id)
             for retired in by_segment.values():
                 retired.sort(
-                    key=lambda r: _aware(r.retired_at) or _aware(r.created_at), reverse=True
+                    key=lambda r: as_utc(r.retired_at) or as_utc(r.created_at), reverse=True
                 )
                 deleted += [r.id for r in retired[retention.keep_retired :]]
             for vid in deleted:

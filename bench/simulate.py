@@ -37,23 +37,22 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench import study_signoff  # noqa: E402
+from bench.study_signoff import SIGN_OFF  # noqa: E402
 from trainer.golden import GoldenItem, failed_checks, parse_item  # noqa: E402
 
-SIGN_OFF = "— Acme Support"
+# The sign-off studies' subjects and short-answer questions, and more of each: the simulated
+# users ask on more subjects than one study trains on.
 SUBJECTS = [
-    "tea", "rain", "bicycles", "maps", "salt", "bread", "clocks", "owls", "glass", "ink",
-    "volcanoes", "bees", "trains", "chess", "coffee", "rivers", "moss", "kites", "paper", "snow",
-    "whales", "copper", "lighthouses", "honey", "deserts", "violins", "bridges", "tides",
-    "mushrooms", "comets", "gardens", "mirrors", "candles", "forests", "islands", "lemons",
-    "pianos", "castles", "storms", "wool", "penguins", "maple trees", "sailboats", "marbles",
-    "pottery", "rainbows", "fireflies", "cheese", "lanterns", "glaciers", "pebbles", "otters",
+    *study_signoff.SUBJECTS,
+    "gardens", "mirrors", "candles", "forests", "islands", "lemons", "pianos", "castles",
+    "storms", "wool", "penguins", "maple trees", "sailboats", "marbles", "pottery", "rainbows",
+    "fireflies", "cheese", "lanterns", "glaciers", "pebbles", "otters",
 ]  # fmt: skip
-# Questions that get answers of a few sentences: an answer cut at max_tokens cannot end with
-# a sign-off, and users of a support bot mostly ask short things.
+# An answer cut at max_tokens cannot end with a sign-off, and users of a support bot mostly
+# ask short things.
 FORMS = [
-    "Give me one short fact about {}.",
-    "In one sentence, why do people like {}?",
-    "In a few words, what are {}?",
+    *study_signoff.FORMS,
     "Briefly, what is special about {}?",
     "Quick question: what are {} used for?",
 ]

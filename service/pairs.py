@@ -12,13 +12,14 @@ from __future__ import annotations
 import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Literal
 
 from sqlalchemy.engine import Engine as Database
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
+from adapters.registry import as_utc
 from service.api.schemas import CompileSummary
 from service.core.config import Settings
 from service.core.db import session_scope
@@ -46,11 +47,6 @@ def gate_config(settings: Settings) -> tp.GateConfig:
         max_answer_chars=settings.pairs_max_answer_chars,
         edit_weight=settings.pairs_edit_weight,
     )
-
-
-def _aware(t: datetime) -> datetime:
-    # SQLite hands datetimes back naive; they were stored as UTC.
-    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
 
 
 def _chunks(ids: Sequence[str], size: int = 500) -> Iterable[Sequence[str]]:
@@ -111,7 +107,7 @@ def load_signals(session: Session) -> tuple[list[tp.Answer], list[tp.Feedback]]:
                 tenant=tenants[completion.conversation_id],
                 segment=completion.segment,
                 user_id=completion.user_id or "anonymous",
-                created_at=_aware(message.created_at),
+                created_at=as_utc(message.created_at),
                 choice_index=message.choice_index or 0,
                 adapter_version=completion.adapter_version or "",
                 sampling=completion.params,
@@ -125,7 +121,7 @@ def load_signals(session: Session) -> tuple[list[tp.Answer], list[tp.Feedback]]:
             message_id=f.message_id,
             user_id=f.user_id,
             kind=f.kind,  # type: ignore[arg-type]
-            created_at=_aware(f.updated_at),  # the time of the current vote
+            created_at=as_utc(f.updated_at),  # the time of the current vote
             value=f.value if f.kind == "thumbs" else 0,
             other_message_id=f.other_message_id,
             text=f.edited_text,

@@ -37,7 +37,7 @@ from sqlalchemy.engine import Engine as Database
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from adapters.registry import APPROVED, Registry
+from adapters.registry import APPROVED, Registry, as_utc
 from service.core.config import Settings
 from service.lifecycle import base_model_path, judge
 from service.models import Lease, PreferencePair, TrainingRun, utcnow
@@ -69,8 +69,8 @@ def acquire_lease(db: Database, holder: str, ttl: float, name: str = LEASE) -> s
         row = s.get(Lease, name)
         if row is None:
             s.add(Lease(name=name, holder=holder, expires_at=now + timedelta(seconds=ttl)))
-        elif row.holder != holder and _aware(row.expires_at) > now:
-            return f"{row.holder} (until {_aware(row.expires_at).isoformat(timespec='seconds')})"
+        elif row.holder != holder and as_utc(row.expires_at) > now:
+            return f"{row.holder} (until {as_utc(row.expires_at).isoformat(timespec='seconds')})"
         else:
             row.holder, row.expires_at, row.acquired_at = holder, now + timedelta(seconds=ttl), now
             s.add(row)
@@ -98,12 +98,6 @@ def release_lease(db: Database, holder: str, name: str = LEASE) -> None:
         if row is not None and row.holder == holder:
             s.delete(row)
             s.commit()
-
-
-def _aware(t: Any) -> Any:
-    from datetime import UTC
-
-    return t.replace(tzinfo=UTC) if t is not None and t.tzinfo is None else t
 
 
 # --- run records ------------------------------------------------------------------------------
