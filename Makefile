@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-sim lint bench-gateway clean
+.PHONY: install run test test-sim lint bench-gateway clean chromium
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -21,13 +21,24 @@ install: $(STAMP)
 run: install
 	$(BIN)/prefloop serve
 
-test: install
+test: install chromium
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
 # The simulated users' refreshes on the real SmolLM2 (not yet part of `make test`: see #6).
 test-sim: install
 	$(BIN)/python -m pytest -m simulation -s
+
+# The browser tests (tests/service/web) drive Debian's chromium through Playwright; Playwright's
+# own browser download cannot work offline, so the test step installs the Debian package.
+CHROMIUM ?= /usr/bin/chromium
+chromium:
+	@test -x $(CHROMIUM) || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	  else \
+	    echo "the browser tests need Debian's chromium: sudo apt-get install chromium" >&2; exit 1; \
+	  fi; }
 
 bench-gateway: install
 	$(BIN)/python bench/gateway.py

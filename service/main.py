@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from adapters.registry import Registry
-from service.api.routes import adapters, chat, feedback, health, models, operator, runs
+from service.api.routes import adapters, chat, feedback, health, models, operator, runs, web
 from service.core.config import Settings, get_settings
 from service.core.db import GroupCommit, init_db, make_engine
 from service.core.errors import install_error_handlers
@@ -147,4 +147,6 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(operator.router)
     app.include_router(adapters.router)
     app.include_router(runs.router)
+    app.include_router(web.router)
+    app.mount("/web", web.static, name="web")
     return app

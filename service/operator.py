@@ -4,22 +4,36 @@ replace the chosen side). Every action is one transaction that also writes its
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy.engine import Engine as Database
+from sqlalchemy.orm import aliased
 from sqlmodel import Session, col, select
+
+from adapters.registry import as_utc
 
 from service.api.schemas import (
     FeedbackList,
+    FeedbackQueueItem,
     PairActionResult,
     PairList,
     PairPublic,
+    RatePoint,
+    RateSeries,
+    ThumbsRate,
 )
 from service.core.db import session_scope
 from service.core.errors import ConflictError, InvalidRequestError, NotFoundError
 from service.feedback import public as feedback_public
-from service.models import Completion, Feedback, OperatorAction, PreferencePair, utcnow
+from service.models import (
+    Completion,
+    Feedback,
+    Message,
+    OperatorAction,
+    PreferencePair,
+    utcnow,
+)
 
 
 def list_feedback(
@@ -28,6 +42,7 @@ def list_feedback(
     kind: str | None = None,
     rating: int | None = None,
     user: str | None = None,
+    segment: str | None = None,
     adapter_version: str | None = None,
     has_comment: bool | None = None,
     since: datetime | None = None,
@@ -35,18 +50,28 @@ def list_feedback(
     limit: int = 50,
     offset: int = 0,
 ) -> FeedbackList:
-    """Newest first (by the time of the current vote)."""
-    q = select(Feedback)
+    """Newest first (by the time of the current vote), each with the answer it is about.
+    `adapter_version="base"` selects answers of the base model."""
+    answer, prompt = aliased(Message), aliased(Message)
+    q = (
+        select(Feedback, Completion.segment, Completion.adapter_version, prompt.content,
+               answer.content)
+        .join(Completion, col(Feedback.completion_id) == Completion.id)
+        .join(answer, col(Feedback.message_id) == answer.id)
+        .join(prompt, col(Completion.parent_message_id) == prompt.id)
+    )  # fmt: skip
     if kind is not None:
         q = q.where(Feedback.kind == kind)
     if rating is not None:
         q = q.where(Feedback.kind == "thumbs", Feedback.value == rating)
     if user is not None:
         q = q.where(Feedback.user_id == user)
-    if adapter_version is not None:
-        q = q.join(Completion, col(Feedback.completion_id) == Completion.id).where(
-            Completion.adapter_version == adapter_version
-        )
+    if segment is not None:
+        q = q.where(Completion.segment == segment)
+    if adapter_version == "base":
+        q = q.where(col(Completion.adapter_version).is_(None))
+    elif adapter_version is not None:
+        q = q.where(Completion.adapter_version == adapter_version)
     if has_comment is True:
         q = q.where(col(Feedback.comment).is_not(None), Feedback.comment != "")
     elif has_comment is False:
@@ -58,7 +83,60 @@ def list_feedback(
     q = q.order_by(col(Feedback.updated_at).desc(), col(Feedback.id).desc())
     with Session(db) as session:
         rows = session.exec(q.offset(offset).limit(limit + 1)).all()
-    return FeedbackList(data=[feedback_public(r) for r in rows[:limit]], has_more=len(rows) > limit)
+    items = [
+        FeedbackQueueItem(
+            **feedback_public(fb).model_dump(),
+            segment=seg,
+            adapter_version=version,
+            prompt=prompt_text,
+            answer=answer_text,
+        )
+        for fb, seg, version, prompt_text, answer_text in rows[:limit]
+    ]
+    return FeedbackList(data=items, has_more=len(rows) > limit)
+
+
+def thumbs_rate(
+    db: Database,
+    *,
+    segment: str | None,
+    since: datetime,
+    bucket_seconds: int,
+) -> ThumbsRate:
+    """The thumbs-up rate of each adapter version ("base": the base model) per time bucket,
+    by the time of the vote. Bucketed here rather than in SQL: date arithmetic differs between
+    SQLite and Postgres, and the console asks for days, not years, of votes."""
+    q = (
+        select(Feedback.updated_at, Feedback.value, Completion.adapter_version)
+        .join(Completion, col(Feedback.completion_id) == Completion.id)
+        .where(Feedback.kind == "thumbs", Feedback.updated_at >= since)
+    )
+    if segment is not None:
+        q = q.where(Completion.segment == segment)
+    with Session(db) as session:
+        rows = session.exec(q).all()
+    start = as_utc(since).timestamp()
+    counts: dict[str, dict[int, list[int]]] = {}
+    for when, value, version in rows:
+        bucket = int((as_utc(when).timestamp() - start) // bucket_seconds)
+        up_down = counts.setdefault(version or "base", {}).setdefault(bucket, [0, 0])
+        up_down[0 if value > 0 else 1] += 1
+    series = [
+        RateSeries(
+            version=version,
+            points=[
+                RatePoint(
+                    t=datetime.fromtimestamp(start + b * bucket_seconds, UTC),
+                    up=up,
+                    down=down,
+                    rate=up / (up + down),
+                )
+                for b, (up, down) in sorted(buckets.items())
+            ],
+        )
+        for version, buckets in sorted(counts.items())
+    ]
+    return ThumbsRate(segment=segment, bucket_seconds=bucket_seconds, since=since, data=series)
 
 
 def pair_public(row: PreferencePair) -> PairPublic:

@@ -241,24 +241,34 @@ def run_subprocess(
         raise RuntimeError(f"{cmd[2]} {cmd[3]} exited with {proc.returncode}: {tail}")
 
 
+HISTORY_POINTS = 500
+
+
 def _read_progress(paths: list[Path]) -> dict[str, Any] | None:
     """The trainer's latest step from its metrics.jsonl (in `.<out>.partial/` while training
     runs, inside the output once it is renamed into place)."""
     path = next((p for p in paths if p.is_file()), None)
     if path is None:
         return None
-    last = None
+    rows = []
     for line in path.read_text().splitlines():
         if '"split": "train"' in line:
-            last = line
-    if last is None:
-        return None
-    try:
-        rec = json.loads(last)
-    except json.JSONDecodeError:  # a line being written
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line being written
+                pass
+    if not rows:
         return None
     keep = ("step", "total", "epoch", "loss", "margin", "accuracy", "lr")
-    return {k: rec[k] for k in keep if k in rec}
+    latest = {k: rows[-1][k] for k in keep if k in rows[-1]}
+    # Every step's loss and reward margin, for the console's plot; thinned to at most
+    # HISTORY_POINTS so a long run's row stays small.
+    stride = -(-len(rows) // HISTORY_POINTS)
+    picked = rows[::stride]
+    if picked[-1] is not rows[-1]:
+        picked.append(rows[-1])
+    latest["history"] = [[r.get("step"), r.get("loss"), r.get("margin")] for r in picked]
+    return latest
 
 
 # --- the refresh ------------------------------------------------------------------------------

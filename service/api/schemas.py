@@ -89,9 +89,18 @@ class FeedbackPublic(BaseModel):
     updated_at: datetime
 
 
+class FeedbackQueueItem(FeedbackPublic):
+    """A feedback row as the operator queue shows it: with the answer it is about."""
+
+    segment: str
+    adapter_version: str | None
+    prompt: str  # the last prompt message (what the answer answered)
+    answer: str  # the rated / picked / edited answer
+
+
 class FeedbackList(BaseModel):
     object: Literal["list"] = "list"
-    data: list[FeedbackPublic]
+    data: list[FeedbackQueueItem]
     has_more: bool
 
 
@@ -255,6 +264,29 @@ class GoldenList(BaseModel):
     object: Literal["list"] = "list"
     data: list[dict[str, Any]]
     path: str
+
+
+# --- console charts --------------------------------------------------------------------------
+
+
+class RatePoint(BaseModel):
+    t: datetime  # the bucket's start
+    up: int
+    down: int
+    rate: float  # up / (up + down)
+
+
+class RateSeries(BaseModel):
+    version: str  # an adapter version id, or "base" for the base model
+    points: list[RatePoint]
+
+
+class ThumbsRate(BaseModel):
+    object: Literal["thumbs_rate"] = "thumbs_rate"
+    segment: str | None
+    bucket_seconds: int
+    since: datetime
+    data: list[RateSeries]
 
 
 # --- refresh runs -----------------------------------------------------------------------------

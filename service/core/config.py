@@ -187,6 +187,14 @@ class Settings(BaseSettings):
         '{"support": {"lr": 5e-4, "rpo_alpha": 4.0}}.',
     )
 
+    # --- web front ends (the widget at /widget.js, the console at /console)
+    widget_compare_every: int = Field(
+        default=0,
+        ge=0,
+        description="Every Nth user turn in the widget is answered twice (n=2) with a "
+        '"which is better?" pick; 0: never.',
+    )
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.default_max_tokens > self.max_tokens_limit:

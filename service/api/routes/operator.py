@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
@@ -18,9 +18,10 @@ from service.api.schemas import (
     PairActionName,
     PairActionResult,
     PairList,
+    ThumbsRate,
 )
 from service.core.errors import InvalidRequestError
-from service.operator import act_on_pairs, list_feedback, list_pairs
+from service.operator import act_on_pairs, list_feedback, list_pairs, thumbs_rate
 from service.pairs import compile_and_store
 
 router = APIRouter(prefix="/v1/operator", tags=["operator"])
@@ -36,14 +37,16 @@ async def get_feedback(
     kind: Literal["thumbs", "pick", "edit"] | None = None,
     rating: Annotated[int | None, Query(description="1 or -1")] = None,
     user: str | None = None,
-    adapter_version: str | None = None,
+    segment: str | None = None,
+    adapter_version: Annotated[str | None, Query(description='a version id, or "base"')] = None,
     has_comment: bool | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
     limit: Limit = 50,
     offset: Offset = 0,
 ) -> FeedbackList:
-    """Feedback, newest first. `rating` implies thumbs; `since`/`until` bound the vote time."""
+    """Feedback, newest first, with the answer each is about. `rating` implies thumbs;
+    `since`/`until` bound the vote time."""
     if rating not in (None, 1, -1):
         raise InvalidRequestError("rating must be 1 or -1", param="rating")
     return await run_in_threadpool(
@@ -52,6 +55,7 @@ async def get_feedback(
             kind=kind,
             rating=rating,
             user=user,
+            segment=segment,
             adapter_version=adapter_version,
             has_comment=has_comment,
             since=since,
@@ -126,4 +130,21 @@ async def pair_action(
         lambda: act_on_pairs(
             db, action=action, ids=[pair_id], text=body.text, actor=body.operator or operator
         )
+    )
+
+
+@router.get("/stats/thumbs", response_model=ThumbsRate)
+async def get_thumbs_rate(
+    db: DbDep,
+    _operator: OperatorDep,
+    segment: str | None = None,
+    since: datetime | None = None,
+    bucket_seconds: Annotated[int, Query(ge=1, le=86_400 * 31)] = 3600,
+) -> ThumbsRate:
+    """Thumbs-up rate per adapter version over time (the console's live chart); `since`
+    defaults to seven days ago."""
+    since = since or datetime.now(UTC) - timedelta(days=7)
+    since = since.replace(tzinfo=UTC) if since.tzinfo is None else since.astimezone(UTC)
+    return await run_in_threadpool(
+        lambda: thumbs_rate(db, segment=segment, since=since, bucket_seconds=bucket_seconds)
     )

@@ -1,0 +1,425 @@
+// prefloop operator console: plain ES module, no build step. It talks to /v1/operator/... with
+// the operator's name (X-Operator, for the audit log) and, when set, their key
+// (Authorization: Bearer), both kept in sessionStorage for this tab only. Charts: uPlot
+// (vendored in /web/vendor, loaded as a global by console.html).
+
+const $ = (sel, root = document) => root.querySelector(sel);
+const store = sessionStorage;
+const POLL_MS = 1000;
+
+// --- the API --------------------------------------------------------------------------------
+
+function who() {
+  return { operator: store.getItem("prefloop-console:operator") || "",
+    key: store.getItem("prefloop-console:key") || "" };
+}
+
+async function api(path, { method = "GET", body, headers = {} } = {}) {
+  const { operator, key } = who();
+  const h = { ...headers };
+  if (operator) h["X-Operator"] = operator;
+  if (key) h.Authorization = `Bearer ${key}`;
+  if (body !== undefined) h["Content-Type"] = "application/json";
+  let res;
+  try {
+    res = await fetch(path, { method, headers: h, body: body === undefined ? undefined : JSON.stringify(body) });
+  } catch (_) {
+    throw new Error("Cannot reach the service. Is it running? Check the address and try again.");
+  }
+  if (res.status === 401 || res.status === 403) {
+    throw new Error("The service refused the operator key. Paste a valid operator key above and press Save.");
+  }
+  const data = await res.json().catch(() => ({}));
+  if (!res.ok) {
+    const e = data.error || {};
+    throw new Error(`${e.message || `HTTP ${res.status}`}${e.param ? ` (${e.param})` : ""}`);
+  }
+  return data;
+}
+
+function say(message) { $("#status").textContent = message; }
+function fail(err) {
+  const box = $("#error");
+  box.textContent = err ? String(err.message || err) : "";
+  box.hidden = !err;
+}
+/* Run an action; its error, if any, is shown in plain words. */
+async function act(fn) {
+  fail(null);
+  try { return await fn(); } catch (err) { fail(err); return undefined; }
+}
+
+// --- small DOM helpers ------------------------------------------------------------------------
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "on") node.addEventListener("click", v);
+    else if (v !== undefined && v !== null && v !== false) node.setAttribute(k, v);
+  }
+  for (const c of children) if (c !== null && c !== undefined) node.append(c); // text: never HTML
+  return node;
+}
+const td = (content, cls) => el("td", cls ? { class: cls } : {}, content ?? "");
+const when = (t) => (t ? new Date(t).toLocaleString() : "");
+const fmt = (x) => (typeof x === "number" ? (Number.isInteger(x) ? String(x) : x.toFixed(3)) : x ?? "\u2014");
+function lastUser(prompt) {
+  const users = (prompt || []).filter((m) => m.role === "user");
+  return users.length ? users[users.length - 1].content : "";
+}
+function query(form) {
+  const params = new URLSearchParams();
+  for (const [k, v] of new FormData(form)) if (v !== "") params.set(k, v);
+  return params;
+}
+
+// --- tabs -----------------------------------------------------------------------------------
+
+const loaders = {};
+let current = "feedback";
+function show(tab) {
+  current = tab;
+  for (const b of document.querySelectorAll("nav [role=tab]")) {
+    b.setAttribute("aria-selected", String(b.dataset.tab === tab));
+  }
+  for (const s of document.querySelectorAll("[role=tabpanel]")) s.hidden = s.id !== `tab-${tab}`;
+  act(loaders[tab]);
+}
+for (const b of document.querySelectorAll("nav [role=tab]")) b.addEventListener("click", () => show(b.dataset.tab));
+
+// --- who is operating -----------------------------------------------------------------------
+
+$("#operator").value = who().operator;
+$("#key").value = who().key;
+$("#who").addEventListener("submit", (e) => {
+  e.preventDefault();
+  store.setItem("prefloop-console:operator", $("#operator").value.trim());
+  store.setItem("prefloop-console:key", $("#key").value.trim());
+  say(`Operating as ${$("#operator").value.trim() || "(no name)"}.`);
+  act(loaders[current]);
+});
+
+// --- feedback queue -------------------------------------------------------------------------
+
+let feedbackOffset = 0;
+function signal(fb) {
+  if (fb.type === "thumbs") return fb.value > 0 ? "\u{1F44D} up" : "\u{1F44E} down";
+  if (fb.type === "pick") return `pick: choice ${fb.value === 0 ? "A" : "B"}`;
+  return "ideal answer written";
+}
+function idealAnswerEditor(fb, cell) {
+  const area = el("textarea", { "aria-label": "The ideal answer" }, fb.answer);
+  const save = el("button", { on: () => act(async () => {
+    await api("/v1/feedback", { method: "POST", body: { completion_id: fb.completion_id,
+      type: "edit", text: area.value, choice_index: fb.choice_index },
+    headers: { "Idempotency-Key": crypto.randomUUID() } });
+    say("Ideal answer saved; it becomes a training pair at the next compile.");
+    cell.replaceChildren("ideal answer saved");
+  }) }, "Save ideal answer");
+  cell.replaceChildren(area, save);
+  area.focus();
+}
+async function loadFeedback(more = false) {
+  const form = $("#feedback-filters");
+  const params = query(form);
+  for (const k of ["since", "until"]) { // dates from the picker: whole days, in UTC
+    if (params.get(k)) params.set(k, `${params.get(k)}T00:00:00Z`);
+  }
+  feedbackOffset = more ? feedbackOffset + 50 : 0;
+  params.set("limit", "50");
+  params.set("offset", String(feedbackOffset));
+  const list = await api(`/v1/operator/feedback?${params}`);
+  const rows = list.data.map((fb) => {
+    const actions = td("");
+    if (fb.type === "thumbs") {
+      actions.append(el("button", { on: () => idealAnswerEditor(fb, actions) }, "Write ideal answer"));
+    } else if (fb.type === "edit") {
+      actions.append(fb.text || "");
+    }
+    return el("tr", {}, td(when(fb.updated_at)), td(signal(fb)), td(fb.segment),
+      td(fb.adapter_version || "base"), td(fb.prompt, "text"), td(fb.answer, "text"),
+      td(fb.comment || "", "text"), td(fb.user), actions);
+  });
+  if (more) $("#feedback-rows").append(...rows);
+  else $("#feedback-rows").replaceChildren(...rows);
+  $("#feedback-more").hidden = !list.has_more;
+  say(`${$("#feedback-rows").children.length} feedback shown.`);
+}
+loaders.feedback = () => loadFeedback(false);
+$("#feedback-filters").addEventListener("submit", (e) => { e.preventDefault(); act(loaders.feedback); });
+$("#feedback-more").addEventListener("click", () => act(() => loadFeedback(true)));
+
+// --- pair review ----------------------------------------------------------------------------
+
+const selected = new Set();
+function updateSelection() {
+  $("#selected-count").textContent = `${selected.size} selected`;
+  for (const b of document.querySelectorAll("[data-bulk]")) b.disabled = selected.size === 0;
+}
+async function pairAction(action, ids, text) {
+  const result = await api("/v1/operator/pairs/actions", { method: "POST",
+    body: { action, ids, ...(text === undefined ? {} : { text }) } });
+  say(`${action}: ${result.data.length} pair(s) by ${result.actor}.`);
+  selected.clear();
+  await loaders.pairs();
+}
+function replaceEditor(pair, cell) {
+  const area = el("textarea", { "aria-label": "The ideal answer" }, pair.chosen);
+  cell.replaceChildren(area, el("button", {
+    on: () => act(() => pairAction("replace_chosen", [pair.id], area.value)) }, "Save ideal answer"));
+  area.focus();
+}
+loaders.pairs = async () => {
+  const params = query($("#pair-filters"));
+  params.set("limit", "200");
+  const list = await api(`/v1/operator/pairs?${params}`);
+  for (const id of [...selected]) if (!list.data.some((p) => p.id === id)) selected.delete(id);
+  $("#pair-rows").replaceChildren(...list.data.map((p, i) => {
+    const box = el("input", { type: "checkbox", "aria-label": `Select pair ${i + 1}`, "data-id": p.id });
+    box.checked = selected.has(p.id);
+    box.addEventListener("change", () => {
+      if (box.checked) selected.add(p.id); else selected.delete(p.id);
+      row.classList.toggle("selected", box.checked);
+      updateSelection();
+    });
+    const actions = td("");
+    if (p.status !== "used") {
+      actions.append(
+        el("button", { on: () => act(() => pairAction("approve", [p.id])) }, "Approve"), " ",
+        el("button", { on: () => act(() => pairAction("exclude", [p.id])) }, "Exclude"), " ",
+        el("button", { on: () => act(() => pairAction("flip", [p.id])) }, "Flip"));
+      if (p.kind === "pair") {
+        actions.append(" ", el("button", { on: () => replaceEditor(p, actions) }, "Write ideal answer"));
+      }
+    }
+    const rejected = p.kind === "pair" ? p.rejected : `(unpaired: ${p.label ? "good" : "bad"})`;
+    const row = el("tr", { "data-id": p.id }, td(box), td(lastUser(p.prompt), "text"),
+      td(p.chosen, "text"), td(rejected, "text"), td(p.source),
+      td(p.status + (p.excluded_reason ? ` (${p.excluded_reason})` : "")), actions);
+    row.classList.toggle("selected", box.checked);
+    return row;
+  }));
+  $("#select-all").checked = false;
+  updateSelection();
+  say(`${list.data.length} pair(s) shown.`);
+};
+$("#pair-filters").addEventListener("submit", (e) => { e.preventDefault(); act(loaders.pairs); });
+$("#select-all").addEventListener("change", (e) => {
+  for (const box of document.querySelectorAll("#pair-rows input[type=checkbox]")) {
+    box.checked = e.target.checked;
+    box.dispatchEvent(new Event("change"));
+  }
+});
+for (const b of document.querySelectorAll("[data-bulk]")) {
+  b.addEventListener("click", () => act(() => pairAction(b.dataset.bulk, [...selected])));
+}
+$("#compile").addEventListener("click", () => act(async () => {
+  const s = await api("/v1/operator/pairs/compile", { method: "POST" });
+  say(`Compiled: ${s.pairs} new pair(s), ${s.unpaired} unpaired, ${s.excluded} excluded.`);
+  await loaders.pairs();
+}));
+
+// --- charts (uPlot) --------------------------------------------------------------------------
+
+const COLORS = ["#d9480f", "#1c7ed6", "#2b8a3e", "#9c36b5", "#e67700", "#0b7285", "#c2255c"];
+const charts = {};
+function chart(name, container, series, data, yLabel) {
+  const width = Math.max(320, container.clientWidth - 4);
+  if (charts[name] && charts[name].series.length === series.length + 1) {
+    charts[name].setData(data);
+    return;
+  }
+  if (charts[name]) charts[name].destroy();
+  container.replaceChildren();
+  charts[name] = new uPlot({
+    width, height: 260,
+    scales: { x: { time: name === "rate" } },
+    series: [{ label: name === "rate" ? "time" : "step" },
+      ...series.map((s, i) => ({ label: s, stroke: COLORS[i % COLORS.length], width: 2, spanGaps: true,
+        points: { show: true, size: 5 } }))],
+    axes: [{}, { label: yLabel }],
+  }, data, container);
+}
+
+// --- runs -----------------------------------------------------------------------------------
+
+let openRun = null;
+let runTimer = null;
+function runRow(r) {
+  return el("tr", { "data-id": r.id }, td(r.id), td(r.segment), td(r.trigger), td(r.status),
+    td(r.stage || ""), td(r.outcome || (r.error ? r.error.slice(0, 80) : "")), td(when(r.started_at || r.created_at)),
+    td(el("button", { on: () => act(() => showRun(r.id)) }, "Show")));
+}
+loaders.runs = async () => {
+  const list = await api("/v1/operator/runs?limit=20");
+  $("#run-rows").replaceChildren(...list.data.map(runRow));
+  const live = list.data.find((r) => r.status === "queued" || r.status === "running");
+  if (!openRun && live) await showRun(live.id);
+};
+$("#start-run").addEventListener("submit", (e) => {
+  e.preventDefault();
+  act(async () => {
+    const run = await api("/v1/operator/runs", { method: "POST", body: { segment: new FormData(e.target).get("segment") } });
+    say(`Refresh ${run.id} started.`);
+    await loaders.runs();
+    await showRun(run.id);
+  });
+});
+
+function reportTable(report, verdict) {
+  const cand = report.candidate || {};
+  const inc = report.incumbent || {};
+  const rows = [
+    ["held-out pairs", (s) => s.pairs?.n], ["pair accuracy", (s) => s.pairs?.accuracy],
+    ["reward margin", (s) => s.pairs?.margin], ["golden pass rate", (s) => s.golden?.pass_rate],
+    ["golden passed", (s) => (s.golden?.n ? `${s.golden.passed}/${s.golden.n}` : undefined)],
+    ["answer length ratio", (s) => s.drift?.length_ratio], ["repetition", (s) => s.drift?.repetition],
+    ["KL from base (nats/token)", (s) => s.drift?.kl],
+  ];
+  const table = el("table", { class: "grid gate" }, el("thead", {}, el("tr", {}, el("th", {}, "metric"),
+    el("th", {}, `candidate ${report.candidate_version || ""}`.trim()),
+    el("th", {}, `active: ${inc.version || "the base model"}`))),
+  el("tbody", {}, ...rows.map(([name, get]) => el("tr", {}, td(name), td(fmt(get(cand))), td(fmt(get(inc)))))));
+  const checks = el("ul", {}, ...((verdict && verdict.checks) || []).map((c) =>
+    el("li", { class: c.passed ? "pass" : "fail" }, `${c.passed ? "\u2713" : "\u2717"} ${c.detail}`)));
+  const head = verdict ? el("p", { class: verdict.approved ? "pass" : "fail" },
+    verdict.approved ? "The gate approved the candidate." : `The gate rejected it: ${verdict.reasons.join("; ")}`) : null;
+  return el("div", {}, head, el("div", { class: "cols" }, table, checks));
+}
+
+async function showRun(id) {
+  openRun = id;
+  clearTimeout(runTimer);
+  const run = await api(`/v1/operator/runs/${encodeURIComponent(id)}`);
+  if (openRun !== id) return;
+  $("#run-detail").hidden = false;
+  $("#run-title").textContent = `Run ${run.id} (${run.segment})`;
+  $("#run-summary").textContent = `Status: ${run.status}${run.stage ? `, stage ${run.stage}` : ""}` +
+    `${run.outcome ? `, outcome ${run.outcome}` : ""}${run.candidate_version ? `, candidate ${run.candidate_version}` : ""}` +
+    `${run.error ? ` \u2014 ${run.error}` : ""}`;
+  const p = run.progress || {};
+  $("#run-progress").max = p.total || 1;
+  $("#run-progress").value = p.step || 0;
+  $("#run-progress-text").textContent = p.total
+    ? `training step ${p.step}/${p.total}, loss ${fmt(p.loss)}, margin ${fmt(p.margin)}` : "not training yet";
+  $("#run-steps").replaceChildren(...run.steps.map((s) => el("tr", {}, td(s.name),
+    td(s.seconds === null ? "running\u2026" : fmt(s.seconds)), td(s.detail ? JSON.stringify(s.detail) : "", "text"))));
+  const history = p.history || [];
+  if (history.length) {
+    chart("run", $("#run-chart"), ["loss", "reward margin"],
+      [history.map((h) => h[0]), history.map((h) => h[1]), history.map((h) => h[2])], "value");
+  } else {
+    if (charts.run) { charts.run.destroy(); delete charts.run; }
+    $("#run-chart").replaceChildren(el("p", {}, "No training steps yet."));
+  }
+  const log = $("#run-log");
+  const atEnd = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
+  log.textContent = run.log || "";
+  if (atEnd) log.scrollTop = log.scrollHeight;
+  if (run.candidate_version) {
+    const version = await api(`/v1/operator/adapters/${encodeURIComponent(run.candidate_version)}`);
+    $("#run-gate").replaceChildren(version.eval_report
+      ? reportTable({ ...version.eval_report, candidate_version: version.id }, version.verdict)
+      : el("p", {}, "Not evaluated yet."));
+  } else {
+    $("#run-gate").replaceChildren(el("p", {}, "No candidate yet."));
+  }
+  const live = run.status === "queued" || run.status === "running";
+  if (live) {
+    runTimer = setTimeout(() => act(() => (current === "runs" && openRun === id ? showRun(id) : null)), POLL_MS);
+  }
+  // Keep the list's status in step with the detail.
+  const row = $(`#run-rows tr[data-id="${CSS.escape(run.id)}"]`);
+  if (row) row.replaceWith(runRow(run));
+  else await loaders.runs();
+}
+
+// --- adapters -------------------------------------------------------------------------------
+
+function confirmAndDo(question, fn) {
+  if (!window.confirm(question)) { say("Cancelled."); return; }
+  act(fn);
+}
+async function transition(version, action, body = {}) {
+  const row = await api(`/v1/operator/adapters/${encodeURIComponent(version)}/${action}`, { method: "POST", body });
+  say(`${row.id} is now ${row.status}.`);
+  await loaders.adapters();
+}
+loaders.adapters = async () => {
+  const list = await api("/v1/operator/adapters?limit=200");
+  const serving = Object.entries(list.serving || {});
+  $("#serving").textContent = `Serving: ${serving.length ? serving.map(([s, v]) => `${s} \u2192 ${v}`).join(", ") : "the base model"}` +
+    `${Object.keys(list.load_errors || {}).length ? ` \u2014 load errors: ${JSON.stringify(list.load_errors)}` : ""}`;
+  $("#adapter-rows").replaceChildren(...list.data.map((a) => {
+    const actions = td("");
+    const btn = (label, fn) => actions.append(el("button", { on: fn }, label), " ");
+    if (a.status === "candidate") btn("Approve", () => act(() => transition(a.id, "approve")));
+    if (a.status === "candidate" || a.status === "approved") {
+      btn("Reject", () => confirmAndDo(`Reject ${a.id}? It can never be promoted afterwards.`, () => transition(a.id, "reject")));
+    }
+    if (a.status === "approved" || a.status === "retired") {
+      btn("Promote", () => confirmAndDo(`Promote ${a.id}? Every replica serves it within a second.`,
+        () => transition(a.id, "promote", { reason: "promoted from the console" })));
+    }
+    if (a.status === "active") {
+      btn("Roll back", () => confirmAndDo(`Roll back segment ${a.segment}? ${a.id} is retired and its predecessor serves again.`,
+        async () => {
+          const r = await api("/v1/operator/adapters/rollback", { method: "POST",
+            body: { segment: a.segment, reason: "rolled back from the console" } });
+          say(`Segment ${r.segment} now serves ${r.active || "the base model"}.`);
+          await loaders.adapters();
+        }));
+    }
+    btn("Details", () => act(() => showAdapter(a.id)));
+    const gate = a.verdict ? (a.verdict.approved ? "approved" : `rejected: ${a.verdict.reasons.join("; ")}`) : "";
+    return el("tr", { "data-id": a.id }, td(a.id), td(a.status, `status-${a.status}`), td(when(a.created_at)),
+      td(when(a.promoted_at)), td(gate, "text"), actions);
+  }));
+  say(`${list.data.length} version(s).`);
+};
+async function showAdapter(id) {
+  const a = await api(`/v1/operator/adapters/${encodeURIComponent(id)}`);
+  $("#adapter-detail").hidden = false;
+  $("#adapter-title").textContent = `${a.id} (${a.status})`;
+  $("#adapter-report").replaceChildren(a.eval_report
+    ? reportTable({ ...a.eval_report, candidate_version: a.id }, a.verdict) : el("p", {}, "Not evaluated."));
+  $("#adapter-events").replaceChildren(...a.events.map((e) => el("li", {},
+    `${when(e.created_at)}: ${e.from_status || "new"} \u2192 ${e.to_status} by ${e.actor}${e.reason ? ` (${e.reason})` : ""}`)));
+}
+
+// --- thumbs-up rate per version over time ------------------------------------------------------
+
+let rateTimer = null;
+loaders.rate = async () => {
+  clearTimeout(rateTimer);
+  const form = $("#rate-filters");
+  const f = new FormData(form);
+  const params = new URLSearchParams({ bucket_seconds: f.get("bucket_seconds") });
+  if (f.get("segment")) params.set("segment", f.get("segment"));
+  params.set("since", new Date(Date.now() - Number(f.get("days")) * 86400e3).toISOString());
+  const stats = await api(`/v1/operator/stats/thumbs?${params}`);
+  const xs = [...new Set(stats.data.flatMap((s) => s.points.map((p) => Date.parse(p.t) / 1000)))].sort((a, b) => a - b);
+  if (xs.length) {
+    const ys = stats.data.map((s) => {
+      const byT = new Map(s.points.map((p) => [Date.parse(p.t) / 1000, p.rate]));
+      return xs.map((x) => (byT.has(x) ? byT.get(x) : null));
+    });
+    chart("rate", $("#rate-chart"), stats.data.map((s) => s.version), [xs, ...ys], "thumbs-up rate");
+  } else {
+    if (charts.rate) { charts.rate.destroy(); delete charts.rate; }
+    $("#rate-chart").replaceChildren(el("p", {}, "No thumbs in this period."));
+  }
+  $("#rate-rows").replaceChildren(...stats.data.map((s) => {
+    const up = s.points.reduce((n, p) => n + p.up, 0);
+    const down = s.points.reduce((n, p) => n + p.down, 0);
+    return el("tr", {}, td(s.version), td(up), td(down), td(fmt(up / (up + down))));
+  }));
+  // Live: new votes show up while the tab is open.
+  rateTimer = setTimeout(() => { if (current === "rate") act(loaders.rate); }, 5000);
+};
+$("#rate-filters").addEventListener("submit", (e) => { e.preventDefault(); act(loaders.rate); });
+
+// --- start ----------------------------------------------------------------------------------
+
+if (!who().operator) say("Type your name (and your operator key, if the service asks for one), then Save.");
+show("feedback");

@@ -1,0 +1,220 @@
+"""The chat widget in a real browser, as a person uses it: open the bubble on the demo page,
+chat (answers stream), rate with the keyboard and the mouse, comment, regenerate, pick the
+better of two, reload and go on; every signal is checked in the database. Model output and
+stored messages that carry HTML are shown as text and never run."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+from playwright.sync_api import Page, expect
+from sqlmodel import col, select
+
+from service.models import Completion, Feedback, Message
+from tests.servers import free_port
+from tests.service.conftest import Live
+
+XSS = '<img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script>'
+
+
+@pytest.fixture
+def settings_overrides() -> dict[str, Any]:
+    # Every second user turn asks for a comparison; short answers keep the test quick.
+    return {"widget_compare_every": 2, "default_max_tokens": 12}
+
+
+def completions(live: Live) -> list[Completion]:
+    with live.session() as s:
+        return list(s.exec(select(Completion).order_by(col(Completion.created_at))).all())
+
+
+def feedback(live: Live, **where: Any) -> list[Feedback]:
+    with live.session() as s:
+        q = select(Feedback)
+        for k, v in where.items():
+            q = q.where(getattr(Feedback, k) == v)
+        return list(s.exec(q).all())
+
+
+def wait_for(predicate, what: str, timeout: float = 15) -> Any:
+    """The widget answers a click only after the service has committed: poll the database."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def tab_to(page: Page, label: str, limit: int = 30) -> None:
+    """Press Tab until the focused element is the one with this aria-label."""
+    for _ in range(limit):
+        page.keyboard.press("Tab")
+        focused = page.evaluate(
+            "() => { let e = document.activeElement;"
+            " while (e && e.shadowRoot && e.shadowRoot.activeElement) e = e.shadowRoot.activeElement;"
+            " return e && e.getAttribute('aria-label'); }"
+        )
+        if focused == label:
+            return
+    raise AssertionError(f"Tab never reached {label!r}")
+
+
+def test_chat_rate_regenerate_pick_and_reload(live: Live, page: Page) -> None:
+    page.goto(f"{live.base_url}/demo")
+    page.get_by_role("button", name="Open chat").click()
+    box = page.get_by_label("Your message")
+    expect(box).to_be_focused()
+    page.shots("open")
+
+    # Chat: Enter sends; the answer streams in, then its buttons appear.
+    box.fill("What is the capital of France?")
+    box.press("Enter")
+    expect(page.get_by_role("button", name="Good answer (message 1)")).to_be_visible()
+    first = wait_for(lambda: [c for c in completions(live) if c.status == "succeeded"], "answer")[0]
+    assert first.stream is True and first.params["n"] == 1
+    with live.session() as s:
+        answer = s.exec(select(Message).where(Message.completion_id == first.id)).one()
+        user_id = first.user_id
+    assert user_id and user_id.startswith("widget-")
+    shown = page.locator("[data-prefloop-widget] .assistant").first.inner_text()
+    assert shown.strip() == answer.content.strip()
+    page.shots("answered")
+
+    # Thumbs up with the keyboard alone: Tab to the button, Enter.
+    tab_to(page, "Good answer (message 1)")
+    page.keyboard.press("Enter")
+    up = wait_for(lambda: feedback(live, kind="thumbs", value=1), "thumbs up")[0]
+    assert (up.completion_id, up.user_id, up.comment) == (first.id, user_id, None)
+    expect(page.get_by_role("button", name="Good answer (message 1)")).to_have_attribute(
+        "aria-pressed", "true"
+    )
+
+    # Changed their mind: thumbs down with a comment (the later vote replaces the first).
+    page.get_by_role("button", name="Bad answer (message 1)").click()
+    wait_for(lambda: feedback(live, kind="thumbs", value=-1), "thumbs down")
+    page.get_by_label("Comment (optional, message 1)").fill("too vague")
+    page.get_by_role("button", name="Send comment (message 1)").click()
+    expect(page.get_by_text("Thanks for the feedback and the comment.")).to_be_visible()
+    [down] = feedback(live, kind="thumbs")
+    assert (down.value, down.comment, down.completion_id) == (-1, "too vague", first.id)
+    page.shots("rated")
+
+    # Regenerate: a sibling answer to the same prompt.
+    page.get_by_role("button", name="Regenerate answer (message 1)").click()
+    expect(page.get_by_role("button", name="Good answer (message 1)")).to_have_attribute(
+        "aria-pressed", "false"
+    )
+    again = wait_for(
+        lambda: [c for c in completions(live) if c.regenerated_from == first.id],
+        "the regeneration",
+    )[0]
+    wait_for(lambda: completions(live)[-1].status == "succeeded", "the regenerated answer")
+    assert again.parent_message_id == first.parent_message_id
+
+    # The second turn asks for a comparison (n=2): pick B. The user's HTML is shown as text.
+    box.fill(f"Which is better? {XSS}")
+    box.press("Enter")
+    expect(page.get_by_role("button", name="Answer B is better (message 2)")).to_be_visible()
+    page.shots("compare")
+    page.get_by_role("button", name="Answer B is better (message 2)").click()
+    expect(page.get_by_text("Thanks — you picked B.")).to_be_visible()
+    [pick] = wait_for(lambda: feedback(live, kind="pick"), "the pick")
+    compared = completions(live)[-1]
+    assert compared.params["n"] == 2 and pick.completion_id == compared.id and pick.value == 1
+    assert compared.conversation_id == first.conversation_id
+    with live.session() as s:  # continuing from the regenerated answer marked it kept
+        kept = s.exec(select(Message).where(Message.completion_id == again.id)).one()
+        prompt = s.get(Message, compared.parent_message_id)
+    assert kept.kept_at is not None and prompt.parent_id == kept.id
+    assert prompt.content == f"Which is better? {XSS}"
+    expect(page.get_by_text(XSS)).to_be_visible()
+    assert page.evaluate("() => window.__pwned") is None
+
+    # Reload: the conversation is still there, and the next turn continues it.
+    page.reload()
+    expect(page.get_by_text("Thanks — you picked B.")).to_be_visible()  # still open
+    expect(page.get_by_text("What is the capital of France?")).to_be_visible()
+    page.shots("reloaded")
+    page.get_by_label("Your message").fill("And one more thing")
+    page.get_by_label("Your message").press("Enter")
+    expect(page.get_by_role("button", name="Good answer (message 3)")).to_be_visible()
+    third = wait_for(lambda: len(completions(live)) == 4 and completions(live)[-1], "turn 3")
+    assert third.conversation_id == first.conversation_id
+    with live.session() as s:  # it continued from the picked answer (B)
+        picked = s.exec(
+            select(Message).where(Message.completion_id == compared.id, Message.choice_index == 1)
+        ).one()
+        assert s.get(Message, third.parent_message_id).parent_id == picked.id
+
+
+def test_stored_html_is_shown_as_text_and_markdown_is_safe(live: Live, page: Page) -> None:
+    page.goto(f"{live.base_url}/demo")
+    stored = {
+        "user": "widget-test",
+        "conversation_id": None,
+        "open": True,
+        "turns": [
+            {
+                "user": "hi",
+                "completion_id": "chatcmpl-x",
+                "compare": False,
+                "picked": None,
+                "rating": None,
+                "answers": [
+                    {
+                        "message_id": "msg-x",
+                        "done": True,
+                        "text": f"{XSS}\n**bold** and `<b>code</b>` and [a link](https://example.com/a?b=1&c=\"2\")"
+                        " and [bad](javascript:window.__pwned=3)\n```\n<script>window.__pwned=4</script>\n```",
+                    }
+                ],
+            }
+        ],
+    }
+    key = f"prefloop-widget:{live.base_url}:"
+    page.evaluate("([k, v]) => localStorage.setItem(k, v)", [key, json.dumps(stored)])
+    page.reload()
+    answer = page.locator("[data-prefloop-widget] .assistant").first
+    expect(answer).to_contain_text(XSS)
+    expect(answer).to_contain_text("<script>window.__pwned=4</script>")
+    assert answer.locator("img, script, iframe").count() == 0
+    assert answer.locator("strong").inner_text() == "bold"
+    assert answer.locator("code").first.inner_text() == "<b>code</b>"
+    link = answer.locator("a")
+    assert link.count() == 1 and link.get_attribute("href") == 'https://example.com/a?b=1&c="2"'
+    assert link.get_attribute("rel") == "noopener noreferrer nofollow"
+    expect(answer).to_contain_text("[bad](javascript:window.__pwned=3)")
+    page.shots("markdown")
+    assert page.evaluate("() => window.__pwned") is None
+
+
+def test_errors_are_plain_words_and_keep_the_text(live: Live, page: Page) -> None:
+    # An unknown segment: the service answers 404; the widget says why and keeps the text.
+    page.goto(f"{live.base_url}/demo?segment=nope")
+    page.get_by_role("button", name="Open chat").click()
+    page.get_by_label("Your message").fill("hello?")
+    page.get_by_role("button", name="Send message").click()
+    alert = page.get_by_role("alert")
+    expect(alert).to_contain_text("The assistant could not answer: the model 'nope' does not exist")
+    expect(page.get_by_label("Your message")).to_have_value("hello?")
+    page.shots("unknown-segment")
+
+    # The service cannot be reached at all.
+    dead = f"http://127.0.0.1:{free_port()}"
+    page.set_content(
+        f'<script src="{live.base_url}/widget.js" data-api-base="{dead}"></script>'
+    )
+    page.get_by_role("button", name="Open chat").click()
+    page.get_by_label("Your message").fill("anyone there?")
+    page.get_by_label("Your message").press("Enter")
+    expect(page.get_by_role("alert")).to_contain_text(
+        f"Cannot reach the chat service at {dead}. Check your connection, then try again."
+    )
+    expect(page.get_by_label("Your message")).to_have_value("anyone there?")
+    page.shots("unreachable")
+    assert completions(live) == []  # nothing was stored for either
