@@ -154,8 +154,8 @@ class TrainingRun(SQLModel, table=True):
     """One refresh: compile -> train -> evaluate -> gate -> register -> promote, as it happens.
 
     `steps` is a list of {name, started_at, seconds, detail} in order; `progress` is the
-    training's latest {step, total, loss, margin, accuracy} and its `history`
-    ([step, loss, margin] per logged step, for the console's plot); `counts` the pair numbers (compiled,
+    training's latest {step, total, loss, margin, accuracy} and its `history` ([step, loss,
+    margin] per logged step, for the console's plot); `counts` the pair numbers (compiled,
     used for training, held out); `log` the tail of the training and evaluation subprocesses'
     output. Operators watch it through `/v1/operator/runs/{id}` while it runs.
     """

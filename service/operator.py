@@ -12,7 +12,6 @@ from sqlalchemy.orm import aliased
 from sqlmodel import Session, col, select
 
 from adapters.registry import as_utc
-
 from service.api.schemas import (
     FeedbackList,
     FeedbackQueueItem,
@@ -115,10 +114,10 @@ def thumbs_rate(
         q = q.where(Completion.segment == segment)
     with Session(db) as session:
         rows = session.exec(q).all()
-    start = as_utc(since).timestamp()
     counts: dict[str, dict[int, list[int]]] = {}
     for when, value, version in rows:
-        bucket = int((as_utc(when).timestamp() - start) // bucket_seconds)
+        # Buckets on whole multiples since the epoch: minutes and hours start on the clock's.
+        bucket = int(as_utc(when).timestamp() // bucket_seconds)
         up_down = counts.setdefault(version or "base", {}).setdefault(bucket, [0, 0])
         up_down[0 if value > 0 else 1] += 1
     series = [
@@ -126,7 +125,7 @@ def thumbs_rate(
             version=version,
             points=[
                 RatePoint(
-                    t=datetime.fromtimestamp(start + b * bucket_seconds, UTC),
+                    t=datetime.fromtimestamp(b * bucket_seconds, UTC),
                     up=up,
                     down=down,
                     rate=up / (up + down),

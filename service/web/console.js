@@ -95,8 +95,7 @@ $("#who").addEventListener("submit", (e) => {
   e.preventDefault();
   store.setItem("prefloop-console:operator", $("#operator").value.trim());
   store.setItem("prefloop-console:key", $("#key").value.trim());
-  say(`Operating as ${$("#operator").value.trim() || "(no name)"}.`);
-  act(loaders[current]);
+  act(loaders[current]).then(() => say(`Operating as ${$("#operator").value.trim() || "(no name)"}.`));
 });
 
 // --- feedback queue -------------------------------------------------------------------------
@@ -143,7 +142,7 @@ async function loadFeedback(more = false) {
   if (more) $("#feedback-rows").append(...rows);
   else $("#feedback-rows").replaceChildren(...rows);
   $("#feedback-more").hidden = !list.has_more;
-  say(`${$("#feedback-rows").children.length} feedback shown.`);
+  $("#feedback-count").textContent = `${$("#feedback-rows").children.length} feedback shown.`;
 }
 loaders.feedback = () => loadFeedback(false);
 $("#feedback-filters").addEventListener("submit", (e) => { e.preventDefault(); act(loaders.feedback); });
@@ -201,7 +200,7 @@ loaders.pairs = async () => {
   }));
   $("#select-all").checked = false;
   updateSelection();
-  say(`${list.data.length} pair(s) shown.`);
+  $("#pair-count").textContent = `${list.data.length} pair(s) shown.`;
 };
 $("#pair-filters").addEventListener("submit", (e) => { e.preventDefault(); act(loaders.pairs); });
 $("#select-all").addEventListener("change", (e) => {
@@ -223,20 +222,16 @@ $("#compile").addEventListener("click", () => act(async () => {
 
 const COLORS = ["#d9480f", "#1c7ed6", "#2b8a3e", "#9c36b5", "#e67700", "#0b7285", "#c2255c"];
 const charts = {};
-function chart(name, container, series, data, yLabel) {
+function chart(name, container, series, data, yLabel, scales = { x: { time: false } }) {
   const width = Math.max(320, container.clientWidth - 4);
-  if (charts[name] && charts[name].series.length === series.length + 1) {
-    charts[name].setData(data);
-    return;
-  }
   if (charts[name]) charts[name].destroy();
   container.replaceChildren();
   charts[name] = new uPlot({
     width, height: 260,
-    scales: { x: { time: name === "rate" } },
+    scales,
     series: [{ label: name === "rate" ? "time" : "step" },
       ...series.map((s, i) => ({ label: s, stroke: COLORS[i % COLORS.length], width: 2, spanGaps: true,
-        points: { show: true, size: 5 } }))],
+        points: { show: true, size: name === "rate" ? 10 : 6 } }))],
     axes: [{}, { label: yLabel }],
   }, data, container);
 }
@@ -345,7 +340,11 @@ async function transition(version, action, body = {}) {
   say(`${row.id} is now ${row.status}.`);
   await loaders.adapters();
 }
+let adapterTimer = null;
 loaders.adapters = async () => {
+  clearTimeout(adapterTimer);
+  // Live: a promotion reaches serving once the replica has loaded the version.
+  adapterTimer = setTimeout(() => { if (current === "adapters") act(loaders.adapters); }, 2000);
   const list = await api("/v1/operator/adapters?limit=200");
   const serving = Object.entries(list.serving || {});
   $("#serving").textContent = `Serving: ${serving.length ? serving.map(([s, v]) => `${s} \u2192 ${v}`).join(", ") : "the base model"}` +
@@ -375,7 +374,7 @@ loaders.adapters = async () => {
     return el("tr", { "data-id": a.id }, td(a.id), td(a.status, `status-${a.status}`), td(when(a.created_at)),
       td(when(a.promoted_at)), td(gate, "text"), actions);
   }));
-  say(`${list.data.length} version(s).`);
+  $("#adapter-count").textContent = `${list.data.length} version(s).`;
 };
 async function showAdapter(id) {
   const a = await api(`/v1/operator/adapters/${encodeURIComponent(id)}`);
@@ -404,7 +403,13 @@ loaders.rate = async () => {
       const byT = new Map(s.points.map((p) => [Date.parse(p.t) / 1000, p.rate]));
       return xs.map((x) => (byT.has(x) ? byT.get(x) : null));
     });
-    chart("rate", $("#rate-chart"), stats.data.map((s) => s.version), [xs, ...ys], "thumbs-up rate");
+    // The x range pads the buckets by one on each side, so a single bucket still reads as a
+    // moment in time; rates are shown on their whole 0..1 range.
+    const pad = stats.bucket_seconds;
+    chart("rate", $("#rate-chart"), stats.data.map((s) => s.version), [xs, ...ys], "thumbs-up rate", {
+      x: { time: true, auto: false, range: [xs[0] - pad, xs[xs.length - 1] + pad] },
+      y: { auto: false, range: [0, 1] },
+    });
   } else {
     if (charts.rate) { charts.rate.destroy(); delete charts.rate; }
     $("#rate-chart").replaceChildren(el("p", {}, "No thumbs in this period."));

@@ -56,7 +56,8 @@ def tab_to(page: Page, label: str, limit: int = 30) -> None:
         page.keyboard.press("Tab")
         focused = page.evaluate(
             "() => { let e = document.activeElement;"
-            " while (e && e.shadowRoot && e.shadowRoot.activeElement) e = e.shadowRoot.activeElement;"
+            " while (e && e.shadowRoot && e.shadowRoot.activeElement)"
+            "   e = e.shadowRoot.activeElement;"
             " return e && e.getAttribute('aria-label'); }"
         )
         if focused == label:
@@ -169,8 +170,10 @@ def test_stored_html_is_shown_as_text_and_markdown_is_safe(live: Live, page: Pag
                     {
                         "message_id": "msg-x",
                         "done": True,
-                        "text": f"{XSS}\n**bold** and `<b>code</b>` and [a link](https://example.com/a?b=1&c=\"2\")"
-                        " and [bad](javascript:window.__pwned=3)\n```\n<script>window.__pwned=4</script>\n```",
+                        "text": f"{XSS}\n**bold** and `<b>code</b>` and "
+                        '[a link](https://example.com/a?b=1&c="2") and '
+                        "[bad](javascript:window.__pwned=3)\n"
+                        "```\n<script>window.__pwned=4</script>\n```",
                     }
                 ],
             }
@@ -206,9 +209,7 @@ def test_errors_are_plain_words_and_keep_the_text(live: Live, page: Page) -> Non
 
     # The service cannot be reached at all.
     dead = f"http://127.0.0.1:{free_port()}"
-    page.set_content(
-        f'<script src="{live.base_url}/widget.js" data-api-base="{dead}"></script>'
-    )
+    page.set_content(f'<script src="{live.base_url}/widget.js" data-api-base="{dead}"></script>')
     page.get_by_role("button", name="Open chat").click()
     page.get_by_label("Your message").fill("anyone there?")
     page.get_by_label("Your message").press("Enter")

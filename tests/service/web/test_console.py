@@ -1,0 +1,212 @@
+"""The operator console in a real browser: review feedback with filters, write an ideal answer,
+compile and review pairs (one by one and in bulk), start a refresh and watch it train (the
+loss plot) and gate (the report beside the active version's), promote the candidate after a
+confirmation, watch the thumbs-up rate per version, and roll back. A tiny random Llama trains
+in the refresh's subprocesses, as in tests/service/test_refresh.py."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from playwright.sync_api import Page, expect
+from sqlmodel import select
+
+from service.models import Feedback, OperatorAction, PreferencePair
+from tests.service.conftest import Live
+from tests.service.test_refresh import FAST
+
+# uPlot draws each series in its colour (console.js COLORS): the first and second series.
+ORANGE, BLUE = (0xD9, 0x48, 0x0F), (0x1C, 0x7E, 0xD6)
+PIXELS = """([selector, rgb]) => {
+  const canvas = document.querySelector(selector);
+  if (!canvas) return 0;
+  const d = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+  let n = 0;
+  for (let i = 0; i < d.length; i += 4) {
+    if (d[i + 3] > 200 && Math.abs(d[i] - rgb[0]) < 30 && Math.abs(d[i + 1] - rgb[1]) < 30
+        && Math.abs(d[i + 2] - rgb[2]) < 30) n++;
+  }
+  return n;
+}"""
+
+
+@pytest.fixture
+def settings_overrides() -> dict[str, Any]:
+    # Pairs wait for an operator's approval; the candidate waits for the operator to promote.
+    return {**FAST, "pairs_require_approval": True, "refresh_auto_promote": False}
+
+
+def pairs(live: Live, **where: Any) -> list[PreferencePair]:
+    with live.session() as s:
+        q = select(PreferencePair)
+        for k, v in where.items():
+            q = q.where(getattr(PreferencePair, k) == v)
+        return list(s.exec(q).all())
+
+
+def thumbs(live: Live, count: int, rating: int, comment: str | None = None) -> list[dict]:
+    answers = []
+    for i in range(count):
+        answer = live.chat([{"role": "user", "content": f"Thumbs {rating} {i} {time.time()}"}])
+        body = {"completion_id": answer["id"], "rating": rating, "user": f"t{i}"}
+        if comment:
+            body["comment"] = comment
+        assert live.feedback(**body).status_code == 201
+        answers.append(answer)
+    return answers
+
+
+def test_review_train_promote_cycle(live: Live, page: Page) -> None:
+    for i in range(10):  # A/B picks: each compiles into one pair
+        answer = live.chat([{"role": "user", "content": f"Question {i}: tell me a thing."}], n=2)
+        r = live.feedback(completion_id=answer["id"], type="pick", chosen_index=i % 2, user=f"u{i}")
+        assert r.status_code == 201, r.text
+    thumbs(live, 3, 1)
+    [disliked] = thumbs(live, 1, -1, comment="wrong and rude")
+
+    page.goto(f"{live.base_url}/console")
+    page.get_by_label("Operator", exact=True).fill("olga")
+    page.get_by_role("button", name="Save").click()
+    expect(page.get_by_role("status")).to_contain_text("Operating as olga")
+
+    # Feedback queue: filter down to thumbs-down with a comment, and write the ideal answer.
+    feedback_rows = page.locator("#feedback-rows tr")
+    expect(feedback_rows).to_have_count(14)
+    filters = page.locator("#feedback-filters")
+    filters.get_by_label("Rating").select_option("-1")
+    filters.get_by_label("Comment").select_option("true")
+    filters.get_by_role("button", name="Apply filters").click()
+    expect(feedback_rows).to_have_count(1)
+    expect(feedback_rows.first).to_contain_text("wrong and rude")
+    expect(feedback_rows.first).to_contain_text(disliked["choices"][0]["message"]["content"])
+    filters.get_by_label("Adapter version").fill("default@v9")
+    filters.get_by_role("button", name="Apply filters").click()
+    expect(feedback_rows).to_have_count(0)
+    filters.get_by_label("Adapter version").fill("base")
+    filters.get_by_role("button", name="Apply filters").click()
+    expect(feedback_rows).to_have_count(1)
+    page.shots("feedback")
+    feedback_rows.first.get_by_role("button", name="Write ideal answer").click()
+    page.get_by_label("The ideal answer").fill("A kind and correct answer.")
+    page.get_by_role("button", name="Save ideal answer").click()
+    expect(feedback_rows.first).to_contain_text("ideal answer saved")
+    with live.session() as s:
+        edit = s.exec(select(Feedback).where(Feedback.kind == "edit")).one()
+    assert (edit.edited_text, edit.author_role) == ("A kind and correct answer.", "operator")
+    assert edit.completion_id == disliked["id"]
+
+    # Pairs: compile, then approve / flip / exclude / rewrite single pairs, the rest in bulk.
+    page.get_by_role("tab", name="Pairs").click()
+    page.locator("#pair-filters").get_by_label("Kind").select_option("pair")
+    page.get_by_role("button", name="Compile new pairs now").click()
+    expect(page.get_by_role("status")).to_contain_text("Compiled: 11 new pair(s)")
+    rows = page.locator("#pair-rows tr")
+    expect(rows).to_have_count(11)
+    page.shots("pairs")
+    first_id = rows.nth(0).get_attribute("data-id")
+    rows.nth(0).get_by_role("button", name="Approve").click()
+    expect(page.get_by_role("status")).to_contain_text("approve: 1 pair(s) by olga")
+    expect(rows).to_have_count(10)  # the filter shows pending pairs
+    flip_id = rows.nth(0).get_attribute("data-id")
+    before = pairs(live, id=flip_id)[0]
+    rows.nth(0).get_by_role("button", name="Flip").click()
+    expect(page.get_by_role("status")).to_contain_text("flip: 1 pair(s)")
+    after = pairs(live, id=flip_id)[0]
+    assert (after.chosen, after.rejected) == (before.rejected, before.chosen)
+    exclude_id = rows.nth(1).get_attribute("data-id")
+    rows.nth(1).get_by_role("button", name="Exclude").click()
+    expect(rows).to_have_count(9)
+    rewrite = rows.nth(1)
+    rewrite_id = rewrite.get_attribute("data-id")
+    rewrite.get_by_role("button", name="Write ideal answer").click()
+    page.get_by_label("The ideal answer").fill("The operator's better answer.")
+    page.get_by_role("button", name="Save ideal answer").click()
+    expect(page.get_by_role("status")).to_contain_text("replace_chosen: 1 pair(s)")
+    page.get_by_label("Select all pairs").check()
+    expect(page.get_by_text("9 selected")).to_be_visible()
+    page.get_by_role("button", name="Approve selected").click()
+    expect(page.get_by_role("status")).to_contain_text("approve: 9 pair(s) by olga")
+    expect(rows).to_have_count(0)
+    assert pairs(live, id=first_id)[0].status == "approved"
+    assert pairs(live, id=exclude_id)[0].status == "excluded"
+    assert pairs(live, id=rewrite_id)[0].chosen == "The operator's better answer."
+    assert len(pairs(live, status="approved")) == 10
+    with live.session() as s:
+        actions = s.exec(select(OperatorAction).where(OperatorAction.actor == "olga")).all()
+    assert sorted(a.action for a in actions) == [
+        "compile", "pairs.approve", "pairs.approve", "pairs.exclude", "pairs.flip",
+        "pairs.replace_chosen",
+    ]  # fmt: skip
+
+    # Runs: start a refresh and watch it to the end.
+    page.get_by_role("tab", name="Runs").click()
+    page.get_by_role("button", name="Start refresh").click()
+    summary = page.locator("#run-summary")
+    expect(summary).to_contain_text("Status: ", timeout=10_000)
+    expect(summary).to_contain_text("Status: succeeded", timeout=180_000)
+    expect(summary).to_contain_text("outcome approved")
+    expect(page.locator("#run-steps tr")).to_have_count(6)  # the operator promotes
+    expect(page.locator("#run-gate")).to_contain_text("The gate approved the candidate.")
+    expect(page.locator("#run-gate th").nth(1)).to_have_text("candidate default@v1")
+    expect(page.locator("#run-gate th").nth(2)).to_have_text("active: the base model")
+    expect(page.locator("#run-log")).to_contain_text("trainer train")
+    assert page.evaluate(PIXELS, ["#run-chart canvas", ORANGE]) > 20  # loss
+    assert page.evaluate(PIXELS, ["#run-chart canvas", BLUE]) > 20  # reward margin
+    page.shots("run")
+
+    # Adapters: promoting asks first; cancelled, nothing changes.
+    page.get_by_role("tab", name="Adapters").click()
+    row = page.locator('#adapter-rows tr[data-id="default@v1"]')
+    expect(row).to_contain_text("approved")
+    page.once("dialog", lambda d: d.dismiss())
+    row.get_by_role("button", name="Promote").click()
+    expect(page.get_by_role("status")).to_have_text("Cancelled.")
+    assert live.http.get("/v1/operator/adapters").json()["serving"] == {}
+    messages: list[str] = []
+    page.once("dialog", lambda d: (messages.append(d.message), d.accept()))
+    row.get_by_role("button", name="Promote").click()
+    expect(row).to_contain_text("active")
+    assert messages and messages[0].startswith("Promote default@v1?")
+    expect(page.locator("#serving")).to_contain_text("default → default@v1", timeout=15_000)
+    row.get_by_role("button", name="Details").click()
+    expect(page.locator("#adapter-events")).to_contain_text("approved → active by olga")
+    page.shots("adapters")
+
+    # Live thumbs-up rate per version: the new version's votes join the base model's.
+    deadline = time.monotonic() + 5
+    while live.chat([{"role": "user", "content": "hi"}])["adapter_version"] != "default@v1":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    thumbs(live, 2, 1)
+    page.get_by_role("tab", name="Thumbs-up rate").click()
+    page.locator("#rate-filters").get_by_label("Bucket").select_option("60")
+    page.locator("#rate-filters").get_by_role("button", name="Apply").click()
+    rate_rows = page.locator("#rate-rows tr")
+    expect(rate_rows).to_have_count(2)
+    expect(rate_rows.nth(0)).to_have_text("base310.750")  # 3 up, 1 down
+    expect(rate_rows.nth(1)).to_have_text("default@v1201")
+    page.wait_for_function("() => document.querySelector('#rate-chart canvas')")
+    assert page.evaluate(PIXELS, ["#rate-chart canvas", ORANGE]) > 10  # base
+    assert page.evaluate(PIXELS, ["#rate-chart canvas", BLUE]) > 10  # default@v1
+    page.shots("rate")
+
+    # Roll back, after a confirmation: the base model serves again.
+    page.get_by_role("tab", name="Adapters").click()
+    page.once("dialog", lambda d: d.accept())
+    row.get_by_role("button", name="Roll back").click()
+    expect(page.get_by_role("status")).to_contain_text("Segment default now serves the base model")
+    expect(row).to_contain_text("retired")
+    assert live.http.get("/v1/operator/adapters").json()["serving"] == {}
+
+
+def test_console_says_what_went_wrong(live: Live, page: Page) -> None:
+    page.goto(f"{live.base_url}/console")
+    page.get_by_role("tab", name="Runs").click()
+    page.locator("#start-run").get_by_label("Segment").fill("Not A Segment!")
+    page.get_by_role("button", name="Start refresh").click()
+    expect(page.get_by_role("alert")).to_contain_text(
+        "segment 'Not A Segment!' is not valid: use 1-64 lowercase letters"
+    )
+    page.shots("error")
