@@ -245,7 +245,11 @@ function runRow(r) {
     td(r.stage || ""), td(r.outcome || (r.error ? r.error.slice(0, 80) : "")), td(when(r.started_at || r.created_at)),
     td(el("button", { on: () => act(() => showRun(r.id)) }, "Show")));
 }
+let runsTimer = null;
 loaders.runs = async () => {
+  clearTimeout(runsTimer);
+  // Live: runs started elsewhere (the schedule, another operator) show up by themselves.
+  runsTimer = setTimeout(() => { if (current === "runs") act(loaders.runs); }, 3000);
   const list = await api("/v1/operator/runs?limit=20");
   $("#run-rows").replaceChildren(...list.data.map(runRow));
   const live = list.data.find((r) => r.status === "queued" || r.status === "running");

@@ -26,6 +26,7 @@ LENIENT_GATE = {  # the tiny random model is no judge of quality: let every cand
     "max_length_ratio": 1e9,
     "min_length_ratio": 0.0,
     "max_repetition": 1.0,
+    "repetition_tolerance": 1.0,  # random text: its repetition vs the incumbent's is a coin toss
 }
 FAST = {
     "refresh_enabled": False,

@@ -48,7 +48,9 @@ def tiny_engine(tiny_llama_dir: Path) -> Iterator[Any]:
     _in_thread(engine.aclose())
 
 
-@pytest.fixture(scope="session")
+# Per module, not per session: while Playwright runs, its event loop occupies the main thread
+# and other modules' fixtures that call asyncio.run() would fail.
+@pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
     if not os.access(CHROMIUM, os.X_OK):
         pytest.fail(
