@@ -207,6 +207,23 @@ def test_errors_are_plain_words_and_keep_the_text(live: Live, page: Page) -> Non
     expect(page.get_by_label("Your message")).to_have_value("hello?")
     page.shots("unknown-segment")
 
+    # A conversation kept in the browser that the service no longer has (a reset database).
+    page.goto(f"{live.base_url}/demo")
+    stale = {"user": "widget-x", "conversation_id": "conv-gone", "open": True, "turns": []}
+    key = f"prefloop-widget:{live.base_url}:"
+    page.evaluate("([k, v]) => localStorage.setItem(k, v)", [key, json.dumps(stale)])
+    page.reload()
+    page.get_by_label("Your message").fill("still there?")
+    page.get_by_label("Your message").press("Enter")
+    expect(page.get_by_role("alert")).to_have_text(
+        "This conversation is no longer on the server. Press “New” to start a new one."
+    )
+    page.get_by_role("button", name="Start a new conversation").click()
+    page.get_by_label("Your message").fill("still there?")
+    page.get_by_label("Your message").press("Enter")
+    expect(page.get_by_role("button", name="Good answer (message 1)")).to_be_visible()
+    assert len(completions(live)) == 1
+
     # The service cannot be reached at all.
     dead = f"http://127.0.0.1:{free_port()}"
     page.set_content(f'<script src="{live.base_url}/widget.js" data-api-base="{dead}"></script>')
@@ -218,4 +235,4 @@ def test_errors_are_plain_words_and_keep_the_text(live: Live, page: Page) -> Non
     )
     expect(page.get_by_label("Your message")).to_have_value("anyone there?")
     page.shots("unreachable")
-    assert completions(live) == []  # nothing was stored for either
+    assert len(completions(live)) == 1  # nothing was stored for the failed ones
