@@ -277,7 +277,7 @@ function reportTable(report, verdict) {
   ];
   const table = el("table", { class: "grid gate" }, el("thead", {}, el("tr", {}, el("th", {}, "metric"),
     el("th", {}, `candidate ${report.candidate_version || ""}`.trim()),
-    el("th", {}, `active: ${inc.version || "the base model"}`))),
+    el("th", {}, `active when gated: ${inc.version || "the base model"}`))),
   el("tbody", {}, ...rows.map(([name, get]) => el("tr", {}, td(name), td(fmt(get(cand))), td(fmt(get(inc)))))));
   const checks = el("ul", {}, ...((verdict && verdict.checks) || []).map((c) =>
     el("li", { class: c.passed ? "pass" : "fail" }, `${c.passed ? "\u2713" : "\u2717"} ${c.detail}`)));

@@ -150,7 +150,7 @@ def test_review_train_promote_cycle(live: Live, page: Page) -> None:
     expect(page.locator("#run-steps tr")).to_have_count(6)  # the operator promotes
     expect(page.locator("#run-gate")).to_contain_text("The gate approved the candidate.")
     expect(page.locator("#run-gate th").nth(1)).to_have_text("candidate default@v1")
-    expect(page.locator("#run-gate th").nth(2)).to_have_text("active: the base model")
+    expect(page.locator("#run-gate th").nth(2)).to_have_text("active when gated: the base model")
     expect(page.locator("#run-log")).to_contain_text("trainer train")
     assert page.evaluate(PIXELS, ["#run-chart canvas", ORANGE]) > 20  # loss
     assert page.evaluate(PIXELS, ["#run-chart canvas", BLUE]) > 20  # reward margin
