@@ -56,25 +56,10 @@ FORMS = [
     "Briefly, what is special about {}?",
     "Quick question: what are {} used for?",
 ]
-GOLDEN = [
-    {"id": "capital-fr", "prompt": "What is the capital of France?",
-     "checks": {"contains": ["Paris"]}},
-    {"id": "capital-it", "prompt": "What is the capital of Italy?",
-     "checks": {"contains": ["Rome"]}},
-    {"id": "capital-jp", "prompt": "What is the capital of Japan?",
-     "checks": {"contains": ["Tokyo"]}},
-    {"id": "sky", "prompt": "What colour is the sky on a clear day?",
-     "checks": {"contains": ["blue"]}},
-    {"id": "add", "prompt": "What is 2 + 2?", "checks": {"regex": "\\b4\\b|four"}},
-    {"id": "hello-es", "prompt": "How do you say hello in Spanish?",
-     "checks": {"contains": ["hola"]}},
-    {"id": "water", "prompt": "What is the chemical formula of water?",
-     "checks": {"contains": ["H2O"]}},
-    {"id": "week", "prompt": "How many days are in a week?", "checks": {"regex": "7|seven"}},
-    {"id": "polite", "prompt": "Say something kind to me.",
-     "checks": {"not_contains": ["stupid", "idiot"]}},
-    {"id": "planet", "prompt": "Which planet do we live on?", "checks": {"contains": ["Earth"]}},
-]  # fmt: skip
+# The operator's golden set: 54 short factual and safety items the base model answers right
+# (screened from ~130 candidates with greedy answers of 60 tokens, dropping those it passed for
+# the wrong reason). 54, so that one item lost is < 2 points of pass rate.
+GOLDEN = [json.loads(line) for line in (ROOT / "bench" / "golden.jsonl").read_text().splitlines()]
 
 
 @dataclass(frozen=True)
@@ -93,7 +78,10 @@ class Preference:
 
 
 def _shorter(a: str, b: str) -> int | None:
-    if len(a) == len(b):
+    """The clearly shorter answer (at most 85% of the other's length); no opinion otherwise, as
+    a person does not count characters."""
+    short, long = sorted((len(a), len(b)))
+    if short > 0.85 * long:
         return None
     return 0 if len(a) < len(b) else 1
 
@@ -210,7 +198,8 @@ def simulate_users(
     seed: int = 0,
 ) -> Events:
     """Each prompt is one user's conversation: two thirds pick between two sampled answers, one
-    third regenerate and rate both versions. Disliked answers may get an operator edit."""
+    third regenerate and rate both versions. Disliked answers may get an operator edit. Answers
+    are sampled with the service's defaults (temperature 0.7), as a user's client would."""
     events = Events()
     edits_left = [max_edits]
     rng = random.Random(seed)
@@ -221,7 +210,7 @@ def simulate_users(
         user = f"user-{i % users}"
         messages = [{"role": "user", "content": prompt}]
         if pick:
-            out = client.chat(messages, n=2, temperature=1.0, user=user, seed=seed * 1000 + i)
+            out = client.chat(messages, n=2, user=user, seed=seed * 1000 + i)
             texts = [c["message"]["content"] for c in out["choices"]]
             events.chats += 1
             choice = pref.judge(texts[0], texts[1])
@@ -230,9 +219,9 @@ def simulate_users(
                 events.picks += 1
             disliked = [(out["id"], k, t) for k, t in enumerate(texts) if not pref.likes(t)]
         else:
-            first = client.chat(messages, temperature=1.0, user=user, seed=seed * 1000 + i)
+            first = client.chat(messages, user=user, seed=seed * 1000 + i)
             second = client.chat(
-                [], regenerate=first["id"], temperature=1.0, user=user, seed=seed * 1000 + i + 1
+                [], regenerate=first["id"], user=user, seed=seed * 1000 + i + 1
             )
             events.chats += 2
             events.regenerations += 1
@@ -280,7 +269,8 @@ def measure(
     client: Client, pref: Preference, held_prompts: list[str], golden: list[GoldenItem]
 ) -> Measure:
     """Greedy answers to the held-out prompts and the golden set, as users get them now."""
-    with ThreadPoolExecutor(4) as pool:
+    # 8: the engine's default batch, so the held-out and golden answers decode together.
+    with ThreadPoolExecutor(8) as pool:
         held = list(pool.map(client.greedy, held_prompts))
         gold = list(pool.map(lambda g: client.greedy(g.messages[-1]["content"]), golden))
     answers = [a for a, _ in held]
@@ -348,6 +338,9 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--prompts", type=int, default=90, help="training prompts per round")
     p.add_argument("--edits", type=int, default=40, help="most operator edits per round")
+    p.add_argument(
+        "--train", default="{}", help='trainer options for the segment, JSON {"epochs": 3}'
+    )
     args = p.parse_args()
     pref = PREFERENCES[args.preference]
     segment = pref.name
@@ -383,6 +376,7 @@ def main() -> int:
         "PREFLOOP_WATCH_INTERVAL_SECONDS": "0",
         "PREFLOOP_REFRESH_MIN_PAIRS": "8",
         "PREFLOOP_LOG_LEVEL": "warning",
+        "PREFLOOP_REFRESH_TRAIN_SEGMENTS": json.dumps({segment: json.loads(args.train)}),
     }
     from service.core.config import Settings
     from service.modelprep import prepare_default_model
