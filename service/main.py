@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -23,8 +24,29 @@ log = logging.getLogger(__name__)
 
 
 def build_engine(settings: Settings) -> Engine:
-    from service.engines.local import LocalEngine
     from service.modelprep import default_model_dir
+
+    if settings.engine == "vllm":
+        from service.engines.vllm import VLLMEngine
+
+        return VLLMEngine(
+            settings.vllm_urls,
+            model_name=settings.model_name,
+            # The gateway tokenizes too (context checks): it needs the model's tokenizer files.
+            tokenizer_path=settings.model or str(default_model_dir(settings.models_dir)),
+            upstream_model=settings.vllm_model,
+            adapter_path_map=(str(settings.adapters_dir), settings.vllm_adapters_path)
+            if settings.vllm_adapters_path
+            else None,
+            connect_timeout=settings.vllm_connect_timeout_seconds,
+            read_timeout=settings.vllm_read_timeout_seconds,
+            max_connections=settings.vllm_max_connections,
+            max_queue=settings.max_queue,
+            health_seconds=settings.vllm_health_seconds,
+            sleep_retry_after=settings.vllm_sleep_retry_after_seconds,
+            check_sleeping=settings.vllm_sleep_during_refresh,
+        )
+    from service.engines.local import LocalEngine
 
     return LocalEngine(
         settings.model or str(default_model_dir(settings.models_dir)),
@@ -82,6 +104,22 @@ async def _poll(app: FastAPI) -> None:
     await app.state.router.run()
 
 
+def _engine_asleep(engine: Any, loop: asyncio.AbstractEventLoop) -> Any:
+    """A refresh (on its worker thread) puts this gateway's vLLM fleet to sleep: new requests
+    get 503 + Retry-After at once, running ones finish, then vLLM sleeps; it wakes afterwards
+    whether training succeeded or failed."""
+
+    @contextmanager
+    def guard() -> Iterator[None]:
+        asyncio.run_coroutine_threadsafe(engine.sleep(), loop).result()
+        try:
+            yield
+        finally:
+            asyncio.run_coroutine_threadsafe(engine.wake(), loop).result()
+
+    return guard
+
+
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
     """Build the app. `engine` lets a caller share an already started engine (benchmarks)."""
     settings = settings or get_settings()
@@ -115,6 +153,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             app.state.db,
             app.state.registry,
             on_promote=lambda: loop.call_soon_threadsafe(app.state.router.kick),
+            gpu_guard=_engine_asleep(app.state.engine, loop)
+            if settings.engine == "vllm" and settings.vllm_sleep_during_refresh
+            else None,
         )
         if settings.refresh_enabled:
             app.state.refresher.start_schedule()

@@ -16,6 +16,7 @@ reason; cancelling (the operator API sets a flag) stops the subprocess at once.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -27,7 +28,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -287,6 +288,7 @@ def run_refresh(
     *,
     on_promote: Callable[[], None] | None = None,
     holder: str = HOLDER,
+    gpu_guard: Callable[[], AbstractContextManager] | None = None,
 ) -> TrainingRun:
     """Run one queued refresh to its end; the row says how it went. Never raises for a failed
     refresh (the row is marked failed with the reason)."""
@@ -314,8 +316,10 @@ def run_refresh(
     beat.start()
     rec.update(status="running", started_at=utcnow(), holder=holder)
     log_lines: deque[str] = deque(maxlen=200)
+    gpu = contextlib.ExitStack()  # what _refresh holds on the GPU; let go of whatever happens
+    guard = gpu_guard or (lambda: serving_paused(settings))
     try:
-        outcome = _refresh(settings, db, registry, run, rec, log_lines, on_promote)
+        outcome = _refresh(settings, db, registry, run, rec, log_lines, on_promote, (gpu, guard))
         rec.update(status="succeeded", outcome=outcome, stage=None)
     except RefreshSkipped as exc:
         rec.update(status="skipped", error=str(exc), stage=None)
@@ -325,6 +329,7 @@ def run_refresh(
         log.exception("refresh %s failed", run_id)
         rec.update(status="failed", error=f"{type(exc).__name__}: {exc}")
     finally:
+        gpu.close()
         stop.set()
         release_lease(db, holder)
         rec.update(finished_at=utcnow(), log="\n".join(log_lines))
@@ -339,6 +344,7 @@ def _refresh(
     rec: Recorder,
     log_lines: deque[str],
     on_promote: Callable[[], None] | None,
+    gpu: tuple[contextlib.ExitStack, Callable[[], AbstractContextManager]],
 ) -> str:
     segment = run.segment
     work = settings.home_dir / "runs" / run.id
@@ -376,6 +382,9 @@ def _refresh(
     base = base_model_path(settings)
     rec.update(parent_version=active.id if active else None)
     out = work / "adapter"
+    # Training and evaluation may share vLLM's GPU: pause it (PREFLOOP_VLLM_SLEEP_DURING_REFRESH)
+    # until the evaluation is over; run_refresh wakes it if anything fails before then.
+    gpu[0].enter_context(gpu[1]())
     with rec.step("train") as d:
         cmd = [
             sys.executable, "-m", "trainer", "train",
@@ -424,6 +433,7 @@ def _refresh(
         run_subprocess(cmd, rec, log_lines=log_lines)
         report = json.loads((work / "report.json").read_text())
         d.update(seconds=report.get("seconds"))
+    gpu[0].close()  # serving resumes before the gate and the promotion
 
     with rec.step("gate") as d:
         row, verdict = judge(
@@ -443,6 +453,16 @@ def _refresh(
         if on_promote is not None:
             on_promote()
     return "promoted"
+
+
+def serving_paused(settings: Settings) -> AbstractContextManager:
+    """vLLM's sleep mode around a refresh's GPU work, for processes without a gateway engine
+    (`prefloop worker`, `prefloop refresh`); a no-op unless configured."""
+    if settings.engine == "vllm" and settings.vllm_sleep_during_refresh:
+        from service.engines.vllm import fleet_asleep
+
+        return fleet_asleep(settings.vllm_urls)
+    return contextlib.nullcontext()
 
 
 def _mark_used(pair_ids: list[str], run_id: str, db: Database) -> None:

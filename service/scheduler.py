@@ -17,6 +17,7 @@ import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from datetime import timedelta
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -55,8 +56,10 @@ class Refresher:
         db: Database,
         registry: Registry,
         on_promote: Callable[[], None] | None = None,
+        gpu_guard: Callable[[], AbstractContextManager] | None = None,
     ):
         self.settings, self.db, self.registry, self.on_promote = settings, db, registry, on_promote
+        self.gpu_guard = gpu_guard  # pauses serving on the GPU while a refresh trains (vLLM)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refresh")
         self._current: str | None = None
         self._lock = threading.Lock()
@@ -94,7 +97,12 @@ class Refresher:
     def _run(self, run_id: str) -> TrainingRun:
         try:
             return run_refresh(
-                self.settings, self.db, self.registry, run_id, on_promote=self.on_promote
+                self.settings,
+                self.db,
+                self.registry,
+                run_id,
+                on_promote=self.on_promote,
+                gpu_guard=self.gpu_guard,
             )
         finally:
             with self._lock:

@@ -24,14 +24,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_ready(base_url: str, timeout: float = 180, proc: subprocess.Popen | None = None) -> None:
+def wait_ready(
+    base_url: str,
+    timeout: float = 180,
+    proc: subprocess.Popen | None = None,
+    path: str = "/readyz",
+) -> None:
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}")
         try:
-            r = httpx.get(f"{base_url}/readyz", timeout=2)
+            r = httpx.get(f"{base_url}{path}", timeout=2)
             if r.status_code == 200:
                 return
             last = r.text
@@ -88,8 +93,9 @@ def serve_subprocess(env: dict[str, str], tmp: Path) -> Iterator[Server]:
 
 
 @contextmanager
-def serve_thread(app, *, timeout: float = 120) -> Iterator[str]:
-    """Run an ASGI app under uvicorn in a background thread (same process, real HTTP)."""
+def serve_thread(app, *, timeout: float = 120, ready: bool = True) -> Iterator[str]:
+    """Run an ASGI app under uvicorn in a background thread (same process, real HTTP); wait
+    until it is ready for traffic (or, with ready=False, only up)."""
     port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
     server = uvicorn.Server(config)
@@ -97,7 +103,7 @@ def serve_thread(app, *, timeout: float = 120) -> Iterator[str]:
     thread.start()
     base_url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(base_url, timeout=timeout)
+        wait_ready(base_url, timeout=timeout, path="/readyz" if ready else "/healthz")
         yield base_url
     finally:
         server.should_exit = True

@@ -6,13 +6,14 @@ or a line in a ``.env`` file in the working directory.
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from adapters.gate import GateThresholds
 from adapters.registry import Retention
@@ -43,8 +44,10 @@ class Settings(BaseSettings):
     # --- serving
     host: str = "127.0.0.1"
     port: int = 8000
-    engine: Literal["local"] = Field(
-        default="local", description="`local`: the embedded transformers+peft engine."
+    engine: Literal["local", "vllm"] = Field(
+        default="local",
+        description="`local`: the embedded transformers+peft engine; `vllm`: vLLM servers at "
+        "PREFLOOP_VLLM_URLS.",
     )
     model: str = Field(
         default="",
@@ -195,6 +198,44 @@ class Settings(BaseSettings):
         '"which is better?" pick; 0: never.',
     )
 
+    # --- the vLLM engine (PREFLOOP_ENGINE=vllm: service.engines.vllm; `prefloop dev vllm`)
+    vllm_urls: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["http://127.0.0.1:8001"],
+        description="vLLM replicas, comma-separated: http://gpu1:8000,http://gpu2:8000.",
+    )
+    vllm_model: str = Field(
+        default="", description="The base model's name in vLLM. Empty: what the replicas serve."
+    )
+    vllm_adapters_path: str = Field(
+        default="",
+        description="Where the vLLM hosts see the adapter store (a shared volume mounted "
+        "elsewhere). Empty: the same path as the gateway's.",
+    )
+    vllm_connect_timeout_seconds: float = Field(default=2.0, gt=0.0)
+    vllm_read_timeout_seconds: float = Field(
+        default=60.0, gt=0.0, description="Longest wait for vLLM's next bytes before a 504."
+    )
+    vllm_max_connections: int = Field(default=256, ge=1, description="httpx pool size.")
+    vllm_health_seconds: float = Field(
+        default=1.0, gt=0.0, description="How often replicas are checked (restarts, sleep)."
+    )
+    vllm_sleep_during_refresh: bool = Field(
+        default=False,
+        description="Put vLLM to sleep (POST /sleep) while a refresh trains and evaluates on "
+        "its GPU; the gateway answers 503 with Retry-After meanwhile.",
+    )
+    vllm_sleep_retry_after_seconds: int = Field(default=30, ge=1)
+    vllm_venv: str = Field(
+        default="", description="`prefloop dev vllm`'s virtualenv. Empty: PREFLOOP_HOME/vllm-venv."
+    )
+
+    @field_validator("vllm_urls", mode="before")
+    @classmethod
+    def _split_urls(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = json.loads(value) if value.lstrip().startswith("[") else value.split(",")
+        return [u.strip().rstrip("/") for u in value if u.strip()]
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.default_max_tokens > self.max_tokens_limit:
@@ -237,6 +278,10 @@ class Settings(BaseSettings):
             keep_retired=self.adapter_keep_retired,
             rejected_grace=timedelta(hours=self.adapter_rejected_grace_hours),
         )
+
+    @property
+    def vllm_venv_dir(self) -> Path:
+        return Path(self.vllm_venv).expanduser() if self.vllm_venv else self.home_dir / "vllm-venv"
 
     @property
     def uses_default_model(self) -> bool:

@@ -8,8 +8,12 @@
     │                                                            a reused idempotency key, a
     │                                                            pair already used in training)
     ├── OverloadedError             503 overloaded              (queue full; Retry-After)
-    ├── NotReadyError               503 not_ready               (model still loading)
+    │   ├── NotReadyError           503 not_ready               (model still loading)
+    │   ├── UpstreamUnavailableError 503 upstream_unavailable   (no vLLM replica reachable)
+    │   └── EngineSleepingError     503 engine_sleeping         (vLLM asleep for a refresh)
     └── EngineError                 500 engine_error            (generation failed)
+        ├── BadGatewayError         502 bad_gateway             (vLLM failed or broke a stream)
+        └── GatewayTimeoutError     504 gateway_timeout         (vLLM did not answer in time)
 
 The adapter registry's own errors (`adapters.registry`, which cannot import this module) map to
 404 (unknown version), 409 (illegal transition, concurrent change) and 400 (bad adapter).
@@ -85,6 +89,29 @@ class NotReadyError(OverloadedError):
 
 class EngineError(PrefloopError):
     type = "engine_error"
+
+
+# --- the vLLM engine's upstream failures (service.engines.vllm)
+class UpstreamUnavailableError(OverloadedError):
+    code = "upstream_unavailable"
+
+
+class EngineSleepingError(OverloadedError):
+    code = "engine_sleeping"
+
+    def __init__(self, message: str, *, retry_after_s: int = 30):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class BadGatewayError(EngineError):
+    status_code = 502
+    code = "bad_gateway"
+
+
+class GatewayTimeoutError(EngineError):
+    status_code = 504
+    code = "gateway_timeout"
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:

