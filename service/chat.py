@@ -210,7 +210,9 @@ async def _begin(
 ) -> tuple[crud.StartedTurn, GenerationStream, float]:
     started = time.perf_counter()
     turn = await run_in_threadpool(_start_turn, db, engine, plan, body, tenant)
-    request = GenerationRequest(messages=turn.prompt, params=plan.params, adapter=plan.adapter)
+    request = GenerationRequest(
+        messages=turn.prompt, params=plan.params, adapter=plan.adapter, stream=body.stream
+    )
     try:
         stream = await engine.generate(request)
     except PrefloopError as exc:

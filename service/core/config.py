@@ -213,7 +213,10 @@ class Settings(BaseSettings):
     )
     vllm_connect_timeout_seconds: float = Field(default=2.0, gt=0.0)
     vllm_read_timeout_seconds: float = Field(
-        default=60.0, gt=0.0, description="Longest wait for vLLM's next bytes before a 504."
+        default=120.0,
+        gt=0.0,
+        description="Longest silence from vLLM before a 504: between two tokens of a stream, "
+        "or for the whole answer when the client does not stream.",
     )
     vllm_max_connections: int = Field(default=256, ge=1, description="httpx pool size.")
     vllm_health_seconds: float = Field(

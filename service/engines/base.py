@@ -29,6 +29,7 @@ class GenerationRequest:
     messages: list[dict[str, str]]
     params: SamplingParams
     adapter: str | None = None  # a loaded adapter's name; None serves the base model
+    stream: bool = True  # False: the client waits for the whole answer (an engine may batch it)
 
 
 @dataclass(frozen=True)

@@ -218,27 +218,43 @@ def test_chat_through_the_gateway_matches_vllm(gateway: Gateway, fleet: Fleet) -
         direct["usage"]["completion_tokens"],
     )
 
-    # Streamed: token by token, same text, usage on request, a length finish.
+    # Streamed: relayed as vLLM sends it (a delta per token, unless vLLM coalesces tokens
+    # under load), same text as vLLM's own answer, usage on request, a length finish.
+    direct = httpx.post(
+        f"{fleet.urls[1]}/v1/chat/completions",
+        json={"model": MODEL, "messages": SOMETHING, "max_tokens": 24, "temperature": 0},
+        timeout=120,
+    ).json()
+    arrivals = []
     with gateway.http.stream(
         "POST",
         "/v1/chat/completions",
         json={
-            "messages": FRANCE,
-            "max_tokens": 4,
+            "messages": SOMETHING,
+            "max_tokens": 24,
             "temperature": 0,
             "stream": True,
             "stream_options": {"include_usage": True},
         },  # fmt: skip
     ) as r:
         assert r.status_code == 200
-        chunks, done = sse(r)
+        chunks, done = [], False
+        for line in r.iter_lines():
+            if line == "data: [DONE]":
+                done = True
+            elif line.startswith("data: "):
+                chunks.append(json.loads(line[6:]))
+                arrivals.append(time.monotonic())
     assert done
-    texts = [c["choices"][0]["delta"].get("content") for c in chunks if c["choices"]]
-    assert len([t for t in texts if t]) >= 3  # relayed delta by delta, not in one piece
-    assert "".join(t or "" for t in texts) == "The capital of France"
+    texts = [(c["choices"][0]["delta"].get("content"), t)
+             for c, t in zip(chunks, arrivals, strict=True) if c["choices"]]  # fmt: skip
+    content = [(x, t) for x, t in texts if x]
+    assert len(content) >= 3 and content[-1][1] - content[0][1] > 0.1  # not in one piece
+    assert "".join(x for x, _ in content) == direct["choices"][0]["message"]["content"]
     finishes = [c["choices"][0].get("finish_reason") for c in chunks if c["choices"]]
     assert [f for f in finishes if f] == ["length"]
-    assert chunks[-1]["usage"]["completion_tokens"] == 4
+    assert chunks[-1]["usage"]["completion_tokens"] == 24
+    assert chunks[-1]["usage"]["prompt_tokens"] == direct["usage"]["prompt_tokens"]
     assert gateway.completion(chunks[0]["id"]).status == "succeeded"
 
     # n > 1 with sampling: each choice keeps its own token count.
