@@ -158,6 +158,10 @@ def gateway(fleet: Fleet, smollm2_dir: Path, tmp_path_factory: pytest.TempPathFa
         vllm_read_timeout_seconds=20,
         vllm_sleep_during_refresh=True,
         vllm_sleep_retry_after_seconds=7,
+        # A refresh here fails in training at once (epochs must be >= 1): the sleep-mode test
+        # needs a refresh that reaches training, not a trained adapter.
+        refresh_min_pairs=2,
+        refresh_train={"epochs": 0},
     )
     db = make_engine(settings)
     init_db(db)
@@ -416,6 +420,61 @@ def test_sleep_mode_answers_503_with_retry_after_and_wakes(gateway: Gateway, fle
     assert r.status_code == 503 and r.json()["error"]["code"] == "engine_sleeping"
     assert all(httpx.get(f"{u}/is_sleeping").json()["is_sleeping"] for u in fleet.urls)
     asyncio.run_coroutine_threadsafe(engine.wake(), engine.loop).result(60)
+    assert gateway.chat(FRANCE).status_code == 200
+
+
+def test_a_refresh_sleeps_vllm_while_training_and_wakes_it_when_training_fails(
+    gateway: Gateway, fleet: Fleet
+) -> None:
+    ops = {"X-Operator": "olga"}
+    for i in range(6):  # A/B picks: each becomes a preference pair
+        r = gateway.chat([{"role": "user", "content": f"Question {i}?"}], n=2, temperature=1.0,
+                         seed=i, max_tokens=4)  # fmt: skip
+        assert r.status_code == 200, r.text
+        fb = gateway.http.post(
+            "/v1/feedback",
+            json={
+                "completion_id": r.json()["id"],
+                "type": "pick",
+                "chosen_index": 0,
+                "user": f"u{i}",
+            },  # fmt: skip
+        )
+        assert fb.status_code == 201, fb.text
+
+    seen: dict[str, Any] = {"asleep": False, "refused": None}
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            if all(httpx.get(f"{u}/is_sleeping").json()["is_sleeping"] for u in fleet.urls):
+                seen["asleep"] = True
+                if seen["refused"] is None:
+                    seen["refused"] = gateway.chat(FRANCE)
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        r = gateway.http.post("/v1/operator/runs", json={"segment": "default"}, headers=ops)
+        assert r.status_code == 202, r.text
+        run_id = r.json()["id"]
+
+        def finished() -> bool:
+            run = gateway.http.get(f"/v1/operator/runs/{run_id}", headers=ops).json()
+            return run["status"] not in ("queued", "running")
+
+        wait_for(finished, 300, "the refresh to end")
+    finally:
+        done.set()
+        watcher.join(30)
+    run = gateway.http.get(f"/v1/operator/runs/{run_id}", headers=ops).json()
+    assert run["status"] == "failed" and run["stage"] == "train", run
+    assert seen["asleep"], "vLLM was never asleep during training"
+    refused = seen["refused"]
+    assert refused.status_code == 503 and refused.headers["Retry-After"] == "7"
+    # Training failed; vLLM is awake again and serving.
+    assert not any(httpx.get(f"{u}/is_sleeping").json()["is_sleeping"] for u in fleet.urls)
     assert gateway.chat(FRANCE).status_code == 200
 
 
