@@ -413,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
         level=get_settings().log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # httpx logs every request at INFO: with the vLLM engine, every chat turn and health check.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     return args.func(args)
 
 
