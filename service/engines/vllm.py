@@ -175,6 +175,7 @@ class VLLMEngine:
         health_seconds: float = 1.0,
         sleep_retry_after: int = 30,
         check_sleeping: bool = False,
+        transport: httpx.AsyncBaseTransport | None = None,  # tests: httpx.MockTransport
     ):
         if not urls:
             raise ValueError("the vLLM engine needs at least one URL (PREFLOOP_VLLM_URLS)")
@@ -188,6 +189,7 @@ class VLLMEngine:
         self.health_seconds = health_seconds
         self.sleep_retry_after = sleep_retry_after
         self.check_sleeping = check_sleeping
+        self._transport = transport
         self.replicas = [Replica(u.rstrip("/")) for u in urls]
         self.tokenizer: Any = None
         self._limits = httpx.Limits(
@@ -213,6 +215,7 @@ class VLLMEngine:
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(self.read_timeout, connect=self.connect_timeout),
             limits=self._limits,
+            transport=self._transport,
         )
         t0 = time.perf_counter()
         while not any(r.state == "ready" for r in self.replicas):
