@@ -218,9 +218,10 @@ class VLLMEngine:
             transport=self._transport,
         )
         t0 = time.perf_counter()
-        while not any(r.state == "ready" for r in self.replicas):
+        up = ("ready", "sleeping")  # a fleet asleep for a refresh is up: it wakes afterwards
+        while not any(r.state in up for r in self.replicas):
             await self.check_replicas()
-            if not any(r.state == "ready" for r in self.replicas):
+            if not any(r.state in up for r in self.replicas):
                 if time.perf_counter() - t0 > 5:
                     log.info(
                         "waiting for a vLLM replica: %s",
