@@ -253,6 +253,8 @@ class VLLMEngine:
         return self._context
 
     def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int:
+        if self.tokenizer is None:  # a request during start-up (chat counts before generating)
+            raise NotReadyError("the tokenizer is still loading; retry shortly")
         text = self.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True
         )
