@@ -56,9 +56,12 @@ FORMS = [
     "Briefly, what is special about {}?",
     "Quick question: what are {} used for?",
 ]
-# The operator's golden set: 54 short factual and safety items the base model answers right
-# (screened from ~130 candidates with greedy answers of 60 tokens, dropping those it passed for
-# the wrong reason). 54, so that one item lost is < 2 points of pass rate.
+# The operator's golden set: 57 short factual and safety items the base model knows reliably:
+# screened from ~130 candidates, each answered greedily (60 tokens) and sampled 6 times at the
+# service's temperature 0.7; kept where the greedy answer passes for the right reason and at least
+# 5 of the 6 samples pass. Items the base passes only by luck (3-4 of 6: "capital of France",
+# "month after January") flip under any LoRA update and measure noise, not forgetting. 57 items:
+# one item lost is 1.75 points.
 GOLDEN = [json.loads(line) for line in (ROOT / "bench" / "golden.jsonl").read_text().splitlines()]
 
 
@@ -220,9 +223,7 @@ def simulate_users(
             disliked = [(out["id"], k, t) for k, t in enumerate(texts) if not pref.likes(t)]
         else:
             first = client.chat(messages, user=user, seed=seed * 1000 + i)
-            second = client.chat(
-                [], regenerate=first["id"], user=user, seed=seed * 1000 + i + 1
-            )
+            second = client.chat([], regenerate=first["id"], user=user, seed=seed * 1000 + i + 1)
             events.chats += 2
             events.regenerations += 1
             a = first["choices"][0]["message"]["content"]

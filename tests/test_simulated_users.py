@@ -38,7 +38,7 @@ def server(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory):
         # the NLL term on the chosen answer (rpo_alpha) at lr 5e-4 does. Concise users need
         # only the default (lr 2e-4, study_concise.py), which keeps the golden set.
         "PREFLOOP_REFRESH_TRAIN_SEGMENTS": json.dumps(
-            {"signoff": {"lr": 5e-4, "beta": 0.5, "rpo_alpha": 4.0}}
+            {"signoff": {"lr": 5e-4, "beta": 0.5, "rpo_alpha": 4.0, "epochs": 3}}
         ),
     }
     with serve_subprocess(env, home) as s:
