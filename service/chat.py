@@ -28,13 +28,16 @@ from service.api.protocol import (
     Choice,
     DeltaMessage,
     ResponseMessage,
+    StoredCompletion,
     StreamChoice,
     Usage,
 )
+from service.auth import Principal
 from service.core.config import Settings
 from service.core.db import session_scope
 from service.core.errors import (
     InvalidRequestError,
+    NotFoundError,
     PrefloopError,
     error_body,
 )
@@ -128,12 +131,12 @@ def plan_chat(
 
 
 def _start_turn(
-    db: Database, engine: Engine, plan: ChatPlan, body: ChatCompletionRequest, tenant: str
+    db: Database, engine: Engine, plan: ChatPlan, body: ChatCompletionRequest, caller: Principal
 ) -> crud.StartedTurn:
     with session_scope(db) as session:
         turn = crud.start_completion(
             session,
-            tenant=tenant,
+            caller=caller,
             user_id=body.user,
             conversation_id=body.conversation_id,
             parent_id=body.parent_id,
@@ -206,10 +209,10 @@ async def _store_failure(
 
 
 async def _begin(
-    db: Database, engine: Engine, plan: ChatPlan, body: ChatCompletionRequest, tenant: str
+    db: Database, engine: Engine, plan: ChatPlan, body: ChatCompletionRequest, caller: Principal
 ) -> tuple[crud.StartedTurn, GenerationStream, float]:
     started = time.perf_counter()
-    turn = await run_in_threadpool(_start_turn, db, engine, plan, body, tenant)
+    turn = await run_in_threadpool(_start_turn, db, engine, plan, body, caller)
     request = GenerationRequest(
         messages=turn.prompt, params=plan.params, adapter=plan.adapter, stream=body.stream
     )
@@ -250,9 +253,9 @@ class _Collector:
 
 
 async def complete_chat(
-    db: Database, engine: Engine, plan: ChatPlan, body: ChatCompletionRequest, tenant: str
+    db: Database, engine: Engine, plan: ChatPlan, body: ChatCompletionRequest, caller: Principal
 ) -> ChatCompletionResponse:
-    turn, stream, started = await _begin(db, engine, plan, body, tenant)
+    turn, stream, started = await _begin(db, engine, plan, body, caller)
     acc = _Collector(plan.params.n)
     try:
         async for d in stream:
@@ -290,10 +293,10 @@ async def complete_chat(
 
 
 async def stream_chat(
-    db: Database, engine: Engine, plan: ChatPlan, body: ChatCompletionRequest, tenant: str
+    db: Database, engine: Engine, plan: ChatPlan, body: ChatCompletionRequest, caller: Principal
 ) -> AsyncIterator[str]:
     """Start the turn (errors here are still plain HTTP errors), then return the SSE body."""
-    turn, stream, started = await _begin(db, engine, plan, body, tenant)
+    turn, stream, started = await _begin(db, engine, plan, body, caller)
     return _sse(db, plan, turn, stream, started)
 
 
@@ -380,3 +383,40 @@ async def _sse(
     if plan.include_usage:
         yield chunk([], usage=acc.usage(stream.prompt_tokens))
     yield "data: [DONE]\n\n"
+
+
+def read_completion(db: Database, completion_id: str, caller: Principal) -> StoredCompletion:
+    """A stored completion, if the caller may see it (else 404, as if it did not exist)."""
+    with session_scope(db) as session:
+        found = crud.owned_completion(session, completion_id=completion_id, caller=caller)
+        if found is None:
+            raise NotFoundError(f"completion {completion_id!r} not found")
+        answers = crud.answers_of(session, completion_id=completion_id)
+    usage = None
+    if found.prompt_tokens is not None:
+        done = found.completion_tokens or 0
+        usage = Usage(
+            prompt_tokens=found.prompt_tokens,
+            completion_tokens=done,
+            total_tokens=found.prompt_tokens + done,
+        )
+    return StoredCompletion(
+        id=found.id,
+        created=int(found.created_at.timestamp()),
+        model=found.model,
+        status=found.status,  # type: ignore[arg-type]
+        error=found.error,
+        choices=[
+            Choice(
+                index=m.choice_index or 0,
+                message=ResponseMessage(content=m.content),
+                finish_reason=m.finish_reason,
+                message_id=m.id,
+            )
+            for m in answers
+        ],
+        usage=usage,
+        user=found.user_id,
+        conversation_id=found.conversation_id,
+        adapter_version=found.adapter_version,
+    )

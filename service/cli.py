@@ -20,6 +20,13 @@ def _serve(args: argparse.Namespace) -> int:
     settings = get_settings()
     updates = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     settings = settings.model_copy(update=updates)
+    from service.main import UnsafeConfigError, check_auth_mode
+
+    try:
+        check_auth_mode(settings)
+    except UnsafeConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if settings.uses_default_model:
         # Prepared here, with a progress bar, so the server never starts half-ready for minutes.
         prepare_default_model(settings.models_dir)
@@ -298,6 +305,69 @@ def _dev_vllm(args: argparse.Namespace) -> int:
     finally:
         for server in servers:
             server.stop()
+
+def _keys(args: argparse.Namespace) -> int:
+    """`prefloop keys create|list|revoke`: API keys, in the configured database."""
+    from service.auth import create_key, list_keys, revoke_key
+    from service.core.db import init_db, make_engine
+
+    settings = get_settings()
+    db = make_engine(settings)
+    init_db(db)
+    try:
+        if args.keys_command == "create":
+            try:
+                row, secret = create_key(
+                    db,
+                    name=args.name,
+                    role=args.role,
+                    tenant=args.tenant,
+                    public=args.public,
+                    origins=args.origin,
+                )
+            except ValueError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
+            print(secret)
+            print(
+                f"key {row.id} ({row.role}, tenant {row.tenant}"
+                f"{', public from ' + ' '.join(row.origins) if row.public else ''}): the secret "
+                "above is shown once; store it now.",
+                file=sys.stderr,
+            )
+            if settings.auth != "keys":
+                print("note: PREFLOOP_AUTH is off; set PREFLOOP_AUTH=keys to require keys.",
+                      file=sys.stderr)  # fmt: skip
+        elif args.keys_command == "list":
+            for k in list_keys(db):
+                state = f"revoked {k.revoked_at:%Y-%m-%d}" if k.revoked_at else "active"
+                extra = f" public {' '.join(k.origins)}" if k.public else ""
+                print(f"{k.id}  {k.prefix}…  {k.role:<8} {k.tenant:<12} {k.name}  {state}{extra}")
+        else:
+            row = revoke_key(db, args.key)
+            if row is None:
+                print(f"error: no key {args.key!r} (give its id or prefix)", file=sys.stderr)
+                return 1
+            print(f"revoked {row.id} ({row.name}); replicas refuse it within seconds")
+    finally:
+        db.dispose()
+    return 0
+
+
+def _users(args: argparse.Namespace) -> int:
+    """`prefloop users delete USER`: remove a user's data and keep them out of training."""
+    from service.core.db import init_db, make_engine
+    from service.privacy import delete_user
+
+    settings = get_settings()
+    db = make_engine(settings)
+    init_db(db)
+    try:
+        counts = delete_user(db, user_id=args.user, tenant=args.tenant, actor=args.actor)
+    finally:
+        db.dispose()
+    print(f"deleted user {args.user!r} (tenant {args.tenant}): "
+          + ", ".join(f"{v} {k}" for k, v in counts.items()))  # fmt: skip
     return 0
 
 
@@ -396,6 +466,33 @@ def build_parser() -> argparse.ArgumentParser:
     vllm.add_argument("--kv-cache-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE")
     vllm.add_argument("--install-only", action="store_true", help="create the venv and exit")
     vllm.set_defaults(func=_dev_vllm)
+
+    keys = sub.add_parser("keys", help="API keys: create, list, revoke")
+    k_sub = keys.add_subparsers(dest="keys_command", required=True)
+    p = k_sub.add_parser("create", help="create a key; prints the secret once")
+    p.add_argument("--name", required=True, help="who holds it (an operator's name in the log)")
+    p.add_argument("--role", choices=["user", "operator", "admin"], default="user")
+    p.add_argument("--tenant", default="default")
+    p.add_argument(
+        "--public", action="store_true", help="a widget key: chat and feedback, from --origin only"
+    )
+    p.add_argument(
+        "--origin", action="append", default=[], help="allowed browser origin (repeatable)"
+    )
+    k_sub.add_parser("list", help="every key (never the secrets)")
+    p = k_sub.add_parser("revoke", help="revoke a key by id or prefix")
+    p.add_argument("key")
+    keys.set_defaults(func=_keys)
+
+    users = sub.add_parser("users", help="end users' data")
+    u_sub = users.add_subparsers(dest="users_command", required=True)
+    p = u_sub.add_parser(
+        "delete", help="delete a user's conversations and feedback; exclude them from training"
+    )
+    p.add_argument("user")
+    p.add_argument("--tenant", default="default")
+    p.add_argument("--actor", default="cli")
+    users.set_defaults(func=_users)
     return parser
 
 

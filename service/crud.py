@@ -17,6 +17,7 @@ from sqlalchemy import Insert, Row
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
 
+from service.auth import Principal
 from service.core.errors import ConflictError, InvalidRequestError, NotFoundError
 from service.models import Completion, Conversation, Feedback, Message, new_id, utcnow
 
@@ -67,11 +68,11 @@ def _history(
     *,
     conversation_id: str,
     parent_id: str | None,
-    tenant: str,
+    caller: Principal,
     messages: list[dict[str, str]] | None = None,
 ) -> list[Message]:
     conversation = session.get(Conversation, conversation_id)
-    if conversation is None or conversation.tenant != tenant:
+    if conversation is None or not caller.owns(conversation.key_id, conversation.tenant):
         raise NotFoundError(f"conversation {conversation_id!r} not found", param="conversation_id")
     rows = session.exec(select(Message).where(Message.conversation_id == conversation_id)).all()
     by_id = {m.id: m for m in rows}
@@ -93,7 +94,7 @@ def _history(
 def start_completion(
     session: Session,
     *,
-    tenant: str,
+    caller: Principal,
     user_id: str | None,
     conversation_id: str | None,
     parent_id: str | None,
@@ -119,7 +120,7 @@ def start_completion(
     if regenerate is not None:
         return _start_regeneration(
             session,
-            tenant=tenant,
+            caller=caller,
             user_id=user_id,
             conversation_id=conversation_id,
             messages=messages,
@@ -136,7 +137,7 @@ def start_completion(
             raise InvalidRequestError(
                 "parent_id needs the conversation_id it belongs to", param="parent_id"
             )
-        conversation = Conversation(tenant=tenant, user_id=user_id)
+        conversation = Conversation(tenant=caller.tenant, user_id=user_id, key_id=caller.key_id)
         session.add(conversation)
         history: list[Message] = []
     else:
@@ -144,7 +145,7 @@ def start_completion(
             session,
             conversation_id=conversation_id,
             parent_id=parent_id,
-            tenant=tenant,
+            caller=caller,
             messages=messages,
         )
         conversation = session.get(Conversation, conversation_id)
@@ -175,6 +176,7 @@ def start_completion(
         conversation_id=conversation.id,
         parent_message_id=parent,
         user_id=user_id,
+        key_id=caller.key_id,
         model=model,
         base_model=base_model,
         adapter_version=adapter_version,
@@ -190,7 +192,7 @@ def start_completion(
 def _start_regeneration(
     session: Session,
     *,
-    tenant: str,
+    caller: Principal,
     user_id: str | None,
     conversation_id: str | None,
     messages: list[dict[str, str]],
@@ -202,9 +204,8 @@ def _start_regeneration(
     params: dict[str, Any],
     stream: bool,
 ) -> StartedTurn:
-    original = session.get(Completion, regenerate)
-    conversation = original and session.get(Conversation, original.conversation_id)
-    if original is None or conversation is None or conversation.tenant != tenant:
+    original = owned_completion(session, completion_id=regenerate, caller=caller)
+    if original is None:
         raise NotFoundError(f"completion {regenerate!r} not found", param="regenerate")
     if conversation_id is not None and conversation_id != original.conversation_id:
         raise InvalidRequestError(
@@ -232,6 +233,7 @@ def _start_regeneration(
         conversation_id=original.conversation_id,
         parent_message_id=original.parent_message_id,
         user_id=user_id if user_id is not None else original.user_id,
+        key_id=caller.key_id,
         model=model,
         base_model=base_model,
         adapter_version=adapter_version,
@@ -243,6 +245,21 @@ def _start_regeneration(
     session.add(completion)
     session.flush()
     return StartedTurn(completion=completion, prompt=prompt)
+
+
+def owned_completion(
+    session: Session, *, completion_id: str, caller: Principal
+) -> Completion | None:
+    """The completion, if `caller` may read, regenerate or rate it; None otherwise (the caller
+    then answers 404, so another key's ids reveal nothing)."""
+    row = session.exec(
+        select(Completion, Conversation.tenant)
+        .join(Conversation, col(Conversation.id) == Completion.conversation_id)
+        .where(Completion.id == completion_id)
+    ).first()
+    if row is None or not caller.owns(row[0].key_id, row[1]):
+        return None
+    return row[0]
 
 
 def finish_completion(
@@ -328,19 +345,30 @@ class RatedCompletion:
     status: str
     user_id: str | None
     answer_ids: tuple[str, ...]  # by choice index
+    key_id: str | None = None  # who asked: the owner
+    tenant: str = "default"
 
 
 def rated_completion(session: Session, *, completion_id: str) -> RatedCompletion:
     rows = session.exec(
-        select(Completion.status, Completion.user_id, Message.id)
+        select(
+            Completion.status,
+            Completion.user_id,
+            Message.id,
+            Completion.key_id,
+            Conversation.tenant,
+        )
+        .join(Conversation, col(Conversation.id) == Completion.conversation_id)
         .outerjoin(Message, col(Message.completion_id) == Completion.id)
         .where(Completion.id == completion_id)
         .order_by(col(Message.choice_index))
     ).all()
     if not rows:
         raise NotFoundError(f"completion {completion_id!r} not found", param="completion_id")
-    status, user_id = rows[0][0], rows[0][1]
-    return RatedCompletion(completion_id, status, user_id, tuple(r[2] for r in rows if r[2]))
+    status, user_id, key_id, tenant = rows[0][0], rows[0][1], rows[0][3], rows[0][4]
+    return RatedCompletion(
+        completion_id, status, user_id, tuple(r[2] for r in rows if r[2]), key_id, tenant
+    )
 
 
 _FEEDBACK = Feedback.__table__
@@ -377,6 +405,7 @@ def record_feedback(
     edited_text: str | None,
     idempotency_key: str | None,
     request_hash: str,
+    key_id: str | None = None,
     now: datetime | None = None,
 ) -> Row:
     """Check a feedback signal against the stored completion and upsert it into its slot;
@@ -420,6 +449,7 @@ def record_feedback(
         "id": new_id("fb"),
         "completion_id": completion_id,
         "user_id": user,
+        "key_id": key_id,
         "kind": kind,
         "target": target,
         "created_at": now,

@@ -20,6 +20,7 @@ from service import crud
 from service.api.deps import Author
 from service.api.schemas import EditFeedback, FeedbackPublic, PickFeedback, ThumbsFeedback
 from service.core.db import GroupCommit
+from service.core.errors import NotFoundError
 from service.models import Feedback
 
 
@@ -85,7 +86,12 @@ async def submit_feedback(
     Returns only after the group transaction holding the write has committed.
     """
     digest = crud.request_hash(
-        {"body": body.model_dump(), "author": author.role, "by": author.name}
+        {
+            "body": body.model_dump(),
+            "author": author.role,
+            "by": author.name,
+            "key": author.caller.key_id,
+        }
     )
     if isinstance(body, ThumbsFeedback):
         choice, value, text = body.choice_index, body.rating, None
@@ -101,10 +107,17 @@ async def submit_feedback(
             )
             if earlier is not None:
                 return public(earlier), True
+        completion = _completions.get(writer.engine, session, body.completion_id)
+        if not author.caller.owns(completion.key_id, completion.tenant):
+            # Another key's completion is, to this caller, one that does not exist.
+            raise NotFoundError(
+                f"completion {body.completion_id!r} not found", param="completion_id"
+            )
         row = crud.record_feedback(
             session,
             kind=body.type,
-            completion=_completions.get(writer.engine, session, body.completion_id),
+            completion=completion,
+            key_id=author.caller.key_id,
             choice_index=choice,
             value=value,
             user_id=body.user or author.name,

@@ -12,7 +12,9 @@ from typing import Any
 from fastapi import FastAPI
 
 from adapters.registry import Registry
+from service.api.middleware import BodyLimit, KeyCors
 from service.api.routes import adapters, chat, feedback, health, models, operator, runs, web
+from service.auth import KeyStore, RateLimiter
 from service.core.config import Settings, get_settings
 from service.core.db import GroupCommit, init_db, make_engine
 from service.core.errors import install_error_handlers
@@ -120,6 +122,42 @@ def _engine_asleep(engine: Any, loop: asyncio.AbstractEventLoop) -> Any:
     return guard
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+class UnsafeConfigError(RuntimeError):
+    """A configuration prefloop refuses to serve with."""
+
+
+def check_auth_mode(settings: Settings) -> None:
+    """Development mode (no keys) is loudly marked, and refused where strangers can reach it."""
+    if settings.auth == "keys":
+        return
+    if settings.host not in LOOPBACK and not settings.host.startswith("127."):
+        raise UnsafeConfigError(
+            f"PREFLOOP_AUTH=off (development mode: no API keys, everyone is an admin) on host "
+            f"{settings.host!r} would let anyone on the network read and change everything. "
+            "Set PREFLOOP_AUTH=keys and create keys with `prefloop keys create`, or serve on "
+            "127.0.0.1."
+        )
+    log.warning(
+        "*** DEVELOPMENT MODE: no API keys (PREFLOOP_AUTH=off); every caller is an admin. "
+        "Loopback only. Set PREFLOOP_AUTH=keys before exposing this service. ***"
+    )
+
+
+async def _purge(settings: Settings, db) -> None:  # noqa: ANN001 - the database engine
+    """Delete conversations older than the retention period, every retention_check_minutes."""
+    from service.privacy import purge_expired
+
+    while True:
+        try:
+            await asyncio.to_thread(purge_expired, db, settings)
+        except Exception:  # noqa: BLE001 - try again next time
+            log.exception("the retention purge failed")
+        await asyncio.sleep(settings.retention_check_minutes * 60)
+
+
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
     """Build the app. `engine` lets a caller share an already started engine (benchmarks)."""
     settings = settings or get_settings()
@@ -129,6 +167,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         app.state.db = make_engine(settings)
         await asyncio.to_thread(init_db, app.state.db)
         app.state.writer = GroupCommit(app.state.db)
+        app.state.keys = KeyStore(app.state.db)
         app.state.engine_error = None
         app.state.engine = engine or build_engine(settings)
         app.state.registry = Registry(app.state.db, settings.adapters_dir)
@@ -147,6 +186,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         tasks.append(asyncio.create_task(_poll(app)))
         if settings.watch_interval_seconds > 0:
             tasks.append(asyncio.create_task(_watch(app, settings)))
+        if settings.retention_days > 0:
+            tasks.append(asyncio.create_task(_purge(settings, app.state.db)))
         loop = asyncio.get_running_loop()
         app.state.refresher = Refresher(
             settings,
@@ -180,6 +221,19 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.request_limiter = RateLimiter(settings.rate_limit_requests_per_minute)
+    app.state.token_limiter = RateLimiter(settings.rate_limit_tokens_per_minute)
+    check_auth_mode(settings)
+
+    def cors_origins() -> frozenset[str] | None:
+        keys = getattr(app.state, "keys", None)
+        if settings.auth == "off":
+            return None
+        return keys.public_origins() if keys is not None else frozenset()
+
+    # The last added is outermost: CORS headers go on the body limit's 413s too.
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(KeyCors, allowed=cors_origins)
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(models.router)

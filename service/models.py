@@ -32,6 +32,7 @@ class Conversation(SQLModel, table=True):
     id: str = Field(default_factory=lambda: new_id("conv"), primary_key=True)
     tenant: str = Field(default="default", index=True)
     user_id: str | None = Field(default=None, index=True)
+    key_id: str | None = Field(default=None, index=True)  # the API key that started it
     created_at: datetime = Field(default_factory=utcnow, index=True)
 
 
@@ -60,6 +61,7 @@ class Completion(SQLModel, table=True):
     # The last prompt message: the parent of every choice this completion wrote.
     parent_message_id: str = Field(foreign_key="message.id", index=True)
     user_id: str | None = Field(default=None, index=True)
+    key_id: str | None = Field(default=None, index=True)  # the API key that asked (owner)
     model: str  # the name the client asked for
     base_model: str
     adapter_version: str | None = Field(default=None, index=True)
@@ -99,6 +101,7 @@ class Feedback(SQLModel, table=True):
     other_message_id: str | None = Field(default=None, foreign_key="message.id")  # pick: loser
     choice_index: int = 0
     user_id: str = Field(index=True)
+    key_id: str | None = Field(default=None, index=True)  # the API key it came through
     kind: str = Field(index=True)  # thumbs|pick|edit
     target: str
     value: int = 0
@@ -193,3 +196,34 @@ class Lease(SQLModel, table=True):
     holder: str
     expires_at: datetime
     acquired_at: datetime = Field(default_factory=utcnow)
+
+
+class ApiKey(SQLModel, table=True):
+    """An API key. Only the SHA-256 of the secret is stored; the secret is shown once.
+
+    role     user: chat and feedback on its own completions; operator: also the operator API
+             of its tenant; admin: every tenant, keys and user deletion.
+    public   a widget key: chat and feedback only, from `origins` only (CORS allow-list).
+    """
+
+    id: str = Field(default_factory=lambda: new_id("key"), primary_key=True)
+    name: str = Field(index=True)  # who holds it; an operator key's name is the audit log's actor
+    prefix: str  # the secret's first characters, to recognise it in lists
+    hash: str = Field(unique=True)
+    role: str = "user"  # user|operator|admin
+    tenant: str = Field(default="default", index=True)
+    public: bool = False
+    origins: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow)
+    revoked_at: datetime | None = None
+
+
+class Tombstone(SQLModel, table=True):
+    """A deleted user: their conversations and feedback are gone, and nothing they send later
+    trains a model (the compiler skips their signals)."""
+
+    user_id: str = Field(primary_key=True)
+    tenant: str = Field(default="default", primary_key=True)
+    actor: str
+    detail: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow)

@@ -27,6 +27,7 @@ from service.core.errors import ConflictError, InvalidRequestError, NotFoundErro
 from service.feedback import public as feedback_public
 from service.models import (
     Completion,
+    Conversation,
     Feedback,
     Message,
     OperatorAction,
@@ -48,6 +49,7 @@ def list_feedback(
     until: datetime | None = None,
     limit: int = 50,
     offset: int = 0,
+    tenant: str | None = None,
 ) -> FeedbackList:
     """Newest first (by the time of the current vote), each with the answer it is about.
     `adapter_version="base"` selects answers of the base model."""
@@ -59,6 +61,10 @@ def list_feedback(
         .join(answer, col(Feedback.message_id) == answer.id)
         .join(prompt, col(Completion.parent_message_id) == prompt.id)
     )  # fmt: skip
+    if tenant is not None:  # only that tenant's
+        q = q.join(Conversation, col(Conversation.id) == Completion.conversation_id).where(
+            Conversation.tenant == tenant
+        )
     if kind is not None:
         q = q.where(Feedback.kind == kind)
     if rating is not None:
@@ -153,10 +159,12 @@ def list_pairs(
     until: datetime | None = None,
     limit: int = 50,
     offset: int = 0,
+    tenant: str | None = None,
 ) -> PairList:
-    """Newest first (by the time the pair was stored)."""
+    """Newest first (by the time the pair was stored). `tenant`: only that tenant's."""
     q = select(PreferencePair)
     for column, value in (
+        (PreferencePair.tenant, tenant),
         (PreferencePair.status, status),
         (PreferencePair.source, source),
         (PreferencePair.segment, segment),
@@ -224,15 +232,24 @@ def _apply(row: PreferencePair, action: str, text: str | None, actor: str) -> di
 
 
 def act_on_pairs(
-    db: Database, *, action: str, ids: list[str], text: str | None, actor: str
+    db: Database,
+    *,
+    action: str,
+    ids: list[str],
+    text: str | None,
+    actor: str,
+    tenant: str | None = None,
 ) -> PairActionResult:
-    """Apply one action to every listed pair, all or nothing, and log it."""
+    """Apply one action to every listed pair, all or nothing, and log it. `tenant`: pairs of
+    other tenants count as missing (404), as if they did not exist."""
     unique = list(dict.fromkeys(ids))
     with session_scope(db) as session:
         rows = {
             r.id: r
             for r in session.exec(select(PreferencePair).where(col(PreferencePair.id).in_(unique)))
         }
+        if tenant is not None:
+            rows = {i: r for i, r in rows.items() if r.tenant == tenant}
         missing = [i for i in unique if i not in rows]
         if missing:
             raise NotFoundError(f"no such pair(s): {', '.join(missing)}", param="ids")

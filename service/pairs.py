@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from datetime import datetime
 from typing import Literal
 
@@ -34,6 +35,7 @@ from service.models import (
     PreferencePair,
     utcnow,
 )
+from service.privacy import tombstoned
 from trainer import pairs as tp
 
 
@@ -46,6 +48,8 @@ def gate_config(settings: Settings) -> tp.GateConfig:
         min_answer_chars=settings.pairs_min_answer_chars,
         max_answer_chars=settings.pairs_max_answer_chars,
         edit_weight=settings.pairs_edit_weight,
+        max_key_share=settings.pairs_max_key_share,
+        rater_trust=settings.pairs_rater_trust,
     )
 
 
@@ -56,7 +60,8 @@ def _chunks(ids: Sequence[str], size: int = 500) -> Iterable[Sequence[str]]:
 
 def load_signals(session: Session) -> tuple[list[tp.Answer], list[tp.Feedback]]:
     """Every feedback row, and every answer that shares a parent with a rated, picked, edited or
-    kept answer (its siblings are what the signal is relative to)."""
+    kept answer (its siblings are what the signal is relative to). Deleted users' signals are
+    left out (`service.privacy`): their later feedback and kept answers never train a model."""
     feedback_rows = session.exec(select(Feedback)).all()
     kept_parents = session.exec(
         select(Message.parent_id).where(col(Message.kept_at).is_not(None))
@@ -113,6 +118,7 @@ def load_signals(session: Session) -> tuple[list[tp.Answer], list[tp.Feedback]]:
                 sampling=completion.params,
                 kept=message.kept_at is not None,
                 regenerated_from=completion.regenerated_from,
+                key_id=completion.key_id or "",
             )
         )
     feedback = [
@@ -127,9 +133,20 @@ def load_signals(session: Session) -> tuple[list[tp.Answer], list[tp.Feedback]]:
             text=f.edited_text,
             comment=f.comment,
             author_role=f.author_role,  # type: ignore[arg-type]
+            key_id=f.key_id or "",
         )
         for f in feedback_rows
     ]
+    gone = tombstoned(session)
+    if gone:
+        tenant_of = {a.message_id: a.tenant for a in answers}
+        feedback = [
+            f for f in feedback if (tenant_of.get(f.message_id, ""), f.user_id) not in gone
+        ]
+        # A deleted user's kept answer is no signal; the answer stays as another voter's sibling.
+        answers = [
+            replace(a, kept=False) if (a.tenant, a.user_id) in gone else a for a in answers
+        ]
     return answers, feedback
 
 
@@ -148,6 +165,7 @@ def _row(item: tp.PreferencePair | tp.UnpairedExample, now: datetime) -> Prefere
     )
     signal = {
         "user_id": item.user_id,
+        "key_id": item.key_id,
         "author_role": item.author_role,
         "signal_at": item.created_at.isoformat(),
         "feedback_ids": list(item.feedback_ids),
@@ -240,6 +258,7 @@ def to_trainer(row: PreferencePair) -> tp.PreferencePair | tp.UnpairedExample:
         tenant=row.tenant,
         segment=row.segment,
         user_id=p.get("user_id", ""),
+        key_id=p.get("key_id", ""),
         author_role=p.get("author_role", "user"),
         created_at=datetime.fromisoformat(p["signal_at"]) if "signal_at" in p else row.created_at,
         feedback_ids=tuple(p.get("feedback_ids", ())),

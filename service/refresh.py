@@ -196,9 +196,10 @@ def run_subprocess(
     log_lines: deque[str],
     progress_files: list[Path] | None = None,
     cwd: Path | None = None,
+    timeout: float | None = None,
 ) -> None:
     """Run a trainer command, mirroring its progress and log tail into the run; a cancel
-    request terminates it."""
+    request terminates it, and so does running past `timeout` seconds (a failure)."""
     log_lines.append("$ " + " ".join(cmd))
     proc = subprocess.Popen(
         cmd,
@@ -218,15 +219,28 @@ def run_subprocess(
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     last_progress: dict[str, Any] = {}
+    deadline = time.monotonic() + timeout if timeout else None
+
+    def stop() -> None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
     while proc.poll() is None:
         time.sleep(0.5)
         if rec.cancelled():
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop()
             raise RefreshCancelled("cancelled by an operator")
+        if deadline is not None and time.monotonic() > deadline:
+            stop()
+            rec.update(log="\n".join(log_lines))
+            raise RuntimeError(
+                f"{cmd[2]} {cmd[3]} ran past its {timeout:.0f} s limit and was stopped "
+                "(PREFLOOP_REFRESH_TRAIN_TIMEOUT_MINUTES)"
+            )
         progress = _read_progress(progress_files) if progress_files else None
         if progress and progress != last_progress:
             last_progress = progress
@@ -239,6 +253,11 @@ def run_subprocess(
     rec.update(log="\n".join(log_lines))
     if proc.returncode != 0:
         tail = " | ".join(list(log_lines)[-3:])
+        if proc.returncode < 0:  # killed: the kernel's OOM killer, or someone's SIGKILL
+            raise RuntimeError(
+                f"{cmd[2]} {cmd[3]} was killed by signal {-proc.returncode} (out of memory, or "
+                f"stopped from outside): {tail}"
+            )
         raise RuntimeError(f"{cmd[2]} {cmd[3]} exited with {proc.returncode}: {tail}")
 
 
@@ -362,6 +381,8 @@ def _refresh(
                     PreferencePair.kind == "pair",
                     PreferencePair.status == "approved",
                     PreferencePair.segment == segment,
+                    # A segment learns only from the tenant that owns it (tenant isolation).
+                    PreferencePair.tenant == settings.tenant_of(segment),
                 )
                 .order_by(col(PreferencePair.created_at), col(PreferencePair.key))
             ).all()
@@ -399,7 +420,13 @@ def _refresh(
         if out.exists():  # a retried run: resume its checkpoint, never overwrite a version
             cmd += ["--resume"]
         metrics = [work / ".adapter.partial" / "metrics.jsonl", out / "metrics.jsonl"]
-        run_subprocess(cmd, rec, log_lines=log_lines, progress_files=metrics)
+        run_subprocess(
+            cmd,
+            rec,
+            log_lines=log_lines,
+            progress_files=metrics,
+            timeout=settings.refresh_train_timeout_minutes * 60,
+        )
         manifest = json.loads((out / "manifest.json").read_text())
         d.update(
             steps=manifest["metrics"]["steps"], seconds=manifest["metrics"]["seconds"]["total"]
@@ -430,7 +457,9 @@ def _refresh(
             cmd += ["--golden", str(settings.golden_file)]
         if heldout:
             cmd += ["--pairs", str(work / "heldout.jsonl")]
-        run_subprocess(cmd, rec, log_lines=log_lines)
+        run_subprocess(
+            cmd, rec, log_lines=log_lines, timeout=settings.refresh_train_timeout_minutes * 60
+        )
         report = json.loads((work / "report.json").read_text())
         d.update(seconds=report.get("seconds"))
     gpu[0].close()  # serving resumes before the gate and the promotion

@@ -45,7 +45,7 @@ import os
 import re
 import tempfile
 from collections import Counter, defaultdict
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
@@ -87,6 +87,8 @@ class DropReason(StrEnum):
     IDENTICAL = "identical"  # chosen == rejected after whitespace normalisation (and redaction)
     NEAR_DUPLICATE_PROMPT = "near_duplicate_prompt"
     USER_CAP = "user_cap"
+    KEY_CAP = "key_cap"  # over one API key's share of the batch (see GateConfig.max_key_share)
+    LOW_TRUST = "low_trust"  # its rater mostly disagrees with the majority (see rater_trust)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,6 +153,7 @@ class Answer:
     sampling: Mapping[str, Any] = field(default_factory=dict, hash=False)
     kept: bool = False
     regenerated_from: str | None = None  # completion id this was regenerated from
+    key_id: str = ""  # the API key that asked (its kept-answer signal counts against that key)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompt", as_messages(self.prompt))
@@ -176,6 +179,7 @@ class Feedback:
     text: str | None = None
     comment: str | None = None
     author_role: Role = "user"
+    key_id: str = ""  # the API key it came through; "" when there are no keys
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,6 +199,14 @@ class GateConfig:
     min_batch_for_cap: int = 50
     cap_keep: Literal["newest", "random"] = "newest"
     cap_operators: bool = False
+    # The same cap per API key (items with no key are exempt): one key may invent many users.
+    # 1.0 turns it off; a key often carries a whole app's users.
+    max_key_share: float = 1.0
+    # Rater trust: a user's share of agreement with the majority where several users judged the
+    # same answer or pair (see `rater_trust`). Items scale their weight by it, and items of
+    # raters below `min_rater_trust` are excluded. Off by default.
+    rater_trust: bool = False
+    min_rater_trust: float = 0.25
     seed: int = 0
     # Prompts whose token sets have Jaccard >= threshold share a cluster (per tenant); the newest
     # `max_per_prompt_cluster` items of a cluster are kept. None disables clustering.
@@ -215,6 +227,8 @@ class GateConfig:
         assert self.conflict_policy in ("majority", "drop"), self.conflict_policy
         assert self.cap_keep in ("newest", "random"), self.cap_keep
         assert 0 < self.max_user_share <= 1, f"max_user_share must be in (0, 1]: {self}"
+        assert 0 < self.max_key_share <= 1, f"max_key_share must be in (0, 1]: {self}"
+        assert 0 <= self.min_rater_trust <= 1, "min_rater_trust must be in [0, 1]"
         assert self.min_batch_for_cap >= 0, "min_batch_for_cap must be >= 0"
         assert self.near_dup_threshold is None or 0 < self.near_dup_threshold <= 1, (
             "near_dup_threshold must be in (0, 1] or None"
@@ -255,6 +269,7 @@ class PreferencePair:
     rejected_sampling: Mapping[str, Any] = field(default_factory=dict, hash=False)
     feedback_ids: tuple[str, ...] = ()
     excluded_reason: str = ""  # the DropReason, when status == "excluded"
+    key_id: str = ""  # the API key of `user_id`'s signal; the per-key cap counts by it
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -279,6 +294,7 @@ class UnpairedExample:
     feedback_ids: tuple[str, ...] = ()
     source: Source = "thumbs"
     excluded_reason: str = ""  # the DropReason, when status == "excluded"
+    key_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -342,6 +358,7 @@ class _Voter:
     at: datetime
     role: Role
     feedback_id: str | None  # None for implicit signals (a kept answer)
+    key_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -382,7 +399,9 @@ def _resolve_thumbs(
     latest = _latest_per(thumbs, lambda f: (f.user_id, f.message_id), drops)
     camps: dict[str, dict[int, list[_Voter]]] = defaultdict(lambda: {1: [], -1: []})
     for f in latest:
-        camps[f.message_id][f.value].append(_Voter(f.user_id, f.created_at, f.author_role, f.id))
+        camps[f.message_id][f.value].append(
+            _Voter(f.user_id, f.created_at, f.author_role, f.id, f.key_id)
+        )
     labels = {}
     for message_id, sides in camps.items():
         sizes = {side: len(voters) for side, voters in sides.items()}  # one row per user here
@@ -421,7 +440,7 @@ def _regenerate_votes(
     def keeper_voters(a: Answer) -> tuple[_Voter, ...]:
         voters: tuple[_Voter, ...] = ()
         if a.kept:
-            voters += (_Voter(a.user_id, a.created_at, "user", None),)
+            voters += (_Voter(a.user_id, a.created_at, "user", None, a.key_id),)
         label = labels.get(a.message_id)
         if a.regenerated_from is not None and label is not None and label.value > 0:
             voters += label.voters
@@ -480,7 +499,7 @@ def _pick_votes(
         elif answers[f.message_id].parent_id != answers[f.other_message_id].parent_id:
             drops[DropReason.NOT_SIBLINGS] += 1
         else:
-            voter = _Voter(f.user_id, f.created_at, f.author_role, f.id)
+            voter = _Voter(f.user_id, f.created_at, f.author_role, f.id, f.key_id)
             votes.append(_Vote("pick", f.message_id, f.other_message_id, (voter,)))
     return votes
 
@@ -563,6 +582,7 @@ def _pair_from_vote(
         tenant=chosen.tenant,
         segment=chosen.segment,
         user_id=who.user_id,
+        key_id=who.key_id,
         author_role=who.role,
         created_at=who.at,
         chosen_message_id=chosen.message_id,
@@ -605,6 +625,7 @@ def _edit_pairs(
             tenant=original.tenant,
             segment=original.segment,
             user_id=f.user_id,
+            key_id=f.key_id,
             author_role=f.author_role,
             created_at=f.created_at,
             chosen_message_id=None,
@@ -638,6 +659,7 @@ def _unpaired(
                 tenant=a.tenant,
                 segment=a.segment,
                 user_id=who.user_id,
+                key_id=who.key_id,
                 author_role=who.role,
                 created_at=who.at,
                 message_id=a.message_id,
@@ -791,19 +813,26 @@ def _user_cap(n_exempt: int, counts: Sequence[int], share: float) -> int:
     return lo
 
 
-def _cap_users(items: Sequence[Item], config: GateConfig) -> tuple[list[Item], list[Item]]:
+def _cap_users(
+    items: Sequence[Item],
+    config: GateConfig,
+    group: Callable[[Item], str] = lambda x: x.user_id,
+    share: float | None = None,
+) -> tuple[list[Item], list[Item]]:
+    """No `group` (a user; or an API key) owns more than `share` of the kept items."""
+    share = config.max_user_share if share is None else share
     if len(items) < config.min_batch_for_cap:
         return list(items), []
 
     def exempt(x: Item) -> bool:
-        return x.author_role == "operator" and not config.cap_operators
+        return (x.author_role == "operator" and not config.cap_operators) or not group(x)
 
     by_user: dict[str, list[Item]] = defaultdict(list)
     for x in items:
         if not exempt(x):
-            by_user[x.user_id].append(x)
+            by_user[group(x)].append(x)
     n_exempt = len(items) - sum(len(v) for v in by_user.values())
-    cap = _user_cap(n_exempt, [len(v) for v in by_user.values()], config.max_user_share)
+    cap = _user_cap(n_exempt, [len(v) for v in by_user.values()], share)
 
     def rank(xs: list[Item]) -> list[Item]:
         if config.cap_keep == "newest":
@@ -827,6 +856,7 @@ def _gate(
     known_keys: Collection[str],
     drops: Counter[str],
     redactions: Counter[str],
+    trust: Mapping[str, float] | None = None,
 ) -> tuple[tuple[Item, ...], tuple[Item, ...]]:
     """Steps 4-9 → (accepted, excluded). Excluded items are returned, not just counted, so the
     service can store them as "excluded": their keys then come back as `known_keys`, and a pair
@@ -856,14 +886,58 @@ def _gate(
             accepted, config.near_dup_threshold, config.max_per_prompt_cluster
         )
         exclude(near_dups, DropReason.NEAR_DUPLICATE_PROMPT)
+    if trust is not None:
+        low = [x for x in accepted if trust.get(x.user_id, 1.0) < config.min_rater_trust]
+        accepted = [x for x in accepted if trust.get(x.user_id, 1.0) >= config.min_rater_trust]
+        exclude(low, DropReason.LOW_TRUST)
+        accepted = [replace(x, weight=x.weight * trust.get(x.user_id, 1.0)) for x in accepted]
     accepted, capped = _cap_users(accepted, config)
     exclude(capped, DropReason.USER_CAP)
+    if config.max_key_share < 1.0:
+        accepted, capped = _cap_users(
+            accepted, config, group=lambda x: x.key_id, share=config.max_key_share
+        )
+        exclude(capped, DropReason.KEY_CAP)
     accepted = [replace(x, status=_status(x.tenant, config)) for x in accepted]
 
     def in_order(xs: list[Item]) -> tuple[Item, ...]:
         return tuple(sorted(xs, key=lambda x: (x.created_at, x.key)))
 
     return in_order(accepted), in_order(excluded)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rater trust
+
+
+def rater_trust(thumbs: Sequence[Feedback], picks: Sequence[Feedback]) -> dict[str, float]:
+    """Each user's agreement with the consensus, (1 + agreed) / (1 + judged), over the items
+    several users judged: an answer with thumbs from two or more users, or a pair of answers
+    picked between by two or more. The consensus is the side more users took (ties: no
+    consensus, the item does not count). A user who never judged a contested item has trust 1;
+    one who sided against the majority on every one of n contested items, 1 / (1 + n).
+    Operators are trusted (they are not in the result). Each user's latest vote counts."""
+    by_item: dict[Any, dict[str, Any]] = defaultdict(dict)
+    for f in sorted(thumbs, key=lambda f: (f.created_at, f.id)):
+        if f.author_role == "user":
+            by_item[("thumbs", f.message_id)][f.user_id] = f.value
+    for f in sorted(picks, key=lambda f: (f.created_at, f.id)):
+        if f.author_role == "user" and f.other_message_id is not None:
+            pair = ("pick", *sorted((f.message_id, f.other_message_id)))
+            by_item[pair][f.user_id] = f.message_id
+    agreed: Counter[str] = Counter()
+    judged: Counter[str] = Counter()
+    for votes in by_item.values():
+        if len(votes) < 2:
+            continue
+        sides = Counter(votes.values()).most_common()
+        if len(sides) > 1 and sides[0][1] == sides[1][1]:
+            continue  # a tie: no consensus
+        majority = sides[0][0]
+        for user, side in votes.items():
+            judged[user] += 1
+            agreed[user] += side == majority
+    return {u: (1 + agreed[u]) / (1 + judged[u]) for u in judged}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -942,8 +1016,9 @@ def compile_pairs(
     unpaired = _unpaired(labels, by_id, paired) if config.emit_unpaired else []
 
     redactions: Counter[str] = Counter()
-    pairs_ok, pairs_excluded = _gate(pairs, config, known_keys, drops, redactions)
-    unpaired_ok, unpaired_excluded = _gate(unpaired, config, known_keys, drops, redactions)
+    trust = rater_trust(usable["thumbs"], usable["pick"]) if config.rater_trust else None
+    pairs_ok, pairs_excluded = _gate(pairs, config, known_keys, drops, redactions, trust)
+    unpaired_ok, unpaired_excluded = _gate(unpaired, config, known_keys, drops, redactions, trust)
     return CompileResult(
         pairs=pairs_ok,
         unpaired=unpaired_ok,

@@ -7,14 +7,19 @@ feedback write).
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.engine import Engine as Database
 
+from service.auth import KeyStore, Principal, Role
 from service.core.config import Settings
 from service.core.db import GroupCommit
+from service.core.errors import AuthenticationError, PermissionDeniedError, RateLimitError
 from service.engines.base import Engine
 from service.routing import AdapterRouter
 
@@ -46,29 +51,112 @@ EngineDep = Annotated[Engine, Depends(get_engine)]
 RouterDep = Annotated[AdapterRouter, Depends(get_router)]
 
 
+async def get_keys(request: Request) -> KeyStore:
+    return request.app.state.keys
+
+
+KeysDep = Annotated[KeyStore, Depends(get_keys)]
+_bearer = HTTPBearer(
+    auto_error=False,
+    description="An API key from `prefloop keys create` (not needed with PREFLOOP_AUTH=off).",
+)
+
+
+async def get_principal(
+    request: Request,
+    settings: SettingsDep,
+    keys: KeysDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    x_operator: Annotated[str | None, Header(max_length=256)] = None,
+) -> Principal:
+    """The caller, from the `Authorization: Bearer <key>` header; counts against its key's
+    request rate. In development mode (no keys) everyone is an admin, named by `X-Operator`."""
+    if settings.auth == "off":
+        return Principal(
+            key_id=None, name=x_operator or "operator", role=Role.admin, tenant="default"
+        )
+    if credentials is None:
+        raise AuthenticationError(
+            "no API key: send `Authorization: Bearer <key>` (an operator creates keys with "
+            "`prefloop keys create`)"
+        )
+    hit, principal = keys.cached(credentials.credentials)
+    if not hit:
+        principal = await run_in_threadpool(keys.lookup, credentials.credentials)
+    if principal is None:
+        raise AuthenticationError(
+            "the API key is unknown or revoked; ask an operator for a new one"
+        )
+    wait = request.app.state.request_limiter.take(principal.key_id)
+    if wait:
+        raise RateLimitError(
+            f"too many requests for this key (limit {settings.rate_limit_requests_per_minute} "
+            f"per minute); retry in {wait} s",
+            retry_after_s=wait,
+        )
+    return principal
+
+
+def require(role: Role, *, public: bool = False) -> Callable[..., Awaitable[Principal]]:
+    """The one role check. `public`: widget keys may call this route (from their origins)."""
+
+    async def check(
+        request: Request, principal: Annotated[Principal, Depends(get_principal)]
+    ) -> Principal:
+        if principal.public:
+            origin = (request.headers.get("origin") or "").rstrip("/")
+            if not public:
+                raise PermissionDeniedError(
+                    "a public (widget) key may only chat and send feedback; use a user or "
+                    "operator key for this"
+                )
+            if origin not in principal.origins:
+                raise PermissionDeniedError(
+                    f"this public key works only from {', '.join(principal.origins)}, "
+                    f"not from {origin or 'a request without an Origin header'}"
+                )
+        if principal.role < role:
+            raise PermissionDeniedError(
+                f"this needs an {role.name} key; yours is a {principal.role.name} key"
+            )
+        return principal
+
+    return check
+
+
+CallerDep = Annotated[Principal, Depends(require(Role.user, public=True))]
+UserDep = Annotated[Principal, Depends(require(Role.user))]
+OperatorDep = Annotated[Principal, Depends(require(Role.operator))]
+AdminDep = Annotated[Principal, Depends(require(Role.admin))]
+
+
 @dataclass(frozen=True)
 class Author:
     """Who is sending feedback: a user, or an operator (writing ideal answers)."""
 
     role: str  # user|operator
     name: str | None  # the operator's name; users name themselves with the `user` field
+    caller: Principal
 
 
-async def get_operator(x_operator: Annotated[str | None, Header(max_length=256)] = None) -> str:
-    """The operator behind an operator-API call.
+async def get_author(
+    caller: CallerDep, x_operator: Annotated[str | None, Header(max_length=256)] = None
+) -> Author:
+    """Feedback from an operator key (in development mode: a caller naming an operator with
+    `X-Operator`) is an operator's: their edits become training pairs; a user's edits are kept
+    but not trained on by default."""
+    if caller.dev:
+        return (
+            Author("operator", x_operator, caller) if x_operator else Author("user", None, caller)
+        )
+    if caller.role >= Role.operator:
+        return Author("operator", caller.name, caller)
+    return Author("user", None, caller)
 
-    No authentication yet: the `X-Operator` header names them (a body's `operator` field may
-    override it), for the audit log. The API-key issue turns this one dependency into the key and
-    role check, so every operator route is already behind it.
-    """
-    return x_operator or "operator"
+
+def actor(principal: Principal, named: str | None = None) -> str:
+    """The audit log's actor: the key's holder. Only development mode lets a body name one."""
+    return (named or principal.name) if principal.dev else principal.name
 
 
-async def get_author(x_operator: Annotated[str | None, Header(max_length=256)] = None) -> Author:
-    """Feedback from a caller that names an operator (`X-Operator`) is an operator's: their edits
-    become training pairs; a user's edits are kept but not trained on by default."""
-    return Author("operator", x_operator) if x_operator else Author("user", None)
-
-
-OperatorDep = Annotated[str, Depends(get_operator)]
 AuthorDep = Annotated[Author, Depends(get_author)]

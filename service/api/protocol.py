@@ -119,6 +119,22 @@ class ChatCompletionResponse(BaseModel):
     adapter_version: str | None = None
 
 
+class StoredCompletion(BaseModel):
+    """`GET /v1/chat/completions/{id}`: a stored completion, as far as it got."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    status: Literal["running", "succeeded", "failed", "cancelled"]
+    error: str | None = None
+    choices: list[Choice]
+    usage: Usage | None = None
+    user: str | None = None
+    conversation_id: str
+    adapter_version: str | None = None
+
+
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None

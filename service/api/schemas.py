@@ -330,3 +330,17 @@ class StartRun(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     segment: str = Field(default="default", max_length=64)
+
+
+# --- privacy ----------------------------------------------------------------------------------
+
+
+class UserDeleted(BaseModel):
+    object: Literal["user.deleted"] = "user.deleted"
+    user: str
+    tenant: str
+    conversations: int
+    messages: int
+    completions: int
+    feedback: int
+    pairs: int

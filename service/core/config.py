@@ -198,6 +198,56 @@ class Settings(BaseSettings):
         '"which is better?" pick; 0: never.',
     )
 
+    # --- trust and safety: keys, limits, poisoning defences, privacy (issue 8)
+    auth: Literal["keys", "off"] = Field(
+        default="off",
+        description="`keys`: every /v1 call needs an API key (`prefloop keys create`). `off`: "
+        "development mode, no keys, everyone is an admin of tenant `default`; refused on a "
+        "non-loopback host.",
+    )
+    max_body_bytes: int = Field(
+        default=1_000_000, ge=1024, description="Largest request body; larger ones get a 413."
+    )
+    rate_limit_requests_per_minute: int = Field(
+        default=120, ge=0, description="Per key (dev mode: per client address); 0: no limit."
+    )
+    rate_limit_tokens_per_minute: int = Field(
+        default=20_000,
+        ge=0,
+        description="Generated tokens (max_tokens x n, reserved up front) per key per minute; "
+        "0: no limit.",
+    )
+    pairs_max_key_share: float = Field(
+        default=1.0,
+        gt=0.0,
+        le=1.0,
+        description="Most of a compiled batch one API key's users may own (a leaked key "
+        "inventing users). 1: off; a key often carries a whole app's users.",
+    )
+    pairs_rater_trust: bool = Field(
+        default=True,
+        description="Weight each item by its rater's agreement with the majority on answers "
+        "several users rated.",
+    )
+    retention_days: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="Conversations older than this are deleted (their feedback too; compiled "
+        "pairs stay). 0: kept forever.",
+    )
+    retention_check_minutes: float = Field(
+        default=60.0, gt=0.0, description="How often the retention purge runs in `serve`."
+    )
+    refresh_train_timeout_minutes: float = Field(
+        default=240.0, gt=0.0, description="A training subprocess running longer is killed."
+    )
+    segment_tenants: dict[str, str] = Field(
+        default_factory=dict,
+        description='Which tenant owns each segment, JSON {"support": "acme"}; segments not '
+        "named belong to tenant `default`.",
+    )
+
+
     # --- the vLLM engine (PREFLOOP_ENGINE=vllm: service.engines.vllm; `prefloop dev vllm`)
     vllm_urls: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["http://127.0.0.1:8001"],
@@ -246,6 +296,9 @@ class Settings(BaseSettings):
         if self.pairs_min_answer_chars > self.pairs_max_answer_chars:
             raise ValueError("pairs_min_answer_chars must not exceed pairs_max_answer_chars")
         return self
+
+    def tenant_of(self, segment: str) -> str:
+        return self.segment_tenants.get(segment, "default")
 
     @property
     def home_dir(self) -> Path:

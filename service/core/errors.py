@@ -2,6 +2,10 @@
 
     PrefloopError                   500 server_error
     ├── InvalidRequestError         400 invalid_request_error   (bad input; names the `param`)
+    │   └── PayloadTooLargeError    413 request_too_large
+    ├── AuthenticationError         401 authentication_error    (no key, unknown or revoked key)
+    ├── PermissionDeniedError       403 permission_error        (the key's role or scope)
+    ├── RateLimitError              429 rate_limit_error        (per key; Retry-After)
     ├── NotFoundError               404 not_found_error
     │   └── ModelNotFoundError      404 model_not_found
     ├── ConflictError               409 conflict_error          (clashes with stored state:
@@ -10,7 +14,8 @@
     ├── OverloadedError             503 overloaded              (queue full; Retry-After)
     │   ├── NotReadyError           503 not_ready               (model still loading)
     │   ├── UpstreamUnavailableError 503 upstream_unavailable   (no vLLM replica reachable)
-    │   └── EngineSleepingError     503 engine_sleeping         (vLLM asleep for a refresh)
+    │   ├── EngineSleepingError     503 engine_sleeping         (vLLM asleep for a refresh)
+    │   └── DatabaseUnavailableError 503 database_unavailable   (nothing was stored)
     └── EngineError                 500 engine_error            (generation failed)
         ├── BadGatewayError         502 bad_gateway             (vLLM failed or broke a stream)
         └── GatewayTimeoutError     504 gateway_timeout         (vLLM did not answer in time)
@@ -29,6 +34,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters import registry
@@ -58,6 +64,40 @@ class InvalidRequestError(PrefloopError):
     type = "invalid_request_error"
 
 
+class PayloadTooLargeError(InvalidRequestError):
+    status_code = 413
+    code = "request_too_large"
+
+
+class AuthenticationError(PrefloopError):
+    status_code = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
+
+class PermissionDeniedError(PrefloopError):
+    status_code = 403
+    type = "permission_error"
+
+
+class RateLimitError(PrefloopError):
+    status_code = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after_s: int, **kwargs):
+        super().__init__(message, **kwargs)
+        self.retry_after_s = retry_after_s
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
 class NotFoundError(PrefloopError):
     status_code = 404
     type = "not_found_error"
@@ -85,6 +125,11 @@ class OverloadedError(PrefloopError):
 
 class NotReadyError(OverloadedError):
     code = "not_ready"
+
+
+class DatabaseUnavailableError(OverloadedError):
+    code = "database_unavailable"
+    retry_after_s = 5
 
 
 class EngineError(PrefloopError):
@@ -164,6 +209,24 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code >= 500:
             log.warning("request failed: %s", exc.message)
         return error_response(exc)
+
+    @app.exception_handler(DBAPIError)
+    async def _database(_req: Request, exc: DBAPIError) -> JSONResponse:
+        # OperationalError (cannot connect, disk I/O, locked too long) and a dropped connection
+        # are the database being away, not a bug: 503, and the client may retry. Anything else
+        # from the driver (a constraint, a bad statement) is a bug: the 500 below.
+        from sqlalchemy.exc import InterfaceError, OperationalError
+
+        if isinstance(exc, OperationalError | InterfaceError) or exc.connection_invalidated:
+            log.warning("database unavailable: %s", exc.orig)
+            return error_response(
+                DatabaseUnavailableError(
+                    "the database is unavailable; nothing was stored. Retry in a few seconds; "
+                    f"operators: check the database ({type(exc.orig).__name__})"
+                )
+            )
+        log.exception("database error")
+        return error_response(PrefloopError("internal server error; see the server log"))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_req: Request, exc: RequestValidationError) -> JSONResponse:

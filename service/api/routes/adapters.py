@@ -1,5 +1,7 @@
 """Operator API for adapter versions (list, show, register, approve/reject, promote, rollback)
-and the golden set the regression gate checks. Every route sits behind `OperatorDep`."""
+and the golden set the regression gate checks. Every route sits behind `OperatorDep`; an
+operator sees only the segments its tenant owns (`PREFLOOP_SEGMENT_TENANTS`): another tenant's
+versions are 404s. The golden set is shared by every segment, so only admins change it."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 
 from adapters.registry import APPROVED, REJECTED, STATUSES, Registry
-from service.api.deps import OperatorDep, RouterDep, SettingsDep
+from service.api.deps import AdminDep, OperatorDep, RouterDep, SettingsDep, actor
 from service.api.schemas import (
     AdapterAction,
     AdapterDetail,
@@ -24,6 +26,7 @@ from service.api.schemas import (
     RollbackRequest,
     RollbackResult,
 )
+from service.auth import Principal
 from service.core.errors import InvalidRequestError, NotFoundError
 
 router = APIRouter(prefix="/v1/operator", tags=["adapters"])
@@ -34,11 +37,21 @@ def _registry(request: Request) -> Registry:
     return request.app.state.registry
 
 
+def _visible(request: Request, operator: Principal, segment_or_version: str) -> bool:
+    segment = segment_or_version.split("@")[0]
+    return operator.sees_tenant(request.app.state.settings.tenant_of(segment))
+
+
+def _check(request: Request, operator: Principal, version_id: str) -> None:
+    if not _visible(request, operator, version_id):
+        raise NotFoundError(f"adapter version {version_id!r} not found", code="adapter_not_found")
+
+
 @router.get("/adapters", response_model=AdapterList)
 async def list_adapters(
     request: Request,
     adapters: RouterDep,
-    _operator: OperatorDep,
+    operator: OperatorDep,
     segment: str | None = None,
     status: Annotated[str | None, Query(description=" | ".join(STATUSES))] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
@@ -50,14 +63,19 @@ async def list_adapters(
         _registry(request).list, segment=segment, status=status, limit=limit
     )
     return AdapterList(
-        data=[AdapterPublic.model_validate(r) for r in rows],
-        serving=dict(adapters.routes),
-        load_errors=dict(adapters.load_errors),
+        data=[
+            AdapterPublic.model_validate(r) for r in rows if _visible(request, operator, r.segment)
+        ],
+        serving={k: v for k, v in adapters.routes.items() if _visible(request, operator, k)},
+        load_errors={
+            k: v for k, v in adapters.load_errors.items() if _visible(request, operator, k)
+        },
     )
 
 
 @router.get("/adapters/{version_id}", response_model=AdapterDetail)
-async def show_adapter(request: Request, version_id: str, _operator: OperatorDep) -> AdapterDetail:
+async def show_adapter(request: Request, version_id: str, operator: OperatorDep) -> AdapterDetail:
+    _check(request, operator, version_id)
     registry = _registry(request)
     row = await run_in_threadpool(registry.get, version_id)
     events = await run_in_threadpool(registry.events, version_id)
@@ -75,23 +93,29 @@ async def register_adapter(
 ) -> AdapterPublic:
     """Register a PEFT directory on the server as a new candidate (the same weights again:
     the existing version)."""
+    _check(request, operator, body.segment)
     path = Path(body.path).expanduser()
     if not path.is_dir():
         raise InvalidRequestError(f"{body.path} is not a directory on the server", param="path")
     row = await run_in_threadpool(
         lambda: _registry(request).register(
-            path, segment=body.segment, parent=body.parent, actor=operator, reason=body.reason
+            path,
+            segment=body.segment,
+            parent=body.parent,
+            actor=actor(operator),
+            reason=body.reason,
         )
     )
     return AdapterPublic.model_validate(row)
 
 
 async def _transition(
-    request: Request, version_id: str, to: str, body: AdapterAction | None, operator: str
+    request: Request, version_id: str, to: str, body: AdapterAction | None, operator: Principal
 ) -> AdapterPublic:
+    _check(request, operator, version_id)
     reason = body.reason if body else None
     row = await run_in_threadpool(
-        lambda: _registry(request).transition(version_id, to, actor=operator, reason=reason)
+        lambda: _registry(request).transition(version_id, to, actor=actor(operator), reason=reason)
     )
     return AdapterPublic.model_validate(row)
 
@@ -121,9 +145,10 @@ async def promote_adapter(
 ) -> AdapterPublic:
     """Make an approved (or retired) version active. Every replica swaps to it within
     `adapter_poll_seconds`; this one at once."""
+    _check(request, operator, version_id)
     reason = body.reason if body else None
     row = await run_in_threadpool(
-        lambda: _registry(request).promote(version_id, actor=operator, reason=reason)
+        lambda: _registry(request).promote(version_id, actor=actor(operator), reason=reason)
     )
     adapters.kick()
     return AdapterPublic.model_validate(row)
@@ -134,9 +159,12 @@ async def rollback_adapter(
     request: Request, body: RollbackRequest, operator: OperatorDep, adapters: RouterDep
 ) -> RollbackResult:
     """Retire the segment's active version and reactivate its predecessor (or `to`)."""
+    _check(request, operator, body.segment)
+    if body.to is not None:
+        _check(request, operator, body.to)
     row = await run_in_threadpool(
         lambda: _registry(request).rollback(
-            body.segment, to=body.to, actor=operator, reason=body.reason
+            body.segment, to=body.to, actor=actor(operator), reason=body.reason
         )
     )
     adapters.kick()
@@ -156,7 +184,7 @@ async def list_golden(settings: SettingsDep, _operator: OperatorDep) -> GoldenLi
 
 @router.put("/golden/{item_id}", response_model=dict)
 async def put_golden(
-    item_id: str, body: GoldenItemBody, settings: SettingsDep, _operator: OperatorDep
+    item_id: str, body: GoldenItemBody, settings: SettingsDep, _admin: AdminDep
 ) -> dict:
     """Add or replace one item (the regression gate checks every item, greedily)."""
     from trainer.golden import GoldenError, load_golden, parse_item, save_golden
@@ -178,7 +206,7 @@ async def put_golden(
 
 @router.delete("/golden/{item_id}", response_model=dict)
 async def delete_golden(
-    item_id: str, settings: SettingsDep, _operator: OperatorDep
+    item_id: str, settings: SettingsDep, _admin: AdminDep
 ) -> dict[str, str | bool]:
     from trainer.golden import load_golden, save_golden
 

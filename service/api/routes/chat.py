@@ -1,18 +1,46 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Annotated
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Path, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
-from service.api.deps import DbDep, EngineDep, RouterDep, SettingsDep
-from service.api.protocol import ChatCompletionRequest, ChatCompletionResponse
-from service.chat import complete_chat, plan_chat, stream_chat
+from service.api.deps import CallerDep, DbDep, EngineDep, RouterDep, SettingsDep
+from service.api.protocol import ChatCompletionRequest, ChatCompletionResponse, StoredCompletion
+from service.auth import Principal
+from service.chat import ChatPlan, complete_chat, plan_chat, read_completion, stream_chat
+from service.core.config import Settings
+from service.core.errors import ModelNotFoundError, RateLimitError
 from service.routing import Lease
 
 router = APIRouter(prefix="/v1", tags=["chat"])
 
-TENANT = "default"  # API keys and tenants arrive with the trust-and-safety work
+
+def _plan(
+    request: Request,
+    body: ChatCompletionRequest,
+    settings: Settings,
+    engine: EngineDep,
+    lease: Lease,
+    principal: Principal,
+) -> ChatPlan:
+    if not principal.sees_tenant(settings.tenant_of(lease.segment)):
+        # Another tenant's segment (or a version of it) does not exist for this caller.
+        raise ModelNotFoundError(f"the model {body.model!r} does not exist", param="model")
+    plan = plan_chat(body, settings, engine, lease.adapter, lease.segment)
+    if principal.key_id is not None:
+        cost = plan.params.max_tokens * plan.params.n
+        wait = request.app.state.token_limiter.take(principal.key_id, cost)
+        if wait:
+            raise RateLimitError(
+                f"this key's token budget ({settings.rate_limit_tokens_per_minute} tokens per "
+                f"minute, counted as max_tokens x n) is spent; retry in {wait} s or ask for "
+                "fewer tokens",
+                retry_after_s=wait,
+            )
+    return plan
 
 
 @router.post(
@@ -21,24 +49,26 @@ TENANT = "default"  # API keys and tenants arrive with the trust-and-safety work
     responses={200: {"content": {"text/event-stream": {}}}},
 )
 async def create_chat_completion(
+    request: Request,
     body: ChatCompletionRequest,
     settings: SettingsDep,
     db: DbDep,
     engine: EngineDep,
     adapters: RouterDep,
+    principal: CallerDep,
 ) -> ChatCompletionResponse | StreamingResponse:
     # The lease keeps the adapter loaded until this request's generation is over, even if a
     # promotion flips the route meanwhile (see service.routing).
     lease = adapters.lease(body.model)
     if not body.stream:
         try:
-            plan = plan_chat(body, settings, engine, lease.adapter, lease.segment)
-            return await complete_chat(db, engine, plan, body, TENANT)
+            plan = _plan(request, body, settings, engine, lease, principal)
+            return await complete_chat(db, engine, plan, body, principal)
         finally:
             lease.release()
     try:
-        plan = plan_chat(body, settings, engine, lease.adapter, lease.segment)
-        events = await stream_chat(db, engine, plan, body, TENANT)
+        plan = _plan(request, body, settings, engine, lease, principal)
+        events = await stream_chat(db, engine, plan, body, principal)
     except BaseException:
         lease.release()
         raise
@@ -55,3 +85,12 @@ async def _holding(lease: Lease, events: AsyncIterator[str]) -> AsyncIterator[st
             yield event
     finally:
         lease.release()
+
+
+@router.get("/chat/completions/{completion_id}", response_model=StoredCompletion)
+async def get_chat_completion(
+    completion_id: Annotated[str, Path(max_length=128)], db: DbDep, principal: CallerDep
+) -> StoredCompletion:
+    """A stored completion: its status, answers and error. A user key sees only the
+    completions it asked for (any other id is a 404); an operator key its tenant's."""
+    return await run_in_threadpool(read_completion, db, completion_id, principal)

@@ -1,14 +1,15 @@
-"""The operator queue. Every route sits behind `OperatorDep` (the later API-key check)."""
+"""The operator queue. Every route sits behind `OperatorDep` (an operator key; each sees its
+tenant's feedback and pairs only)."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 
-from service.api.deps import DbDep, OperatorDep, SettingsDep
+from service.api.deps import DbDep, OperatorDep, SettingsDep, actor
 from service.api.schemas import (
     BulkPairAction,
     CompileRequest,
@@ -19,10 +20,12 @@ from service.api.schemas import (
     PairActionResult,
     PairList,
     ThumbsRate,
+    UserDeleted,
 )
-from service.core.errors import InvalidRequestError
+from service.core.errors import InvalidRequestError, NotFoundError
 from service.operator import act_on_pairs, list_feedback, list_pairs, thumbs_rate
 from service.pairs import compile_and_store
+from service.privacy import delete_user
 
 router = APIRouter(prefix="/v1/operator", tags=["operator"])
 
@@ -33,7 +36,7 @@ Offset = Annotated[int, Query(ge=0)]
 @router.get("/feedback", response_model=FeedbackList)
 async def get_feedback(
     db: DbDep,
-    _operator: OperatorDep,
+    operator: OperatorDep,
     kind: Literal["thumbs", "pick", "edit"] | None = None,
     rating: Annotated[int | None, Query(description="1 or -1")] = None,
     user: str | None = None,
@@ -62,6 +65,7 @@ async def get_feedback(
             until=until,
             limit=limit,
             offset=offset,
+            tenant=operator.scope,
         )
     )
 
@@ -69,7 +73,7 @@ async def get_feedback(
 @router.get("/pairs", response_model=PairList)
 async def get_pairs(
     db: DbDep,
-    _operator: OperatorDep,
+    operator: OperatorDep,
     status: Literal["pending", "approved", "excluded", "used"] | None = None,
     source: Literal["regenerate", "thumbs", "pick", "edit"] | None = None,
     segment: str | None = None,
@@ -91,6 +95,7 @@ async def get_pairs(
             until=until,
             limit=limit,
             offset=offset,
+            tenant=operator.scope,
         )
     )
 
@@ -100,8 +105,8 @@ async def compile_pairs(
     db: DbDep, settings: SettingsDep, operator: OperatorDep, body: CompileRequest | None = None
 ) -> CompileSummary:
     """Compile new pairs from the stored feedback now (the scheduler does the same)."""
-    actor = (body and body.operator) or operator
-    return await run_in_threadpool(lambda: compile_and_store(db, settings, actor=actor))
+    who = actor(operator, body.operator if body else None)
+    return await run_in_threadpool(lambda: compile_and_store(db, settings, actor=who))
 
 
 @router.post("/pairs/actions", response_model=PairActionResult)
@@ -111,7 +116,12 @@ async def bulk_pair_action(
     """One action on many pairs, all or nothing: approve, exclude, flip, replace_chosen."""
     return await run_in_threadpool(
         lambda: act_on_pairs(
-            db, action=body.action, ids=body.ids, text=body.text, actor=body.operator or operator
+            db,
+            action=body.action,
+            ids=body.ids,
+            text=body.text,
+            actor=actor(operator, body.operator),
+            tenant=operator.scope,
         )
     )
 
@@ -128,7 +138,12 @@ async def pair_action(
     body = body or PairAction()
     return await run_in_threadpool(
         lambda: act_on_pairs(
-            db, action=action, ids=[pair_id], text=body.text, actor=body.operator or operator
+            db,
+            action=action,
+            ids=[pair_id],
+            text=body.text,
+            actor=actor(operator, body.operator),
+            tenant=operator.scope,
         )
     )
 
@@ -136,15 +151,39 @@ async def pair_action(
 @router.get("/stats/thumbs", response_model=ThumbsRate)
 async def get_thumbs_rate(
     db: DbDep,
-    _operator: OperatorDep,
+    operator: OperatorDep,
+    request: Request,
     segment: str | None = None,
     since: datetime | None = None,
     bucket_seconds: Annotated[int, Query(ge=1, le=86_400 * 31)] = 3600,
 ) -> ThumbsRate:
     """Thumbs-up rate per adapter version over time (the console's live chart); `since`
     defaults to seven days ago."""
+    if segment is not None and not operator.sees_tenant(
+        request.app.state.settings.tenant_of(segment)
+    ):
+        raise NotFoundError(f"segment {segment!r} not found", param="segment")
     since = since or datetime.now(UTC) - timedelta(days=7)
     since = since.replace(tzinfo=UTC) if since.tzinfo is None else since.astimezone(UTC)
     return await run_in_threadpool(
         lambda: thumbs_rate(db, segment=segment, since=since, bucket_seconds=bucket_seconds)
     )
+
+
+@router.delete("/users/{user_id}", response_model=UserDeleted)
+async def delete_user_data(
+    user_id: Annotated[str, Path(max_length=256)],
+    db: DbDep,
+    operator: OperatorDep,
+    tenant: Annotated[str | None, Query(max_length=128, description="admins only")] = None,
+) -> UserDeleted:
+    """Delete a user's conversations, feedback and the pairs compiled from them, and keep
+    everything they send later out of training (a tombstone). Operators: their own tenant's
+    users; admins: any tenant's (`tenant`, default `default`)."""
+    tenant = tenant or operator.tenant
+    if not operator.sees_tenant(tenant):
+        raise NotFoundError(f"tenant {tenant!r} not found", param="tenant")
+    counts = await run_in_threadpool(
+        lambda: delete_user(db, user_id=user_id, tenant=tenant, actor=actor(operator))
+    )
+    return UserDeleted(user=user_id, tenant=tenant, **counts)

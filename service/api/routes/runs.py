@@ -9,14 +9,20 @@ from fastapi.concurrency import run_in_threadpool
 from sqlmodel import Session, col, select
 
 from adapters.registry import check_segment
-from service.api.deps import DbDep, OperatorDep
+from service.api.deps import DbDep, OperatorDep, actor
 from service.api.schemas import RunDetail, RunList, RunPublic, StartRun
+from service.auth import Principal
 from service.core.errors import ConflictError, InvalidRequestError, NotFoundError
 from service.models import TrainingRun
 from service.refresh import FINISHED, get_run, request_cancel
 
 router = APIRouter(prefix="/v1/operator", tags=["runs"])
 STATUSES = ("queued", "running", *FINISHED)
+
+
+def _visible(request: Request, operator: Principal, segment: str) -> bool:
+    """Runs belong to their segment's tenant; other tenants' runs do not exist for a caller."""
+    return operator.sees_tenant(request.app.state.settings.tenant_of(segment))
 
 
 @router.post("/runs", response_model=RunPublic, status_code=202)
@@ -26,16 +32,19 @@ async def start_run(
     """Start a refresh now (compile, train, evaluate, gate, promote); returns at once."""
     segment = body.segment if body else "default"
     check_segment(segment)  # a bad name is a 400
+    if not _visible(request, operator, segment):
+        raise NotFoundError(f"segment {segment!r} not found", param="segment")
     run = await run_in_threadpool(
-        request.app.state.refresher.start, segment, trigger="api", actor=operator
+        request.app.state.refresher.start, segment, trigger="api", actor=actor(operator)
     )
     return RunPublic.model_validate(run)
 
 
 @router.get("/runs", response_model=RunList)
 async def list_runs(
+    request: Request,
     db: DbDep,
-    _operator: OperatorDep,
+    operator: OperatorDep,
     segment: str | None = None,
     status: str | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
@@ -47,6 +56,14 @@ async def list_runs(
 
     def query() -> list[TrainingRun]:
         q = select(TrainingRun)
+        if operator.scope is not None:
+            settings = request.app.state.settings
+            # Segments are named in settings; unnamed ones belong to `default`.
+            others = [k for k, v in settings.segment_tenants.items() if v != operator.scope]
+            q = q.where(col(TrainingRun.segment).not_in(others))
+            if operator.scope != "default":
+                mine = [k for k, v in settings.segment_tenants.items() if v == operator.scope]
+                q = q.where(col(TrainingRun.segment).in_(mine))
         if segment is not None:
             q = q.where(TrainingRun.segment == segment)
         if status is not None:
@@ -62,17 +79,20 @@ async def list_runs(
 
 
 @router.get("/runs/{run_id}", response_model=RunDetail)
-async def show_run(run_id: str, db: DbDep, _operator: OperatorDep) -> RunDetail:
+async def show_run(request: Request, run_id: str, db: DbDep, operator: OperatorDep) -> RunDetail:
     run = await run_in_threadpool(get_run, db, run_id)
-    if run is None:
+    if run is None or not _visible(request, operator, run.segment):
         raise NotFoundError(f"no refresh run {run_id!r}")
     return RunDetail.model_validate(run)
 
 
 @router.post("/runs/{run_id}/cancel", response_model=RunPublic)
-async def cancel_run(run_id: str, db: DbDep, _operator: OperatorDep) -> RunPublic:
+async def cancel_run(request: Request, run_id: str, db: DbDep, operator: OperatorDep) -> RunPublic:
     """Stop a queued or running refresh (its training subprocess is terminated within a
     second); the active adapter is untouched."""
+    found = await run_in_threadpool(get_run, db, run_id)
+    if found is None or not _visible(request, operator, found.segment):
+        raise NotFoundError(f"no refresh run {run_id!r}")
     run = await run_in_threadpool(request_cancel, db, run_id)
     if run is None:
         raise NotFoundError(f"no refresh run {run_id!r}")

@@ -1,0 +1,154 @@
+"""ASGI middleware: the request body limit and CORS for widget keys.
+
+Plain ASGI rather than Starlette's BaseHTTPMiddleware, which would buffer streamed answers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.core.errors import error_body
+
+ALLOWED_HEADERS = "authorization, content-type, idempotency-key, x-request-id"
+EXPOSED_HEADERS = "retry-after, idempotent-replayed"
+
+
+async def _send_json(send: Send, status: int, body: dict, headers: list | None = None) -> None:
+    raw = json.dumps(body).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(raw)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": raw})
+
+
+class BodyLimit:
+    """Refuse a request body over `max_bytes` with a 413 before any route parses it: by its
+    Content-Length, or (chunked uploads) once that many bytes have arrived."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            await self._refuse(send)
+            return
+        # Read the body here (it is at most max_bytes), then replay it to the app.
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                await self._refuse(send)
+                return
+            if not message.get("more_body"):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # later reads wait for the disconnect, as usual
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, send: Send) -> None:
+        await _send_json(
+            send,
+            413,
+            error_body(
+                f"the request body is larger than {self.max_bytes} bytes "
+                "(PREFLOOP_MAX_BODY_BYTES); send less",
+                "invalid_request_error",
+                code="request_too_large",
+            ),
+        )
+
+
+class KeyCors:
+    """CORS from the keys' own allow-lists.
+
+    A preflight carries no key, so it is allowed for an origin any live public key names
+    (`allowed()`); the request that follows is checked against its own key's origins by the
+    role dependency. Development mode (`allowed` None) allows every origin.
+    """
+
+    def __init__(self, app: ASGIApp, allowed: Callable[[], frozenset[str] | None]):
+        self.app = app
+        self.allowed = allowed
+
+    def _ok(self, origin: str) -> bool:
+        allowed = self.allowed()
+        return allowed is None or origin.rstrip("/") in allowed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        origin = headers.get(b"origin", b"").decode("latin-1")
+        if not origin:
+            await self.app(scope, receive, send)
+            return
+        preflight = scope["method"] == "OPTIONS" and b"access-control-request-method" in headers
+        if preflight:
+            if not self._ok(origin):
+                await _send_json(
+                    send,
+                    403,
+                    error_body(f"origin {origin} is not allowed by any key", "permission_error"),
+                    [(b"vary", b"Origin")],
+                )
+                return
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 204,
+                    "headers": [
+                        (b"access-control-allow-origin", origin.encode("latin-1")),
+                        (b"access-control-allow-methods", b"GET, POST, PUT, DELETE, OPTIONS"),
+                        (b"access-control-allow-headers", ALLOWED_HEADERS.encode()),
+                        (b"access-control-max-age", b"600"),
+                        (b"vary", b"Origin"),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": b""})
+            return
+        ok = self._ok(origin)
+
+        async def send_with_cors(message: Message) -> None:
+            if message["type"] == "http.response.start" and ok:
+                message = {
+                    **message,
+                    "headers": [
+                        *message.get("headers", []),
+                        (b"access-control-allow-origin", origin.encode("latin-1")),
+                        (b"access-control-expose-headers", EXPOSED_HEADERS.encode()),
+                        (b"vary", b"Origin"),
+                    ],
+                }
+            await send(message)
+
+        await self.app(scope, receive, send_with_cors)

@@ -1,0 +1,220 @@
+"""API keys, roles and per-key rate limits.
+
+A key is a random secret (`pfk_` + 43 URL-safe characters, 256 bits) shown once at creation;
+only its SHA-256 is stored, so a database leak leaks no usable key (a high-entropy secret needs
+no slow password hash). Every `/v1` route takes a `Principal` from one dependency
+(`service.api.deps.require`), which checks the role: user < operator < admin.
+
+- user: chat, and read / regenerate / rate its own completions (owned by the key that asked).
+- operator: also the operator API, for its own tenant's data and segments.
+- admin: every tenant; deleting users.
+- public (a widget key, role user): chat and feedback only, and only from its origins.
+
+Development mode (`PREFLOOP_AUTH=off`, the default so `make run` works out of the box) has no
+keys: every caller is an admin of tenant `default`, named by `X-Operator` for the audit log.
+`prefloop serve` refuses it on a non-loopback host.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from enum import IntEnum
+
+from sqlalchemy.engine import Engine as Database
+from sqlmodel import Session, col, select
+
+from service.core.db import session_scope
+from service.models import ApiKey, utcnow
+
+SECRET_PREFIX = "pfk_"
+
+
+class Role(IntEnum):
+    user = 1
+    operator = 2
+    admin = 3
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: a key's holder, or anyone in development mode (`key_id` None)."""
+
+    key_id: str | None
+    name: str
+    role: Role
+    tenant: str
+    public: bool = False
+    origins: tuple[str, ...] = ()
+
+    @property
+    def dev(self) -> bool:
+        return self.key_id is None
+
+    @property
+    def scope(self) -> str | None:
+        """The tenant whose data this caller may see; None: every tenant (admins)."""
+        return None if self.role >= Role.admin else self.tenant
+
+    def sees_tenant(self, tenant: str) -> bool:
+        return self.role >= Role.admin or tenant == self.tenant
+
+    def owns(self, key_id: str | None, tenant: str) -> bool:
+        """May this caller read, regenerate or rate a completion asked for by `key_id`?
+        Users: only their own key's; operators: their tenant's; admins and dev mode: all."""
+        if self.role >= Role.admin:
+            return True
+        if self.role >= Role.operator:
+            return tenant == self.tenant
+        return key_id == self.key_id and tenant == self.tenant
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def create_key(
+    db: Database,
+    *,
+    name: str,
+    role: str = "user",
+    tenant: str = "default",
+    public: bool = False,
+    origins: list[str] | None = None,
+) -> tuple[ApiKey, str]:
+    """Store a new key; returns the row and the secret (shown once, never stored)."""
+    if role not in Role.__members__:
+        raise ValueError(f"role must be one of {', '.join(Role.__members__)}, not {role!r}")
+    if public and role != "user":
+        raise ValueError("a public (widget) key has role user")
+    if public and not origins:
+        raise ValueError("a public key needs its allowed origins (--origin https://example.com)")
+    secret = SECRET_PREFIX + secrets.token_urlsafe(32)
+    row = ApiKey(
+        name=name,
+        prefix=secret[:10],
+        hash=hash_secret(secret),
+        role=role,
+        tenant=tenant,
+        public=public,
+        origins=[o.rstrip("/") for o in origins or []],
+    )
+    with session_scope(db) as session:
+        session.add(row)
+    return row, secret
+
+
+def list_keys(db: Database) -> list[ApiKey]:
+    with Session(db) as session:
+        return list(session.exec(select(ApiKey).order_by(col(ApiKey.created_at))).all())
+
+
+def revoke_key(db: Database, key: str) -> ApiKey | None:
+    """Revoke by id or by the prefix shown in `prefloop keys list`; None if no such key."""
+    with session_scope(db) as session:
+        row = (
+            session.get(ApiKey, key)
+            or session.exec(select(ApiKey).where(ApiKey.prefix == key)).first()
+        )
+        if row is None:
+            return None
+        if row.revoked_at is None:
+            row.revoked_at = utcnow()
+            session.add(row)
+        return row
+
+
+class KeyStore:
+    """Key lookups by hash, cached for `ttl` seconds: a revocation (from any process) takes
+    effect within `ttl`, and a busy key costs no database read per request."""
+
+    def __init__(self, db: Database, ttl: float = 5.0):
+        self.db = db
+        self.ttl = ttl
+        self._cache: dict[str, tuple[float, Principal | None]] = {}
+        self._origins: tuple[float, frozenset[str]] | None = None
+        self._lock = threading.Lock()
+
+    def lookup(self, secret: str) -> Principal | None:
+        digest = hash_secret(secret)
+        now = time.monotonic()
+        with self._lock:
+            hit = self._cache.get(digest)
+        if hit is not None and now - hit[0] < self.ttl:
+            return hit[1]
+        with Session(self.db) as session:
+            row = session.exec(select(ApiKey).where(ApiKey.hash == digest)).first()
+        principal = None
+        if row is not None and row.revoked_at is None:
+            principal = Principal(
+                key_id=row.id,
+                name=row.name,
+                role=Role[row.role],
+                tenant=row.tenant,
+                public=row.public,
+                origins=tuple(row.origins),
+            )
+        with self._lock:
+            if len(self._cache) > 10_000:  # unknown secrets must not grow it without bound
+                self._cache.clear()
+            self._cache[digest] = (now, principal)
+        return principal
+
+    def cached(self, secret: str) -> tuple[bool, Principal | None]:
+        """(hit, principal) from the cache alone: no database read, safe on the event loop."""
+        with self._lock:
+            hit = self._cache.get(hash_secret(secret))
+        if hit is not None and time.monotonic() - hit[0] < self.ttl:
+            return True, hit[1]
+        return False, None
+
+    def public_origins(self) -> frozenset[str]:
+        """Every live public key's origins: a CORS preflight carries no key, so it is answered
+        for any of them (the request itself is then checked against its own key's list)."""
+        now = time.monotonic()
+        cached = self._origins
+        if cached is not None and now - cached[0] < self.ttl:
+            return cached[1]
+        try:
+            with Session(self.db) as session:
+                rows = session.exec(
+                    select(ApiKey.origins).where(
+                        ApiKey.public == True,  # noqa: E712 - SQL, not Python
+                        col(ApiKey.revoked_at).is_(None),
+                    )
+                ).all()
+        except Exception:  # noqa: BLE001 - database away: keep what we knew (requests get a 503)
+            return cached[1] if cached else frozenset()
+        origins = frozenset(o for row in rows for o in row)
+        self._origins = (now, origins)
+        return origins
+
+
+class RateLimiter:
+    """Token buckets per key: `per_minute` units, refilled continuously. `take` returns 0 when
+    the units are granted, else the seconds to wait (the Retry-After). Per process: with N
+    replicas behind a balancer a key gets up to N times the limit."""
+
+    def __init__(self, per_minute: int):
+        self.capacity = float(per_minute)
+        self.rate = per_minute / 60.0
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (units, at)
+        self._lock = threading.Lock()
+
+    def take(self, key: str, units: float = 1.0) -> int:
+        if self.capacity <= 0:
+            return 0
+        units = min(units, self.capacity)  # a request larger than a minute's worth drains it
+        now = time.monotonic()
+        with self._lock:
+            level, at = self._buckets.get(key, (self.capacity, now))
+            level = min(self.capacity, level + (now - at) * self.rate)
+            if level >= units:
+                self._buckets[key] = (level - units, now)
+                return 0
+            self._buckets[key] = (level, now)
+            return max(1, math.ceil((units - level) / self.rate))
