@@ -167,7 +167,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         app.state.db = make_engine(settings)
         await asyncio.to_thread(init_db, app.state.db)
         app.state.writer = GroupCommit(app.state.db)
-        app.state.keys = KeyStore(app.state.db)
+        app.state.keys = KeyStore(app.state.db, ttl=settings.auth_cache_seconds)
         app.state.engine_error = None
         app.state.engine = engine or build_engine(settings)
         app.state.registry = Registry(app.state.db, settings.adapters_dir)

@@ -205,6 +205,9 @@ class Settings(BaseSettings):
         "development mode, no keys, everyone is an admin of tenant `default`; refused on a "
         "non-loopback host.",
     )
+    auth_cache_seconds: float = Field(
+        default=5.0, ge=0.0, description="Key lookups are cached this long (a revocation waits)."
+    )
     max_body_bytes: int = Field(
         default=1_000_000, ge=1024, description="Largest request body; larger ones get a 413."
     )
