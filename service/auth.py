@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import secrets
 import threading
 import time
@@ -87,6 +88,8 @@ def create_key(
     origins: list[str] | None = None,
 ) -> tuple[ApiKey, str]:
     """Store a new key; returns the row and the secret (shown once, never stored)."""
+    if not re.match(r"^[a-z0-9][a-z0-9_-]{0,63}$", tenant):
+        raise ValueError(f"tenant {tenant!r}: use 1-64 lowercase letters, digits, '-' or '_'")
     if role not in Role.__members__:
         raise ValueError(f"role must be one of {', '.join(Role.__members__)}, not {role!r}")
     if public and role != "user":

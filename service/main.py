@@ -13,6 +13,7 @@ from fastapi import FastAPI
 
 from adapters.registry import Registry
 from service.api.middleware import BodyLimit, KeyCors
+from service.api.protocol import V1_ERRORS, error_responses
 from service.api.routes import adapters, chat, feedback, health, models, operator, runs, web
 from service.auth import KeyStore, RateLimiter
 from service.core.config import Settings, get_settings
@@ -235,13 +236,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(KeyCors, allowed=cors_origins)
     install_error_handlers(app)
-    app.include_router(health.router)
-    app.include_router(models.router)
-    app.include_router(chat.router)
-    app.include_router(feedback.router)
-    app.include_router(operator.router)
-    app.include_router(adapters.router)
-    app.include_router(runs.router)
+    app.include_router(health.router, responses=error_responses(503))
+    for api in (models, chat, feedback, operator, adapters, runs):
+        app.include_router(api.router, responses=V1_ERRORS)
     app.include_router(web.router)
     app.mount("/web", web.static, name="web")
     return app

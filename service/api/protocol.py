@@ -173,3 +173,34 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error, as OpenAI's API sends them."""
+
+    error: ErrorDetail
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the errors a route may answer (`service.core.errors`)."""
+    what = {
+        400: "Bad input (`param` names the field)",
+        401: "No API key, or an unknown or revoked one",
+        403: "The key's role or scope does not allow this",
+        404: "Not found (or another key's or tenant's)",
+        409: "Conflicts with stored state",
+        413: "Request body too large",
+        429: "Rate limit; see Retry-After",
+        503: "Overloaded, loading, or the database is unavailable; see Retry-After",
+    }
+    return {c: {"model": ErrorResponse, "description": what[c]} for c in codes}
+
+
+V1_ERRORS = error_responses(400, 401, 403, 404, 409, 413, 429, 503)

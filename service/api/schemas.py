@@ -28,7 +28,10 @@ class _FeedbackBase(BaseModel):
 
 class ThumbsFeedback(_FeedbackBase):
     type: Literal["thumbs"] = "thumbs"
-    rating: Annotated[int, Field(strict=True)] = Field(description="+1 or -1")
+    # Strict: `true` is no rating. The enum tells the schema's readers (and the fuzzer).
+    rating: Annotated[int, Field(strict=True, json_schema_extra={"enum": [1, -1]})] = Field(
+        description="1 (thumbs up) or -1 (thumbs down)"
+    )
     choice_index: int = Field(default=0, ge=0, description="Which choice of an `n>1` response.")
 
     @field_validator("rating")
@@ -226,7 +229,7 @@ class RegisterAdapter(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     path: str = Field(max_length=4096, description="A PEFT adapter directory on the server.")
-    segment: str = Field(default="default", max_length=64)
+    segment: str = Field(default="default", max_length=64, pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
     parent: str | None = Field(default=None, max_length=128)
     reason: str | None = Field(default=None, max_length=2000)
 
@@ -240,7 +243,7 @@ class AdapterAction(BaseModel):
 class RollbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    segment: str = Field(default="default", max_length=64)
+    segment: str = Field(default="default", max_length=64, pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
     to: str | None = Field(default=None, max_length=128, description="Default: its predecessor.")
     reason: str | None = Field(default=None, max_length=2000)
 
@@ -329,7 +332,7 @@ class RunList(BaseModel):
 class StartRun(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    segment: str = Field(default="default", max_length=64)
+    segment: str = Field(default="default", max_length=64, pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
 
 # --- privacy ----------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
+from pydantic import BeforeValidator
 
 from service.api.deps import DbDep, OperatorDep, SettingsDep, actor
 from service.api.schemas import (
@@ -29,8 +30,19 @@ from service.privacy import delete_user
 
 router = APIRouter(prefix="/v1/operator", tags=["operator"])
 
+TENANT_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+
+
+def _iso_time(v: object) -> object:
+    # Pydantic would take "403" for a Unix time; the schema (and a reader) says ISO 8601.
+    if isinstance(v, str) and v.strip().lstrip("-").replace(".", "", 1).isdigit():
+        raise ValueError("use an ISO 8601 time, e.g. 2026-01-31T12:00:00Z")
+    return v
+
+
+Time = Annotated[datetime, BeforeValidator(_iso_time)]
 Limit = Annotated[int, Query(ge=1, le=500)]
-Offset = Annotated[int, Query(ge=0)]
+Offset = Annotated[int, Query(ge=0, le=2**31)]
 
 
 @router.get("/feedback", response_model=FeedbackList)
@@ -38,13 +50,13 @@ async def get_feedback(
     db: DbDep,
     operator: OperatorDep,
     kind: Literal["thumbs", "pick", "edit"] | None = None,
-    rating: Annotated[int | None, Query(description="1 or -1")] = None,
+    rating: Annotated[Literal[1, -1] | None, Query(description="1 or -1")] = None,
     user: str | None = None,
     segment: str | None = None,
     adapter_version: Annotated[str | None, Query(description='a version id, or "base"')] = None,
     has_comment: bool | None = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
+    since: Time | None = None,
+    until: Time | None = None,
     limit: Limit = 50,
     offset: Offset = 0,
 ) -> FeedbackList:
@@ -78,8 +90,8 @@ async def get_pairs(
     source: Literal["regenerate", "thumbs", "pick", "edit"] | None = None,
     segment: str | None = None,
     kind: Literal["pair", "unpaired"] | None = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
+    since: Time | None = None,
+    until: Time | None = None,
     limit: Limit = 50,
     offset: Offset = 0,
 ) -> PairList:
@@ -175,7 +187,7 @@ async def delete_user_data(
     user_id: Annotated[str, Path(max_length=256)],
     db: DbDep,
     operator: OperatorDep,
-    tenant: Annotated[str | None, Query(max_length=128, description="admins only")] = None,
+    tenant: Annotated[str | None, Query(pattern=TENANT_PATTERN, description="admins only")] = None,
 ) -> UserDeleted:
     """Delete a user's conversations, feedback and the pairs compiled from them, and keep
     everything they send later out of training (a tombstone). Operators: their own tenant's

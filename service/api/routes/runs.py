@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -12,7 +12,7 @@ from adapters.registry import check_segment
 from service.api.deps import DbDep, OperatorDep, actor
 from service.api.schemas import RunDetail, RunList, RunPublic, StartRun
 from service.auth import Principal
-from service.core.errors import ConflictError, InvalidRequestError, NotFoundError
+from service.core.errors import ConflictError, NotFoundError
 from service.models import TrainingRun
 from service.refresh import FINISHED, get_run, request_cancel
 
@@ -46,13 +46,12 @@ async def list_runs(
     db: DbDep,
     operator: OperatorDep,
     segment: str | None = None,
-    status: str | None = None,
+    status: Literal["queued", "running", "succeeded", "skipped", "failed", "cancelled"]
+    | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=2**31)] = 0,
 ) -> RunList:
     """Runs, newest first."""
-    if status is not None and status not in STATUSES:
-        raise InvalidRequestError(f"status must be one of {', '.join(STATUSES)}", param="status")
 
     def query() -> list[TrainingRun]:
         q = select(TrainingRun)
