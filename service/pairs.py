@@ -50,6 +50,7 @@ def gate_config(settings: Settings) -> tp.GateConfig:
         edit_weight=settings.pairs_edit_weight,
         max_key_share=settings.pairs_max_key_share,
         rater_trust=settings.pairs_rater_trust,
+        min_rater_trust=settings.pairs_min_rater_trust,
     )
 
 

@@ -11,6 +11,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
+# The registry's rule for segment names, stated in the schema; the registry's own check gives
+# the clearer error ("segment 'A B' is not valid: use ...").
+SEGMENT_SCHEMA = {"pattern": r"^[a-z0-9][a-z0-9_-]{0,63}$"}
+
 # --- feedback -----------------------------------------------------------------------------
 
 
@@ -229,7 +233,7 @@ class RegisterAdapter(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     path: str = Field(max_length=4096, description="A PEFT adapter directory on the server.")
-    segment: str = Field(default="default", max_length=64, pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
+    segment: str = Field(default="default", max_length=64, json_schema_extra=SEGMENT_SCHEMA)
     parent: str | None = Field(default=None, max_length=128)
     reason: str | None = Field(default=None, max_length=2000)
 
@@ -243,7 +247,7 @@ class AdapterAction(BaseModel):
 class RollbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    segment: str = Field(default="default", max_length=64, pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
+    segment: str = Field(default="default", max_length=64, json_schema_extra=SEGMENT_SCHEMA)
     to: str | None = Field(default=None, max_length=128, description="Default: its predecessor.")
     reason: str | None = Field(default=None, max_length=2000)
 
@@ -332,7 +336,7 @@ class RunList(BaseModel):
 class StartRun(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    segment: str = Field(default="default", max_length=64, pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
+    segment: str = Field(default="default", max_length=64, json_schema_extra=SEGMENT_SCHEMA)
 
 
 # --- privacy ----------------------------------------------------------------------------------

@@ -232,6 +232,9 @@ class Settings(BaseSettings):
         description="Weight each item by its rater's agreement with the majority on answers "
         "several users rated.",
     )
+    pairs_min_rater_trust: float = Field(
+        default=0.25, ge=0.0, le=1.0, description="Items of raters trusted less are excluded."
+    )
     retention_days: float = Field(
         default=0.0,
         ge=0.0,
