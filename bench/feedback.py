@@ -1,7 +1,7 @@
 """Durable feedback writes per second through the real HTTP API, against the 1,000/s target.
 
     .venv/bin/python bench/feedback.py [--client wrk python] [--concurrency 32] [--seconds 10]
-                                       [--writes 4000] [--sync FULL NORMAL]
+                                       [--writes 4000] [--sync FULL NORMAL] [--auth off keys]
 
 Starts `python -m service serve` (SmolLM2 on the CPU, a fresh SQLite file per run, log level
 warning, so no access log), creates 50 short completions through the chat API (max_tokens 1),
@@ -13,6 +13,9 @@ p50/p99 latency and the ratio to the target per run. Client and server share the
 Clients: `wrk` (Debian package `wrk`; C, so it leaves the server most of the CPU; runs for
 `--seconds`) and this script's own httpx client (`--writes` posts; Python, it needs about a core
 itself). The default is wrk when it is installed, else the Python client.
+
+`--auth off keys` runs each setting in development mode (no keys) and with API keys (every
+request carries a user key: the key check and the rate limiter, limits set high), side by side.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ function init(args)
   prefix, n = args[2], 0
   wrk.method = "POST"
   wrk.headers["Content-Type"] = "application/json"
+  if args[3] ~= nil and args[3] ~= "" then wrk.headers["Authorization"] = "Bearer " .. args[3] end
 end
 function request()
   n = n + 1
@@ -72,9 +76,9 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
 
 
-def completions(base_url: str) -> list[str]:
+def completions(base_url: str, headers: dict[str, str]) -> list[str]:
     ids = []
-    with httpx.Client(base_url=base_url, timeout=60) as http:
+    with httpx.Client(base_url=base_url, timeout=60, headers=headers) as http:
         for i in range(50):
             r = http.post(
                 "/v1/chat/completions",
@@ -89,7 +93,7 @@ def completions(base_url: str) -> list[str]:
 
 
 def run_wrk(
-    base_url: str, ids: list[str], seconds: int, concurrency: int, tmp: Path
+    base_url: str, ids: list[str], seconds: int, concurrency: int, tmp: Path, secret: str = ""
 ) -> tuple[float, float, float]:
     """writes/s, p50 and p99 seconds, measured by wrk after a 2 s warm-up."""
     script = tmp / "thumbs.lua"
@@ -98,7 +102,10 @@ def run_wrk(
     def wrk(duration: int, prefix: str) -> dict:
         cmd = ["wrk", "-t2", f"-c{concurrency}", f"-d{duration}s", "-s", str(script), base_url]
         out = subprocess.run(
-            [*cmd, "--", ",".join(ids), prefix], capture_output=True, text=True, check=True
+            [*cmd, "--", ",".join(ids), prefix, secret],
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout
         result = json.loads(out.strip().splitlines()[-1])
         assert result["non_2xx"] == result["socket_errors"] == 0, out
@@ -110,11 +117,13 @@ def run_wrk(
 
 
 async def run_python(
-    base_url: str, ids: list[str], writes: int, concurrency: int
+    base_url: str, ids: list[str], writes: int, concurrency: int, headers: dict[str, str]
 ) -> tuple[float, float, float]:
     """writes/s, p50 and p99 seconds, measured by an httpx client in this process."""
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=base_url, timeout=60, limits=limits) as http:
+    async with httpx.AsyncClient(
+        base_url=base_url, timeout=60, limits=limits, headers=headers
+    ) as http:
         latencies: list[float] = []
         todo = iter(range(writes))
 
@@ -138,12 +147,30 @@ async def run_python(
     return len(latencies) / elapsed, pct(latencies, 50), pct(latencies, 99)
 
 
-def serve(sync: str, tmp: Path, model_dir: Path, name: str) -> tuple[subprocess.Popen, str]:
+def serve(
+    sync: str, tmp: Path, model_dir: Path, name: str, auth: str = "off"
+) -> tuple[subprocess.Popen, str, str]:
+    """A server on a fresh database; with keys, also a user key's secret."""
     port = free_port()
+    db_url = f"sqlite:///{tmp / f'bench-{name}.db'}"
+    secret = ""
+    if auth == "keys":
+        from sqlalchemy import create_engine
+
+        from service.auth import create_key
+        from service.core.db import init_db
+
+        db = create_engine(db_url)
+        init_db(db)
+        _row, secret = create_key(db, name="bench")
+        db.dispose()
     env = {
         **os.environ,
         "PREFLOOP_MODEL": str(model_dir),
-        "PREFLOOP_DATABASE_URL": f"sqlite:///{tmp / f'bench-{name}.db'}",
+        "PREFLOOP_DATABASE_URL": db_url,
+        "PREFLOOP_AUTH": auth,
+        "PREFLOOP_RATE_LIMIT_REQUESTS_PER_MINUTE": "0",
+        "PREFLOOP_RATE_LIMIT_TOKENS_PER_MINUTE": "0",
         "PREFLOOP_SQLITE_SYNCHRONOUS": sync,
         "PREFLOOP_PORT": str(port),
         "PREFLOOP_LOG_LEVEL": "warning",
@@ -158,7 +185,7 @@ def serve(sync: str, tmp: Path, model_dir: Path, name: str) -> tuple[subprocess.
     )
     base_url = f"http://127.0.0.1:{port}"
     wait_ready(base_url, proc=proc)
-    return proc, base_url
+    return proc, base_url, secret
 
 
 def main() -> None:
@@ -171,6 +198,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=10, help="wrk: how long to post")
     parser.add_argument("--writes", type=int, default=4000, help="python: how many posts")
     parser.add_argument("--sync", nargs="+", default=["FULL", "NORMAL"])
+    parser.add_argument("--auth", nargs="+", choices=["off", "keys"], default=["off"])
     args = parser.parse_args()
     if "wrk" in args.client and not have_wrk:
         parser.error("wrk is not installed (Debian: apt-get install wrk)")
@@ -182,28 +210,34 @@ def main() -> None:
         f"thumbs writes, {args.concurrency} concurrent clients, {os.cpu_count()} cores; "
         f"target {TARGET} durable writes/s"
     )
-    print(f"{'synchronous':<12} {'client':<7} {'writes/s':>9} {'p50 ms':>8} {'p99 ms':>8} target")
+    print(
+        f"{'synchronous':<12} {'client':<7} {'auth':<5} {'writes/s':>9} {'p50 ms':>8} "
+        f"{'p99 ms':>8} target"
+    )
     with tempfile.TemporaryDirectory() as d:
         for sync in args.sync:
             for client in args.client:
-                proc, base_url = serve(sync, Path(d), model_dir, name=f"{sync}-{client}")
-                try:
-                    ids = completions(base_url)
-                    if client == "wrk":
-                        rate, p50, p99 = run_wrk(
-                            base_url, ids, args.seconds, args.concurrency, Path(d)
-                        )
-                    else:
-                        rate, p50, p99 = asyncio.run(
-                            run_python(base_url, ids, args.writes, args.concurrency)
-                        )
-                finally:
-                    proc.send_signal(signal.SIGTERM)
-                    proc.wait(timeout=30)
-                print(
-                    f"{sync:<12} {client:<7} {rate:>9.0f} {p50 * 1000:>8.1f} {p99 * 1000:>8.1f} "
-                    f"{rate / TARGET:.2f}x"
-                )
+                for auth in args.auth:
+                    name = f"{sync}-{client}-{auth}"
+                    proc, base_url, secret = serve(sync, Path(d), model_dir, name, auth)
+                    headers = {"Authorization": f"Bearer {secret}"} if secret else {}
+                    try:
+                        ids = completions(base_url, headers)
+                        if client == "wrk":
+                            rate, p50, p99 = run_wrk(
+                                base_url, ids, args.seconds, args.concurrency, Path(d), secret
+                            )
+                        else:
+                            rate, p50, p99 = asyncio.run(
+                                run_python(base_url, ids, args.writes, args.concurrency, headers)
+                            )
+                    finally:
+                        proc.send_signal(signal.SIGTERM)
+                        proc.wait(timeout=30)
+                    print(
+                        f"{sync:<12} {client:<7} {auth:<5} {rate:>9.0f} {p50 * 1000:>8.1f} "
+                        f"{p99 * 1000:>8.1f} {rate / TARGET:.2f}x"
+                    )
 
 
 if __name__ == "__main__":

@@ -891,13 +891,19 @@ def _gate(
         accepted = [x for x in accepted if trust.get(x.user_id, 1.0) >= config.min_rater_trust]
         exclude(low, DropReason.LOW_TRUST)
         accepted = [replace(x, weight=x.weight * trust.get(x.user_id, 1.0)) for x in accepted]
-    accepted, capped = _cap_users(accepted, config)
-    exclude(capped, DropReason.USER_CAP)
-    if config.max_key_share < 1.0:
-        accepted, capped = _cap_users(
-            accepted, config, group=lambda x: x.key_id, share=config.max_key_share
-        )
-        exclude(capped, DropReason.KEY_CAP)
+    # Each cap shrinks the batch, which can push another group over its share: repeat until
+    # a pass drops nothing, and then both hold (items only go, so this ends).
+    while True:
+        accepted, by_user = _cap_users(accepted, config)
+        exclude(by_user, DropReason.USER_CAP)
+        by_key: list[Item] = []
+        if config.max_key_share < 1.0:
+            accepted, by_key = _cap_users(
+                accepted, config, group=lambda x: x.key_id, share=config.max_key_share
+            )
+            exclude(by_key, DropReason.KEY_CAP)
+        if not by_user and not by_key:
+            break
     accepted = [replace(x, status=_status(x.tenant, config)) for x in accepted]
 
     def in_order(xs: list[Item]) -> tuple[Item, ...]:

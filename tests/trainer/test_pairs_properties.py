@@ -8,7 +8,14 @@ from typing import Any
 
 import pytest
 
-from trainer.pairs import Answer, CompileResult, Feedback, GateConfig, compile_pairs
+from trainer.pairs import (
+    Answer,
+    CompileResult,
+    Feedback,
+    GateConfig,
+    compile_pairs,
+    rater_trust,
+)
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings  # noqa: E402
@@ -16,6 +23,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 USERS = ["u1", "u2", "u3", "op"]
+KEYS = ["", "k1", "k2", "k3"]  # "": no key (development mode)
 TEXTS = [
     "Seven minutes.",
     "seven  minutes.",
@@ -62,6 +70,7 @@ def batches(draw: Any) -> tuple[list[Answer], list[Feedback]]:
                     kept=draw(st.booleans()),
                     regenerated_from=draw(st.sampled_from([None, f"c{p}-0"])),
                     sampling={"temperature": draw(st.sampled_from([0.0, 0.7]))},
+                    key_id=draw(st.sampled_from(KEYS)),
                 )
             )
     ids = [a.message_id for a in answers] + ["ghost"]
@@ -79,6 +88,7 @@ def batches(draw: Any) -> tuple[list[Answer], list[Feedback]]:
                 text=draw(st.sampled_from(TEXTS)),
                 author_role="operator" if user == "op" else "user",
                 created_at=T0 + timedelta(minutes=draw(st.integers(0, 6))),
+                key_id=draw(st.sampled_from(KEYS)),
             )
         )
     return answers, feedback
@@ -95,6 +105,9 @@ configs = st.builds(
     max_per_prompt_cluster=st.integers(1, 3),
     redact_pii=st.booleans(),
     accept_user_edits=st.booleans(),
+    max_key_share=st.sampled_from([0.34, 0.5, 1.0]),
+    rater_trust=st.booleans(),
+    min_rater_trust=st.sampled_from([0.0, 0.25, 0.6]),
 )
 
 
@@ -132,12 +145,50 @@ def _holds_cap(items: tuple[Any, ...], config: GateConfig) -> bool:
     return all(n <= config.max_user_share * len(items) + 1e-9 for n in counts.values())
 
 
+def _holds_key_cap(items: tuple[Any, ...], config: GateConfig) -> bool:
+    if len(items) < config.min_batch_for_cap:
+        return True
+    counts = Counter(
+        x.key_id
+        for x in items
+        if x.key_id and (config.cap_operators or x.author_role != "operator")
+    )
+    return all(n <= config.max_key_share * len(items) + 1e-9 for n in counts.values())
+
+
 @SETTINGS
 @given(batches(), configs)
 def test_user_cap_holds(batch: tuple[list[Answer], list[Feedback]], config: GateConfig) -> None:
     result = compile_pairs(*batch, config)
     assert _holds_cap(result.pairs, config)
     assert _holds_cap(result.unpaired, config)
+    # ... and the per-key cap, at the same time.
+    assert _holds_key_cap(result.pairs, config)
+    assert _holds_key_cap(result.unpaired, config)
+
+
+@SETTINGS
+@given(batches(), configs)
+def test_rater_trust_is_a_share_and_only_lowers_weights(
+    batch: tuple[list[Answer], list[Feedback]], config: GateConfig
+) -> None:
+    answers, feedback = batch
+    known = {a.message_id for a in answers}  # what the compiler counts: valid, on known answers
+    thumbs = [f for f in feedback if f.kind == "thumbs" and f.value in (1, -1)]
+    picks = [
+        f
+        for f in feedback
+        if f.kind == "pick" and f.other_message_id and f.other_message_id != f.message_id
+    ]
+    thumbs, picks = ([f for f in fs if f.message_id in known] for fs in (thumbs, picks))
+    trust = rater_trust(thumbs, picks)
+    assert all(0 < t <= 1 for t in trust.values())
+    assert "op" not in trust  # operators are not rated
+    result = compile_pairs(answers, feedback, config)
+    for item in (*result.pairs, *result.unpaired):
+        assert 0 < item.weight <= max(1.0, config.edit_weight)
+        if config.rater_trust and item.author_role == "user":
+            assert trust.get(item.user_id, 1.0) >= config.min_rater_trust
 
 
 @SETTINGS
