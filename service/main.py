@@ -9,9 +9,10 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from adapters.registry import Registry
+from service.api.deps import reject_unknown_query
 from service.api.middleware import BodyLimit, KeyCors
 from service.api.protocol import V1_ERRORS, error_responses
 from service.api.routes import adapters, chat, feedback, health, models, operator, runs, web
@@ -238,7 +239,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     install_error_handlers(app)
     app.include_router(health.router, responses=error_responses(503))
     for api in (models, chat, feedback, operator, adapters, runs):
-        app.include_router(api.router, responses=V1_ERRORS)
+        app.include_router(
+            api.router, responses=V1_ERRORS, dependencies=[Depends(reject_unknown_query)]
+        )
     app.include_router(web.router)
     app.mount("/web", web.static, name="web")
     return app

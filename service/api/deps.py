@@ -7,9 +7,9 @@ feedback write).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request
 from fastapi.concurrency import run_in_threadpool
@@ -19,7 +19,12 @@ from sqlalchemy.engine import Engine as Database
 from service.auth import KeyStore, Principal, Role
 from service.core.config import Settings
 from service.core.db import GroupCommit
-from service.core.errors import AuthenticationError, PermissionDeniedError, RateLimitError
+from service.core.errors import (
+    AuthenticationError,
+    InvalidRequestError,
+    PermissionDeniedError,
+    RateLimitError,
+)
 from service.engines.base import Engine
 from service.routing import AdapterRouter
 
@@ -160,3 +165,29 @@ def actor(principal: Principal, named: str | None = None) -> str:
 
 
 AuthorDep = Annotated[Author, Depends(get_author)]
+
+
+def _query_names(dependant: Any) -> Iterator[str]:
+    """The query parameters of a route and of every dependency under it."""
+    yield from (p.alias for p in dependant.query_params)
+    for sub in dependant.dependencies:
+        yield from _query_names(sub)
+
+
+async def reject_unknown_query(request: Request) -> None:
+    """A query parameter the route does not know is a 400, not silently ignored: a misspelt
+    filter (`?stauts=approved`) would otherwise return everything."""
+    route = request.scope.get("route")
+    if route is None or not request.query_params:
+        return
+    known = getattr(route, "_known_query", None)
+    if known is None:
+        known = set(_query_names(route.dependant))
+        route._known_query = known  # the same for every request: work it out once
+    unknown = sorted(set(request.query_params) - known)
+    if unknown:
+        raise InvalidRequestError(
+            f"unknown query parameter(s): {', '.join(map(repr, unknown))}"
+            + (f"; this route takes {', '.join(sorted(known))}" if known else ""),
+            param=unknown[0],
+        )

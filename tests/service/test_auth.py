@@ -288,6 +288,11 @@ def test_request_limits(live: Live) -> None:
         assert r.status_code in (400, 413), r.text
         if param:
             assert error(r)["param"] == param
+    # A misspelt filter is an error, not a silently unfiltered list.
+    r = live.http.get("/v1/operator/pairs", params={"stauts": "approved"})
+    assert r.status_code == 400 and error(r)["param"] == "stauts"
+    assert "status" in error(r)["message"]
+    assert live.http.get("/v1/operator/pairs", params={"status": "approved"}).status_code == 200
 
 
 def test_dev_mode_refuses_a_non_loopback_host(tmp_path: Path) -> None:

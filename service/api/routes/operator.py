@@ -50,7 +50,9 @@ async def get_feedback(
     db: DbDep,
     operator: OperatorDep,
     kind: Literal["thumbs", "pick", "edit"] | None = None,
-    rating: Annotated[Literal[1, -1] | None, Query(description="1 or -1")] = None,
+    rating: Annotated[
+        int | None, Query(description="1 or -1", json_schema_extra={"enum": [1, -1]})
+    ] = None,
     user: str | None = None,
     segment: str | None = None,
     adapter_version: Annotated[str | None, Query(description='a version id, or "base"')] = None,
