@@ -168,7 +168,7 @@ async def get_thumbs_rate(
     operator: OperatorDep,
     request: Request,
     segment: str | None = None,
-    since: datetime | None = None,
+    since: Time | None = None,
     bucket_seconds: Annotated[int, Query(ge=1, le=86_400 * 31)] = 3600,
 ) -> ThumbsRate:
     """Thumbs-up rate per adapter version over time (the console's live chart); `since`
