@@ -127,7 +127,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.db = make_engine(settings)
-        await asyncio.to_thread(init_db, app.state.db)
+        await asyncio.to_thread(init_db, app.state.db, auto_upgrade=settings.db_auto_upgrade)
         app.state.writer = GroupCommit(app.state.db)
         app.state.engine_error = None
         app.state.engine = engine or build_engine(settings)

@@ -33,7 +33,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import or_, update
 from sqlalchemy.engine import Engine as Database
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
@@ -64,17 +64,31 @@ class RefreshCancelled(Exception):
 
 
 def acquire_lease(db: Database, holder: str, ttl: float, name: str = LEASE) -> str | None:
-    """Take the lease if it is free or expired; returns None on success, else who holds it."""
+    """Take the lease if it is free, expired or already ours; returns None on success, else who
+    holds it.
+
+    Taking an existing row is one conditional UPDATE, so two processes racing for an expired
+    lease cannot both win: on Postgres the second UPDATE waits for the first's row lock, then
+    finds the row no longer expired; on SQLite transactions are serialized (BEGIN IMMEDIATE).
+    Creating the row races on its primary key instead."""
     now = utcnow()
+    expires = now + timedelta(seconds=ttl)
     with Session(db) as s:
+        taken = s.exec(
+            update(Lease)
+            .where(
+                col(Lease.name) == name,
+                or_(col(Lease.holder) == holder, col(Lease.expires_at) <= now),
+            )
+            .values(holder=holder, expires_at=expires, acquired_at=now)
+        ).rowcount
+        if taken:
+            s.commit()
+            return None
         row = s.get(Lease, name)
-        if row is None:
-            s.add(Lease(name=name, holder=holder, expires_at=now + timedelta(seconds=ttl)))
-        elif row.holder != holder and as_utc(row.expires_at) > now:
+        if row is not None:
             return f"{row.holder} (until {as_utc(row.expires_at).isoformat(timespec='seconds')})"
-        else:
-            row.holder, row.expires_at, row.acquired_at = holder, now + timedelta(seconds=ttl), now
-            s.add(row)
+        s.add(Lease(name=name, holder=holder, expires_at=expires, acquired_at=now))
         try:
             s.commit()
         except IntegrityError:  # another process inserted it first
