@@ -29,6 +29,8 @@ def _serve(args: argparse.Namespace) -> int:
         port=settings.port,
         log_level=settings.log_level,
         access_log=settings.access_log,
+        # JSON logs: uvicorn's loggers go through the root handler (configure_logging) too.
+        log_config=None if settings.log_json else uvicorn.config.LOGGING_CONFIG,
         timeout_graceful_shutdown=10,
     )
     return 0
@@ -460,10 +462,9 @@ def main(argv: list[str] | None = None) -> int:
         args = argparse.Namespace(func=_train, trainer_args=argv[1:])
     else:
         args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=get_settings().log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from service.observability import configure_logging
+
+    configure_logging(get_settings().log_level, json_lines=get_settings().log_json)
     # httpx logs every request at INFO: with the vLLM engine, every chat turn and health check.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     # Alembic narrates each step at INFO; `init_db` logs the one line that matters.

@@ -17,6 +17,7 @@ from service.core.config import Settings, get_settings
 from service.core.db import GroupCommit, init_db, make_engine
 from service.core.errors import install_error_handlers
 from service.engines.base import Engine
+from service.observability import RequestMiddleware, build_registry
 from service.routing import AdapterRouter
 from service.scheduler import Refresher
 
@@ -129,6 +130,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         app.state.db = make_engine(settings)
         await asyncio.to_thread(init_db, app.state.db, auto_upgrade=settings.db_auto_upgrade)
         app.state.writer = GroupCommit(app.state.db)
+        app.state.metrics = build_registry(app.state.db)
         app.state.engine_error = None
         app.state.engine = engine or build_engine(settings)
         app.state.registry = Registry(app.state.db, settings.adapters_dir)
@@ -181,6 +183,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     )
     app.state.settings = settings
     install_error_handlers(app)
+    app.add_middleware(RequestMiddleware)  # request ids, HTTP metrics (service/observability.py)
     app.include_router(health.router)
     app.include_router(models.router)
     app.include_router(chat.router)
