@@ -203,6 +203,18 @@ def _train_flags(train: dict[str, Any]) -> list[str]:
     return flags
 
 
+def trainer_launcher(nproc: int = 1) -> list[str]:
+    """`python -m trainer`, or with several processes (one per GPU) the same under torchrun,
+    which starts them, sets RANK/WORLD_SIZE for `trainer.dpo`'s DDP, and stops them all if one
+    fails. `--standalone`: a rendezvous on this machine, on a free port."""
+    if nproc <= 1:
+        return [sys.executable, "-m", "trainer"]
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        "--nproc-per-node", str(nproc), "-m", "trainer",
+    ]  # fmt: skip
+
+
 def run_subprocess(
     cmd: list[str],
     rec: Recorder,
@@ -253,7 +265,8 @@ def run_subprocess(
     rec.update(log="\n".join(log_lines))
     if proc.returncode != 0:
         tail = " | ".join(list(log_lines)[-3:])
-        raise RuntimeError(f"{cmd[2]} {cmd[3]} exited with {proc.returncode}: {tail}")
+        what = " ".join(cmd[cmd.index("trainer") :][:2]) if "trainer" in cmd else cmd[0]
+        raise RuntimeError(f"{what} exited with {proc.returncode}: {tail}")
 
 
 HISTORY_POINTS = 500
@@ -401,7 +414,7 @@ def _refresh(
     gpu[0].enter_context(gpu[1]())
     with rec.step("train") as d:
         cmd = [
-            sys.executable, "-m", "trainer", "train",
+            *trainer_launcher(settings.refresh_train_nproc), "train",
             "--pairs", str(work / "train.jsonl"), "--base", str(base), "--out", str(out),
             "--no-progress",
             *_train_flags(
@@ -416,7 +429,9 @@ def _refresh(
         run_subprocess(cmd, rec, log_lines=log_lines, progress_files=metrics)
         manifest = json.loads((out / "manifest.json").read_text())
         d.update(
-            steps=manifest["metrics"]["steps"], seconds=manifest["metrics"]["seconds"]["total"]
+            steps=manifest["metrics"]["steps"],
+            seconds=manifest["metrics"]["seconds"]["total"],
+            processes=manifest.get("world_size", 1),
         )
 
     with rec.step("register") as d:

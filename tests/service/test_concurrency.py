@@ -150,8 +150,7 @@ def test_workers_racing_for_the_lease_exactly_one_wins(db_url: str) -> None:
     workers = 3
     barrier, results = ctx.Barrier(workers), ctx.Queue()
     procs = [
-        ctx.Process(target=_lease_racer, args=(db_url, i, barrier, results))
-        for i in range(workers)
+        ctx.Process(target=_lease_racer, args=(db_url, i, barrier, results)) for i in range(workers)
     ]
     for p in procs:
         p.start()

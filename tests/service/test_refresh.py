@@ -59,9 +59,18 @@ def wait_run(live: Live, run_id: str, timeout: float = 300) -> dict[str, Any]:
     raise AssertionError(f"run {run_id} still {run['status']} at {run['stage']}")
 
 
-@BOTH_DATABASES
-@pytest.mark.parametrize("settings_overrides", [FAST], indirect=False)
-def test_a_refresh_trains_gates_promotes_and_serves(live: Live) -> None:
+@pytest.mark.parametrize(
+    "db_backend, settings_overrides",
+    [
+        ("sqlite", FAST),
+        # On Postgres, and trained by two processes under torchrun (DDP, gloo on CPU).
+        pytest.param("postgres", {**FAST, "refresh_train_nproc": 2}, marks=pytest.mark.postgres),
+    ],
+    indirect=["db_backend"],
+)
+def test_a_refresh_trains_gates_promotes_and_serves(
+    live: Live, settings_overrides: dict[str, Any]
+) -> None:
     picks(live, 12)
     r = live.http.post("/v1/operator/runs", json={"segment": "default"}, headers=OPS)
     assert r.status_code == 202, r.text
@@ -80,6 +89,9 @@ def test_a_refresh_trains_gates_promotes_and_serves(live: Live) -> None:
     assert run["verdict"]["approved"] is True
     assert run["candidate_version"] == "default@v1" and run["parent_version"] is None
     assert "python" in run["log"] and "trainer train" in run["log"]
+    nproc = settings_overrides.get("refresh_train_nproc", 1)
+    assert run["steps"][2]["detail"]["processes"] == nproc
+    assert ("torch.distributed.run --standalone --nproc-per-node 2" in run["log"]) == (nproc == 2)
 
     # Served: the promotion reached the router.
     deadline = time.monotonic() + 5
