@@ -5,6 +5,7 @@ variable they set is a real setting with a valid value."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 import sys
@@ -35,16 +36,22 @@ def _k8s(kind: str) -> list[dict]:
 
 
 def _setting_exists(var: str) -> bool:
-    """PREFLOOP_GATE__MAX_KL -> Settings.gate (a model) -> GateThresholds.max_kl."""
-    parts = var.removeprefix("PREFLOOP_").lower().split("__")
-    fields = Settings.model_fields
-    for i, part in enumerate(parts):
-        if part not in fields:
-            return False
-        if i < len(parts) - 1:
-            annotation = fields[part].annotation
-            fields = getattr(annotation, "model_fields", None) or {}
-    return True
+    """PREFLOOP_GATE__MAX_KL -> Settings.gate (a dataclass or model) -> its field max_kl."""
+    name, *nested = var.removeprefix("PREFLOOP_").lower().split("__")
+    field = Settings.model_fields.get(name)
+    if field is None:
+        return False
+    if not nested:
+        return True
+    kind = field.annotation
+    names = (
+        set(kind.model_fields)
+        if hasattr(kind, "model_fields")
+        else {f.name for f in dataclasses.fields(kind)}
+        if dataclasses.is_dataclass(kind)
+        else set()
+    )
+    return nested == [nested[0]] and nested[0] in names
 
 
 def test_dockerfile_lints_clean_and_has_what_production_needs() -> None:
@@ -146,6 +153,7 @@ def test_every_prefloop_variable_is_a_real_setting() -> None:
     text = "\n".join(p.read_text() for p in [DOCKERFILE, COMPOSE, *K8S])
     referenced = set(re.findall(r"\bPREFLOOP_[A-Z0-9_]+", text))
     assert len(referenced) > 10
+    assert _setting_exists("PREFLOOP_GATE__MAX_KL") and not _setting_exists("PREFLOOP_GATE__NOPE")
     unknown = sorted(v for v in referenced - PENDING_SETTINGS if not _setting_exists(v))
     assert not unknown, f"not settings (service/core/config.py): {unknown}"
 
