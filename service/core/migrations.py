@@ -27,7 +27,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import inspect, text
+from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import Connection, Engine
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "migrations"
@@ -76,19 +76,17 @@ def _models() -> None:
 
 def _adopt_legacy(conn: Connection) -> bool:
     """A database `create_all` made before migrations: stamp it with the first revision if it
-    has everything that revision creates. Returns whether it was one."""
-    from sqlmodel import SQLModel
-
-    _models()
+    has every column that revision creates (later revisions then apply as usual). Returns
+    whether it was one."""
     inspector = inspect(conn)
     if not inspector.has_table("conversation"):
         return False
     missing = [
-        f"{table.name}.{column.name}"
-        for table in SQLModel.metadata.sorted_tables
-        if inspector.has_table(table.name)
-        for column in table.columns
-        if column.name not in {c["name"] for c in inspector.get_columns(table.name)}
+        f"{table}.{column}"
+        for table, columns in _initial_schema().items()
+        for column in columns
+        if not inspector.has_table(table)
+        or column not in {c["name"] for c in inspector.get_columns(table)}
     ]
     if missing:
         raise MigrationRequired(
@@ -97,6 +95,21 @@ def _adopt_legacy(conn: Connection) -> bool:
         )
     command.stamp(alembic_config(conn), INITIAL)
     return True
+
+
+def _initial_schema() -> dict[str, list[str]]:
+    """The tables and columns the first revision creates (built in a scratch SQLite)."""
+    scratch = create_engine("sqlite://")
+    with scratch.begin() as conn:
+        command.upgrade(alembic_config(conn), INITIAL)
+        inspector = inspect(conn)
+        schema = {
+            t: [c["name"] for c in inspector.get_columns(t)]
+            for t in inspector.get_table_names()
+            if t != "alembic_version"
+        }
+    scratch.dispose()
+    return schema
 
 
 def pending(conn: Connection) -> list:
