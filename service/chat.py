@@ -20,7 +20,7 @@ from typing import Any
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.engine import Engine as Database
 
-from service import crud
+from service import crud, observability
 from service.api.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -180,16 +180,21 @@ def _finish(
     prompt_tokens: int | None,
     started: float,
 ) -> None:
-    with session_scope(db) as session:
-        crud.finish_completion(
-            session,
-            completion_id=completion_id,
-            choices=choices,
-            status=status,
-            error=error,
-            prompt_tokens=prompt_tokens,
-            latency_ms=(time.perf_counter() - started) * 1000,
-        )
+    try:
+        with session_scope(db) as session:
+            completion = crud.finish_completion(
+                session,
+                completion_id=completion_id,
+                choices=choices,
+                status=status,
+                error=error,
+                prompt_tokens=prompt_tokens,
+                latency_ms=(time.perf_counter() - started) * 1000,
+            )
+    except BaseException:
+        observability.IN_PROGRESS.dec()  # not stored: still no longer in progress
+        raise
+    observability.generation_finished(completion)  # after the commit: counts what is stored
 
 
 async def _store_failure(
@@ -213,6 +218,7 @@ async def _begin(
 ) -> tuple[crud.StartedTurn, GenerationStream, float]:
     started = time.perf_counter()
     turn = await run_in_threadpool(_start_turn, db, engine, plan, body, caller)
+    observability.generation_started()  # every started turn ends in _finish
     request = GenerationRequest(
         messages=turn.prompt, params=plan.params, adapter=plan.adapter, stream=body.stream
     )

@@ -1,5 +1,5 @@
 """`prefloop` command line: serve, worker, refresh, model prepare, train, pairs export,
-adapters."""
+adapters, db."""
 
 from __future__ import annotations
 
@@ -36,6 +36,8 @@ def _serve(args: argparse.Namespace) -> int:
         port=settings.port,
         log_level=settings.log_level,
         access_log=settings.access_log,
+        # JSON logs: uvicorn's loggers go through the root handler (configure_logging) too.
+        log_config=None if settings.log_json else uvicorn.config.LOGGING_CONFIG,
         timeout_graceful_shutdown=10,
     )
     return 0
@@ -79,7 +81,7 @@ def _pairs_export(args: argparse.Namespace) -> int:
     settings = get_settings()  # the same settings `prefloop serve` reads
     db = make_engine(settings)
     try:
-        init_db(db)
+        init_db(db, auto_upgrade=settings.db_auto_upgrade)
         if not args.no_compile:
             summary = compile_and_store(db, settings, actor="cli")
             dropped = ", ".join(f"{k}={v}" for k, v in sorted(summary.dropped.items())) or "none"
@@ -106,7 +108,7 @@ def _adapters(args: argparse.Namespace) -> int:
     db = make_engine(settings)
     actor = args.actor
     try:
-        init_db(db)
+        init_db(db, auto_upgrade=settings.db_auto_upgrade)
         registry = Registry(db, settings.adapters_dir)
         cmd = args.adapters_command
         if cmd == "list":
@@ -171,7 +173,7 @@ def _refresh(args: argparse.Namespace) -> int:
 
     settings = get_settings()
     db = make_engine(settings)
-    init_db(db)
+    init_db(db, auto_upgrade=settings.db_auto_upgrade)
     registry = Registry(db, settings.adapters_dir)
     run = create_run(db, segment=args.segment, trigger="manual", actor=args.actor)
     print(f"refresh {run.id} (segment {args.segment})")
@@ -232,7 +234,7 @@ def _worker(_args: argparse.Namespace) -> int:
 
     settings = get_settings()
     db = make_engine(settings)
-    init_db(db)
+    init_db(db, auto_upgrade=settings.db_auto_upgrade)
     refresher = Refresher(settings, db, Registry(db, settings.adapters_dir))
     refresher.start_schedule()
     stop = threading.Event()
@@ -371,6 +373,47 @@ def _users(args: argparse.Namespace) -> int:
     return 0
 
 
+def _db(args: argparse.Namespace) -> int:
+    """`prefloop db ...`: the schema's migrations (Alembic) on PREFLOOP_DATABASE_URL."""
+    from service.core import migrations
+    from service.core.db import make_engine
+
+    settings = get_settings()
+    db = make_engine(settings)
+    url = db.url.render_as_string(hide_password=True)
+    try:
+        if args.db_command == "upgrade":
+            before, after = migrations.upgrade(db, args.revision)
+            print(f"{url}: {before or 'empty'} -> {after}")
+        elif args.db_command == "current":
+            with db.connect() as conn:
+                cur = migrations.current(conn)
+                todo = migrations.pending(conn)
+            print(f"{url}: {cur or 'empty (no migrations applied)'}; head {migrations.head()}")
+            for rev in todo:
+                kind = "additive" if getattr(rev.module, "additive", False) else "needs upgrade"
+                print(f"  pending {rev.revision} ({kind}): {rev.doc}")
+        elif args.db_command == "history":
+            for rev in migrations.scripts().walk_revisions():
+                print(f"{rev.revision:<8} {rev.doc}")
+        elif args.db_command == "check":
+            diffs = migrations.diff(db)
+            for d in diffs:
+                print(f"  {d}")
+            if diffs:
+                print("the models differ from the database: write a migration", file=sys.stderr)
+                return 1
+            print(f"{url}: the schema matches the models")
+        elif args.db_command == "revision":
+            migrations.revision(db, args.message)
+    except migrations.MigrationRequired as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        db.dispose()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prefloop", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -493,6 +536,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tenant", default="default")
     p.add_argument("--actor", default="cli")
     users.set_defaults(func=_users)
+    db = sub.add_parser("db", help="schema migrations (Alembic) of PREFLOOP_DATABASE_URL")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    p = db_sub.add_parser("upgrade", help="apply pending migrations (back up first)")
+    p.add_argument("revision", nargs="?", default="head")
+    db_sub.add_parser("current", help="the database's revision and what is pending")
+    db_sub.add_parser("history", help="every migration, newest first")
+    db_sub.add_parser("check", help="exit 1 if the models differ from the database's schema")
+    p = db_sub.add_parser("revision", help="(developers) autogenerate a migration from the models")
+    p.add_argument("-m", "--message", required=True)
+    db.set_defaults(func=_db)
     return parser
 
 
@@ -506,12 +559,13 @@ def main(argv: list[str] | None = None) -> int:
         args = argparse.Namespace(func=_train, trainer_args=argv[1:])
     else:
         args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=get_settings().log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from service.observability import configure_logging
+
+    configure_logging(get_settings().log_level, json_lines=get_settings().log_json)
     # httpx logs every request at INFO: with the vLLM engine, every chat turn and health check.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # Alembic narrates each step at INFO; `init_db` logs the one line that matters.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     return args.func(args)
 
 

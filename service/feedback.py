@@ -16,7 +16,7 @@ from sqlalchemy.engine import Engine as Database
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
-from service import crud
+from service import crud, observability
 from service.api.deps import Author
 from service.api.schemas import EditFeedback, FeedbackPublic, PickFeedback, ThumbsFeedback
 from service.core.db import GroupCommit
@@ -131,10 +131,14 @@ async def submit_feedback(
 
     for attempt in range(2):
         try:
-            return await writer.write(write)
+            stored, replayed = await writer.write(write)
         except IntegrityError:
             # Another process's first write with the same Idempotency-Key won the race; the
             # retry sees its row and replays it (or answers 409).
             if attempt == 1:
                 raise
+            continue
+        if not replayed:
+            observability.FEEDBACK.labels(body.type).inc()
+        return stored, replayed
     raise AssertionError("unreachable")

@@ -21,6 +21,7 @@ from service.core.config import Settings, get_settings
 from service.core.db import GroupCommit, init_db, make_engine
 from service.core.errors import install_error_handlers
 from service.engines.base import Engine
+from service.observability import RequestMiddleware, build_registry
 from service.routing import AdapterRouter
 from service.scheduler import Refresher
 
@@ -167,9 +168,10 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.db = make_engine(settings)
-        await asyncio.to_thread(init_db, app.state.db)
+        await asyncio.to_thread(init_db, app.state.db, auto_upgrade=settings.db_auto_upgrade)
         app.state.writer = GroupCommit(app.state.db)
         app.state.keys = KeyStore(app.state.db, ttl=settings.auth_cache_seconds)
+        app.state.metrics = build_registry(app.state.db)
         app.state.engine_error = None
         app.state.engine = engine or build_engine(settings)
         app.state.registry = Registry(app.state.db, settings.adapters_dir)
@@ -237,6 +239,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(KeyCors, allowed=cors_origins)
     install_error_handlers(app)
+    app.add_middleware(RequestMiddleware)  # request ids, HTTP metrics (service/observability.py)
     app.include_router(health.router, responses=error_responses(503))
     for api in (models, chat, feedback, operator, adapters, runs):
         app.include_router(

@@ -6,8 +6,9 @@ are the assistant messages that point back at it with their `choice_index`.
 
 Feedback on those answers (`Feedback`) is compiled into training data (`PreferencePair`: DPO
 pairs and, in the same table with `kind="unpaired"`, KTO rows); every operator decision on them
-is logged in `OperatorAction`; a refresh is a `TrainingRun`. No migrations yet:
-`SQLModel.metadata.create_all` creates missing tables but does not add columns to existing ones.
+is logged in `OperatorAction`; a refresh is a `TrainingRun`. Alembic migrations
+(`service/migrations/versions/`) own the schema: a change here needs a migration
+(`prefloop db revision -m ...`), or `tests/service/test_migrations.py` fails.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, Text, UniqueConstraint
-from sqlmodel import Field, SQLModel
+from sqlalchemy import JSON, Column, ForeignKey, Text, UniqueConstraint
+from sqlmodel import AutoString, Field, SQLModel
 
 
 def utcnow() -> datetime:
@@ -43,7 +44,16 @@ class Message(SQLModel, table=True):
     role: str
     content: str = Field(sa_column=Column(Text, nullable=False))
     # Set on assistant messages only: which completion (and which of its choices) wrote it.
-    completion_id: str | None = Field(default=None, foreign_key="completion.id", index=True)
+    # Completion points back at Message, so this key is added after both tables exist (use_alter;
+    # the migration does the same, under this name).
+    completion_id: str | None = Field(
+        default=None,
+        sa_column=Column(
+            AutoString,
+            ForeignKey("completion.id", use_alter=True, name="fk_message_completion_id_completion"),
+            index=True,
+        ),
+    )
     choice_index: int | None = None
     finish_reason: str | None = None
     completion_tokens: int | None = None

@@ -33,7 +33,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import or_, update
 from sqlalchemy.engine import Engine as Database
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
@@ -64,17 +64,31 @@ class RefreshCancelled(Exception):
 
 
 def acquire_lease(db: Database, holder: str, ttl: float, name: str = LEASE) -> str | None:
-    """Take the lease if it is free or expired; returns None on success, else who holds it."""
+    """Take the lease if it is free, expired or already ours; returns None on success, else who
+    holds it.
+
+    Taking an existing row is one conditional UPDATE, so two processes racing for an expired
+    lease cannot both win: on Postgres the second UPDATE waits for the first's row lock, then
+    finds the row no longer expired; on SQLite transactions are serialized (BEGIN IMMEDIATE).
+    Creating the row races on its primary key instead."""
     now = utcnow()
+    expires = now + timedelta(seconds=ttl)
     with Session(db) as s:
+        taken = s.exec(
+            update(Lease)
+            .where(
+                col(Lease.name) == name,
+                or_(col(Lease.holder) == holder, col(Lease.expires_at) <= now),
+            )
+            .values(holder=holder, expires_at=expires, acquired_at=now)
+        ).rowcount
+        if taken:
+            s.commit()
+            return None
         row = s.get(Lease, name)
-        if row is None:
-            s.add(Lease(name=name, holder=holder, expires_at=now + timedelta(seconds=ttl)))
-        elif row.holder != holder and as_utc(row.expires_at) > now:
+        if row is not None:
             return f"{row.holder} (until {as_utc(row.expires_at).isoformat(timespec='seconds')})"
-        else:
-            row.holder, row.expires_at, row.acquired_at = holder, now + timedelta(seconds=ttl), now
-            s.add(row)
+        s.add(Lease(name=name, holder=holder, expires_at=expires, acquired_at=now))
         try:
             s.commit()
         except IntegrityError:  # another process inserted it first
@@ -189,6 +203,18 @@ def _train_flags(train: dict[str, Any]) -> list[str]:
     return flags
 
 
+def trainer_launcher(nproc: int = 1) -> list[str]:
+    """`python -m trainer`, or with several processes (one per GPU) the same under torchrun,
+    which starts them, sets RANK/WORLD_SIZE for `trainer.dpo`'s DDP, and stops them all if one
+    fails. `--standalone`: a rendezvous on this machine, on a free port."""
+    if nproc <= 1:
+        return [sys.executable, "-m", "trainer"]
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        "--nproc-per-node", str(nproc), "-m", "trainer",
+    ]  # fmt: skip
+
+
 def run_subprocess(
     cmd: list[str],
     rec: Recorder,
@@ -201,6 +227,8 @@ def run_subprocess(
     """Run a trainer command, mirroring its progress and log tail into the run; a cancel
     request terminates it, and so does running past `timeout` seconds (a failure)."""
     log_lines.append("$ " + " ".join(cmd))
+    # "trainer train" / "trainer evaluate", also under torchrun, for the failure messages.
+    what = " ".join(cmd[cmd.index("trainer") :][:2]) if "trainer" in cmd else cmd[0]
     proc = subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,
@@ -238,7 +266,7 @@ def run_subprocess(
             stop()
             rec.update(log="\n".join(log_lines))
             raise RuntimeError(
-                f"{cmd[2]} {cmd[3]} ran past its {timeout:.0f} s limit and was stopped "
+                f"{what} ran past its {timeout:.0f} s limit and was stopped "
                 "(PREFLOOP_REFRESH_TRAIN_TIMEOUT_MINUTES)"
             )
         progress = _read_progress(progress_files) if progress_files else None
@@ -255,10 +283,10 @@ def run_subprocess(
         tail = " | ".join(list(log_lines)[-3:])
         if proc.returncode < 0:  # killed: the kernel's OOM killer, or someone's SIGKILL
             raise RuntimeError(
-                f"{cmd[2]} {cmd[3]} was killed by signal {-proc.returncode} (out of memory, or "
-                f"stopped from outside): {tail}"
+                f"{what} was killed by signal {-proc.returncode} (out of memory, or stopped "
+                f"from outside): {tail}"
             )
-        raise RuntimeError(f"{cmd[2]} {cmd[3]} exited with {proc.returncode}: {tail}")
+        raise RuntimeError(f"{what} exited with {proc.returncode}: {tail}")
 
 
 HISTORY_POINTS = 500
@@ -408,7 +436,7 @@ def _refresh(
     gpu[0].enter_context(gpu[1]())
     with rec.step("train") as d:
         cmd = [
-            sys.executable, "-m", "trainer", "train",
+            *trainer_launcher(settings.refresh_train_nproc), "train",
             "--pairs", str(work / "train.jsonl"), "--base", str(base), "--out", str(out),
             "--no-progress",
             *_train_flags(
@@ -429,7 +457,9 @@ def _refresh(
         )
         manifest = json.loads((out / "manifest.json").read_text())
         d.update(
-            steps=manifest["metrics"]["steps"], seconds=manifest["metrics"]["seconds"]["total"]
+            steps=manifest["metrics"]["steps"],
+            seconds=manifest["metrics"]["seconds"]["total"],
+            processes=manifest.get("world_size", 1),
         )
 
     with rec.step("register") as d:

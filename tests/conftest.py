@@ -4,6 +4,7 @@ Llama models built from a config in code for fast tests."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -67,3 +68,68 @@ def make_adapter(base_dir: Path, out: Path, seed: int) -> Path:
     peft_model = get_peft_model(model, config)
     peft_model.save_pretrained(out)
     return out
+
+
+# --- databases: a SQLite file, or the real Postgres server (#9) --------------------------------
+# Each test session works in a database of its own (other test runs may share the server), and
+# each test in a schema of its own inside it, so tests never see each other's rows.
+PG_SERVER = os.environ.get("PREFLOOP_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+# `db_backend` is "sqlite" unless a test is parametrized over BOTH_DATABASES, or
+# PREFLOOP_TEST_DB=postgres runs everything on Postgres (`make test-postgres`).
+DEFAULT_BACKEND = os.environ.get("PREFLOOP_TEST_DB", "sqlite")
+BOTH_DATABASES = pytest.mark.parametrize(
+    "db_backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Iterator[str]:
+    """A database of this session's own on the Postgres server, dropped at the end."""
+    import secrets
+
+    import psycopg
+
+    name = f"prefloop_t_{os.getpid()}_{secrets.token_hex(3)}"
+    try:
+        admin = psycopg.connect(PG_SERVER, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        pytest.fail(
+            f"Postgres is not reachable at {PG_SERVER} ({exc}); `make test` starts it "
+            "(tests/postgres-up.sh), or set PREFLOOP_TEST_PG"
+        )
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    yield name
+    with psycopg.connect(PG_SERVER, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def db_backend(request: pytest.FixtureRequest) -> str:
+    return getattr(request, "param", DEFAULT_BACKEND)
+
+
+@pytest.fixture
+def db_url(db_backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty database for one test: a SQLite file, or a Postgres schema."""
+    if db_backend == "sqlite":
+        return f"sqlite:///{tmp_path / 'p.db'}"
+    assert db_backend == "postgres", db_backend
+    import secrets
+
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    database = request.getfixturevalue("pg_database")
+    server = make_url(PG_SERVER)
+    schema = f"t_{secrets.token_hex(6)}"
+    with psycopg.connect(
+        server.set(database=database).render_as_string(hide_password=False), autocommit=True
+    ) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    url = server.set(
+        drivername="postgresql+psycopg",
+        database=database,
+        query={"options": f"-csearch_path={schema}"},
+    )
+    return url.render_as_string(hide_password=False)

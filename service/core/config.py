@@ -295,6 +295,23 @@ class Settings(BaseSettings):
             value = json.loads(value) if value.lstrip().startswith("[") else value.split(",")
         return [u.strip().rstrip("/") for u in value if u.strip()]
 
+    # --- production deployment: migrations, observability, multi-GPU training (#9)
+    db_auto_upgrade: bool = Field(
+        default=True,
+        description="At start-up, apply pending migrations that only add (a fresh database "
+        "gets every one); others wait for `prefloop db upgrade`.",
+    )
+    log_json: bool = Field(
+        default=False,
+        description="One JSON object per log line (with the request id), for log collectors.",
+    )
+    refresh_train_nproc: int = Field(
+        default=1,
+        ge=1,
+        description="Processes (GPUs) a refresh trains with; above 1 it runs under "
+        "`torchrun --nproc-per-node N` (DDP).",
+    )
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.default_max_tokens > self.max_tokens_limit:

@@ -11,9 +11,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import event, inspect
+from sqlalchemy import event
 from sqlalchemy.engine import Engine, make_url
-from sqlmodel import Session, SQLModel, create_engine
+from sqlmodel import Session, create_engine
 
 from service.core.config import Settings
 
@@ -62,31 +62,15 @@ def make_engine(settings: Settings) -> Engine:
     return engine
 
 
-class SchemaMismatchError(RuntimeError):
-    """The database was created by an older prefloop and lacks columns this version needs."""
+def init_db(engine: Engine, *, auto_upgrade: bool = True) -> None:
+    """Bring the schema to this prefloop's migration head when that is safe: a fresh database,
+    or pending migrations that only add (see `service.core.migrations`); otherwise raise
+    MigrationRequired, which says to run `prefloop db upgrade`."""
+    from service.core.migrations import upgrade_at_startup
 
-
-def init_db(engine: Engine) -> None:
-    # Import for its side effect: the tables register on SQLModel.metadata.
-    import adapters.registry  # noqa: F401
-    import service.models  # noqa: F401
-
-    SQLModel.metadata.create_all(engine)
-    # create_all adds missing tables, never missing columns: say so plainly instead of failing
-    # on the first query that touches one.
-    inspector = inspect(engine)
-    missing = [
-        f"{table.name}.{column.name}"
-        for table in SQLModel.metadata.tables.values()
-        for column in table.columns
-        if column.name not in {c["name"] for c in inspector.get_columns(table.name)}
-    ]
-    if missing:
-        raise SchemaMismatchError(
-            f"the database {engine.url.render_as_string(hide_password=True)} was created by an "
-            f"older prefloop and lacks {', '.join(missing)}; move it aside (or point "
-            "PREFLOOP_DATABASE_URL elsewhere) and start again"
-        )
+    applied = upgrade_at_startup(engine, auto=auto_upgrade)
+    if applied:
+        log.info("database migrated: %s", " -> ".join(applied))
 
 
 @contextmanager

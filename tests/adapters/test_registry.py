@@ -33,6 +33,9 @@ from adapters.registry import (
 )
 from service.core.config import Settings
 from service.core.db import init_db, make_engine
+from tests.conftest import BOTH_DATABASES
+
+pytestmark = BOTH_DATABASES
 
 
 def fake_adapter(root: Path, name: str, payload: bytes | None = None) -> Path:
@@ -46,8 +49,8 @@ def fake_adapter(root: Path, name: str, payload: bytes | None = None) -> Path:
 
 
 @pytest.fixture
-def registry(tmp_path: Path) -> Registry:
-    db = make_engine(Settings(database_url=f"sqlite:///{tmp_path / 'reg.db'}"))
+def registry(tmp_path: Path, db_url: str) -> Registry:
+    db = make_engine(Settings(database_url=db_url))
     init_db(db)
     yield Registry(db, tmp_path / "adapters")
     db.dispose()

@@ -68,9 +68,12 @@ def settings_overrides() -> dict[str, Any]:
 
 @pytest.fixture
 def live(
-    tiny_engine: Any, tiny_llama_dir: Path, tmp_path: Path, settings_overrides: dict[str, Any]
+    tiny_engine: Any,
+    tiny_llama_dir: Path,
+    tmp_path: Path,
+    settings_overrides: dict[str, Any],
+    db_url: str,
 ) -> Iterator[Live]:
-    db_url = f"sqlite:///{tmp_path / 'p.db'}"
     # No scheduler unless a test asks: its threshold check would compile pairs mid-test.
     overrides = {"refresh_enabled": False, **settings_overrides}
     settings = Settings(home=tmp_path, model=str(tiny_llama_dir), database_url=db_url, **overrides)

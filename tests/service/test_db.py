@@ -13,11 +13,12 @@ from sqlmodel import Session, select
 from service.core.config import Settings
 from service.core.db import GroupCommit, init_db, make_engine
 from service.models import Conversation
+from tests.conftest import BOTH_DATABASES
 
 
 @pytest.fixture
-def writer(tmp_path: Path):
-    db = make_engine(Settings(home=tmp_path, database_url=f"sqlite:///{tmp_path / 'g.db'}"))
+def writer(tmp_path: Path, db_url: str):
+    db = make_engine(Settings(home=tmp_path, database_url=db_url))
     init_db(db)
     w = GroupCommit(db)
     yield w
@@ -25,6 +26,7 @@ def writer(tmp_path: Path):
     db.dispose()
 
 
+@BOTH_DATABASES
 def test_concurrent_writes_commit_together_and_fail_alone(writer: GroupCommit) -> None:
     def add(i: int):
         def fn(session: Session) -> str:
@@ -53,6 +55,7 @@ def test_concurrent_writes_commit_together_and_fail_alone(writer: GroupCommit) -
     assert len(stored) == 180
 
 
+@BOTH_DATABASES
 def test_a_clash_rolls_back_only_its_own_write(writer: GroupCommit) -> None:
     from sqlalchemy.exc import IntegrityError
 
@@ -86,7 +89,7 @@ def test_a_clash_rolls_back_only_its_own_write(writer: GroupCommit) -> None:
 def test_an_older_schema_is_refused_with_a_clear_message(tmp_path: Path) -> None:
     import sqlite3
 
-    from service.core.db import SchemaMismatchError
+    from service.core.migrations import MigrationRequired as SchemaMismatchError
 
     path = tmp_path / "old.db"
     con = sqlite3.connect(path)

@@ -25,10 +25,10 @@ HELLO = [{"role": "user", "content": "Hello!"}]
 
 
 @pytest.fixture
-def live(tiny_llama_dir: Path, tmp_path: Path) -> Iterator[tuple[str, LocalEngine, Session]]:
-    settings = Settings(
-        home=tmp_path, model=str(tiny_llama_dir), database_url=f"sqlite:///{tmp_path / 'p.db'}"
-    )
+def live(
+    tiny_llama_dir: Path, tmp_path: Path, db_url: str
+) -> Iterator[tuple[str, LocalEngine, Session]]:
+    settings = Settings(home=tmp_path, model=str(tiny_llama_dir), database_url=db_url)
     engine = LocalEngine(str(tiny_llama_dir), model_name="tiny", max_queue=1)
     asyncio.run(engine.start())
     try:

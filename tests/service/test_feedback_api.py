@@ -11,7 +11,10 @@ import pytest
 from sqlmodel import select
 
 from service.models import Completion, Feedback, Message
+from tests.conftest import BOTH_DATABASES
 from tests.service.conftest import Live
+
+pytestmark = BOTH_DATABASES
 
 HELLO = [{"role": "user", "content": "Hello there, who are you?"}]
 

@@ -56,7 +56,7 @@ def wait_served(http: httpx.Client, version: str | None, timeout: float = 10) ->
 
 
 @pytest.fixture
-def replica(tiny_llama_dir: Path, tmp_path: Path):
+def replica(tiny_llama_dir: Path, tmp_path: Path, db_url: str):
     env = {
         "PREFLOOP_HOME": str(tmp_path),
         "PREFLOOP_MODEL": str(tiny_llama_dir),
@@ -64,7 +64,6 @@ def replica(tiny_llama_dir: Path, tmp_path: Path):
         "PREFLOOP_WATCH_INTERVAL_SECONDS": "0",
         "PREFLOOP_MAX_QUEUE": "64",
     }
-    db_url = f"sqlite:///{tmp_path / 'prefloop.db'}"
     # The test process is "another process": it registers and promotes through the database.
     db = make_engine(Settings(database_url=db_url))
     init_db(db)

@@ -85,9 +85,8 @@ def write_jsonl(path: Path, items: list[dict]) -> Path:
 
 @pytest.mark.slow
 def test_trained_adapter_is_gated_promoted_and_served_and_a_flipped_one_rejected(
-    smollm2_dir: Path, tmp_path: Path
+    smollm2_dir: Path, tmp_path: Path, db_url: str
 ) -> None:
-    db_url = f"sqlite:///{tmp_path / 'prefloop.db'}"
     settings = Settings(
         home=tmp_path, model=str(smollm2_dir), database_url=db_url, eval_max_new_tokens=32
     )

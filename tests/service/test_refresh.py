@@ -17,6 +17,7 @@ from service.core.db import init_db, make_engine
 from service.models import OperatorAction, PreferencePair, TrainingRun
 from service.refresh import acquire_lease, create_run, release_lease, renew_lease, run_refresh
 from service.scheduler import Refresher
+from tests.conftest import BOTH_DATABASES
 from tests.service.conftest import Live
 
 OPS = {"X-Operator": "olga"}
@@ -58,8 +59,18 @@ def wait_run(live: Live, run_id: str, timeout: float = 300) -> dict[str, Any]:
     raise AssertionError(f"run {run_id} still {run['status']} at {run['stage']}")
 
 
-@pytest.mark.parametrize("settings_overrides", [FAST], indirect=False)
-def test_a_refresh_trains_gates_promotes_and_serves(live: Live) -> None:
+@pytest.mark.parametrize(
+    "db_backend, settings_overrides",
+    [
+        ("sqlite", FAST),
+        # On Postgres, and trained by two processes under torchrun (DDP, gloo on CPU).
+        pytest.param("postgres", {**FAST, "refresh_train_nproc": 2}, marks=pytest.mark.postgres),
+    ],
+    indirect=["db_backend"],
+)
+def test_a_refresh_trains_gates_promotes_and_serves(
+    live: Live, settings_overrides: dict[str, Any]
+) -> None:
     picks(live, 12)
     r = live.http.post("/v1/operator/runs", json={"segment": "default"}, headers=OPS)
     assert r.status_code == 202, r.text
@@ -78,6 +89,9 @@ def test_a_refresh_trains_gates_promotes_and_serves(live: Live) -> None:
     assert run["verdict"]["approved"] is True
     assert run["candidate_version"] == "default@v1" and run["parent_version"] is None
     assert "python" in run["log"] and "trainer train" in run["log"]
+    nproc = settings_overrides.get("refresh_train_nproc", 1)
+    assert run["steps"][2]["detail"]["processes"] == nproc
+    assert ("torch.distributed.run --standalone --nproc-per-node 2" in run["log"]) == (nproc == 2)
 
     # Served: the promotion reached the router.
     deadline = time.monotonic() + 5
@@ -106,6 +120,7 @@ def test_a_refresh_trains_gates_promotes_and_serves(live: Live) -> None:
     assert [x["status"] for x in listing["data"]] == ["succeeded", "skipped", "succeeded"]
 
 
+@BOTH_DATABASES
 @pytest.mark.parametrize(
     "settings_overrides", [{**FAST, "refresh_train": {"lr": -1.0}}], indirect=False
 )
@@ -152,8 +167,9 @@ def test_cancel_stops_the_training_subprocess(live: Live) -> None:
     )
 
 
-def test_the_lease_keeps_refreshes_apart(tmp_path) -> None:
-    db = make_engine(Settings(database_url=f"sqlite:///{tmp_path / 'l.db'}"))
+@BOTH_DATABASES
+def test_the_lease_keeps_refreshes_apart(tmp_path, db_url: str) -> None:
+    db = make_engine(Settings(database_url=db_url))
     init_db(db)
     assert acquire_lease(db, "replica-a", ttl=60) is None
     assert acquire_lease(db, "replica-a", ttl=60) is None  # its own lease: renewed
@@ -162,7 +178,7 @@ def test_the_lease_keeps_refreshes_apart(tmp_path) -> None:
     assert renew_lease(db, "replica-a", ttl=60) and not renew_lease(db, "replica-b", ttl=60)
 
     # A run that finds the lease taken is recorded as skipped, with the holder.
-    settings = Settings(home=tmp_path, database_url=f"sqlite:///{tmp_path / 'l.db'}")
+    settings = Settings(home=tmp_path, database_url=db_url)
     registry = Registry(db, tmp_path / "adapters")
     run = create_run(db, segment="default", trigger="manual", actor="t")
     run = run_refresh(settings, db, registry, run.id, holder="replica-b")

@@ -16,7 +16,9 @@ from trainer.dpo import TrainConfig, train
 HELLO = [{"role": "user", "content": "Hello there, how are you?"}]
 
 
-def test_trainer_output_serves_through_the_gateway(tiny_llama_dir: Path, tmp_path: Path) -> None:
+def test_trainer_output_serves_through_the_gateway(
+    tiny_llama_dir: Path, tmp_path: Path, db_url: str
+) -> None:
     pairs = tmp_path / "pairs.jsonl"
     rows = [
         {
@@ -40,7 +42,7 @@ def test_trainer_output_serves_through_the_gateway(tiny_llama_dir: Path, tmp_pat
         home=tmp_path,
         model=str(tiny_llama_dir),
         served_model_name="tiny",
-        database_url=f"sqlite:///{tmp_path / 'p.db'}",
+        database_url=db_url,
         lora_adapters={"v1": str(adapter)},
     )
     with serve_thread(create_app(settings)) as base_url:

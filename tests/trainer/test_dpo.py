@@ -392,3 +392,40 @@ def test_python_dash_m_trainer_and_layering() -> None:
         "sys.exit(any(m == 'service' or m.startswith('service.') for m in sys.modules))"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_torchrun_two_processes_match_one(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """`torchrun --nproc-per-node 2` (the refresh's multi-GPU launch, here two CPU processes on
+    gloo) takes the same optimizer steps as one process: with 8 pairs, batch 4 per process is
+    one step over all 8, as batch 8 is for one process. Same losses, same adapter."""
+    import subprocess
+    import sys
+
+    pairs = write_pairs(tmp_path / "p.jsonl", 8)
+    common = [
+        "train", "--pairs", str(pairs), "--base", str(tiny_llama_dir), "--epochs", "3",
+        "--lr", "1e-3", "--max-length", "128", "--eval-fraction", "0",
+        "--checkpoint-every", "0", "--no-progress",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run(
+        [sys.executable, "-m", "trainer", *common, "--batch-size", "8",
+         "--out", str(tmp_path / "one")],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "trainer", *common, "--batch-size", "4", "--out", str(tmp_path / "two")],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert json.loads((tmp_path / "two" / "manifest.json").read_text())["world_size"] == 2
+    a, b = _train_lines(tmp_path / "one"), _train_lines(tmp_path / "two")
+    assert [x["step"] for x in a] == [x["step"] for x in b] == [1, 2, 3]
+    assert [x["loss"] for x in b] == pytest.approx([x["loss"] for x in a], abs=1e-5)
+    assert b[-1]["loss"] < b[0]["loss"], "it trained"
+    ta, tb = _adapter_tensors(tmp_path / "one"), _adapter_tensors(tmp_path / "two")
+    assert ta.keys() == tb.keys()
+    for name in ta:
+        assert_close(tb[name], ta[name], atol=1e-5, rtol=1e-4)

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import text
 
@@ -14,6 +14,15 @@ router = APIRouter(tags=["health"])
 async def healthz() -> dict[str, str]:
     """The process is up (it may still be loading the model)."""
     return {"status": "ok"}
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    """Prometheus text format: this process's counters and the database's gauges."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    body = await run_in_threadpool(generate_latest, request.app.state.metrics)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/readyz")

