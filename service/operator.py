@@ -107,6 +107,7 @@ def thumbs_rate(
     segment: str | None,
     since: datetime,
     bucket_seconds: int,
+    visible: list[str] | None = None,
 ) -> ThumbsRate:
     """The thumbs-up rate of each adapter version ("base": the base model) per time bucket,
     by the time of the vote. Bucketed here rather than in SQL: date arithmetic differs between
@@ -118,6 +119,8 @@ def thumbs_rate(
     )
     if segment is not None:
         q = q.where(Completion.segment == segment)
+    elif visible is not None:  # an operator's own tenant's segments; None: every segment
+        q = q.where(col(Completion.segment).in_(visible))
     with Session(db) as session:
         rows = session.exec(q).all()
     counts: dict[str, dict[int, list[int]]] = {}

@@ -81,9 +81,7 @@ def test_no_key_unknown_key_and_revoked_key_are_401(live: Live, keys: Keys) -> N
         env=env, capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     key_id = listing.split()[0]
-    subprocess.run(
-        [sys.executable, "-m", "service", "keys", "revoke", key_id], env=env, check=True
-    )
+    subprocess.run([sys.executable, "-m", "service", "keys", "revoke", key_id], env=env, check=True)
     assert keys.chat(key).status_code == 401
 
 
@@ -210,6 +208,22 @@ def test_tenants_never_see_each_other(live: Live, keys: Keys) -> None:
     assert r.status_code == 404
     r = live.http.post("/v1/operator/adapters/rollback", json={"segment": "default"}, headers=a_ops)
     assert r.status_code == 404
+
+    # The thumbs-up chart with no segment named counts only the operator's own tenant's votes.
+    for key, answer, rating in ((a_user, a_answer, 1), (d_user, d_answer, -1)):
+        r = live.http.post(
+            "/v1/feedback", json={"completion_id": answer["id"], "rating": rating}, headers=key
+        )
+        assert r.status_code == 201, r.text
+
+    def votes(key: dict[str, str]) -> tuple[int, int]:
+        r = live.http.get("/v1/operator/stats/thumbs", headers=key)
+        assert r.status_code == 200, r.text
+        buckets = [p for series in r.json()["data"] for p in series["points"]]
+        return sum(b["up"] for b in buckets), sum(b["down"] for b in buckets)
+
+    assert votes(a_ops) == (1, 0)  # acme's one vote, none of default's
+    assert votes(admin) == (1, 1)
 
 
 def test_public_widget_key_origins_and_cors(live: Live, keys: Keys) -> None:

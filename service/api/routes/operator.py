@@ -177,10 +177,17 @@ async def get_thumbs_rate(
         request.app.state.settings.tenant_of(segment)
     ):
         raise NotFoundError(f"segment {segment!r} not found", param="segment")
+    settings = request.app.state.settings
+    # Another tenant's adapter versions and votes stay out of this operator's chart.
+    visible = [s for s in settings.segments if operator.sees_tenant(settings.tenant_of(s))]
+    if len(visible) == len(settings.segments):
+        visible = None  # every segment, also ones no longer configured
     since = since or datetime.now(UTC) - timedelta(days=7)
     since = since.replace(tzinfo=UTC) if since.tzinfo is None else since.astimezone(UTC)
     return await run_in_threadpool(
-        lambda: thumbs_rate(db, segment=segment, since=since, bucket_seconds=bucket_seconds)
+        lambda: thumbs_rate(
+            db, segment=segment, since=since, bucket_seconds=bucket_seconds, visible=visible
+        )
     )
 
 
