@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from datetime import UTC, datetime
 
 from sqlalchemy import Row
 from sqlalchemy.engine import Engine as Database
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
+from adapters.registry import as_utc
 from service import crud, observability
 from service.api.deps import Author
 from service.api.schemas import EditFeedback, FeedbackPublic, PickFeedback, ThumbsFeedback
@@ -37,14 +37,9 @@ def public(row: Feedback | Row) -> FeedbackPublic:
         comment=row.comment,
         text=row.edited_text,
         author_role=row.author_role,
-        created_at=_utc(row.created_at),
-        updated_at=_utc(row.updated_at),
+        created_at=as_utc(row.created_at),
+        updated_at=as_utc(row.updated_at),
     )
-
-
-def _utc(t: datetime) -> datetime:
-    # SQLite hands datetimes back naive; they were stored as UTC.
-    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
 
 
 class _CompletionCache:

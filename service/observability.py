@@ -133,7 +133,7 @@ class DatabaseCollector(Collector):
         yield ok
 
     def _collect(self, s: Session) -> Iterator[Metric]:
-        from adapters.registry import ACTIVE, AdapterVersion
+        from adapters.registry import ACTIVE, AdapterVersion, as_utc
         from service.models import Completion, Feedback, PreferencePair, TrainingRun
 
         pairs = GaugeMetricFamily(
@@ -171,10 +171,10 @@ class DatabaseCollector(Collector):
                 col(TrainingRun.started_at).is_not(None), col(TrainingRun.finished_at).is_not(None)
             )
         ):
-            seconds = (_utc(finished) - _utc(started)).total_seconds()
+            seconds = (as_utc(finished) - as_utc(started)).total_seconds()
             spans.setdefault(segment, []).append(seconds)
-            if segment not in last or _utc(finished) > last[segment][0]:
-                last[segment] = (_utc(finished), seconds)
+            if segment not in last or as_utc(finished) > last[segment][0]:
+                last[segment] = (as_utc(finished), seconds)
         durations = SummaryMetricFamily(
             "prefloop_refresh_duration_seconds",
             "Wall time of finished refresh runs.",
@@ -248,10 +248,6 @@ class DatabaseCollector(Collector):
             rate.add_metric([name], int(up) / int(total))
         yield votes
         yield rate
-
-
-def _utc(t: datetime) -> datetime:
-    return t.replace(tzinfo=UTC) if t.tzinfo is None else t
 
 
 def build_registry(db: Database) -> CollectorRegistry:

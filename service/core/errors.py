@@ -46,17 +46,29 @@ class PrefloopError(Exception):
     status_code = 500
     type = "server_error"
     code: str | None = None
+    retry_after_s: int | None = None  # set: the response says when to try again
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after_s: int | None = None,
+    ):
         super().__init__(message)
         self.message = message
         self.param = param
         if code is not None:
             self.code = code
+        if retry_after_s is not None:
+            self.retry_after_s = retry_after_s
 
     @property
     def headers(self) -> dict[str, str] | None:
-        return None
+        if self.retry_after_s is None:
+            return None
+        return {"Retry-After": str(self.retry_after_s)}
 
 
 class InvalidRequestError(PrefloopError):
@@ -89,14 +101,6 @@ class RateLimitError(PrefloopError):
     type = "rate_limit_error"
     code = "rate_limit_exceeded"
 
-    def __init__(self, message: str, *, retry_after_s: int, **kwargs):
-        super().__init__(message, **kwargs)
-        self.retry_after_s = retry_after_s
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after_s)}
-
 
 class NotFoundError(PrefloopError):
     status_code = 404
@@ -117,10 +121,6 @@ class OverloadedError(PrefloopError):
     type = "overloaded_error"
     code = "overloaded"
     retry_after_s = 2
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after_s)}
 
 
 class NotReadyError(OverloadedError):
@@ -143,10 +143,7 @@ class UpstreamUnavailableError(OverloadedError):
 
 class EngineSleepingError(OverloadedError):
     code = "engine_sleeping"
-
-    def __init__(self, message: str, *, retry_after_s: int = 30):
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
+    retry_after_s = 30
 
 
 class BadGatewayError(EngineError):

@@ -173,11 +173,9 @@ async def get_thumbs_rate(
 ) -> ThumbsRate:
     """Thumbs-up rate per adapter version over time (the console's live chart); `since`
     defaults to seven days ago."""
-    if segment is not None and not operator.sees_tenant(
-        request.app.state.settings.tenant_of(segment)
-    ):
-        raise NotFoundError(f"segment {segment!r} not found", param="segment")
     settings = request.app.state.settings
+    if segment is not None and not operator.sees_tenant(settings.tenant_of(segment)):
+        raise NotFoundError(f"segment {segment!r} not found", param="segment")
     # Another tenant's adapter versions and votes stay out of this operator's chart.
     visible = [s for s in settings.segments if operator.sees_tenant(settings.tenant_of(s))]
     if len(visible) == len(settings.segments):
