@@ -6,6 +6,7 @@ or a line in a ``.env`` file in the working directory.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import timedelta
 from functools import lru_cache
@@ -142,6 +143,12 @@ class Settings(BaseSettings):
     gate: GateThresholds = Field(
         default_factory=GateThresholds,
         description="Regression gate thresholds, e.g. PREFLOOP_GATE__MAX_KL=0.5.",
+    )
+    gate_segments: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description="Per-segment gate thresholds over `gate`, JSON "
+        '{"support": {"max_kl": 2.0}}. A segment meant to learn a phrase the base model never '
+        "writes (a sign-off) needs a larger KL budget: each such token costs 5-12 nats.",
     )
     watch: WatchConfig = Field(
         default_factory=WatchConfig,
@@ -318,7 +325,18 @@ class Settings(BaseSettings):
             raise ValueError("default_max_tokens must not exceed max_tokens_limit")
         if self.pairs_min_answer_chars > self.pairs_max_answer_chars:
             raise ValueError("pairs_min_answer_chars must not exceed pairs_max_answer_chars")
+        known = {f.name for f in dataclasses.fields(GateThresholds)}
+        for segment, overrides in self.gate_segments.items():
+            if unknown := sorted(set(overrides) - known):
+                raise ValueError(
+                    f"gate_segments[{segment!r}]: unknown thresholds {unknown}; "
+                    f"known: {sorted(known)}"
+                )
         return self
+
+    def gate_for(self, segment: str) -> GateThresholds:
+        """The gate's thresholds for one segment: `gate` with the segment's overrides."""
+        return dataclasses.replace(self.gate, **self.gate_segments.get(segment, {}))
 
     def tenant_of(self, segment: str) -> str:
         return self.segment_tenants.get(segment, "default")

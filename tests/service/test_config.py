@@ -33,3 +33,14 @@ def test_inconsistent_limits_are_refused() -> None:
         Settings(default_max_tokens=2048, max_tokens_limit=1024)
     with pytest.raises(ValidationError):
         Settings(engine="tgi")
+
+
+def test_gate_thresholds_per_segment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PREFLOOP_GATE__MAX_KL", "0.5")
+    monkeypatch.setenv("PREFLOOP_GATE_SEGMENTS", '{"support": {"max_kl": 2.0}}')
+    s = Settings()
+    assert s.gate_for("support").max_kl == 2.0
+    assert s.gate_for("default").max_kl == 0.5  # the fleet-wide setting
+    assert s.gate_for("support").golden_tolerance == s.gate.golden_tolerance
+    with pytest.raises(ValidationError, match=r"unknown thresholds \['max_kll'\]"):
+        Settings(gate_segments={"support": {"max_kll": 2.0}})

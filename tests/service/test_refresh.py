@@ -249,7 +249,17 @@ def test_threshold_and_schedule_triggers(live: Live, tmp_path) -> None:
 
 
 @pytest.mark.parametrize(
-    "settings_overrides", [{**FAST, "segments": ["default", "support"]}], indirect=False
+    "settings_overrides",
+    [
+        {
+            **FAST,
+            "segments": ["default", "support"],
+            # Fleet-wide, no drift at all passes; the support segment has its own KL budget.
+            "gate": {**LENIENT_GATE, "max_kl": 0.0},
+            "gate_segments": {"support": {"max_kl": 1e9}},
+        }
+    ],
+    indirect=False,
 )
 def test_each_segment_trains_only_on_its_own_feedback(live: Live) -> None:
     for i in range(8):
@@ -268,6 +278,8 @@ def test_each_segment_trains_only_on_its_own_feedback(live: Live) -> None:
     )
     assert (run["status"], run["outcome"]) == ("succeeded", "promoted"), run["error"]
     assert run["counts"]["approved"] == 8 and run["candidate_version"] == "support@v1"
+    [kl] = [c for c in run["verdict"]["checks"] if c["name"] == "kl"]
+    assert kl["passed"] and "maximum 1000000000.000" in kl["detail"], kl
     # The default segment still serves the base model; `support` serves its new version.
     assert live.chat([{"role": "user", "content": "hi"}])["adapter_version"] is None
     deadline = time.monotonic() + 5
