@@ -220,7 +220,10 @@ def simulate_users(
             if choice is not None:
                 client.feedback(completion_id=out["id"], type="pick", chosen_index=choice)
                 events.picks += 1
-            disliked = [(out["id"], k, t) for k, t in enumerate(texts) if not pref.likes(t)]
+            finished = [c["finish_reason"] == "stop" for c in out["choices"]]
+            disliked = [
+                (out["id"], k, t) for k, t in enumerate(texts) if not pref.likes(t) and finished[k]
+            ]
         else:
             first = client.chat(messages, user=user, seed=seed * 1000 + i)
             second = client.chat([], regenerate=first["id"], user=user, seed=seed * 1000 + i + 1)
@@ -234,7 +237,14 @@ def simulate_users(
                 client.feedback(completion_id=up["id"], rating=1)
                 client.feedback(completion_id=down["id"], rating=-1)
                 events.thumbs += 2
-            disliked = [(c["id"], 0, t) for c, t in ((first, a), (second, b)) if not pref.likes(t)]
+            disliked = [
+                (c["id"], 0, t)
+                for c, t in ((first, a), (second, b))
+                if not pref.likes(t) and c["choices"][0]["finish_reason"] == "stop"
+            ]
+        # The operator edits only answers that finished: one cut off at max_tokens needs a
+        # rewrite, not a line added after half a sentence (that taught the model to sign off
+        # mid-sentence, and then anywhere, even in place of the answer).
         if pref.edit is None:
             return
         for completion_id, index, text in disliked[:1]:
@@ -342,6 +352,9 @@ def main() -> int:
     p.add_argument(
         "--train", default="{}", help='trainer options for the segment, JSON {"epochs": 3}'
     )
+    p.add_argument(
+        "--gate", default="{}", help='gate thresholds for the segment, JSON {"max_kl": 2.0}'
+    )
     args = p.parse_args()
     pref = PREFERENCES[args.preference]
     segment = pref.name
@@ -378,6 +391,7 @@ def main() -> int:
         "PREFLOOP_REFRESH_MIN_PAIRS": "8",
         "PREFLOOP_LOG_LEVEL": "warning",
         "PREFLOOP_REFRESH_TRAIN_SEGMENTS": json.dumps({segment: json.loads(args.train)}),
+        "PREFLOOP_GATE_SEGMENTS": json.dumps({segment: json.loads(args.gate)}),
     }
     from service.core.config import Settings
     from service.modelprep import prepare_default_model

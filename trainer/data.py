@@ -240,6 +240,9 @@ class Batch:
     score_targets: torch.Tensor
     score_seqs: torch.Tensor
     n_seqs: int
+    # Per scored token: True where a pair's chosen and rejected answers have parted (from their
+    # first differing token on). The NLL of an operator's edit counts there only (rpo_span).
+    score_diverged: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> Batch:
         tensors = {k: v.to(device) for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
@@ -298,9 +301,13 @@ def collate_pairs(pairs: Sequence[PairExample], pad_id: int) -> Batch:
     allowed = torch.zeros((n, 1, width, width), dtype=torch.bool)
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     plan_chosen, plan_rejected = [], []
+    diverged_chosen, diverged_rejected = [], []
     for row, e in enumerate(pairs):
         p, c, r = e.chosen.prompt_len, e.chosen.completion_len, e.rejected.completion_len
         assert e.chosen.ids[:p] == e.rejected.ids[:p], "a pair's two sequences share a prompt"
+        shared = _common_prefix(e.chosen.ids[p:], e.rejected.ids[p:])
+        diverged_chosen += [k >= shared for k in range(c)]
+        diverged_rejected += [k >= shared for k in range(r)]
         ids = e.chosen.ids + e.rejected.ids[p:]
         input_ids[row, : len(ids)] = torch.tensor(ids)
         position_ids[row, : p + c] = torch.arange(p + c)
@@ -312,4 +319,6 @@ def collate_pairs(pairs: Sequence[PairExample], pad_id: int) -> Batch:
     # Padding rows attend to themselves only, so no query row is all-masked (NaN in SDPA).
     pad = torch.arange(width)
     allowed[:, 0, pad, pad] = True
-    return _batch(input_ids, allowed, position_ids, plan_chosen + plan_rejected, 2 * n)
+    batch = _batch(input_ids, allowed, position_ids, plan_chosen + plan_rejected, 2 * n)
+    batch.score_diverged = torch.tensor(diverged_chosen + diverged_rejected, dtype=torch.bool)
+    return batch

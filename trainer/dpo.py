@@ -73,6 +73,7 @@ class TrainConfig:
     beta: float = 0.1
     label_smoothing: float = 0.1  # label-flip rate eps, used by cdpo and robust only
     rpo_alpha: float = 0.0  # weight of the NLL on chosen answers (RPO, Pang et al. 2024)
+    rpo_span: str = "chosen"  # "chosen": the whole answer; "diverged": where it parts from rejected
     desirable_weight: float = 1.0  # KTO lambda_D
     undesirable_weight: float = 1.0  # KTO lambda_U
     # lr 2e-4 for 1-3 epochs moved held-out greedy answers of SmolLM2-135M on ~80 on-policy
@@ -103,6 +104,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         assert self.loss in losses.LOSS_NAMES, f"loss must be one of {losses.LOSS_NAMES}"
         assert not (self.loss == "kto" and self.rpo_alpha), "rpo_alpha needs paired data"
+        assert self.rpo_span in ("chosen", "diverged"), "rpo_span must be chosen or diverged"
         assert self.batch_size >= 1 and self.micro_batch_size >= 1 and self.epochs >= 1
 
 
@@ -202,7 +204,24 @@ def _causal_lm(model: torch.nn.Module) -> Any:
 def completion_logps(
     model: torch.nn.Module, batch: Batch, chunk: int = 1024
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sequence: summed log-probs of the completion tokens, and how many there are.
+    """Per sequence: summed log-probs of the completion tokens, and how many there are."""
+    return per_sequence(batch, token_logps(model, batch, chunk))
+
+
+def per_sequence(
+    batch: Batch, values: torch.Tensor, where: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence: the sum of per-token ``values`` (only ``where`` it is True) and the count."""
+    seqs = batch.score_seqs if where is None else batch.score_seqs[where]
+    values = values if where is None else values[where]
+    counts = torch.zeros(batch.n_seqs, dtype=torch.long, device=values.device)
+    counts.index_add_(0, seqs, torch.ones_like(seqs))
+    sums = torch.zeros(batch.n_seqs, dtype=torch.float32, device=values.device)
+    return sums.index_add(0, seqs, values), counts
+
+
+def token_logps(model: torch.nn.Module, batch: Batch, chunk: int = 1024) -> torch.Tensor:
+    """The log-prob of every completion token, in the batch's scoring order.
 
     Runs the model body, keeps the hidden states at positions that predict a completion token,
     and applies the LM head only there. Assumes logits = lm_head(hidden), true for Llama, Qwen,
@@ -218,13 +237,9 @@ def completion_logps(
         position_ids=batch.position_ids,
         use_cache=False,
     ).last_hidden_state
-    token_logps = _SelectedLogProbs.apply(
+    return _SelectedLogProbs.apply(
         hidden[batch.score_rows, batch.score_cols], head.weight, batch.score_targets, chunk
     )
-    sums = torch.zeros(batch.n_seqs, dtype=torch.float32, device=hidden.device)
-    counts = torch.zeros(batch.n_seqs, dtype=torch.long, device=hidden.device)
-    counts.index_add_(0, batch.score_seqs, torch.ones_like(batch.score_seqs))
-    return sums.index_add(0, batch.score_seqs, token_logps), counts
 
 
 @torch.no_grad()
@@ -331,8 +346,9 @@ def batch_losses(
         )
 
     # One forward for chosen and rejected together, the prompt run once; split after.
-    batch = collate_pairs(examples, pad_id)
-    logps, counts = completion_logps(model, batch.to(d.device), cfg.logits_chunk)
+    batch = collate_pairs(examples, pad_id).to(d.device)
+    tokens = token_logps(model, batch, cfg.logits_chunk)
+    logps, counts = per_sequence(batch, tokens)
     policy_chosen, policy_rejected = logps.chunk(2)
     n_chosen, n_rejected = counts.chunk(2)
     ref_chosen, ref_rejected = ref[:, 0], ref[:, 1]
@@ -344,7 +360,14 @@ def batch_losses(
     )
     if cfg.rpo_alpha:
         # RPO (Pang et al. 2024, arXiv:2404.19733, Eq. 2): NLL of the chosen answer per token.
-        per_example = per_example - cfg.rpo_alpha * logps.chunk(2)[0] / n_chosen
+        # rpo_span "diverged": only the tokens after what chosen and rejected share. An edit
+        # that appends a line to the model's own answer then teaches the line, not a sharper
+        # copy of the sampled answer (which drifts the model); independent samples part at
+        # once, so there it is plain RPO.
+        where = batch.score_diverged if cfg.rpo_span == "diverged" else None
+        nll_sums, nll_counts = per_sequence(batch, tokens, where)
+        nll = nll_sums.chunk(2)[0] / nll_counts.chunk(2)[0].clamp(min=1)
+        per_example = per_example - cfg.rpo_alpha * nll
     return per_example, chosen_rewards, rejected_rewards
 
 

@@ -251,6 +251,58 @@ def test_rpo_and_weights(tiny_llama_dir: Path, tmp_path: Path) -> None:
     )
 
 
+def test_rpo_span_diverged_counts_only_what_the_edit_added(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    """An operator's edit appends a line to the model's answer: with rpo_span "diverged" the NLL
+    is the mean over the appended tokens only (policy == reference, so the DPO part is log 2)."""
+    from transformers import AutoTokenizer
+
+    from trainer.data import PairExample
+    from trainer.dpo import Dist, batch_losses
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    prompt = [{"role": "user", "content": "How do I reset it?"}]
+    answer = "Hold the button for ten seconds."
+    tmp = tmp_path / "edit.jsonl"
+    tmp.write_text(json.dumps({
+        "prompt": prompt,
+        "chosen": [{"role": "assistant", "content": answer + "\n\n-- Acme Support"}],
+        "rejected": [{"role": "assistant", "content": answer}],
+    }) + "\n")  # fmt: skip
+    [pair], _ = load_examples(tmp, tok, kind="pairs", max_length=128)
+    assert isinstance(pair, PairExample)
+    p = pair.chosen.prompt_len
+    shared = 0
+    while pair.chosen.ids[p + shared] == pair.rejected.ids[p + shared]:
+        shared += 1
+    assert 0 < shared < pair.chosen.completion_len  # the answer is shared, the sign-off is not
+
+    batch = collate_pairs([pair], tok.pad_token_id)
+    flags = batch.score_diverged.tolist()
+    c = pair.chosen.completion_len
+    assert flags[:c] == [k >= shared for k in range(c)]
+    assert flags[c:] == [k >= shared for k in range(pair.rejected.completion_len)]
+
+    model = load_policy(tiny_llama_dir, None, TINY, torch.device("cpu"))
+    d = Dist(0, 1, torch.device("cpu"))
+    with torch.no_grad():
+        ids = torch.tensor([pair.chosen.ids])
+        token_logps = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
+        token_logps = token_logps.gather(1, ids[0, 1:, None])[:, 0][p - 1 :]  # completion tokens
+        ref = torch.stack(completion_logps(model, batch)[0].chunk(2), dim=1)
+        losses = {}
+        for span in ("chosen", "diverged"):
+            cfg = replace(TINY, rpo_alpha=1.0, rpo_span=span)
+            losses[span] = batch_losses(model, [pair], ref, cfg, d, tok.pad_token_id)[0]
+    assert_close(losses["chosen"], math.log(2) - token_logps.mean().reshape(1), atol=1e-5, rtol=0)
+    assert_close(
+        losses["diverged"], math.log(2) - token_logps[shared:].mean().reshape(1), atol=1e-5, rtol=0
+    )
+    with pytest.raises(AssertionError, match="rpo_span"):
+        TrainConfig(rpo_span="answer")
+
+
 def test_kto_from_the_command_line(tiny_llama_dir: Path, kto_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "kto"
     argv = ["train", "--pairs", str(kto_file), "--base", str(tiny_llama_dir), "--out", str(out)]
