@@ -346,3 +346,5 @@ def configure_logging(level: str, *, json_lines: bool) -> None:
         hf_logging.disable_default_handler()
         hf_logging.enable_propagation()
         hf_logging.disable_progress_bar()
+        # Python warnings (a library's FutureWarning) print raw lines on stderr: log them.
+        logging.captureWarnings(True)

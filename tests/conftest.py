@@ -82,6 +82,21 @@ BOTH_DATABASES = pytest.mark.parametrize(
 )
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With PREFLOOP_TEST_DB=postgres (`make test`'s second pass, `make test-postgres`) only the
+    tests that use a database run, on Postgres, minus those parametrized over both databases:
+    those, and every test without a database, ran in the first pass already."""
+    if DEFAULT_BACKEND != "postgres":
+        return
+    keep, drop = [], []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        uses_db = "db_url" in getattr(item, "fixturenames", ())
+        (keep if uses_db and "db_backend" not in params else drop).append(item)
+    config.hook.pytest_deselected(items=drop)
+    items[:] = keep
+
+
 @pytest.fixture(scope="session")
 def pg_database() -> Iterator[str]:
     """A database of this session's own on the Postgres server, dropped at the end."""

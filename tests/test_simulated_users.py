@@ -73,7 +73,7 @@ def test_concise_users_get_shorter_answers_and_a_second_refresh_holds(server) ->
 
 def test_operator_edits_teach_the_sign_off(server) -> None:
     client = Client(server.base_url, model="signoff")
-    [result] = run_rounds(client, SIGNOFF, "signoff", rounds=1, prompts_per_round=60, max_edits=50)
+    [result] = run_rounds(client, SIGNOFF, "signoff", rounds=1, prompts_per_round=80, max_edits=50)
     assert result["events"].edits <= 50
     assert result["events"].feedback <= 200
     run = result["run"]

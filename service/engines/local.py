@@ -17,6 +17,7 @@ model.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import queue
 import random
@@ -154,6 +155,10 @@ class LocalEngine:
             raise EngineError(f"{self.model_path} has no chat template; use an instruct model")
         model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=self.dtype)
         self.model = model.to(self.device).eval()
+        # transformers 5.2x renamed the KV cache argument and output `past_key_values` -> `cache`
+        # (the old name warns, and goes in 5.40); use whichever this model's forward takes.
+        params = inspect.signature(model.forward).parameters
+        self._cache_name = "cache" if "cache" in params else "past_key_values"
         eos = self.model.generation_config.eos_token_id
         self._eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if self.tokenizer.eos_token_id is not None:
@@ -346,7 +351,7 @@ class LocalEngine:
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self._forward(rows, input_ids=input_ids, attention_mask=mask, position_ids=positions)
-        past, logits = out.past_key_values, out.logits[:, -1, :].float()
+        past, logits = getattr(out, self._cache_name), out.logits[:, -1, :].float()
         positions = positions[:, -1]
         counts = torch.zeros(len(rows), logits.shape[-1], device=logits.device)
 
@@ -389,9 +394,9 @@ class LocalEngine:
                 input_ids=next_ids.to(self.device).unsqueeze(1),
                 attention_mask=mask,
                 position_ids=positions.unsqueeze(1),
-                past_key_values=past,
+                **{self._cache_name: past},
             )
-            past, logits = out.past_key_values, out.logits[:, -1, :].float()
+            past, logits = getattr(out, self._cache_name), out.logits[:, -1, :].float()
 
 
 def _as_engine_error(exc: Exception) -> Exception:
