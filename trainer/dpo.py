@@ -364,8 +364,9 @@ def batch_losses(
         # that appends a line to the model's own answer then teaches the line, not a sharper
         # copy of the sampled answer (which drifts the model); independent samples part at
         # once, so there it is plain RPO.
-        where = batch.score_diverged if cfg.rpo_span == "diverged" else None
-        nll_sums, nll_counts = per_sequence(batch, tokens, where)
+        nll_sums, nll_counts = logps, counts
+        if cfg.rpo_span == "diverged":
+            nll_sums, nll_counts = per_sequence(batch, tokens, batch.score_diverged)
         nll = nll_sums.chunk(2)[0] / nll_counts.chunk(2)[0].clamp(min=1)
         per_example = per_example - cfg.rpo_alpha * nll
     return per_example, chosen_rewards, rejected_rewards
