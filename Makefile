@@ -43,7 +43,8 @@ test-postgres: install chromium vllm-venv
 	bash tests/postgres-up.sh
 	PREFLOOP_TEST_DB=postgres $(BIN)/python -m pytest
 
-# The simulated users' refreshes on the real SmolLM2 (not yet part of `make test`: see #6).
+# The simulated users' refreshes on the real SmolLM2, ~25 min (CI runs and reports them after
+# `make test`; not yet a gate: see #6).
 test-sim: install
 	$(BIN)/python -m pytest -m simulation -s
 

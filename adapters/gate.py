@@ -52,8 +52,15 @@ class Verdict:
         }
 
 
-def decide(candidate: dict[str, Any], incumbent: dict[str, Any], t: GateThresholds) -> Verdict:
-    """``candidate`` and ``incumbent`` are report sides: ``{"pairs", "golden", "drift"}``."""
+def decide(
+    candidate: dict[str, Any],
+    incumbent: dict[str, Any],
+    t: GateThresholds,
+    base: dict[str, Any] | None = None,
+) -> Verdict:
+    """``candidate`` and ``incumbent`` are report sides: ``{"pairs", "golden", "drift"}``;
+    ``base`` the base model's ``{"golden"}`` (the report's ``base_model``), where the incumbent
+    is an adapter."""
     checks: list[Check] = []
 
     def check(name: str, ok: bool, detail: str) -> None:
@@ -88,16 +95,23 @@ def decide(candidate: dict[str, Any], incumbent: dict[str, Any], t: GateThreshol
         )
 
     golden, inc_golden = candidate.get("golden") or {}, incumbent.get("golden") or {}
+    base_golden = (base or {}).get("golden") or {}
     if golden.get("n"):
         rate = float(golden["pass_rate"])
         inc_rate = float(inc_golden.get("pass_rate", 0.0)) if inc_golden.get("n") else 0.0
-        floor = max(t.min_golden_pass_rate, inc_rate - t.golden_tolerance)
+        # Against the base model too: a tolerance against the incumbent alone lets every
+        # nightly promotion forget a little more, without bound.
+        base_rate = float(base_golden["pass_rate"]) if base_golden.get("n") else inc_rate
+        floor_side, floor_rate = (
+            ("incumbent", inc_rate) if inc_rate >= base_rate else ("base model", base_rate)
+        )
+        floor = max(t.min_golden_pass_rate, floor_rate - t.golden_tolerance)
         failed = [f["id"] for f in golden.get("failures", [])][:5]
         check(
             "golden",
             rate >= floor - 1e-9,
-            f"golden pass rate {rate:.2f} {_cmp(rate >= floor - 1e-9)} incumbent "
-            f"{inc_rate:.2f} - {t.golden_tolerance:.2f}"
+            f"golden pass rate {rate:.2f} {_cmp(rate >= floor - 1e-9)} {floor_side} "
+            f"{floor_rate:.2f} - {t.golden_tolerance:.2f}"
             + (f" (failed: {', '.join(failed)})" if failed else ""),
         )
     else:

@@ -37,6 +37,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import pct  # noqa: E402
 from service.modelprep import prepare_default_model  # noqa: E402
 from tests.servers import free_port, wait_ready  # noqa: E402
 
@@ -69,11 +70,6 @@ function done(summary, latency, requests)
     latency:percentile(50) / 1e6, latency:percentile(99) / 1e6))
 end
 """
-
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
 
 
 def completions(base_url: str, headers: dict[str, str]) -> list[str]:

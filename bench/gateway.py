@@ -31,6 +31,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import pct  # noqa: E402
 from service.core.config import Settings  # noqa: E402
 from service.engines.base import GenerationRequest, SamplingParams  # noqa: E402
 from service.engines.local import LocalEngine  # noqa: E402
@@ -48,11 +49,6 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time of one process (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
 
 
 async def phase(call, concurrency: int, total: int) -> tuple[list[float], float]:

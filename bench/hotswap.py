@@ -34,6 +34,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adapters.registry import APPROVED, Registry  # noqa: E402
+from bench import pct  # noqa: E402
 from service.core.config import Settings  # noqa: E402
 from service.core.db import init_db, make_engine  # noqa: E402
 from service.modelprep import prepare_default_model  # noqa: E402
@@ -112,11 +113,6 @@ class Load:
         self._stop.set()
         for t in self._threads:
             t.join()
-
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
 
 
 def main() -> int:

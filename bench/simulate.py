@@ -27,7 +27,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,12 +56,13 @@ FORMS = [
     "Briefly, what is special about {}?",
     "Quick question: what are {} used for?",
 ]
-# The operator's golden set: 57 short factual and safety items the base model knows reliably:
-# screened from ~130 candidates, each answered greedily (60 tokens) and sampled 6 times at the
-# service's temperature 0.7; kept where the greedy answer passes for the right reason and at least
-# 5 of the 6 samples pass. Items the base passes only by luck (3-4 of 6: "capital of France",
-# "month after January") flip under any LoRA update and measure noise, not forgetting. 57 items:
-# one item lost is 1.75 points.
+# The operator's golden set: 113 short factual and safety items the base model knows reliably.
+# The first 57 were screened from ~130 candidates, each answered greedily (60 tokens) and sampled
+# 6 times at the service's temperature 0.7, and kept where the greedy answer passes for the right
+# reason and at least 5 of the 6 samples pass; 56 more from 171 candidates at 7 of 8 samples.
+# Items the base passes only by luck (3-5 of 8: "capital of France", "months in a year") flip
+# under any LoRA update and measure noise, not forgetting. One item lost is 0.9 points, so the
+# 2-point tolerance tells losing two items from losing three (at 57 items it could not).
 GOLDEN = [json.loads(line) for line in (ROOT / "bench" / "golden.jsonl").read_text().splitlines()]
 
 
@@ -80,9 +81,21 @@ class Preference:
     unit: str
 
 
+# Shorter than this is no answer to these prompts ("The lanterns.", "Paper is used to make
+# paper.", "Oh, that's a very important question!"): a user who wants brevity still wants an
+# answer. Without this floor the users picked such fragments over real answers once the first
+# refresh had made answers short, and the second refresh learnt to say nothing (golden 0.07,
+# canary answers 0.14x the base's, rejected by the gate).
+MIN_ANSWER_CHARS = 40
+
+
 def _shorter(a: str, b: str) -> int | None:
-    """The clearly shorter answer (at most 85% of the other's length); no opinion otherwise, as
-    a person does not count characters."""
+    """The clearly shorter answer (at most 85% of the other's length) of two real answers; no
+    opinion otherwise, as a person does not count characters. A fragment loses to an answer."""
+    if min(len(a), len(b)) < MIN_ANSWER_CHARS:
+        if max(len(a), len(b)) < MIN_ANSWER_CHARS:
+            return None
+        return 0 if len(a) >= MIN_ANSWER_CHARS else 1
     short, long = sorted((len(a), len(b)))
     if short > 0.85 * long:
         return None
@@ -92,7 +105,7 @@ def _shorter(a: str, b: str) -> int | None:
 CONCISE = Preference(
     name="concise",
     judge=_shorter,
-    likes=lambda a: len(a) < 120,
+    likes=lambda a: MIN_ANSWER_CHARS <= len(a) < 120,
     edit=None,
     measure=lambda answers: statistics.mean(len(a) for a in answers),
     better="lower",
@@ -158,6 +171,16 @@ class Client:
         out = self.chat([{"role": "user", "content": prompt}], temperature=0)
         return out["choices"][0]["message"]["content"], out["adapter_version"]
 
+    def wait_serving(self, version: str, timeout: float = 60) -> None:
+        """Until answers come from ``version``: a promotion reaches the engine on its next
+        registry poll, and answers measured before that would be the old model's."""
+        deadline = time.monotonic() + timeout
+        hi = [{"role": "user", "content": "Hi"}]
+        while self.chat(hi, max_tokens=1, temperature=0)["adapter_version"] != version:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{version} promoted but not served after {timeout} s")
+            time.sleep(0.2)
+
     def refresh(self, segment: str, timeout: float = 3600) -> dict[str, Any]:
         r = self.http.post(
             "/v1/operator/runs", json={"segment": segment}, headers={"X-Operator": "sim"}
@@ -197,7 +220,7 @@ def simulate_users(
     *,
     users: int = 20,
     max_edits: int = 0,
-    concurrency: int = 4,
+    concurrency: int = 16,
     seed: int = 0,
 ) -> Events:
     """Each prompt is one user's conversation: two thirds pick between two sampled answers, one
@@ -280,8 +303,8 @@ def measure(
     client: Client, pref: Preference, held_prompts: list[str], golden: list[GoldenItem]
 ) -> Measure:
     """Greedy answers to the held-out prompts and the golden set, as users get them now."""
-    # 8: the engine's default batch, so the held-out and golden answers decode together.
-    with ThreadPoolExecutor(8) as pool:
+    # 16 at a time: the held-out and golden answers decode together in the engine's batch.
+    with ThreadPoolExecutor(16) as pool:
         held = list(pool.map(client.greedy, held_prompts))
         gold = list(pool.map(lambda g: client.greedy(g.messages[-1]["content"]), golden))
     answers = [a for a, _ in held]
@@ -307,12 +330,17 @@ def run_rounds(
     prompts_per_round: int,
     max_edits: int,
     seed: int = 0,
+    before: Measure | None = None,
     log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
-    """Measure, then (simulate users, refresh, measure) ``rounds`` times; one dict per round."""
+    """Measure (or reuse ``before``: the same model's greedy answers, measured for another
+    preference), then (simulate users, refresh, measure) ``rounds`` times; a dict per round."""
     train, held = prompts(seed)
     golden = golden_items()
-    before = measure(client, pref, held, golden)
+    if before is None:
+        before = measure(client, pref, held, golden)
+    else:
+        before = replace(before, value=pref.measure(before.answers))
     log(f"  before: {pref.unit} {before.value:.3f}, golden {before.golden_pass_rate:.2f}, "
         f"served by {sorted(map(str, before.versions))}")  # fmt: skip
     results = []
@@ -325,6 +353,8 @@ def run_rounds(
             f"({events.picks} picks, {events.thumbs} thumbs, {events.edits} edits) in "
             f"{t_sim:.0f} s")  # fmt: skip
         run = client.refresh(segment)
+        if run.get("outcome") == "promoted":
+            client.wait_serving(run["candidate_version"])
         after = measure(client, pref, held, golden)
         steps = {s["name"]: s["seconds"] for s in run["steps"]}
         log(f"  round {k + 1}: refresh {run['status']} ({run['outcome']}), "
@@ -390,6 +420,7 @@ def main() -> int:
         "PREFLOOP_WATCH_INTERVAL_SECONDS": "0",
         "PREFLOOP_REFRESH_MIN_PAIRS": "8",
         "PREFLOOP_LOG_LEVEL": "warning",
+        "PREFLOOP_MAX_BATCH": "32",  # 16 users, two answers each when they pick: 163 tok/s
         "PREFLOOP_REFRESH_TRAIN_SEGMENTS": json.dumps({segment: json.loads(args.train)}),
         "PREFLOOP_GATE_SEGMENTS": json.dumps({segment: json.loads(args.gate)}),
     }

@@ -308,6 +308,7 @@ def _dev_vllm(args: argparse.Namespace) -> int:
         for server in servers:
             server.stop()
 
+
 def _keys(args: argparse.Namespace) -> int:
     """`prefloop keys create|list|revoke`: API keys, in the configured database."""
     from service.auth import create_key, list_keys, revoke_key

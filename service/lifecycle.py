@@ -83,7 +83,9 @@ def judge(
     """Decide on an evaluation report, record it with the version, and approve or reject it."""
     report["incumbent"]["version"] = incumbent.id if incumbent is not None else None
     thresholds = settings.gate_for(registry.get(version_id).segment)
-    verdict = decide(report["candidate"], report["incumbent"], thresholds)
+    verdict = decide(
+        report["candidate"], report["incumbent"], thresholds, base=report.get("base_model")
+    )
     registry.record_eval(version_id, report, verdict.to_json())
     against = incumbent.id if incumbent is not None else "the base model"
     if verdict.approved:

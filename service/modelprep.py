@@ -11,6 +11,7 @@ interrupted run leaves nothing half-written behind and the next run starts over 
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import json
 import os
@@ -52,9 +53,20 @@ def prepare_default_model(models_dir: Path, *, progress: bool = True) -> Path:
     if is_prepared(target):
         return target
     models_dir.mkdir(parents=True, exist_ok=True)
-    # Leftovers of interrupted runs of this function (our own prefix only).
-    for stale in models_dir.glob(f".{DEFAULT_MODEL_NAME}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    # One preparer at a time (replicas or test runs starting together on one volume): the
+    # others wait, then find the model ready. Without the lock a starting preparer removed
+    # the "stale" temporary directory another was still converting in.
+    with open(models_dir / f".{DEFAULT_MODEL_NAME}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if is_prepared(target):
+            return target
+        # Leftovers of interrupted runs of this function (our own prefix only).
+        for stale in models_dir.glob(f".{DEFAULT_MODEL_NAME}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        return _prepare(models_dir, target, progress)
+
+
+def _prepare(models_dir: Path, target: Path, progress: bool) -> Path:
 
     steps = ["download GGUF", "de-quantise", "convert", "save", "install"]
     bar = tqdm(steps, desc="prepare model", disable=not progress, unit="step")
@@ -96,9 +108,6 @@ def prepare_default_model(models_dir: Path, *, progress: bool = True) -> Path:
         bar.update()
 
         bar.set_postfix_str(steps[4])
-        if is_prepared(target):  # another process won the race; keep its copy
-            bar.close()
-            return target
         if target.exists():
             shutil.rmtree(target)
         os.replace(out, target)

@@ -445,6 +445,8 @@ def _refresh(
         ]  # fmt: skip
         if active is not None:  # warm start: the active adapter is the policy and reference
             cmd += ["--init-adapter", active.path]
+        if settings.rehearsal_file is not None:
+            cmd += ["--rehearsal-prompts", str(settings.rehearsal_file)]
         if out.exists():  # a retried run: resume its checkpoint, never overwrite a version
             cmd += ["--resume"]
         metrics = [work / ".adapter.partial" / "metrics.jsonl", out / "metrics.jsonl"]
@@ -480,6 +482,8 @@ def _refresh(
             "--base", str(base), "--candidate", version.path,
             "--out", str(work / "report.json"),
             "--max-new-tokens", str(settings.eval_max_new_tokens), "--no-progress",
+            # The base's and the incumbent's greedy answers are the same every refresh.
+            "--cache-dir", str(settings.home_dir / "cache" / "eval"),
         ]  # fmt: skip
         if active is not None:
             cmd += ["--incumbent", active.path]
@@ -491,7 +495,7 @@ def _refresh(
             cmd, rec, log_lines=log_lines, timeout=settings.refresh_train_timeout_minutes * 60
         )
         report = json.loads((work / "report.json").read_text())
-        d.update(seconds=report.get("seconds"))
+        d.update(seconds=report.get("seconds"), cached=report.get("cached", []))
     gpu[0].close()  # serving resumes before the gate and the promotion
 
     with rec.step("gate") as d:

@@ -15,10 +15,22 @@ from pathlib import Path
 
 import pytest
 
-from bench.simulate import CONCISE, GOLDEN, SIGNOFF, Client, run_rounds
+from bench.simulate import (
+    CONCISE,
+    GOLDEN,
+    SIGNOFF,
+    Client,
+    Measure,
+    golden_items,
+    measure,
+    prompts,
+    run_rounds,
+)
 from tests.servers import serve_subprocess
 
-SIGNOFF_TRAIN = {"lr": 3e-4, "beta": 0.5, "rpo_alpha": 4.0, "rpo_span": "diverged", "epochs": 3}
+SIGNOFF_TRAIN = {
+    "lr": 3e-4, "beta": 0.5, "rpo_alpha": 4.0, "rpo_span": "diverged", "anchor": 5.0, "epochs": 3
+}  # fmt: skip
 
 # Each test chats, trains and evaluates on SmolLM2 on the CPU: minutes, not seconds.
 pytestmark = [pytest.mark.slow, pytest.mark.simulation, pytest.mark.timeout(2700)]
@@ -35,6 +47,9 @@ def server(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory):
         "PREFLOOP_REFRESH_ENABLED": "false",
         "PREFLOOP_WATCH_INTERVAL_SECONDS": "0",
         "PREFLOOP_REFRESH_MIN_PAIRS": "8",
+        # 16 users at a time, two answers each when they pick: on 2 CPU cores SmolLM2 decodes
+        # 32 rows at 163 tok/s, 8 at 71.
+        "PREFLOOP_MAX_BATCH": "32",
         # DPO alone makes the model stop less often after its answer but does not teach it
         # what to write instead (bench/study_signoff.py); the NLL term (rpo_alpha) does. On the
         # whole chosen answer it also sharpens the model's own sampled text, which cost golden
@@ -50,11 +65,24 @@ def server(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory):
         yield s
 
 
-def test_concise_users_get_shorter_answers_and_a_second_refresh_holds(server) -> None:
+@pytest.fixture(scope="module")
+def base_measure(server) -> Measure:
+    """The base model's greedy held-out and golden answers, measured once for both segments
+    (neither has an adapter yet)."""
+    _, held = prompts(0)
+    result = measure(Client(server.base_url), CONCISE, held, golden_items())
+    assert result.versions == {None}
+    return result
+
+
+def test_concise_users_get_shorter_answers_and_a_second_refresh_holds(
+    server, base_measure: Measure
+) -> None:
     client = Client(server.base_url, model="concise")
     first, second = run_rounds(
-        client, CONCISE, "concise", rounds=2, prompts_per_round=90, max_edits=0
-    )
+        client, CONCISE, "concise", rounds=2, prompts_per_round=90, max_edits=0,
+        before=base_measure,
+    )  # fmt: skip
     assert first["events"].feedback <= 200
     assert (first["run"]["status"], first["run"]["outcome"]) == ("succeeded", "promoted"), first[
         "run"
@@ -71,14 +99,18 @@ def test_concise_users_get_shorter_answers_and_a_second_refresh_holds(server) ->
     assert final.golden_pass_rate >= before.golden_pass_rate - 0.02
 
 
-def test_operator_edits_teach_the_sign_off(server) -> None:
+def test_operator_edits_teach_the_sign_off(server, base_measure: Measure) -> None:
     client = Client(server.base_url, model="signoff")
-    [result] = run_rounds(client, SIGNOFF, "signoff", rounds=1, prompts_per_round=80, max_edits=50)
+    [result] = run_rounds(
+        client, SIGNOFF, "signoff", rounds=1, prompts_per_round=80, max_edits=50,
+        before=base_measure,
+    )  # fmt: skip
     assert result["events"].edits <= 50
     assert result["events"].feedback <= 200
     run = result["run"]
     assert (run["status"], run["outcome"]) == ("succeeded", "promoted"), run
     before, after = result["before"], result["after"]
+    assert before.versions == {None} and after.versions == {"signoff@v1"}
     assert before.value == 0.0  # the base model never signs off
     assert after.value >= 0.5, after.answers
     assert after.golden_pass_rate >= before.golden_pass_rate - 0.02

@@ -102,7 +102,7 @@ def _as_messages(value: Any, role: str) -> Messages:
     raise DataError(f"expected a string or a list of messages, got {type(value).__name__}")
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
     for x, y in zip(a, b, strict=False):
         if x != y:
@@ -130,7 +130,7 @@ def tokenize_sequence(
     """
     prompt_ids = _ids(tokenizer, prompt, generation_prompt=True)
     full_ids = _ids(tokenizer, prompt + completion, generation_prompt=False)
-    prompt_len = _common_prefix(prompt_ids, full_ids)
+    prompt_len = common_prefix(prompt_ids, full_ids)
     if prompt_len >= max_length or prompt_len == len(full_ids):
         return None
     return Tokens(ids=tuple(full_ids[:max_length]), prompt_len=prompt_len)
@@ -305,7 +305,7 @@ def collate_pairs(pairs: Sequence[PairExample], pad_id: int) -> Batch:
     for row, e in enumerate(pairs):
         p, c, r = e.chosen.prompt_len, e.chosen.completion_len, e.rejected.completion_len
         assert e.chosen.ids[:p] == e.rejected.ids[:p], "a pair's two sequences share a prompt"
-        shared = _common_prefix(e.chosen.ids[p:], e.rejected.ids[p:])
+        shared = common_prefix(e.chosen.ids[p:], e.rejected.ids[p:])
         diverged_chosen += [k >= shared for k in range(c)]
         diverged_rejected += [k >= shared for k in range(r)]
         ids = e.chosen.ids + e.rejected.ids[p:]

@@ -52,6 +52,7 @@ from trainer.data import (
     Tokens,
     collate,
     collate_pairs,
+    common_prefix,
     file_sha256,
     length_grouped_batches,
     load_examples,
@@ -74,6 +75,20 @@ class TrainConfig:
     label_smoothing: float = 0.1  # label-flip rate eps, used by cdpo and robust only
     rpo_alpha: float = 0.0  # weight of the NLL on chosen answers (RPO, Pang et al. 2024)
     rpo_span: str = "chosen"  # "chosen": the whole answer; "diverged": where it parts from rejected
+    # Weight of a penalty on moving the log-probs of the tokens a pair's answers share (the
+    # model's own text an operator kept and added to): per token (log pi - log pi_ref)^2,
+    # averaged over the answer. It pins what the edit did not touch, so the update goes where
+    # the edit did.
+    anchor: float = 0.0
+    # Rehearsal, against forgetting what the pairs never mention: the reference's own greedy
+    # answers (``rehearsal_tokens`` long) to unrelated prompts (``train(rehearsal_prompts=...)``,
+    # by default trainer/rehearsal.jsonl) keep their log-probs. The penalty is ``rehearsal``
+    # times per-token (log pi - log pi_ref)^2 averaged over each answer, on ``rehearsal_batch``
+    # answers per optimizer step. Every update that moved SmolLM2's style also cost terse
+    # factual answers ("What does NASA stand for?"), which no pair was about.
+    rehearsal: float = 0.0
+    rehearsal_batch: int = 4
+    rehearsal_tokens: int = 48
     desirable_weight: float = 1.0  # KTO lambda_D
     undesirable_weight: float = 1.0  # KTO lambda_U
     # lr 2e-4 for 1-3 epochs moved held-out greedy answers of SmolLM2-135M on ~80 on-policy
@@ -104,6 +119,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         assert self.loss in losses.LOSS_NAMES, f"loss must be one of {losses.LOSS_NAMES}"
         assert not (self.loss == "kto" and self.rpo_alpha), "rpo_alpha needs paired data"
+        assert not (self.loss == "kto" and self.anchor), "anchor needs paired data"
+        assert self.anchor >= 0, "anchor is a weight, >= 0"
+        assert self.rehearsal >= 0, "rehearsal is a weight, >= 0"
+        assert self.rehearsal_batch >= 1 and self.rehearsal_tokens >= 1
         assert self.rpo_span in ("chosen", "diverged"), "rpo_span must be chosen or diverged"
         assert self.batch_size >= 1 and self.micro_batch_size >= 1 and self.epochs >= 1
 
@@ -369,7 +388,27 @@ def batch_losses(
             nll_sums, nll_counts = per_sequence(batch, tokens, batch.score_diverged)
         nll = nll_sums.chunk(2)[0] / nll_counts.chunk(2)[0].clamp(min=1)
         per_example = per_example - cfg.rpo_alpha * nll
+    if cfg.anchor:
+        n = len(examples)
+        shared = _shared_tokens(batch, n)
+        ref_tokens = torch.cat([ref[i, 2 : 2 + _n_shared(e)] for i, e in enumerate(examples)])
+        moved = torch.zeros_like(tokens)
+        moved[shared] = tokens[shared] - ref_tokens
+        sums, counts = per_sequence(batch, moved.square(), shared)
+        per_example = per_example + cfg.anchor * sums[:n] / counts[:n].clamp(min=1)
     return per_example, chosen_rewards, rejected_rewards
+
+
+def _shared_tokens(batch: Batch, n_pairs: int) -> torch.Tensor:
+    """Per scored token: a chosen answer's token before it parts from its rejected answer."""
+    return ~batch.score_diverged & (batch.score_seqs < n_pairs)
+
+
+def _n_shared(e: Example) -> int:
+    if not isinstance(e, PairExample):
+        return 0
+    p = e.chosen.prompt_len
+    return common_prefix(e.chosen.ids[p:], e.rejected.ids[p:])
 
 
 @torch.no_grad()
@@ -382,13 +421,16 @@ def reference_logps(
     *,
     fresh_lora: bool,
 ) -> torch.Tensor:
-    """Log-probs of both halves of every example under the reference, shape (n, 2).
+    """Log-probs of both halves of every example under the reference, shape (n, 2); with
+    ``cfg.anchor``, (n, 2 + longest shared part), each row followed by the per-token log-probs
+    of the tokens its answers share (zero-padded).
 
     The reference is the policy as it starts: with a fresh LoRA that is the base model (adapter
     disabled, which also skips the LoRA matmuls); warm-started, it is the parent adapter. Each
     process scores its share and the shares are summed into one table.
     """
-    table = torch.zeros(len(examples), 2)
+    width = max((_n_shared(e) for e in examples), default=0) if cfg.anchor else 0
+    table = torch.zeros(len(examples), 2 + width)
     model.eval()  # the reference has no dropout
     mine = list(range(d.rank, len(examples), d.world))
     # Longest first within this process's share, so batches pad little.
@@ -397,11 +439,95 @@ def reference_logps(
         for start in range(0, len(mine), cfg.micro_batch_size):
             idx = mine[start : start + cfg.micro_batch_size]
             batch = _collate_halves([examples[i] for i in idx], pad_id).to(d.device)
-            logps, _ = completion_logps(model, batch, cfg.logits_chunk)
-            table[idx] = torch.stack(logps.float().cpu().chunk(2), dim=1)
+            tokens = token_logps(model, batch, cfg.logits_chunk).float()
+            logps, _ = per_sequence(batch, tokens)
+            table[idx, :2] = torch.stack(logps.cpu().chunk(2), dim=1)
+            if width:
+                shared = tokens[_shared_tokens(batch, len(idx))].cpu()
+                parts = shared.split([_n_shared(examples[i]) for i in idx])
+                for i, part in zip(idx, parts, strict=True):
+                    table[i, 2 : 2 + len(part)] = part
     if d.world > 1:
         dist.all_reduce(table)  # each row was filled by exactly one process
     return table
+
+
+REHEARSAL_PROMPTS = Path(__file__).with_name("rehearsal.jsonl")
+
+
+@dataclass(frozen=True)
+class Rehearsal:
+    """The reference's greedy answers to the rehearsal prompts and their per-token log-probs
+    (in ``collate``'s scoring order, one tensor per answer)."""
+
+    seqs: list[Tokens]
+    ref: list[torch.Tensor]
+
+
+def load_rehearsal_prompts(path: Path) -> list[list[dict[str, Any]]]:
+    """JSONL rows ``{"prompt": "..."}`` or ``{"prompt": [messages]}``."""
+    prompts = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            prompt = row["prompt"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f'{path}:{n}: expected {{"prompt": ...}} ({e})') from e
+        prompts.append([{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt)
+    if not prompts:
+        raise ValueError(f"{path}: no rehearsal prompts")
+    return prompts
+
+
+@torch.no_grad()
+def rehearsal_answers(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[list[dict[str, Any]]],
+    cfg: TrainConfig,
+    d: Dist,
+    pad_id: int,
+    *,
+    fresh_lora: bool,
+) -> Rehearsal:
+    """Generate and score the rehearsal answers with the reference (as ``reference_logps``)."""
+    from trainer.evaluate import generate  # trainer.evaluate imports this module
+
+    model.eval()
+    with model.disable_adapter() if fresh_lora else nullcontext():
+        answers = generate(
+            model, tokenizer, prompts, max_new_tokens=cfg.rehearsal_tokens, device=d.device
+        )
+        # The end-of-answer token is kept: where the reference stops is behaviour too.
+        seqs = [Tokens(tuple(a.prompt_ids + a.answer_ids), len(a.prompt_ids)) for a in answers]
+        ref = []
+        with _autocast(d.device, cfg):
+            for start in range(0, len(seqs), cfg.micro_batch_size):
+                part = seqs[start : start + cfg.micro_batch_size]
+                tokens = token_logps(model, collate(part, pad_id).to(d.device), cfg.logits_chunk)
+                ref += list(tokens.float().cpu().split([s.completion_len for s in part]))
+    return Rehearsal(seqs, ref)
+
+
+def rehearsal_penalty(
+    model: torch.nn.Module, rehearsal: Rehearsal, idx: Sequence[int], cfg: TrainConfig, d: Dist,
+    pad_id: int,
+) -> torch.Tensor:  # fmt: skip
+    """Mean over the answers ``idx`` of the per-token (log pi - log pi_ref)^2."""
+    batch = collate([rehearsal.seqs[i] for i in idx], pad_id).to(d.device)
+    tokens = token_logps(model, batch, cfg.logits_chunk)
+    ref = torch.cat([rehearsal.ref[i] for i in idx]).to(d.device)
+    sums, counts = per_sequence(batch, (tokens - ref).square())
+    return (sums / counts.clamp(min=1)).mean()
+
+
+def _rehearsal_batch(n: int, step: int, cfg: TrainConfig, d: Dist) -> list[int]:
+    """This process's rehearsal answers for ``step``: a seeded order, cycled (so resumable)."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    first = (step * d.world + d.rank) * cfg.rehearsal_batch
+    return [order[(first + k) % n] for k in range(min(cfg.rehearsal_batch, n))]
 
 
 @torch.no_grad()
@@ -559,9 +685,11 @@ def train(
     resume: bool = False,
     on_progress: ProgressFn | None = None,
     progress_bar: bool = True,
+    rehearsal_prompts: Path | None = None,
 ) -> TrainResult:
     """Train an adapter on ``pairs`` (DPO rows, or KTO rows with ``cfg.loss == "kto"``) and
-    write it to ``out``, which must not exist: adapter versions are immutable."""
+    write it to ``out``, which must not exist: adapter versions are immutable. With
+    ``cfg.rehearsal``, ``rehearsal_prompts`` (default: trainer/rehearsal.jsonl) are rehearsed."""
     from transformers import AutoTokenizer
 
     t_start = time.perf_counter()
@@ -603,6 +731,26 @@ def train(
         t_ref = time.perf_counter()
         ref = reference_logps(model, examples, cfg, d, pad_id, fresh_lora=init_adapter is None)
         seconds_reference = time.perf_counter() - t_ref
+    rehearsal, rehearsal_path = None, work / "rehearsal.pt"
+    if cfg.rehearsal and resume and rehearsal_path.exists():
+        saved = torch.load(rehearsal_path)
+        pieces = zip(saved["ids"], saved["prompt_lens"], strict=True)
+        seqs = [Tokens(tuple(ids), p) for ids, p in pieces]
+        rehearsal = Rehearsal(seqs, saved["ref"])
+    elif cfg.rehearsal:
+        t_ref = time.perf_counter()
+        prompts = load_rehearsal_prompts(rehearsal_prompts or REHEARSAL_PROMPTS)
+        rehearsal = rehearsal_answers(
+            model, tokenizer, prompts, cfg, d, pad_id, fresh_lora=init_adapter is None
+        )
+        seconds_reference += time.perf_counter() - t_ref
+        if d.main:  # a resumed run's reference may be gone (warm start): keep the answers
+            seqs = rehearsal.seqs
+            saved = {
+                "ids": [list(t.ids) for t in seqs],
+                "prompt_lens": [t.prompt_len for t in seqs],
+            }
+            torch.save(saved | {"ref": rehearsal.ref}, rehearsal_path)
     heldout = [examples[i] for i in heldout_idx]
     if heldout and not resume:
         eval_before = evaluate(model, heldout, ref[heldout_idx], cfg, d, pad_id)
@@ -642,6 +790,12 @@ def train(
                 ((weights * per_example).sum() / len(mine)).backward()
                 stats += _stats(per_example, chosen, rejected, cfg)
                 tokens_seen += sum(len(s.ids) for i in idx for s in _halves(examples[i]))
+            drift = None
+            if rehearsal is not None:
+                rows = _rehearsal_batch(len(rehearsal.seqs), step, cfg, d)
+                with _autocast(d.device, cfg):
+                    drift = rehearsal_penalty(model, rehearsal, rows, cfg, d, pad_id)
+                (cfg.rehearsal * drift).backward()
             _all_reduce_mean_([p.grad for p in params if p.grad is not None], d)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
@@ -651,6 +805,8 @@ def train(
             if d.world > 1:
                 dist.all_reduce(stats)
             last = _metrics(stats) | {"lr": lr, "grad_norm": float(grad_norm)}
+            if drift is not None:  # this process's rehearsal answers: (log pi - log pi_ref)^2
+                last["rehearsal_drift"] = float(drift.detach())
             if d.main:
                 _log(
                     log_path,
@@ -688,6 +844,7 @@ def train(
     result_path = None
     if d.main:
         checkpoint.unlink(missing_ok=True)
+        rehearsal_path.unlink(missing_ok=True)
         model.save_pretrained(work)
         manifest = {
             "format": MANIFEST_FORMAT,
@@ -746,6 +903,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-adapter", type=Path, help="warm-start from (and refer to) this adapter")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--rehearsal-prompts", type=Path,
+        help='JSONL {"prompt": ...} rows rehearsed with --rehearsal W (default: the shipped set)',
+    )  # fmt: skip
     _config_arguments(p)
     return parser
 
@@ -768,6 +929,7 @@ def main(argv: list[str] | None = None) -> int:
             init_adapter=args.init_adapter,
             resume=args.resume,
             progress_bar=not args.no_progress,
+            rehearsal_prompts=args.rehearsal_prompts,
         )
     except (FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -14,18 +14,24 @@ Each side (an adapter, or the base model where none is given) gets three measure
 
 The base model is loaded once; both adapters sit in one ``PeftModel`` under their own names and
 the base is the same model with the adapter disabled.
+
+With ``cache_dir`` each side's greedy answers (and KL) are kept, keyed by the model's and the
+adapter's files, the prompts and ``max_new_tokens``: greedy decoding is deterministic, and the
+base and the incumbent (the last refresh's candidate) are the same every refresh, so a refresh
+generates for its candidate only.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
@@ -47,9 +53,13 @@ from trainer.dpo import completion_logps
 from trainer.golden import GoldenError, GoldenItem, failed_checks, load_golden, parse_messages
 
 REPORT_FORMAT = "prefloop-eval/1"
+# 2: answers generated 32 at a time (batch composition can move a greedy tie by rounding).
+CACHE_FORMAT = "prefloop-eval-cache/2"
 SIDES = ("candidate", "incumbent")
 MAX_LENGTH = 1024  # prompt + answer tokens of a pair, as TrainConfig.max_length
-GENERATE_BATCH = 8
+# A decode step costs about the same for 8 rows as for 32 on a small model (SmolLM2 on 2 CPU
+# cores: 71 tok/s at 8, 163 at 32), and greedy answers of 64 tokens are cheap in memory.
+GENERATE_BATCH = 32
 SCORE_BATCH = 4  # full-vocabulary logits for KL: batch x length x vocab floats, twice
 ANSWER_CHARS = 300  # of a failing golden answer kept in the report
 
@@ -321,6 +331,67 @@ def drift_metrics(
     }
 
 
+# --- the answer cache -------------------------------------------------------------------------
+
+
+def _files(path: Path, content: bool) -> list[tuple[str, Any]]:
+    """A directory's identity for the cache. An adapter: the name and sha256 of each file PEFT
+    loads (a few MB; not manifest.json, which gains the gate's report after evaluation). A base
+    model: every file's size and modification time (GBs, re-converted with new times)."""
+    files = path.glob("adapter_*") if content else path.rglob("*")
+    out = []
+    for f in sorted(p for p in files if p.is_file()):
+        st = f.stat()
+        sig = (
+            hashlib.sha256(f.read_bytes()).hexdigest() if content else (st.st_size, st.st_mtime_ns)
+        )
+        out.append((str(f.relative_to(path)), sig))
+    return out
+
+
+def _cache_key(
+    base: Path, adapter: Path | None, prompts: Any, max_new_tokens: int, dev: Any
+) -> str:
+    import transformers
+
+    ident = {
+        "format": CACHE_FORMAT,
+        "base": _files(base, content=False),
+        "adapter": _files(adapter, content=True) if adapter is not None else None,
+        "prompts": prompts,
+        "max_new_tokens": max_new_tokens,
+        "device": dev.type,  # greedy answers may differ between CPU and GPU kernels
+        "versions": [torch.__version__, transformers.__version__],
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+def _cache_read(path: Path | None) -> dict[str, Any]:
+    if path is None or not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}  # a damaged entry is a miss, never an error
+    out: dict[str, Any] = {"kl": data.get("kl")}
+    for part in ("golden", "drift"):
+        if data.get(part) is not None:
+            out[part] = [Generated(**g) for g in data[part]]
+    return out
+
+
+def _cache_write(path: Path | None, entry: dict[str, Any]) -> None:
+    if path is None:
+        return
+    data = {
+        k: [asdict(g) for g in v] if k != "kl" and v is not None else v for k, v in entry.items()
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data), encoding="utf-8")
+    os.replace(tmp, path)  # concurrent evaluations write whole entries or none
+
+
 # --- the whole evaluation ---------------------------------------------------------------------
 
 
@@ -343,9 +414,11 @@ def evaluate(
     device: str = "auto",
     progress: bool = True,
     on_progress: ProgressFn | None = None,
+    cache_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``candidate`` and ``incumbent`` (None: the base model) on held-out ``pairs``,
-    the ``golden`` items and the ``canary`` prompts (None: the shipped set); a JSON-ready report."""
+    the ``golden`` items and the ``canary`` prompts (None: the shipped set); a JSON-ready report.
+    ``cache_dir``: where each side's greedy answers are kept between evaluations."""
     from transformers import AutoTokenizer
 
     t_start = time.perf_counter()
@@ -360,23 +433,43 @@ def evaluate(
     examples = _pair_examples(pairs or [], tokenizer)
     model = _load(Path(base), {s: Path(p) for s, p in paths.items() if p is not None}, dev)
 
-    # The base side (None) is always measured: its log-probs are the reference and its canary
-    # answers the length yardstick. Greedy answers are deterministic, so each side's run once.
+    # The base side (None) is always measured: its log-probs are the reference, its canary
+    # answers the length yardstick and its golden answers the floor no chain of promotions may
+    # sink below (the gate's golden rule). Greedy answers are deterministic, so each side's run
+    # once, or never where the cache has them.
     keys = [None] + [s for s in SIDES if paths[s] is not None]
-    n_items = len(examples) + len(golden) + 2 * len(canary)  # an adapter's work; KL twice
-    total = len(examples) + len(golden) * (None in (candidate, incumbent)) + len(canary)
-    total += n_items * (len(keys) - 1)
+    prompts = {"golden": [item.messages for item in golden], "canary": canary}
+    entries: dict[str | None, tuple[Path | None, dict[str, Any]]] = {}
+    for key in keys:
+        file = None
+        if cache_dir is not None:
+            adapter = Path(paths[key]) if key is not None else None
+            digest = _cache_key(Path(base), adapter, prompts, max_new_tokens, dev)
+            file = Path(cache_dir) / f"{digest}.json"
+        entries[key] = (file, _cache_read(file))
+
+    total = 0
+    for key in keys:
+        hit = entries[key][1]
+        total += len(examples)
+        total += len(golden) * (hit.get("golden") is None)
+        total += len(canary) * ("drift" not in hit)
+        total += len(canary) * (key is not None and hit.get("kl") is None)
     bar = _Progress(total, progress, on_progress)
 
     results: dict[str | None, dict[str, Any]] = {}
+    cached = []
     for key in keys:
         name = key or "base"
+        file, hit = entries[key]
+        fresh = False  # anything generated or scored here, not read from the cache
         with _side(model, key):
             logps = pair_logps(
                 model, examples, pad_id, dev, bar.stage(f"{name} pairs", len(examples))
             )
-            answers = None
-            if key is not None or None in (candidate, incumbent):
+            answers = hit.get("golden")
+            if answers is None:
+                fresh = True
                 answers = generate(
                     model,
                     tokenizer,
@@ -385,18 +478,29 @@ def evaluate(
                     device=dev,
                     tick=bar.stage(f"{name} golden", len(golden)),
                 )
-            drift = generate(
-                model,
-                tokenizer,
-                canary,
-                max_new_tokens=max_new_tokens,
-                device=dev,
-                tick=bar.stage(f"{name} canary", len(canary)),
-            )
-        kl = [0.0] * len(drift)
-        if key is not None:
-            kl = answer_kl(model, key, drift, pad_id, dev, bar.stage(f"{name} kl", len(drift)))
-        results[key] = {"logps": logps, "golden": answers, "drift": drift, "kl": kl}
+            drift = hit.get("drift")
+            if drift is None:
+                fresh = True
+                drift = generate(
+                    model,
+                    tokenizer,
+                    canary,
+                    max_new_tokens=max_new_tokens,
+                    device=dev,
+                    tick=bar.stage(f"{name} canary", len(canary)),
+                )
+        kl = hit.get("kl")
+        if kl is None:
+            fresh = True
+            kl = [0.0] * len(drift)
+            if key is not None:
+                kl = answer_kl(model, key, drift, pad_id, dev, bar.stage(f"{name} kl", len(drift)))
+        entry = {"golden": answers, "drift": drift, "kl": kl}
+        if fresh:
+            _cache_write(file, entry)
+        else:
+            cached.append(name)
+        results[key] = {"logps": logps, **entry}
     bar.bar.close()
 
     ref = results[None]
@@ -414,6 +518,7 @@ def evaluate(
         "created_at": datetime.now(UTC).isoformat(),
         "base": str(base),
         **report_sides,
+        "base_model": {"golden": golden_metrics(golden, ref["golden"])},
         "settings": {
             "beta": beta,
             "max_new_tokens": max_new_tokens,
@@ -421,6 +526,7 @@ def evaluate(
             "n_golden": len(golden),
             "n_canary": len(canary),
         },
+        "cached": cached,  # sides whose answers came from the cache
         "seconds": time.perf_counter() - t_start,
     }
 
@@ -452,6 +558,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1")
     p.add_argument("--out", type=Path, required=True, help="report JSON to write")
+    p.add_argument(
+        "--cache-dir", type=Path, help="keep greedy answers here and reuse them (default: none)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -473,6 +582,7 @@ def main(argv: list[str] | None = None) -> int:
             max_new_tokens=args.max_new_tokens,
             device=args.device,
             progress=not args.no_progress,
+            cache_dir=args.cache_dir,
         )
     except (FileNotFoundError, ValueError) as e:  # DataError and GoldenError are ValueErrors
         print(f"error: {e}", file=sys.stderr)

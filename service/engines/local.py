@@ -116,8 +116,9 @@ class LocalEngine:
         device: str = "auto",
         dtype: str = "auto",
         max_queue: int = 32,
-        max_batch: int = 8,
+        max_batch: int = 16,
         torch_threads: int = 0,
+        continuous: bool = True,  # False: a batch admits nobody once it runs (bench/batching.py)
     ):
         self.model_path = model_path
         self.model_name = model_name
@@ -126,16 +127,19 @@ class LocalEngine:
         self.max_queue = max_queue
         self.max_batch = max_batch
         self.torch_threads = torch_threads
+        self.continuous = continuous
         self.model: Any = None
         self.tokenizer: Any = None
         self._adapters: dict[str, str] = {}  # name -> path
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._backlog: deque[_Job | None] = deque()  # taken from _jobs, not run: before _jobs
         self._calls: queue.SimpleQueue[_Job] = queue.SimpleQueue()  # loads/unloads, run first
         self._running_adapters: set[str | None] = set()  # adapters of rows being decoded
         self._slots = threading.BoundedSemaphore(max_queue)
         self._worker: threading.Thread | None = None
         self._ready = False
         self._eos: set[int] = set()
+        self._pad = 0
 
     # --- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -163,6 +167,7 @@ class LocalEngine:
         self._eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if self.tokenizer.eos_token_id is not None:
             self._eos.add(self.tokenizer.eos_token_id)
+        self._pad = min(self._eos) if self._eos else 0
         log.info(
             "loaded %s on %s (%s) in %.1fs",
             self.model_path,
@@ -267,31 +272,19 @@ class LocalEngine:
         return LocalStream(job, len(ids), self._slots.release)
 
     def _work(self) -> None:
-        backlog: deque[_Job | None] = deque()
         while True:
-            job = backlog.popleft() if backlog else self._jobs.get()
+            job = self._backlog.popleft() if self._backlog else self._jobs.get()
             if job is None:
                 return
             if job.generation is None:
                 self._run_calls()
                 continue
-            # Dynamic batching: generations already waiting join this one, up to max_batch rows.
-            # Anything else (an adapter load, shutdown) keeps its place after the batch.
-            batch, rows = [job], job.generation[0].params.n
-            while True:
-                try:
-                    nxt = backlog.popleft() if backlog else self._jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is not None and nxt.generation is None:
-                    self._run_calls()
-                    continue
-                if nxt is None or rows + nxt.generation[0].params.n > self.max_batch:
-                    backlog.appendleft(nxt)
-                    break
-                batch.append(nxt)
-                rows += nxt.generation[0].params.n
-            self._run_batch(batch)
+            self._backlog.appendleft(job)
+            self._run_batch()
+            if self._backlog and self._backlog[0] is job:  # not taken: never spin on it
+                self._backlog.popleft()
+                job.emit(EngineError("generation failed before it started; see the log"))
+                job.emit(_END)
 
     def _run_calls(self) -> None:
         while True:
@@ -307,7 +300,29 @@ class LocalEngine:
                 job.emit(_as_engine_error(exc))
             job.emit(_END)
 
-    def _run_batch(self, jobs: list[_Job]) -> None:
+    def _waiting(self, free: int) -> list[_Job]:
+        """Generations waiting in line that fit in ``free`` rows, in arrival order. A queued
+        adapter load or unload runs here; the first one that does not fit, and shutdown, keep
+        their place at the head of the line (first come, first served)."""
+        taken: list[_Job] = []
+        while True:
+            try:
+                job = self._backlog.popleft() if self._backlog else self._jobs.get_nowait()
+            except queue.Empty:
+                return taken
+            if job is not None and job.generation is None:
+                self._run_calls()
+                continue
+            # An empty batch takes the first request whatever its `n` (more than max_batch
+            # choices decode together rather than never).
+            too_big = job is not None and job.generation[0].params.n > free
+            if job is None or (too_big and (taken or free < self.max_batch)):
+                self._backlog.appendleft(job)
+                return taken
+            taken.append(job)
+            free -= job.generation[0].params.n
+
+    def _admit(self, jobs: list[_Job]) -> list[_Gen]:
         gens = []
         for job in jobs:
             request, prompt = job.generation
@@ -318,14 +333,16 @@ class LocalEngine:
                 job.emit(_END)
             else:
                 gens.append(_Gen(job, request, prompt, self.tokenizer))
-        if not gens:
-            return
+        return gens
+
+    def _run_batch(self) -> None:
+        batch = _Batch()
         try:
-            self._decode(gens)
+            self._decode(batch)
         except Exception as exc:  # noqa: BLE001 - every failure goes back to its requests
             log.exception("generation failed")
             error = _as_engine_error(exc)
-            for g in gens:
+            for g in batch.gens:
                 if not g.ended:
                     g.job.emit(error)
                     g.job.emit(_END)
@@ -338,12 +355,12 @@ class LocalEngine:
         return self.model(use_cache=True, **inputs)
 
     @torch.inference_mode()
-    def _decode(self, gens: list[_Gen]) -> None:
+    def _prefill(self, gens: list[_Gen]) -> _Batch:
+        """The prompts of newly admitted requests in one forward: their rows, ready to sample."""
         rows = [(g, i) for g in gens for i in range(g.request.params.n)]
-        pad = next(iter(self._eos)) if self._eos else 0
         width = max(len(g.prompt) for g in gens)
         # Left padding, so every row's next token sits in the last column.
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        input_ids = torch.full((len(rows), width), self._pad, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for r, (g, _) in enumerate(rows):
             input_ids[r, width - len(g.prompt) :] = torch.tensor(g.prompt)
@@ -351,52 +368,124 @@ class LocalEngine:
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self._forward(rows, input_ids=input_ids, attention_mask=mask, position_ids=positions)
-        past, logits = getattr(out, self._cache_name), out.logits[:, -1, :].float()
-        positions = positions[:, -1]
-        counts = torch.zeros(len(rows), logits.shape[-1], device=logits.device)
+        logits = out.logits[:, -1, :].float()
+        return _Batch(
+            gens=gens, rows=rows, past=getattr(out, self._cache_name), mask=mask,
+            positions=positions[:, -1], logits=logits,
+            counts=torch.zeros(len(rows), logits.shape[-1], device=logits.device),
+        )  # fmt: skip
 
+    @torch.inference_mode()
+    def _decode(self, batch: _Batch) -> None:
+        """Continuous batching: between two decode steps, finished rows leave the batch and
+        requests waiting in line join it (their prompts prefilled, their KV cache merged in), so
+        a request arriving mid-batch waits one step, not for the longest answer in the batch."""
         while True:
-            self._running_adapters = {g.request.adapter for g, _ in rows}
+            self._running_adapters = {g.request.adapter for g, _ in batch.rows}
             self._run_calls()  # a pending adapter load or unload waits one step, not the batch
-            next_ids = torch.full((len(rows),), pad, dtype=torch.long)
-            for g in gens:
-                idx = [r for r, (h, _) in enumerate(rows) if h is g]
-                if not idx:
-                    continue
+            free = self.max_batch - len(batch.rows)
+            if free > 0 and (not batch.rows or (self.continuous and _mergeable(batch.past))):
+                gens = self._admit(self._waiting(free))
+                if gens:
+                    batch.gens.extend(gens)  # before the prefill: a failure reaches them too
+                    batch.merge(self._prefill(gens))
+            if not batch.rows:
+                return
+            next_ids = torch.full((len(batch.rows),), self._pad, dtype=torch.long)
+            for g in batch.live():
+                idx = [r for r, (h, _) in enumerate(batch.rows) if h is g]
                 if g.job.cancelled.is_set():
                     g.cancel()
                     continue
                 p = g.request.params
-                picked = _sample(
-                    _apply_penalties(logits[idx], counts[idx], p), p.temperature, p.top_p, g.rng
-                )
+                logits, counts = batch.logits[idx], batch.counts[idx]
+                picked = _sample(_apply_penalties(logits, counts, p), p.temperature, p.top_p, g.rng)
                 next_ids[idx] = picked.cpu()
-            for r, (g, i) in enumerate(rows):
+            for r, (g, i) in enumerate(batch.rows):
                 if g.decoders[i].finish is None:
                     g.push(i, int(next_ids[r]), self._eos)
-                    counts[r, next_ids[r]] += 1
-            for g in gens:
+                    batch.counts[r, next_ids[r]] += 1
+            for g in batch.live():
                 g.step_done()
+            batch.gens = [g for g in batch.gens if not g.ended]
 
-            keep = [r for r, (g, i) in enumerate(rows) if g.decoders[i].finish is None]
-            if not keep:
-                return
-            if len(keep) < len(rows):  # drop finished rows: no compute is spent on them
-                index = torch.tensor(keep, device=self.device)
-                past.batch_select_indices(index)
-                mask, positions, counts = mask[index], positions[index], counts[index]
+            keep = [r for r, (g, i) in enumerate(batch.rows) if g.decoders[i].finish is None]
+            if len(keep) < len(batch.rows):  # drop finished rows: no compute is spent on them
+                batch.select(keep)
                 next_ids = next_ids[keep]
-                rows = [rows[r] for r in keep]
-            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
-            positions = positions + 1
+            if not batch.rows:
+                continue  # the batch is empty: whoever waits starts a fresh one
+            batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
+            batch.positions = batch.positions + 1
             out = self._forward(
-                rows,
+                batch.rows,
                 input_ids=next_ids.to(self.device).unsqueeze(1),
-                attention_mask=mask,
-                position_ids=positions.unsqueeze(1),
-                **{self._cache_name: past},
+                attention_mask=batch.mask,
+                position_ids=batch.positions.unsqueeze(1),
+                **{self._cache_name: batch.past},
             )
-            past, logits = getattr(out, self._cache_name), out.logits[:, -1, :].float()
+            batch.past, batch.logits = getattr(out, self._cache_name), out.logits[:, -1, :].float()
+
+
+@dataclass(eq=False)
+class _Batch:
+    """The rows being decoded together: (request, choice) pairs and their aligned state."""
+
+    gens: list[_Gen] = field(default_factory=list)
+    rows: list[tuple[_Gen, int]] = field(default_factory=list)
+    past: Any = None  # the KV cache, one row per entry of `rows`
+    mask: Any = None  # (rows, cache length): 0 for left padding
+    positions: Any = None  # (rows,): each row's position of its last token
+    logits: Any = None  # (rows, vocab): the next token's logits
+    counts: Any = None  # (rows, vocab): tokens generated so far, for the penalties
+
+    def live(self) -> list[_Gen]:
+        return [g for g in self.gens if any(h is g for h, _ in self.rows)]
+
+    def select(self, keep: list[int]) -> None:
+        if not keep:
+            self.rows, self.past = [], None
+            return
+        index = torch.tensor(keep, device=self.mask.device)
+        self.past.batch_select_indices(index)
+        self.mask, self.positions = self.mask[index], self.positions[index]
+        self.logits, self.counts = self.logits[index], self.counts[index]
+        self.rows = [self.rows[r] for r in keep]
+
+    def merge(self, new: _Batch) -> None:
+        """Append ``new``'s rows; the shorter cache is padded on the left (masked out), so
+        every row's latest token stays in the last column."""
+        if not self.rows:
+            self.rows, self.past, self.mask = new.rows, new.past, new.mask
+            self.positions, self.logits, self.counts = new.positions, new.logits, new.counts
+            return
+        width = max(self.mask.shape[1], new.mask.shape[1])
+        for a, b in zip(self.past.layers, new.past.layers, strict=True):
+            a.keys = torch.cat([_left_pad(a.keys, width), _left_pad(b.keys, width)])
+            a.values = torch.cat([_left_pad(a.values, width), _left_pad(b.values, width)])
+        self.mask = torch.cat([_left_pad(self.mask, width, dim=1), _left_pad(new.mask, width, 1)])
+        self.positions = torch.cat([self.positions, new.positions])
+        self.logits = torch.cat([self.logits, new.logits])
+        self.counts = torch.cat([self.counts, new.counts])
+        self.rows = self.rows + new.rows
+
+
+def _left_pad(t: torch.Tensor, width: int, dim: int = -2) -> torch.Tensor:
+    missing = width - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def _mergeable(past: Any) -> bool:
+    """Rows can join a running batch when its KV cache is plain per-layer tensors (a full
+    attention model's DynamicCache); a sliding-window or other cache runs batch by batch."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(past, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
 
 
 def _as_engine_error(exc: Exception) -> Exception:

@@ -69,6 +69,22 @@ def test_golden_regressions_name_the_failed_items() -> None:
     assert decide(side(golden=0.89), BASE, GateThresholds()).approved
 
 
+def test_golden_forgetting_cannot_accumulate_over_promotions() -> None:
+    """Each promotion may trail its incumbent by the tolerance, but never the base model by
+    more: else nightly refreshes could each forget a little, without bound."""
+    worn = side(golden=0.89)  # the incumbent: promoted at 0.89 against a base of 0.90
+    base = {"golden": BASE["golden"]}
+    assert decide(side(golden=0.87), worn, GateThresholds()).approved  # incumbent alone: 0.87
+    verdict = decide(side(golden=0.87, failures=("nasa",)), worn, GateThresholds(), base=base)
+    assert verdict.reasons == ["golden pass rate 0.87 < base model 0.90 - 0.02 (failed: nasa)"]
+    lenient = GateThresholds(golden_tolerance=0.03)
+    assert decide(side(golden=0.87), worn, lenient, base=base).approved
+    # An incumbent better than the base is the floor to keep.
+    better = side(golden=1.0)
+    verdict = decide(side(golden=0.95), better, GateThresholds(), base=base)
+    assert verdict.reasons == ["golden pass rate 0.95 < incumbent 1.00 - 0.02"]
+
+
 @pytest.mark.parametrize(
     ("candidate", "reason"),
     [

@@ -74,6 +74,10 @@ def live(
     settings_overrides: dict[str, Any],
     db_url: str,
 ) -> Iterator[Live]:
+    # The engine is the module's: adapters an earlier test's refreshes loaded (one may finish
+    # promoting while its server stops) must not be served in this one.
+    for name in tiny_engine.adapters():
+        asyncio.run(tiny_engine.unload_adapter(name))
     # No scheduler unless a test asks: its threshold check would compile pairs mid-test.
     overrides = {"refresh_enabled": False, **settings_overrides}
     settings = Settings(home=tmp_path, model=str(tiny_llama_dir), database_url=db_url, **overrides)

@@ -16,6 +16,14 @@ def test_defaults_serve_smollm2_from_sqlite_under_home(tmp_path: Path) -> None:
     assert s.models_dir == tmp_path / "models"
 
 
+def test_rehearsal_prompts_are_the_operators_else_the_trainers(tmp_path: Path) -> None:
+    assert Settings(home=tmp_path).rehearsal_file is None  # the trainer's own set
+    (tmp_path / "rehearsal.jsonl").write_text('{"prompt": "What is a noun?"}\n')
+    assert Settings(home=tmp_path).rehearsal_file == tmp_path / "rehearsal.jsonl"
+    other = tmp_path / "elsewhere.jsonl"
+    assert Settings(home=tmp_path, rehearsal_path=str(other)).rehearsal_file == other
+
+
 def test_environment_overrides(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("PREFLOOP_PORT", "9001")
     monkeypatch.setenv("PREFLOOP_MODEL", str(tmp_path / "my-model"))

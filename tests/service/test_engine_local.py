@@ -214,6 +214,23 @@ async def _batched(engine: LocalEngine, requests: list[GenerationRequest]) -> li
     return await asyncio.gather(*(drain(s) for s in streams))
 
 
+async def _staggered(engine: LocalEngine, requests: list[GenerationRequest]) -> list[dict]:
+    """Each request starts once the one before has streamed a few deltas: mid-batch."""
+    outs: list[dict] = [{} for _ in requests]
+
+    async def drain(k: int, stream) -> None:
+        async for d in stream:
+            outs[k].setdefault(d.index, []).append(d)
+
+    tasks = []
+    for k, r in enumerate(requests):
+        tasks.append(asyncio.create_task(drain(k, await engine.generate(r))))
+        while k < len(requests) - 1 and sum(map(len, outs[k].values())) < 3:
+            await asyncio.sleep(0.002)
+    await asyncio.gather(*tasks)
+    return outs
+
+
 def count_forwards(engine: LocalEngine) -> dict[str, int]:
     real = engine.model.forward
     calls = {"n": 0}
@@ -264,6 +281,9 @@ def test_batched_greedy_answers_equal_one_at_a_time(smollm2_dir: Path) -> None:
         together = [text_of(o[0]) for o in run(_batched(eng, requests))]
         assert together == alone
         assert "Paris" in together[0]
+        # Arriving one by one, each joins the running batch (its cache merged in, padded).
+        staggered = [text_of(o[0]) for o in run(_staggered(eng, requests))]
+        assert staggered == alone
     finally:
         run(eng.aclose())
 
@@ -303,3 +323,31 @@ def test_adapter_swaps_run_between_decode_steps(
     assert text == alone  # the running answer is exactly what it would have been
     assert at_load < total  # the load finished while the answer was still being generated
     assert engine.adapters() == []
+
+
+def test_a_request_arriving_mid_batch_joins_it(engine: LocalEngine) -> None:
+    """Continuous batching: a short request that arrives while a long answer is decoding runs
+    beside it and finishes first; neither answer changes."""
+    short = GenerationRequest([{"role": "user", "content": "What is 2+2?"}], VARIED)
+    long = GenerationRequest(HELLO, greedy(300))
+    alone_short = text_of(run(collect(engine, short))[0])
+    alone_long = text_of(run(collect(engine, long))[0])
+
+    async def scenario() -> tuple[str, str, int]:
+        seen: list = []
+
+        async def consume(stream) -> None:
+            async for d in stream:
+                seen.append(d)
+
+        task = asyncio.create_task(consume(await engine.generate(long)))
+        while len(seen) < 5:
+            await asyncio.sleep(0.002)
+        deltas = (await collect(engine, short))[0]
+        at_short_end = len(seen)
+        await task
+        return text_of(deltas), text_of(seen), at_short_end
+
+    got_short, got_long, at_short_end = run(scenario())
+    assert (got_short, got_long) == (alone_short, alone_long)
+    assert at_short_end < 290  # the short answer ended long before the long one

@@ -57,7 +57,29 @@ def test_interrupted_preparation_leaves_no_model_and_recovers(tmp_path: Path) ->
     # The next run starts over cleanly and leaves only the finished model.
     assert prepare_default_model(models_dir, progress=False) == target
     assert is_prepared(target)
-    assert [p.name for p in models_dir.iterdir()] == [target.name]
+    assert [p.name for p in models_dir.iterdir() if p.suffix != ".lock"] == [target.name]
+
+
+@pytest.mark.slow
+def test_preparers_starting_together_both_get_the_model(tmp_path: Path) -> None:
+    """Two replicas (or a test run and a benchmark) on one volume: one converts, the other
+    waits for it. Before the lock, the second removed the first's work as "stale"."""
+    env = {**os.environ, "PREFLOOP_HOME": str(tmp_path)}
+    code = "from service.cli import main; raise SystemExit(main(['model', 'prepare']))"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    target = default_model_dir(tmp_path.resolve() / "models")
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err.decode()[-2000:]
+        assert out.decode().strip() == str(target)
+    assert is_prepared(target)
+    names = [p.name for p in target.parent.iterdir() if p.suffix != ".lock"]
+    assert names == [target.name]
 
 
 @pytest.mark.slow

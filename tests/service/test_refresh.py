@@ -19,6 +19,7 @@ from service.refresh import acquire_lease, create_run, release_lease, renew_leas
 from service.scheduler import Refresher
 from tests.conftest import BOTH_DATABASES
 from tests.service.conftest import Live
+from trainer.dpo import REHEARSAL_PROMPTS
 
 OPS = {"X-Operator": "olga"}
 LENIENT_GATE = {  # the tiny random model is no judge of quality: let every candidate through
@@ -61,10 +62,18 @@ def wait_run(live: Live, run_id: str, timeout: float = 300) -> dict[str, Any]:
     raise AssertionError(f"run {run_id} still {run['status']} at {run['stage']}")
 
 
+# Rehearsing the reference's own answers (4 tokens each) to the trainer's prompts.
+REHEARSING = {
+    **FAST,
+    "refresh_train": {**FAST["refresh_train"], "rehearsal": 1.0, "rehearsal_tokens": 4},
+    "rehearsal_path": str(REHEARSAL_PROMPTS),
+}
+
+
 @pytest.mark.parametrize(
     "db_backend, settings_overrides",
     [
-        ("sqlite", FAST),
+        ("sqlite", REHEARSING),
         # On Postgres, and trained by two processes under torchrun (DDP, gloo on CPU).
         pytest.param("postgres", {**FAST, "refresh_train_nproc": 2}, marks=pytest.mark.postgres),
     ],
@@ -94,6 +103,9 @@ def test_a_refresh_trains_gates_promotes_and_serves(
     nproc = settings_overrides.get("refresh_train_nproc", 1)
     assert run["steps"][2]["detail"]["processes"] == nproc
     assert ("torch.distributed.run --standalone --nproc-per-node 2" in run["log"]) == (nproc == 2)
+    rehearsal = settings_overrides["refresh_train"].get("rehearsal")
+    assert ("--rehearsal 1.0" in run["log"]) == bool(rehearsal)
+    assert (f"--rehearsal-prompts {REHEARSAL_PROMPTS}" in run["log"]) == bool(rehearsal)
 
     # Served: the promotion reached the router.
     deadline = time.monotonic() + 5

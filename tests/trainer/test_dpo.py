@@ -303,6 +303,87 @@ def test_rpo_span_diverged_counts_only_what_the_edit_added(
         TrainConfig(rpo_span="answer")
 
 
+def _edit_pairs(path: Path, n: int) -> Path:
+    """Operator edits: the model's answer kept, a sign-off appended."""
+    rows = []
+    for i in range(n):
+        answer = f"Hold button {i} for {i + 2} seconds, then wait."
+        rows.append({
+            "prompt": [{"role": "user", "content": f"How do I reset device {i}?"}],
+            "chosen": [{"role": "assistant", "content": answer + "\n\n-- Acme Support"}],
+            "rejected": [{"role": "assistant", "content": answer}],
+        })  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_anchor_penalises_moving_the_shared_tokens(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """The anchor is the mean over the tokens an edit kept of (log pi - log pi_ref)^2: zero at
+    the start, exactly that once the policy moves, and in training it keeps the kept text's
+    log-probs closer to the reference while the added line is still learned."""
+    from transformers import AutoTokenizer
+
+    from trainer.dpo import Dist, batch_losses, reference_logps
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    pairs_file = _edit_pairs(tmp_path / "edits.jsonl", 16)
+    examples, _ = load_examples(pairs_file, tok, kind="pairs", max_length=128)
+    d = Dist(0, 1, torch.device("cpu"))
+    cfg = replace(TINY, anchor=2.0, rpo_alpha=1.0, rpo_span="diverged")
+    model = load_policy(tiny_llama_dir, None, cfg, torch.device("cpu"))
+    ref = reference_logps(model, examples, cfg, d, tok.pad_token_id, fresh_lora=True)
+    plain = reference_logps(model, examples, TINY, d, tok.pad_token_id, fresh_lora=True)
+    assert plain.shape == (16, 2) and ref.shape[1] > 2
+    assert_close(ref[:, :2], plain)
+
+    def shared_logps(model: torch.nn.Module, i: int) -> torch.Tensor:
+        pair = examples[i]
+        p = pair.chosen.prompt_len
+        n = next(k for k in range(pair.chosen.completion_len)
+                 if pair.chosen.ids[p + k] != pair.rejected.ids[p + k])  # fmt: skip
+        with torch.no_grad():
+            ids = torch.tensor([pair.chosen.ids])
+            logps = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
+        return logps.gather(1, ids[0, 1:, None])[p - 1 : p - 1 + n, 0]
+
+    ref_0 = shared_logps(model, 0)
+    assert_close(ref[0, 2 : 2 + len(ref_0)], ref_0, atol=1e-5, rtol=0)
+    assert (ref[0, 2 + len(ref_0) :] == 0).all()  # padding
+    with torch.no_grad():
+        without = batch_losses(model, examples[:2], ref[:2, :2], replace(cfg, anchor=0.0), d, 0)
+        at_start = batch_losses(model, examples[:2], ref[:2], cfg, d, 0)
+        assert_close(at_start[0], without[0])  # policy == reference: no penalty
+
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.add_(0.05 * torch.randn_like(param))
+        moved = shared_logps(model, 0)
+        without = batch_losses(model, examples[:1], ref[:1, :2], replace(cfg, anchor=0.0), d, 0)
+        with_anchor = batch_losses(model, examples[:1], ref[:1], cfg, d, 0)
+    penalty = ((moved - ref_0) ** 2).mean()
+    assert penalty > 0
+    assert_close(with_anchor[0] - without[0], 2.0 * penalty.reshape(1), atol=1e-5, rtol=1e-4)
+
+    # Trained with and without it: the anchored adapter leaves the kept text closer to the
+    # reference, and still prefers the edit (the DPO margin is positive).
+    base = load_policy(tiny_llama_dir, None, TINY, torch.device("cpu"))
+    drift = {}
+    for weight in (0.0, 5.0):
+        out = tmp_path / f"anchor-{weight}"
+        result = train(
+            replace(cfg, anchor=weight, epochs=3, eval_fraction=0.0),
+            pairs=pairs_file, base=tiny_llama_dir, out=out, progress_bar=False,
+        )  # fmt: skip
+        assert _train_lines(out)[-1]["margin"] > 0
+        drift[weight] = sum(
+            ((shared_logps(result.model, i) - shared_logps(base, i)) ** 2).mean().item()
+            for i in range(len(examples))
+        )
+    assert drift[5.0] < 0.5 * drift[0.0], drift
+    with pytest.raises(AssertionError, match="anchor"):
+        TrainConfig(loss="kto", anchor=1.0)
+
+
 def test_kto_from_the_command_line(tiny_llama_dir: Path, kto_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "kto"
     argv = ["train", "--pairs", str(kto_file), "--base", str(tiny_llama_dir), "--out", str(out)]
@@ -481,3 +562,73 @@ def test_torchrun_two_processes_match_one(tiny_llama_dir: Path, tmp_path: Path) 
     assert ta.keys() == tb.keys()
     for name in ta:
         assert_close(tb[name], ta[name], atol=1e-5, rtol=1e-4)
+
+
+def test_rehearsal_keeps_the_references_answers_to_unrelated_prompts(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    """Rehearsal scores the reference's own greedy answers to unrelated prompts: zero penalty
+    at the start, exactly the mean per-token (log pi - log pi_ref)^2 once the policy moves,
+    and in training it keeps those answers' log-probs near the reference while the pairs are
+    still learned."""
+    from transformers import AutoTokenizer
+
+    from trainer.dpo import Dist, load_rehearsal_prompts, rehearsal_answers, rehearsal_penalty
+    from trainer.evaluate import generate
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    prompts_file = tmp_path / "rehearsal.jsonl"
+    questions = ["How do I make tea?", "What is a noun?", "Name a colour.", "Why is grass green?"]
+    rows = [{"prompt": q} for q in questions[:3]]
+    rows.append({"prompt": [{"role": "system", "content": "Be brief."},
+                            {"role": "user", "content": questions[3]}]})  # fmt: skip
+    prompts_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prompts = load_rehearsal_prompts(prompts_file)
+    assert prompts[0] == [{"role": "user", "content": questions[0]}] and len(prompts[3]) == 2
+
+    d = Dist(0, 1, torch.device("cpu"))
+    cfg = replace(TINY, rehearsal=10.0, rehearsal_batch=2, rehearsal_tokens=12)
+    model = load_policy(tiny_llama_dir, None, cfg, torch.device("cpu"))
+    r = rehearsal_answers(model, tok, prompts, cfg, d, tok.pad_token_id, fresh_lora=True)
+    with model.disable_adapter():
+        greedy = generate(model, tok, prompts, max_new_tokens=12, device=torch.device("cpu"))
+    assert [s.ids[s.prompt_len :] for s in r.seqs] == [tuple(g.answer_ids) for g in greedy]
+    plain, _ = completion_logps(model, collate(r.seqs, tok.pad_token_id))
+    assert_close(torch.stack([x.sum() for x in r.ref]), plain, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        assert rehearsal_penalty(model, r, [0, 1], cfg, d, 0).item() == pytest.approx(0, abs=1e-9)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.add_(0.05 * torch.randn_like(param))
+        token_moves = []
+        for s, ref in zip(r.seqs[:2], r.ref[:2], strict=True):
+            ids = torch.tensor([s.ids])
+            logps = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
+            now = logps.gather(1, ids[0, 1:, None])[s.prompt_len - 1 :, 0]
+            token_moves.append(((now - ref) ** 2).mean())
+        got = rehearsal_penalty(model, r, [0, 1], cfg, d, 0)
+    assert got > 0
+    assert_close(got, torch.stack(token_moves).mean(), atol=1e-5, rtol=1e-4)
+
+    # Trained with and without it on the same pairs: rehearsed answers drift far less, and
+    # the pairs are still learned (positive margin).
+    pairs_file = _edit_pairs(tmp_path / "edits.jsonl", 16)
+    drift = {}
+    for weight in (0.0, 10.0):
+        out = tmp_path / f"rehearsal-{weight}"
+        result = train(
+            replace(cfg, rehearsal=weight, epochs=3, eval_fraction=0.0), pairs=pairs_file,
+            base=tiny_llama_dir, out=out, progress_bar=False, rehearsal_prompts=prompts_file,
+        )  # fmt: skip
+        lines = _train_lines(out)
+        assert lines[-1]["margin"] > 0
+        assert ("rehearsal_drift" in lines[-1]) == bool(weight)
+        assert not (out / "rehearsal.pt").exists()
+        with torch.no_grad():
+            drift[weight] = rehearsal_penalty(result.model, r, range(4), cfg, d, 0).item()
+    assert drift[10.0] < 0.5 * drift[0.0], drift
+    manifest = json.loads((tmp_path / "rehearsal-10.0" / "manifest.json").read_text())
+    assert manifest["config"]["rehearsal"] == 10.0
+    with pytest.raises(ValueError, match="rehearsal prompts"):
+        (tmp_path / "empty.jsonl").write_text("\n")
+        load_rehearsal_prompts(tmp_path / "empty.jsonl")

@@ -5,6 +5,7 @@ checks judged on real SmolLM2 answers."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -81,7 +82,9 @@ def test_report_shape_and_base_yardstick(
         "base",
         "candidate",
         "incumbent",
+        "base_model",
         "settings",
+        "cached",
         "seconds",
     }
     assert report["format"] == "prefloop-eval/1" and report["base"] == str(tiny_llama_dir)
@@ -96,6 +99,7 @@ def test_report_shape_and_base_yardstick(
     }
     cand, inc = report["candidate"], report["incumbent"]
     assert cand["path"] == str(adapter_dir) and inc["path"] is None
+    assert report["base_model"] == {"golden": inc["golden"]}  # the incumbent is the base
     for side in (cand, inc):
         assert set(side) == {"path", "pairs", "golden", "drift"}
         assert set(side["pairs"]) == {"n", "accuracy", "margin"} and side["pairs"]["n"] == 5
@@ -136,6 +140,63 @@ def test_same_adapter_on_both_sides_scores_alike(
     )
     assert report["candidate"] == report["incumbent"]
     assert report["candidate"]["drift"]["kl"] > 0
+
+
+def test_cached_answers_give_the_same_report_without_generating(
+    tiny_llama_dir: Path, adapter_dir: Path, pairs: list[dict], tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+
+    def run(candidate: Path | None, incumbent: Path | None, **kw) -> tuple[dict, set[str]]:
+        calls: list[tuple[str, int, int]] = []
+        args = {"pairs": pairs, "golden": GOLDEN, "canary": CANARY, "max_new_tokens": 6}
+        report = evaluate(
+            tiny_llama_dir,
+            candidate,
+            incumbent,
+            **{**args, **kw},
+            progress=False,
+            cache_dir=cache,
+            on_progress=lambda *a: calls.append(a),
+        )
+        return report, {stage for stage, _, _ in calls}
+
+    first, stages = run(adapter_dir, None)
+    assert first["cached"] == [] and {"base golden", "candidate golden", "candidate kl"} <= stages
+    assert len(list(cache.glob("*.json"))) == 2  # the base and the adapter
+
+    # The adapter again, now as the incumbent of a new candidate (a refresh later, its manifest
+    # holding the gate's report by then): only the new candidate generates, and the
+    # incumbent's numbers equal its candidate numbers before.
+    (adapter_dir / "manifest.json").write_text(json.dumps({"eval": first}))
+    other = tmp_path / "other"
+    shutil.copytree(adapter_dir, other)
+    weights = other / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-2] ^= 0x40  # a different last weight: another adapter, as far as the cache knows
+    weights.write_bytes(bytes(data))
+    second, stages = run(other, adapter_dir)
+    assert second["cached"] == ["base", "incumbent"]
+    assert {s for s in stages if not s.endswith("pairs")} == {
+        "candidate golden",
+        "candidate canary",
+        "candidate kl",
+    }
+    assert _numbers(second["incumbent"]) == _numbers(first["candidate"])
+    # The base's golden answers too, the gate's floor (from the cache).
+    assert second["base_model"] == first["base_model"] == {"golden": first["incumbent"]["golden"]}
+
+    # Anything that changes the answers misses: other prompts, another max_new_tokens.
+    third, _ = run(adapter_dir, None, max_new_tokens=5)
+    assert third["cached"] == []
+    # A damaged entry is a miss, and is rewritten.
+    for f in cache.glob("*.json"):
+        f.write_text("{not json")
+    fourth, _ = run(adapter_dir, None)
+    assert fourth["cached"] == [] and _numbers(fourth["candidate"]) == _numbers(first["candidate"])
+    fifth, _ = run(adapter_dir, None)
+    assert fifth["cached"] == ["base", "candidate"]
+    (adapter_dir / "manifest.json").unlink()  # the module's fixture, as it was
 
 
 def test_no_pairs_no_golden(tiny_llama_dir: Path) -> None:

@@ -35,7 +35,11 @@ PIXELS = """([selector, rgb]) => {
 @pytest.fixture
 def settings_overrides() -> dict[str, Any]:
     # Pairs wait for an operator's approval; the candidate waits for the operator to promote.
-    return {**FAST, "pairs_require_approval": True, "refresh_auto_promote": False}
+    # Batches of 2 so the loss plot has several steps: with FAST's 4, a hold-out that leaves 4
+    # or fewer of the 10 pairs to train on gave one step, a single dot of 12 pixels (CI, once).
+    train = {**FAST["refresh_train"], "batch_size": 2}
+    return {**FAST, "refresh_train": train, "pairs_require_approval": True,
+            "refresh_auto_promote": False}  # fmt: skip
 
 
 def pairs(live: Live, **where: Any) -> list[PreferencePair]:
