@@ -155,7 +155,7 @@ def test_a_failed_refresh_leaves_serving_alone(live: Live) -> None:
 
 @pytest.mark.parametrize(
     "settings_overrides",
-    [{**FAST, "refresh_train": {**FAST["refresh_train"], "epochs": 500}}],
+    [{**FAST, "refresh_train": {**FAST["refresh_train"], "epochs": 100_000}}],
     indirect=False,
 )
 def test_cancel_stops_the_training_subprocess(live: Live) -> None:
