@@ -63,6 +63,7 @@ FORMS = [
 # Items the base passes only by luck (3-5 of 8: "capital of France", "months in a year") flip
 # under any LoRA update and measure noise, not forgetting. One item lost is 0.9 points, so the
 # 2-point tolerance tells losing two items from losing three (at 57 items it could not).
+GOLDEN_TOKENS = 64  # the gate's default eval_max_new_tokens
 GOLDEN = [json.loads(line) for line in (ROOT / "bench" / "golden.jsonl").read_text().splitlines()]
 
 
@@ -167,8 +168,11 @@ class Client:
         r.raise_for_status()
         return r.json()
 
-    def greedy(self, prompt: str) -> tuple[str, str | None]:
-        out = self.chat([{"role": "user", "content": prompt}], temperature=0)
+    def greedy(self, prompt: str, max_tokens: int | None = None) -> tuple[str, str | None]:
+        out = self.chat(
+            [{"role": "user", "content": prompt}], temperature=0,
+            **({"max_tokens": max_tokens} if max_tokens else {}),
+        )  # fmt: skip
         return out["choices"][0]["message"]["content"], out["adapter_version"]
 
     def wait_serving(self, version: str, timeout: float = 60) -> None:
@@ -306,7 +310,11 @@ def measure(
     # 16 at a time: the held-out and golden answers decode together in the engine's batch.
     with ThreadPoolExecutor(16) as pool:
         held = list(pool.map(client.greedy, held_prompts))
-        gold = list(pool.map(lambda g: client.greedy(g.messages[-1]["content"]), golden))
+        # At the gate's token budget (PREFLOOP_EVAL_MAX_NEW_TOKENS), so that an answer the
+        # gate passed is not failed here for being cut 4 tokens earlier.
+        gold = list(
+            pool.map(lambda g: client.greedy(g.messages[-1]["content"], GOLDEN_TOKENS), golden)
+        )
     answers = [a for a, _ in held]
     passed = sum(not failed_checks(a, g.checks) for (a, _), g in zip(gold, golden, strict=True))
     return Measure(
