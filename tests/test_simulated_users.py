@@ -28,8 +28,10 @@ from bench.simulate import (
 )
 from tests.servers import serve_subprocess
 
+# Batch 8, as studied (the refresh default is 4: twice the steps, a stronger update).
 SIGNOFF_TRAIN = {
-    "lr": 3e-4, "beta": 0.5, "rpo_alpha": 4.0, "rpo_span": "diverged", "anchor": 5.0, "epochs": 3
+    "lr": 3e-4, "beta": 0.5, "rpo_alpha": 4.0, "rpo_span": "diverged", "anchor": 5.0,
+    "epochs": 3, "batch_size": 8,
 }  # fmt: skip
 
 # Each test chats, trains and evaluates on SmolLM2 on the CPU: minutes, not seconds.
