@@ -43,8 +43,8 @@ test-postgres: install chromium vllm-venv
 	bash tests/postgres-up.sh
 	PREFLOOP_TEST_DB=postgres $(BIN)/python -m pytest
 
-# The simulated users' refreshes on the real SmolLM2, ~25 min (CI runs and reports them after
-# `make test`; not yet a gate: see #6).
+# The simulated users' refreshes on the real SmolLM2, ~38 min on 2 cores (CI runs them after
+# `make test`, as a gate).
 test-sim: install
 	$(BIN)/python -m pytest -m simulation -s
 
