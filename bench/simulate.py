@@ -169,10 +169,8 @@ class Client:
         return r.json()
 
     def greedy(self, prompt: str, max_tokens: int | None = None) -> tuple[str, str | None]:
-        out = self.chat(
-            [{"role": "user", "content": prompt}], temperature=0,
-            **({"max_tokens": max_tokens} if max_tokens else {}),
-        )  # fmt: skip
+        messages = [{"role": "user", "content": prompt}]
+        out = self.chat(messages, temperature=0, max_tokens=max_tokens or self.max_tokens)
         return out["choices"][0]["message"]["content"], out["adapter_version"]
 
     def wait_serving(self, version: str, timeout: float = 60) -> None:
