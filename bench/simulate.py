@@ -14,7 +14,7 @@ The preference is a parameter (`Preference`): a hidden judge of two answers, the
 edit, and the behaviour measured on held-out answers. Two ship here: `CONCISE` (users prefer
 the shorter answer; measured: mean answer length) and `SIGNOFF` (operators add the line
 "— Acme Support", which the base model never writes; measured: share of answers that carry it).
-`tests/test_simulated_users.py` runs both on the real SmolLM2.
+`make bench-learn` runs both on the real SmolLM2 (docs/learning.md has the last results).
 """
 
 from __future__ import annotations

@@ -14,6 +14,9 @@ from adapters.registry import AdapterEvent
 from tests.conftest import make_adapter
 from tests.service.conftest import Live
 
+# Trains and evaluates adapters.
+pytestmark = pytest.mark.slow
+
 OPS = {"X-Operator": "olga"}
 
 

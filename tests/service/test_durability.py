@@ -27,6 +27,9 @@ from tests.servers import free_port, serve_thread, wait_ready
 from tests.service.conftest import Live
 from tests.service.test_refresh import FAST, OPS, picks, wait_run
 
+# Server and trainer processes killed and restarted.
+pytestmark = pytest.mark.slow
+
 PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 

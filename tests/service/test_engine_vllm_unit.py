@@ -82,6 +82,40 @@ def test_deltas_finish_reasons_and_usage_are_relayed(tiny_llama_dir: Path) -> No
     assert engine.context_length() == 512
 
 
+def test_each_delta_is_relayed_before_the_upstream_sends_the_next(tiny_llama_dir: Path) -> None:
+    """Streaming by causality, not by timing: the upstream sends its second chunk only once the
+    engine's caller holds the first. An engine that buffered the answer would wait forever (the
+    upstream gives up after 30 s and the request fails)."""
+    got_first = asyncio.Event()
+
+    async def body():
+        yield sse(chunk("one"))
+        await asyncio.wait_for(got_first.wait(), 30)
+        yield sse(chunk(" two", "stop")) + b"data: [DONE]\n\n"
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json=MODELS)
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body())
+
+    async def go() -> list[str]:
+        engine = VLLMEngine(["http://vllm"], model_name="tiny", tokenizer_path=str(tiny_llama_dir),
+                            transport=httpx.MockTransport(handler), health_seconds=60)  # fmt: skip
+        await engine.start()
+        try:
+            req = GenerationRequest(HI, SamplingParams(max_tokens=4, temperature=0), stream=True)
+            texts = []
+            async for delta in await engine.generate(req):
+                texts.append(delta.text)
+                if delta.text == "one":
+                    got_first.set()
+            return texts
+        finally:
+            await engine.aclose()
+
+    assert asyncio.run(go()) == ["one", " two"]
+
+
 def test_whole_answers_are_fetched_unstreamed(tiny_llama_dir: Path) -> None:
     def chat(request: httpx.Request) -> httpx.Response:
         assert "stream" not in json.loads(request.content)

@@ -25,6 +25,9 @@ from sqlalchemy import create_engine
 from service.auth import create_key
 from tests.service.conftest import Live
 
+# Hundreds of generated requests through real HTTP.
+pytestmark = pytest.mark.slow
+
 EXAMPLES = {GenerationMode.POSITIVE: 25, GenerationMode.NEGATIVE: 15}  # per operation
 
 

@@ -18,6 +18,9 @@ from service.core.db import init_db, make_engine
 from tests.conftest import make_adapter
 from tests.servers import serve_subprocess
 
+# Promotions under load, through real HTTP.
+pytestmark = pytest.mark.slow
+
 PROMPT = [{"role": "user", "content": "Tell me something."}]
 GREEDY = {"messages": PROMPT, "max_tokens": 6, "temperature": 0}
 

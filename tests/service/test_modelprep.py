@@ -30,9 +30,8 @@ def test_prepare_is_idempotent_and_cleans_interrupted_runs(smollm2_dir: Path) ->
     stale = models_dir / ".SmolLM2-135M-Instruct.tmp-interrupted"
     stale.mkdir()
     mtime = (smollm2_dir / "model.safetensors").stat().st_mtime
-    t0 = time.perf_counter()
     assert prepare_default_model(models_dir, progress=False) == smollm2_dir
-    assert time.perf_counter() - t0 < 1.0, "a prepared model is not converted again"
+    # A prepared model is not converted again: its weights file is the same file.
     assert (smollm2_dir / "model.safetensors").stat().st_mtime == mtime
     # Cleaning happens on the next real preparation; a prepared dir returns before touching it.
     stale.rmdir()

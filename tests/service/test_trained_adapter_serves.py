@@ -7,11 +7,15 @@ import json
 from pathlib import Path
 
 import httpx
+import pytest
 
 from service.core.config import Settings
 from service.main import create_app
 from tests.servers import serve_thread
 from trainer.dpo import TrainConfig, train
+
+# Trains an adapter, then serves it.
+pytestmark = pytest.mark.slow
 
 HELLO = [{"role": "user", "content": "Hello there, how are you?"}]
 

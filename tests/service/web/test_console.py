@@ -17,6 +17,9 @@ from service.models import Feedback, OperatorAction, PreferencePair
 from tests.service.conftest import Live
 from tests.service.test_refresh import FAST
 
+# A real Chromium: seconds per test.
+pytestmark = pytest.mark.slow
+
 # uPlot draws each series in its colour (console.js COLORS): the first and second series.
 ORANGE, BLUE = (0xD9, 0x48, 0x0F), (0x1C, 0x7E, 0xD6)
 PIXELS = """([selector, rgb]) => {
