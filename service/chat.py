@@ -102,10 +102,14 @@ def plan_chat(
             f"at most {settings.max_stop_sequences} stop sequences are allowed", param="stop"
         )
     logit_bias: dict[int, float] = {}
+    vocab = engine.vocab_size() if body.logit_bias else 0
     for key, value in (body.logit_bias or {}).items():
-        if not key.isdigit():
+        # Checked here, before the request joins a batch: an id past the vocabulary would fail
+        # the shared decode step for every request in it (on CUDA, a device-side assert).
+        if not (key.isascii() and key.isdigit()) or int(key) >= vocab:
             raise InvalidRequestError(
-                f"logit_bias keys must be token ids, got {key!r}", param="logit_bias"
+                f"logit_bias keys must be token ids from 0 to {vocab - 1}, got {key!r}",
+                param="logit_bias",
             )
         logit_bias[int(key)] = value
 

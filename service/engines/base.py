@@ -67,6 +67,10 @@ class Engine(Protocol):
 
     def context_length(self) -> int: ...
 
+    def vocab_size(self) -> int:
+        """Token ids run from 0 to this, exclusive (logit_bias is checked against it)."""
+        ...
+
     def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int: ...
 
     async def generate(self, request: GenerationRequest) -> GenerationStream:

@@ -192,6 +192,10 @@ class LocalEngine:
     def context_length(self) -> int:
         return int(getattr(self.model.config, "max_position_embeddings", 2048))
 
+    def vocab_size(self) -> int:
+        # The LM head's width: the logits a bias is added to (a bad id would fail the batch).
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
     # --- adapters (run on the worker thread, between generations) ---------------------------
     async def load_adapter(self, name: str, path: str) -> None:
         if name == BASE_ADAPTER or name == self.model_name:

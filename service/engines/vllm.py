@@ -252,6 +252,11 @@ class VLLMEngine:
     def context_length(self) -> int:
         return self._context
 
+    def vocab_size(self) -> int:
+        if self.tokenizer is None:
+            raise NotReadyError("the tokenizer is still loading; retry shortly")
+        return len(self.tokenizer)
+
     def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int:
         if self.tokenizer is None:  # a request during start-up (chat counts before generating)
             raise NotReadyError("the tokenizer is still loading; retry shortly")

@@ -265,6 +265,11 @@ BAD_REQUESTS = [
     ({"messages": FRANCE, "parent_id": "msg-nope"}, 400, "parent_id"),
     ({"messages": [{"role": "user", "content": "x" * 40_000}]}, 400, "messages.0.content"),
     ({"messages": "hello"}, 400, "messages"),
+    # SmolLM2's vocabulary is 49152 tokens: an id past it never reaches the shared batch.
+    ({"messages": FRANCE, "logit_bias": {"49152": 5}}, 400, "logit_bias"),
+    ({"messages": FRANCE, "logit_bias": {"-1": 5}}, 400, "logit_bias"),
+    ({"messages": FRANCE, "logit_bias": {"\u0661": 5}}, 400, "logit_bias"),
+    ({"messages": FRANCE, "logit_bias": {"1": 101}}, 400, "logit_bias.1"),
 ]
 
 
@@ -280,6 +285,19 @@ def test_bad_requests_get_a_clear_4xx_and_store_nothing(
     assert error["param"] == param, error
     assert len(error["message"]) > 10
     assert (rows(db, Conversation), rows(db, Message), rows(db, Completion)) == before
+
+
+def test_a_bad_request_does_not_hurt_one_being_generated(server: Server) -> None:
+    body = {"messages": FRANCE, "max_tokens": 24, "temperature": 0, "stream": True}
+    with httpx.Client(base_url=server.base_url, timeout=60) as http:
+        with http.stream("POST", "/v1/chat/completions", json=body) as streaming:
+            lines = streaming.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+            bad = http.post("/v1/chat/completions", json={**body, "stream": False,
+                            "logit_bias": {"999999999": 100}})  # fmt: skip
+            assert bad.status_code == 400 and bad.json()["error"]["param"] == "logit_bias"
+            assert "data: [DONE]" in list(lines)
+        assert streaming.status_code == 200
 
 
 def test_invalid_json_is_a_400(server: Server) -> None:
