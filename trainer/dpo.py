@@ -632,7 +632,8 @@ def _load_checkpoint(
     cfg: TrainConfig,
     data_sha256: str,
 ) -> tuple[int, torch.Tensor]:
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    # weights_only: a checkpoint is tensors, numbers and strings; never unpickle code from disk.
+    state = torch.load(path, map_location="cpu", weights_only=True)
     saved = state["config"]
     saved["lora_targets"] = tuple(saved["lora_targets"])
     assert saved == asdict(cfg), "resuming needs the same TrainConfig as the interrupted run"
@@ -733,7 +734,7 @@ def train(
         seconds_reference = time.perf_counter() - t_ref
     rehearsal, rehearsal_path = None, work / "rehearsal.pt"
     if cfg.rehearsal and resume and rehearsal_path.exists():
-        saved = torch.load(rehearsal_path)
+        saved = torch.load(rehearsal_path, weights_only=True)
         pieces = zip(saved["ids"], saved["prompt_lens"], strict=True)
         seqs = [Tokens(tuple(ids), p) for ids, p in pieces]
         rehearsal = Rehearsal(seqs, saved["ref"])
