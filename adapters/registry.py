@@ -337,7 +337,11 @@ class Registry:
             )
             s.flush()
             _write_json(staging / "manifest.json", manifest)
+            # On disk before the commit that names them: a power cut after the commit must not
+            # leave an active version whose weights were still in the page cache.
+            _fsync_tree(staging)
             os.replace(staging, final)
+            _fsync_dir(final.parent)
             try:
                 s.commit()
             except Exception:
@@ -549,3 +553,20 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
     tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
     os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file under ``root``, then the directories (children before parents)."""
+    for dirpath, _dirs, files in sorted(os.walk(root), key=lambda w: -len(w[0])):
+        for name in files:
+            with open(Path(dirpath) / name, "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(dirpath))
