@@ -1,6 +1,8 @@
-"""The whole lifecycle on the real SmolLM2: a trained adapter goes candidate -> gated ->
-active -> served, and one trained on flipped labels is rejected by the gate with readable
-reasons (through the `prefloop adapters` CLI, as an operator would run it)."""
+"""The whole lifecycle: a trained adapter goes candidate -> gated -> active -> served, and one
+trained on flipped labels is rejected by the gate with readable reasons (through the `prefloop
+adapters` CLI, as an operator would run it). On the tiny random model: the registry, the gate's
+rules, the CLI and serving are the point here; that training on the real SmolLM2 changes its
+answers and passes the gate is tests/trainer/test_learning_gate.py's."""
 
 from __future__ import annotations
 
@@ -85,10 +87,11 @@ def write_jsonl(path: Path, items: list[dict]) -> Path:
 
 @pytest.mark.slow
 def test_trained_adapter_is_gated_promoted_and_served_and_a_flipped_one_rejected(
-    smollm2_dir: Path, tmp_path: Path, db_url: str
+    tiny_llama_dir: Path, tmp_path: Path, db_url: str
 ) -> None:
+    model_dir = tiny_llama_dir
     settings = Settings(
-        home=tmp_path, model=str(smollm2_dir), database_url=db_url, eval_max_new_tokens=32
+        home=tmp_path, model=str(model_dir), database_url=db_url, eval_max_new_tokens=32
     )
     golden = [
         {"id": "capital-fr", "prompt": "What is the capital of France?",
@@ -108,8 +111,8 @@ def test_trained_adapter_is_gated_promoted_and_served_and_a_flipped_one_rejected
     # A good adapter: prefers the short answers, as users did.
     good_dir = tmp_path / "runs" / "good"
     pairs = write_jsonl(tmp_path / "good.jsonl", rows(train_facts))
-    train(cfg, pairs=pairs, base=smollm2_dir, out=good_dir, progress_bar=False)
-    good = registry.register(good_dir, base_model=str(smollm2_dir), actor="test")
+    train(cfg, pairs=pairs, base=model_dir, out=good_dir, progress_bar=False)
+    good = registry.register(good_dir, base_model=str(model_dir), actor="test")
     row, verdict = gate_version(settings, registry, good.id, heldout=heldout, progress=False)
     print("good adapter:", *(c.detail for c in verdict.checks), sep="\n  ")  # -rP shows it
     assert verdict.approved, verdict.reasons
@@ -118,7 +121,8 @@ def test_trained_adapter_is_gated_promoted_and_served_and_a_flipped_one_rejected
     report = registry.get(good.id).eval_report
     assert report["candidate"]["pairs"]["accuracy"] > 0.55
     assert report["incumbent"]["pairs"]["accuracy"] == 0.5  # the base model scores ties
-    assert report["candidate"]["golden"]["pass_rate"] == 1.0
+    # Nothing the base model got right is lost (a random model gets `hello` only).
+    assert report["candidate"]["golden"]["pass_rate"] == report["base_model"]["golden"]["pass_rate"]
     manifest = json.loads((Path(row.path) / "manifest.json").read_text())
     assert manifest["verdict"]["approved"] is True and manifest["eval"] == report
     registry.promote(good.id, actor="test", reason="passed the gate")
@@ -126,11 +130,11 @@ def test_trained_adapter_is_gated_promoted_and_served_and_a_flipped_one_rejected
     # A poisoned one: the same data with the labels flipped. Gated through the CLI.
     bad_dir = tmp_path / "runs" / "flipped"
     pairs = write_jsonl(tmp_path / "flipped.jsonl", rows(train_facts, flipped=True))
-    train(cfg, pairs=pairs, base=smollm2_dir, out=bad_dir, progress_bar=False)
+    train(cfg, pairs=pairs, base=model_dir, out=bad_dir, progress_bar=False)
     env = {
         **os.environ,
         "PREFLOOP_HOME": str(tmp_path),
-        "PREFLOOP_MODEL": str(smollm2_dir),
+        "PREFLOOP_MODEL": str(model_dir),
         "PREFLOOP_DATABASE_URL": db_url,
         "PREFLOOP_EVAL_MAX_NEW_TOKENS": "32",
     }
