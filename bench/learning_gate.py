@@ -259,6 +259,8 @@ def main() -> int:
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--shuffle", action="store_true")
     run.add_argument("--recipe", default="{}", help='trainer options over the gate recipe, JSON')
+    run.add_argument("--out", type=Path, help="also write the result here (JSON)")
+    run.add_argument("--no-progress", action="store_true")
     s = sub.add_parser("study", help="every seed and the shuffled-label control")
     s.add_argument("--seeds", type=int, default=5)
     s.add_argument("--recipe", default="{}", help='trainer options over the gate recipe, JSON')
@@ -267,9 +269,13 @@ def main() -> int:
         make_data(_model_dir())
     elif args.cmd == "run":
         with tempfile.TemporaryDirectory(prefix="prefloop-gate-") as tmp:
-            r = run_gate(_model_dir(), Path(tmp), seed=args.seed, shuffle=args.shuffle,
-                         overrides=json.loads(args.recipe), progress=True)  # fmt: skip
+            r = run_gate(
+                _model_dir(), Path(tmp), seed=args.seed, shuffle=args.shuffle,
+                overrides=json.loads(args.recipe), progress=not args.no_progress,
+            )  # fmt: skip
         print(json.dumps(r, indent=1))
+        if args.out:
+            args.out.write_text(json.dumps(r))
     else:
         study(args.seeds, json.loads(args.recipe))
     return 0
