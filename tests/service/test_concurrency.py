@@ -36,6 +36,7 @@ def _replica_env(tiny_llama_dir: Path, db_url: str, home: Path) -> dict[str, str
 
 # Postgres only: SQLite's cross-process case is covered by the feedback tests' concurrent votes,
 # and this test costs two replica start-ups.
+@pytest.mark.slow  # two server processes
 @pytest.mark.postgres
 @pytest.mark.parametrize("db_backend", ["postgres"], indirect=True)
 def test_two_replicas_take_feedback_at_once(

@@ -70,6 +70,7 @@ REHEARSING = {
 }
 
 
+@pytest.mark.slow  # trains
 @pytest.mark.parametrize(
     "db_backend, settings_overrides",
     [
@@ -153,6 +154,7 @@ def test_a_failed_refresh_leaves_serving_alone(live: Live) -> None:
         assert {p.status for p in s.exec(select(PreferencePair)).all()} == {"approved"}
 
 
+@pytest.mark.slow  # trains
 @pytest.mark.parametrize(
     "settings_overrides",
     [{**FAST, "refresh_train": {**FAST["refresh_train"], "epochs": 100_000}}],
@@ -210,6 +212,7 @@ def test_the_lease_keeps_refreshes_apart(tmp_path, db_url: str) -> None:
     db.dispose()
 
 
+@pytest.mark.slow  # trains
 @pytest.mark.parametrize(
     "settings_overrides",
     [{**FAST, "refresh_threshold_pairs": 6, "refresh_min_interval_minutes": 60}],
@@ -259,6 +262,7 @@ def test_threshold_and_schedule_triggers(live: Live, tmp_path) -> None:
     db.dispose()
 
 
+@pytest.mark.slow  # trains
 @pytest.mark.parametrize(
     "settings_overrides",
     [

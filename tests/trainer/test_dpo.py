@@ -422,6 +422,7 @@ def _ddp_worker(rank: int, world: int, port: int, base: str, pairs: str, tmp: st
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow  # several training processes
 def test_ddp_two_ranks_end_with_identical_adapters(
     tiny_llama_dir: Path, pairs_file: Path, tmp_path: Path
 ) -> None:
@@ -527,6 +528,7 @@ def test_python_dash_m_trainer_and_layering() -> None:
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
+@pytest.mark.slow  # several training processes
 def test_torchrun_two_processes_match_one(tiny_llama_dir: Path, tmp_path: Path) -> None:
     """`torchrun --nproc-per-node 2` (the refresh's multi-GPU launch, here two CPU processes on
     gloo) takes the same optimizer steps as one process: with 8 pairs, batch 4 per process is
