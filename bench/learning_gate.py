@@ -51,11 +51,9 @@ def _sample(model: Any, tokenizer: Any, prompt: str, n: int, seed: int) -> list[
     """``n`` sampled answers (text, finished) to one user prompt, reproducible by ``seed``."""
     import torch
 
-    # Rendered then tokenised, as the serving engine does.
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-    )
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    from trainer.evaluate import _prompt_ids  # rendered then tokenised, as the engine does
+
+    ids = torch.tensor([_prompt_ids(tokenizer, [{"role": "user", "content": prompt}])])
     torch.manual_seed(seed)
     out = model.generate(
         ids.repeat(n, 1),
@@ -102,7 +100,6 @@ def make_data(model_dir: Path, out: Path = DATA) -> None:
 
     from trainer.pairs import write_jsonl
 
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     train_prompts, held_prompts = prompts(0)
