@@ -6,9 +6,10 @@ golden set and canary prompts. Every rule produces a line that reads on its own 
 and the audit log, e.g. ``golden pass rate 0.82 < incumbent 0.90 - 0.02``.
 
 The rules guard against what DPO users report going wrong: a candidate that prefers the wrong
-answers (poisoned or flipped data: pair accuracy), forgets what it knew (golden set), grows its
-answers (length ratio), degenerates into loops (repetition), or drifts far from the base
-(KL per token).
+answers (poisoned or flipped data: pair accuracy; for lone thumbs, the AUC of its implied
+reward at ranking held-out thumbs-up answers above thumbs-down ones), forgets what it knew
+(golden set), grows its answers (length ratio), degenerates into loops (repetition), or drifts
+far from the base (KL per token).
 """
 
 from __future__ import annotations
@@ -22,6 +23,12 @@ class GateThresholds:
     min_pair_accuracy: float = 0.55  # on held-out pairs, ties count half (the base scores 0.5)
     pair_accuracy_tolerance: float = 0.05  # may trail the incumbent by this much
     min_pairs: int = 4  # fewer held-out pairs: the pair rule is skipped, and says so
+    # Held-out lone thumbs: the candidate's implied reward must rank ups above downs (AUC; the
+    # base scores 0.5) at least this well, and not trail the incumbent's AUC by more than the
+    # tolerance. Skipped with fewer than `min_thumbs` ups or downs.
+    min_thumbs_auc: float = 0.55
+    thumbs_auc_tolerance: float = 0.05
+    min_thumbs: int = 4
     golden_tolerance: float = 0.02  # golden pass rate may trail the incumbent by this much
     min_golden_pass_rate: float = 0.0
     max_length_ratio: float = 1.5  # mean canary answer length / the base's
@@ -94,6 +101,8 @@ def decide(
             f"mean reward margin {margin:+.3f} {'>' if margin > 0 else '<='} 0",
         )
 
+    _thumbs_checks(candidate.get("thumbs") or {}, incumbent.get("thumbs") or {}, t, check)
+
     golden, inc_golden = candidate.get("golden") or {}, incumbent.get("golden") or {}
     base_golden = (base or {}).get("golden") or {}
     if golden.get("n"):
@@ -149,6 +158,28 @@ def decide(
 
     reasons = [c.detail for c in checks if not c.passed]
     return Verdict(approved=not reasons, reasons=reasons, checks=checks)
+
+
+def _thumbs_checks(
+    thumbs: dict[str, Any], inc: dict[str, Any], t: GateThresholds, check: Any
+) -> None:
+    ups, downs = int(thumbs.get("n_up", 0)), int(thumbs.get("n_down", 0))
+    if min(ups, downs) < t.min_thumbs:
+        if ups or downs:
+            check("thumbs", True, f"thumbs check skipped: {ups} up and {downs} down held out, "
+                  f"fewer than {t.min_thumbs} of each")  # fmt: skip
+        return
+    auc = float(thumbs["auc"])
+    floor, against = t.min_thumbs_auc, f"minimum {t.min_thumbs_auc:.2f}"
+    if "auc" in inc and float(inc["auc"]) - t.thumbs_auc_tolerance > floor:
+        floor = float(inc["auc"]) - t.thumbs_auc_tolerance
+        against = f"incumbent {float(inc['auc']):.2f} - {t.thumbs_auc_tolerance:.2f}"
+    check(
+        "thumbs_auc",
+        auc >= floor,
+        f"held-out thumbs AUC {auc:.2f} {_cmp(auc >= floor)} {against} "
+        f"({ups} up, {downs} down: how often an up answer outscores a down one)",
+    )
 
 
 def _cmp(ok: bool, yes: str = ">=", no: str = "<") -> str:

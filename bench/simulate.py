@@ -64,7 +64,7 @@ FORMS = [
 # under any LoRA update and measure noise, not forgetting. One item lost is 0.9 points, so the
 # 2-point tolerance tells losing two items from losing three (at 57 items it could not).
 GOLDEN_TOKENS = 64  # the gate's default eval_max_new_tokens
-GOLDEN = [json.loads(line) for line in (ROOT / "bench" / "golden.jsonl").read_text().splitlines()]
+GOLDEN = [json.loads(line) for line in (ROOT / "trainer" / "golden.jsonl").read_text().splitlines()]
 
 
 @dataclass(frozen=True)

@@ -234,7 +234,7 @@ def loss_check(args: argparse.Namespace) -> dict:
     batch = examples[: args.batch_size]
     ref = reference_logps(model, batch, cfg, d, tok.pad_token_id, fresh_lora=True)
     with torch.no_grad():
-        ours, _, _ = batch_losses(model, batch, ref, cfg, d, tok.pad_token_id)
+        ours, _ = batch_losses(model, batch, ref, cfg, d, tok.pad_token_id)
     same_tokens = all(
         tuple(r["prompt_ids"] + r["chosen_ids"])[: args.max_length] == e.chosen.ids
         and tuple(r["prompt_ids"] + r["rejected_ids"])[: args.max_length] == e.rejected.ids

@@ -41,6 +41,30 @@ def base_model_path(settings: Settings) -> Path:
     return prepare_default_model(settings.models_dir, progress=False)
 
 
+def golden_for(settings: Settings, segment: str) -> list[Any]:
+    """The golden set a segment's candidates are checked on: the shipped items (unless
+    `golden_include_shipped` is off), the operator's file, then the segment's own file
+    (PREFLOOP_HOME/golden/<segment>.jsonl); a later item replaces an earlier one with its id."""
+    from trainer.golden import SHIPPED_GOLDEN, load_golden
+
+    files = [SHIPPED_GOLDEN] if settings.golden_include_shipped else []
+    files += [settings.golden_file, settings.home_dir / "golden" / f"{segment}.jsonl"]
+    items = {item.id: item for path in files for item in load_golden(path)}
+    return list(items.values())
+
+
+def canary_for(settings: Settings, segment: str) -> Path | None:
+    """The segment's canary prompts (PREFLOOP_HOME/canary/<segment>.jsonl, else
+    PREFLOOP_HOME/canary.jsonl), or None for the shipped set."""
+    for path in (
+        settings.home_dir / "canary" / f"{segment}.jsonl",
+        settings.home_dir / "canary.jsonl",
+    ):
+        if path.is_file():
+            return path
+    return None
+
+
 def gate_version(
     settings: Settings,
     registry: Registry,
@@ -52,8 +76,7 @@ def gate_version(
 ) -> tuple[AdapterVersion, Verdict]:
     """Evaluate a candidate (in this process) against its segment's active version (or the
     base model) on the held-out pairs, the golden set and the canary prompts; then `judge` it."""
-    from trainer.evaluate import evaluate
-    from trainer.golden import load_golden
+    from trainer.evaluate import evaluate, load_canary
 
     row = registry.get(version_id)
     if row.status != CANDIDATE:
@@ -64,7 +87,8 @@ def gate_version(
         Path(row.path),
         Path(incumbent.path) if incumbent is not None else None,
         pairs=heldout,
-        golden=load_golden(settings.golden_file),
+        golden=golden_for(settings, row.segment),
+        canary=load_canary(canary_for(settings, row.segment)),
         max_new_tokens=settings.eval_max_new_tokens,
         progress=progress,
     )

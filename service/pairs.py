@@ -141,13 +141,9 @@ def load_signals(session: Session) -> tuple[list[tp.Answer], list[tp.Feedback]]:
     gone = tombstoned(session)
     if gone:
         tenant_of = {a.message_id: a.tenant for a in answers}
-        feedback = [
-            f for f in feedback if (tenant_of.get(f.message_id, ""), f.user_id) not in gone
-        ]
+        feedback = [f for f in feedback if (tenant_of.get(f.message_id, ""), f.user_id) not in gone]
         # A deleted user's kept answer is no signal; the answer stays as another voter's sibling.
-        answers = [
-            replace(a, kept=False) if (a.tenant, a.user_id) in gone else a for a in answers
-        ]
+        answers = [replace(a, kept=False) if (a.tenant, a.user_id) in gone else a for a in answers]
     return answers, feedback
 
 
@@ -182,6 +178,7 @@ def _row(item: tp.PreferencePair | tp.UnpairedExample, now: datetime) -> Prefere
                 "completion_id": item.completion_id,
                 "adapter_version": item.adapter_version,
                 "sampling": dict(item.sampling),
+                "parent_id": item.parent_id,
             },
             **common,
         )
@@ -261,7 +258,9 @@ def to_trainer(row: PreferencePair) -> tp.PreferencePair | tp.UnpairedExample:
         user_id=p.get("user_id", ""),
         key_id=p.get("key_id", ""),
         author_role=p.get("author_role", "user"),
-        created_at=datetime.fromisoformat(p["signal_at"]) if "signal_at" in p else row.created_at,
+        created_at=datetime.fromisoformat(p["signal_at"])
+        if "signal_at" in p
+        else as_utc(row.created_at),
         feedback_ids=tuple(p.get("feedback_ids", ())),
         source=row.source,
     )
@@ -273,6 +272,7 @@ def to_trainer(row: PreferencePair) -> tp.PreferencePair | tp.UnpairedExample:
             completion_id=p.get("completion_id", ""),
             adapter_version=p.get("adapter_version", ""),
             sampling=p.get("sampling", {}),
+            parent_id=p.get("parent_id", ""),
             **common,
         )
     return tp.PreferencePair(

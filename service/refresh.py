@@ -27,8 +27,9 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -40,10 +41,11 @@ from sqlmodel import Session, col, select
 
 from adapters.registry import APPROVED, Registry, as_utc
 from service.core.config import Settings
-from service.lifecycle import base_model_path, judge
+from service.lifecycle import base_model_path, canary_for, golden_for, judge
 from service.models import Lease, PreferencePair, TrainingRun, utcnow
 from service.pairs import compile_and_store, to_trainer
 from trainer import pairs as tp
+from trainer.golden import save_golden
 
 log = logging.getLogger(__name__)
 
@@ -327,6 +329,45 @@ def _heldout(key: str, fraction: float) -> bool:
     return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
 
 
+@dataclass
+class TrainingSets:
+    """A refresh's data as trainer rows: what it trains on and what the gate judges it by."""
+
+    train: list[dict[str, Any]]
+    heldout_pairs: list[dict[str, Any]]
+    heldout_unpaired: list[dict[str, Any]]
+    counts: dict[str, int]
+
+
+def training_sets(
+    items: Sequence[tp.PreferencePair | tp.UnpairedExample], settings: Settings
+) -> TrainingSets:
+    """Split a segment's approved items (a seeded share held out for the gate, stable across
+    refreshes), then, on each side, join lone thumbs into matched pairs (`match_thumbs`).
+    Pairs train with the configured DPO-family loss and the remaining thumbs with KTO."""
+    fraction, window = settings.refresh_heldout_fraction, settings.refresh_match_window_hours
+    sides: dict[bool, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {}
+    counts: dict[str, int] = {}
+    for held in (False, True):
+        mine = [x for x in items if _heldout(x.key, fraction) == held]
+        pairs = [x for x in mine if isinstance(x, tp.PreferencePair)]
+        singles = [x for x in mine if isinstance(x, tp.UnpairedExample)]
+        matched, rest = tp.match_thumbs(singles, window)
+        sides[held] = (
+            [tp.dpo_row(x) for x in pairs + matched],
+            [tp.kto_row(x) for x in rest],
+        )
+        prefix = "heldout_" if held else ""
+        counts |= {
+            f"{prefix}pairs": len(pairs),
+            f"{prefix}matched": len(matched),
+            f"{prefix}thumbs_up": sum(x.label for x in rest),
+            f"{prefix}thumbs_down": sum(not x.label for x in rest),
+        }
+    train = sides[False][0] + sides[False][1]
+    return TrainingSets(train, sides[True][0], sides[True][1], counts)
+
+
 def run_refresh(
     settings: Settings,
     db: Database,
@@ -402,30 +443,21 @@ def _refresh(
         d.update(new_pairs=summary.pairs, new_unpaired=summary.unpaired, excluded=summary.excluded)
 
     with rec.step("select") as d:
-        with Session(db) as s:
-            rows = s.exec(
-                select(PreferencePair)
-                .where(
-                    PreferencePair.kind == "pair",
-                    PreferencePair.status == "approved",
-                    PreferencePair.segment == segment,
-                    # A segment learns only from the tenant that owns it (tenant isolation).
-                    PreferencePair.tenant == settings.tenant_of(segment),
-                )
-                .order_by(col(PreferencePair.created_at), col(PreferencePair.key))
-            ).all()
-        heldout = [r for r in rows if _heldout(r.key, settings.refresh_heldout_fraction)]
-        train = [r for r in rows if not _heldout(r.key, settings.refresh_heldout_fraction)]
-        counts = {"approved": len(rows), "train": len(train), "heldout": len(heldout)}
+        rows = _approved(db, segment, settings.tenant_of(segment))
+        sets = training_sets([to_trainer(r) for r in rows], settings)
+        counts = {"approved": len(rows), "train": len(sets.train), **sets.counts}
+        counts["heldout"] = len(sets.heldout_pairs) + len(sets.heldout_unpaired)
         d.update(counts)
         rec.update(counts=counts)
-        if len(train) < settings.refresh_min_pairs:
+        if len(sets.train) < settings.refresh_min_pairs:
             raise RefreshSkipped(
-                f"{len(train)} approved training pairs in segment {segment!r}; a refresh needs "
-                f"{settings.refresh_min_pairs} (PREFLOOP_REFRESH_MIN_PAIRS)"
+                f"{len(sets.train)} approved training items in segment {segment!r} "
+                f"({_describe(sets.counts)}); a refresh needs {settings.refresh_min_pairs} "
+                "(PREFLOOP_REFRESH_MIN_PAIRS)"
             )
-        tp.write_jsonl((tp.dpo_row(to_trainer(r)) for r in train), work / "train.jsonl")
-        tp.write_jsonl((tp.dpo_row(to_trainer(r)) for r in heldout), work / "heldout.jsonl")
+        tp.write_jsonl(sets.train, work / "train.jsonl")
+        tp.write_jsonl(sets.heldout_pairs, work / "heldout.jsonl")
+        tp.write_jsonl(sets.heldout_unpaired, work / "heldout_unpaired.jsonl")
 
     active = registry.active().get(segment)
     base = base_model_path(settings)
@@ -471,7 +503,7 @@ def _refresh(
             base_model=str(base),
             parent=active.id if active else None,
             actor=f"refresh {run.id}",
-            reason=f"trained by {run.id} on {len(train)} pairs",
+            reason=f"trained by {run.id} on {_describe(sets.counts)}",
         )
         d.update(version=version.id)
         rec.update(candidate_version=version.id)
@@ -487,10 +519,16 @@ def _refresh(
         ]  # fmt: skip
         if active is not None:
             cmd += ["--incumbent", active.path]
-        if settings.golden_file.is_file():
-            cmd += ["--golden", str(settings.golden_file)]
-        if heldout:
+        golden = golden_for(settings, segment)
+        if golden:
+            save_golden(work / "golden.jsonl", golden)
+            cmd += ["--golden", str(work / "golden.jsonl")]
+        if (canary := canary_for(settings, segment)) is not None:
+            cmd += ["--canary", str(canary)]
+        if sets.heldout_pairs:
             cmd += ["--pairs", str(work / "heldout.jsonl")]
+        if sets.heldout_unpaired:
+            cmd += ["--unpaired", str(work / "heldout_unpaired.jsonl")]
         run_subprocess(
             cmd, rec, log_lines=log_lines, timeout=settings.refresh_train_timeout_minutes * 60
         )
@@ -516,6 +554,30 @@ def _refresh(
         if on_promote is not None:
             on_promote()
     return "promoted"
+
+
+def _approved(db: Database, segment: str, tenant: str) -> list[PreferencePair]:
+    """The segment's approved pairs and lone thumbs, oldest first. A segment learns only from
+    the tenant that owns it (tenant isolation)."""
+    with Session(db) as s:
+        return list(
+            s.exec(
+                select(PreferencePair)
+                .where(
+                    PreferencePair.status == "approved",
+                    PreferencePair.segment == segment,
+                    PreferencePair.tenant == tenant,
+                )
+                .order_by(col(PreferencePair.created_at), col(PreferencePair.key))
+            ).all()
+        )
+
+
+def _describe(counts: dict[str, int]) -> str:
+    return (
+        f"{counts['pairs']} pairs, {counts['matched']} matched from thumbs, "
+        f"{counts['thumbs_up']} thumbs up and {counts['thumbs_down']} down alone"
+    )
 
 
 def serving_paused(settings: Settings) -> AbstractContextManager:

@@ -37,11 +37,11 @@ log = logging.getLogger(__name__)
 
 
 def waiting_pairs(db: Database) -> dict[str, int]:
-    """Approved DPO pairs not yet used, per segment."""
+    """Approved training items not yet used, per segment: pairs and lone thumbs (KTO rows)."""
     with Session(db) as s:
         rows = s.exec(
             select(PreferencePair.segment, func.count())
-            .where(PreferencePair.kind == "pair", PreferencePair.status == "approved")
+            .where(PreferencePair.status == "approved")
             .group_by(PreferencePair.segment)
         ).all()
     return dict(rows)
@@ -127,7 +127,7 @@ class Refresher:
         for segment, waiting in sorted(waiting_pairs(self.db).items()):
             if waiting < self.settings.refresh_threshold_pairs or self._too_soon(segment):
                 continue
-            log.info("threshold refresh for %s: %d approved pairs waiting", segment, waiting)
+            log.info("threshold refresh for %s: %d approved items waiting", segment, waiting)
             self.run_now(segment, trigger="threshold", actor="scheduler")
 
     def _signals_mark(self) -> tuple:
@@ -172,7 +172,7 @@ class Refresher:
         scheduler.start()
         self.scheduler = scheduler
         log.info(
-            "refresh scheduler: %r (%s), threshold %d pairs checked every %.0f s",
+            "refresh scheduler: %r (%s), threshold %d items checked every %.0f s",
             s.refresh_cron,
             s.refresh_timezone,
             s.refresh_threshold_pairs,

@@ -143,56 +143,74 @@ def _splice(prompt_of: Tokens, completion_of: Tokens, max_length: int) -> Tokens
     return Tokens(ids=ids[:max_length], prompt_len=prompt_of.prompt_len)
 
 
+def row_kind(row: dict[str, Any]) -> str:
+    """The row's kind: "pairs" for a preference row (it has ``chosen``), "kto" for an unpaired
+    one (it has ``completion``)."""
+    if "chosen" in row or "rejected" in row:
+        return "pairs"
+    if "completion" in row:
+        return "kto"
+    raise DataError("neither a preference row (chosen, rejected) nor an unpaired one (completion)")
+
+
+def data_kind(examples: Sequence[Example]) -> str:
+    """What a run trains on: "pairs", "kto", or "mixed" (pairs and unpaired rows together)."""
+    kinds = {"pairs" if isinstance(e, PairExample) else "kto" for e in examples}
+    return kinds.pop() if len(kinds) == 1 else "mixed"
+
+
 def load_examples(
-    path: Path, tokenizer: Any, *, kind: str, max_length: int
+    path: Path, tokenizer: Any, *, max_length: int, kind: str | None = None
 ) -> tuple[list[Example], int]:
-    """Tokenised examples of ``kind`` "pairs" or "kto", and how many rows were dropped because
-    their prompt alone reaches ``max_length``."""
-    rows = read_rows(path)
-    examples: list[Example] = []
+    """Tokenised examples, in file order, and how many rows were dropped because their prompt
+    alone reaches ``max_length``. A file may hold preference and unpaired rows together (a
+    refresh trains a segment's pairs and lone thumbs in one run); ``kind`` "pairs" or "kto"
+    insists on one."""
+    examples: list[Example | None] = []
+    singles: list[tuple[int, Tokens, bool, float]] = []
     dropped = 0
-    if kind == "pairs":
-        for i, row in enumerate(rows):
-            try:
-                prompt = _as_messages(row["prompt"], "user")
+    for i, row in enumerate(read_rows(path)):
+        try:
+            if not isinstance(row, dict):
+                raise DataError(f"expected an object, got {type(row).__name__}")
+            this = row_kind(row)
+            if kind is not None and this != kind:
+                raise DataError(f"expected a {kind} row")
+            prompt = _as_messages(row["prompt"], "user")
+            if this == "pairs":
                 chosen = _as_messages(row["chosen"], "assistant")
                 rejected = _as_messages(row["rejected"], "assistant")
-            except (KeyError, DataError) as e:
-                raise DataError(f"{path} row {i}: not a preference row ({e})") from e
-            c = tokenize_sequence(tokenizer, prompt, chosen, max_length)
-            r = tokenize_sequence(tokenizer, prompt, rejected, max_length)
-            if c is None or r is None:
+            else:
+                completion = _as_messages(row["completion"], "assistant")
+                label = row["label"]
+                if not isinstance(label, bool):
+                    raise DataError(f"label must be true or false, got {label!r}")
+        except (KeyError, DataError) as e:
+            raise DataError(f"{path} row {i}: not a training row ({e})") from e
+        weight = float(row.get("weight", 1.0))
+        if this == "kto":
+            seq = tokenize_sequence(tokenizer, prompt, completion, max_length)
+            if seq is None:
                 dropped += 1
                 continue
-            # One prompt for both, so a batch can run it once (``collate_pairs``); as in TRL,
-            # it ends where either tokenisation first departs from the prompt's.
-            p = min(c.prompt_len, r.prompt_len)
-            c, r = Tokens(c.ids, p), Tokens(r.ids, p)
-            examples.append(PairExample(c, r, float(row.get("weight", 1.0))))
-        return examples, dropped
-
-    assert kind == "kto", f"unknown data kind {kind!r}"
-    singles: list[tuple[Tokens, bool, float]] = []
-    for i, row in enumerate(rows):
-        try:
-            prompt = _as_messages(row["prompt"], "user")
-            completion = _as_messages(row["completion"], "assistant")
-            label = row["label"]
-        except (KeyError, DataError) as e:
-            raise DataError(f"{path} row {i}: not a KTO row ({e})") from e
-        if not isinstance(label, bool):
-            raise DataError(f"{path} row {i}: label must be true or false, got {label!r}")
-        seq = tokenize_sequence(tokenizer, prompt, completion, max_length)
-        if seq is None:
+            singles.append((len(examples), seq, label, weight))
+            examples.append(None)  # filled below, once every unpaired row is known
+            continue
+        c = tokenize_sequence(tokenizer, prompt, chosen, max_length)
+        r = tokenize_sequence(tokenizer, prompt, rejected, max_length)
+        if c is None or r is None:
             dropped += 1
             continue
-        singles.append((seq, label, float(row.get("weight", 1.0))))
-    # A fixed mismatch (row i's prompt, row i+1's completion) keeps the reference log-probs of
-    # the KL sequences computable once, up front, like every other reference log-prob.
-    for i, (seq, label, weight) in enumerate(singles):
-        other = singles[(i + 1) % len(singles)][0]
-        examples.append(KTOExample(seq, _splice(seq, other, max_length), label, weight))
-    return examples, dropped
+        # One prompt for both, so a batch can run it once (``collate_pairs``); as in TRL, it
+        # ends where either tokenisation first departs from the prompt's.
+        p = min(c.prompt_len, r.prompt_len)
+        examples.append(PairExample(Tokens(c.ids, p), Tokens(r.ids, p), weight))
+    # A fixed mismatch (unpaired row i's prompt, row i+1's completion) keeps the reference
+    # log-probs of KTO's KL sequences computable once, up front, like every other one.
+    for k, (at, seq, label, weight) in enumerate(singles):
+        other = singles[(k + 1) % len(singles)][1]
+        examples[at] = KTOExample(seq, _splice(seq, other, max_length), label, weight)
+    return [e for e in examples if e is not None], dropped
 
 
 def split_heldout(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:

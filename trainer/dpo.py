@@ -53,6 +53,7 @@ from trainer.data import (
     collate,
     collate_pairs,
     common_prefix,
+    data_kind,
     file_sha256,
     length_grouped_batches,
     load_examples,
@@ -89,8 +90,12 @@ class TrainConfig:
     rehearsal: float = 0.0
     rehearsal_batch: int = 4
     rehearsal_tokens: int = 48
+    # Unpaired rows (lone thumbs) train with KTO, beside the pairs' ``loss`` in one run.
     desirable_weight: float = 1.0  # KTO lambda_D
     undesirable_weight: float = 1.0  # KTO lambda_U
+    # Rescale lambda_D / lambda_U so that lambda_D n_D / (lambda_U n_U) lies in [1, 4/3], the
+    # KTO paper's advice for unbalanced ups and downs (Ethayarajh et al. 2024, Sec. 4.2).
+    kto_balance: bool = True
     # lr 2e-4 for 1-3 epochs moved held-out greedy answers of SmolLM2-135M on ~80 on-policy
     # pairs; 5e-5 on off-policy pairs drove the loss to 0.02 and changed nothing.
     lr: float = 2e-4
@@ -333,6 +338,32 @@ def make_paired_loss(cfg: TrainConfig) -> losses.PairedLoss:
     return functools.partial(losses.PAIRED_LOSSES[cfg.loss], **kwargs)
 
 
+def kto_lambdas(cfg: TrainConfig, n_desirable: int, n_undesirable: int) -> tuple[float, float]:
+    """(lambda_D, lambda_U): the configured weights, scaled (``kto_balance``) so that
+    lambda_D n_D / (lambda_U n_U) is in [1, 4/3]: scarce ups are weighted up, scarce downs
+    weigh the ups down. A set of all ups (or all downs) is left as configured."""
+    lam_d, lam_u = cfg.desirable_weight, cfg.undesirable_weight
+    if not cfg.kto_balance or not n_desirable or not n_undesirable:
+        return lam_d, lam_u
+    ratio = lam_d * n_desirable / (lam_u * n_undesirable)
+    if ratio < 1:
+        lam_d /= ratio
+    elif ratio > 4 / 3:
+        lam_u *= ratio / (4 / 3)
+    return lam_d, lam_u
+
+
+@dataclass
+class Rewards:
+    """Implied rewards of one micro-batch: pairs' (chosen, rejected), unpaired rows' (desirable,
+    undesirable)."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    desirable: torch.Tensor
+    undesirable: torch.Tensor
+
+
 def batch_losses(
     model: torch.nn.Module,
     examples: Sequence[Example],
@@ -340,30 +371,63 @@ def batch_losses(
     cfg: TrainConfig,
     d: Dist,
     pad_id: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-example losses and (chosen, rejected) rewards for one micro-batch. ``ref`` holds the
-    reference log-probs of both halves of each example, shape (batch, 2)."""
+    lambdas: tuple[float, float] | None = None,
+) -> tuple[torch.Tensor, Rewards]:
+    """Per-example losses (in ``examples``' order) and rewards for one micro-batch: pairs with
+    ``cfg.loss``, unpaired rows with KTO weighted by ``lambdas`` (lambda_D, lambda_U). ``ref``
+    holds the reference log-probs of both halves of each example, shape (batch, 2[+shared])."""
     ref = ref.to(d.device)
-    if cfg.loss == "kto":
-        batch = collate([e.completion for e in examples], pad_id).to(d.device)
-        logps, _ = completion_logps(model, batch, cfg.logits_chunk)
-        with torch.no_grad():  # the KL estimate is a detached reference point
-            mismatched = collate([e.mismatched for e in examples], pad_id).to(d.device)
-            kl_logps, _ = completion_logps(model, mismatched, cfg.logits_chunk)
-            # Estimated per micro-batch, as in the paper; not averaged over processes, which
-            # may hold different numbers of micro-batches in an epoch's last step.
-            kl = (kl_logps - ref[:, 1]).mean()
-        labels = torch.tensor([e.label for e in examples], device=d.device)
-        return losses.kto_loss(
-            logps,
-            ref[:, 0],
-            labels,
-            kl,
-            beta=cfg.beta,
-            desirable_weight=cfg.desirable_weight,
-            undesirable_weight=cfg.undesirable_weight,
+    paired = [i for i, e in enumerate(examples) if isinstance(e, PairExample)]
+    single = [i for i, e in enumerate(examples) if not isinstance(e, PairExample)]
+    empty = torch.zeros(0, device=d.device)
+    pair_loss, chosen, rejected = empty, empty, empty
+    kto, desirable, undesirable = empty, empty, empty
+    if paired:
+        pair_loss, chosen, rejected = _pair_losses(
+            model, [examples[i] for i in paired], ref[paired], cfg, d, pad_id
         )
+    if single:
+        lam = lambdas or (cfg.desirable_weight, cfg.undesirable_weight)
+        kto, desirable, undesirable = _kto_losses(
+            model, [examples[i] for i in single], ref[single], cfg, d, pad_id, lam
+        )
+    order = torch.tensor(paired + single, device=d.device).argsort()
+    per_example = torch.cat([pair_loss, kto])[order]
+    return per_example, Rewards(chosen, rejected, desirable, undesirable)
 
+
+def _kto_losses(
+    model: torch.nn.Module,
+    examples: Sequence[Any],
+    ref: torch.Tensor,
+    cfg: TrainConfig,
+    d: Dist,
+    pad_id: int,
+    lambdas: tuple[float, float],
+) -> losses.LossOutput:
+    batch = collate([e.completion for e in examples], pad_id).to(d.device)
+    logps, _ = completion_logps(model, batch, cfg.logits_chunk)
+    with torch.no_grad():  # the KL estimate is a detached reference point
+        mismatched = collate([e.mismatched for e in examples], pad_id).to(d.device)
+        kl_logps, _ = completion_logps(model, mismatched, cfg.logits_chunk)
+        # Estimated per micro-batch, as in the paper; not averaged over processes, which may
+        # hold different numbers of micro-batches in an epoch's last step.
+        kl = (kl_logps - ref[:, 1]).mean()
+    labels = torch.tensor([e.label for e in examples], device=d.device)
+    return losses.kto_loss(
+        logps, ref[:, 0], labels, kl, beta=cfg.beta,
+        desirable_weight=lambdas[0], undesirable_weight=lambdas[1],
+    )  # fmt: skip
+
+
+def _pair_losses(
+    model: torch.nn.Module,
+    examples: Sequence[Any],
+    ref: torch.Tensor,
+    cfg: TrainConfig,
+    d: Dist,
+    pad_id: int,
+) -> losses.LossOutput:
     # One forward for chosen and rejected together, the prompt run once; split after.
     batch = collate_pairs(examples, pad_id).to(d.device)
     tokens = token_logps(model, batch, cfg.logits_chunk)
@@ -433,11 +497,16 @@ def reference_logps(
     table = torch.zeros(len(examples), 2 + width)
     model.eval()  # the reference has no dropout
     mine = list(range(d.rank, len(examples), d.world))
-    # Longest first within this process's share, so batches pad little.
-    mine.sort(key=lambda i: -examples[i].length)
+    # Pairs, then unpaired rows (a micro-batch of one kind collates pairs with the prompt once),
+    # longest first within each, so batches pad little.
+    mine.sort(key=lambda i: (not isinstance(examples[i], PairExample), -examples[i].length))
+    chunks = [
+        mine[start : start + cfg.micro_batch_size]
+        for start in range(0, len(mine), cfg.micro_batch_size)
+    ]
+    chunks = [part for idx in chunks for part in _by_kind(idx, examples)]
     with model.disable_adapter() if fresh_lora else nullcontext(), _autocast(d.device, cfg):
-        for start in range(0, len(mine), cfg.micro_batch_size):
-            idx = mine[start : start + cfg.micro_batch_size]
+        for idx in chunks:
             batch = _collate_halves([examples[i] for i in idx], pad_id).to(d.device)
             tokens = token_logps(model, batch, cfg.logits_chunk).float()
             logps, _ = per_sequence(batch, tokens)
@@ -450,6 +519,13 @@ def reference_logps(
     if d.world > 1:
         dist.all_reduce(table)  # each row was filled by exactly one process
     return table
+
+
+def _by_kind(idx: list[int], examples: Sequence[Example]) -> list[list[int]]:
+    """``idx`` split into its pairs and its unpaired rows (either may be absent)."""
+    pairs = [i for i in idx if isinstance(examples[i], PairExample)]
+    singles = [i for i in idx if not isinstance(examples[i], PairExample)]
+    return [part for part in (pairs, singles) if part]
 
 
 REHEARSAL_PROMPTS = Path(__file__).with_name("rehearsal.jsonl")
@@ -538,50 +614,59 @@ def evaluate(
     cfg: TrainConfig,
     d: Dist,
     pad_id: int,
+    lambdas: tuple[float, float] | None = None,
 ) -> dict[str, float]:
     """Mean loss, rewards, accuracy and margin over held-out examples (every process computes
     the same numbers: held-out sets are small)."""
     was_training = model.training
     model.eval()  # no LoRA dropout while measuring
-    stats = torch.zeros(8, device=d.device)
+    stats = torch.zeros(N_STATS, device=d.device)
     for start in range(0, len(examples), cfg.micro_batch_size):
         sl = slice(start, start + cfg.micro_batch_size)
         with _autocast(d.device, cfg):
-            per_example, chosen, rejected = batch_losses(
-                model, examples[sl], ref[sl], cfg, d, pad_id
+            per_example, rewards = batch_losses(
+                model, examples[sl], ref[sl], cfg, d, pad_id, lambdas
             )
-        stats += _stats(per_example, chosen, rejected, cfg)
+        stats += _stats(per_example, rewards)
     model.train(was_training)
     return _metrics(stats)
 
 
-def _stats(
-    per_example: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor, cfg: TrainConfig
-) -> torch.Tensor:
+N_STATS = 12
+
+
+def _stats(per_example: torch.Tensor, r: Rewards) -> torch.Tensor:
     """Sums to aggregate over micro-batches and processes before dividing (see ``_metrics``)."""
-    paired = cfg.loss != "kto"
-    return torch.stack(
-        [
-            per_example.detach().float().sum(),
-            torch.tensor(float(len(per_example)), device=per_example.device),
-            chosen.float().sum(),
-            torch.tensor(float(len(chosen)), device=per_example.device),
-            rejected.float().sum(),
-            torch.tensor(float(len(rejected)), device=per_example.device),
-            (chosen > rejected).float().sum() if paired else per_example.new_zeros(()),
-            torch.tensor(float(len(chosen) if paired else 0), device=per_example.device),
-        ]
-    )
+
+    def sum_n(x: torch.Tensor) -> list[torch.Tensor]:
+        return [x.detach().float().sum(), torch.tensor(float(len(x)), device=x.device)]
+
+    correct = (r.chosen > r.rejected).float()
+    parts = [per_example, r.chosen, r.rejected, correct, r.desirable, r.undesirable]
+    return torch.stack([t.to(per_example.device) for x in parts for t in sum_n(x)])
 
 
 def _metrics(s: torch.Tensor) -> dict[str, float]:
-    s = s.tolist()  # one device sync for all of them
-    chosen = s[2] / s[3] if s[3] else 0.0
-    rejected = s[4] / s[5] if s[5] else 0.0
-    out = {"loss": s[0] / max(s[1], 1), "rewards/chosen": chosen, "rewards/rejected": rejected}
-    out["margin"] = chosen - rejected
-    if s[7]:
-        out["accuracy"] = s[6] / s[7]
+    """Loss; pairs' rewards, margin and accuracy; unpaired rows' mean rewards and their gap
+    (desirable - undesirable: how far apart training has pushed thumbs up and down). A run of
+    unpaired rows only reports the gap as its margin, so every run has one to plot."""
+    v = s.tolist()  # one device sync for all of them
+
+    def mean(k: int) -> float | None:
+        return v[k] / v[k + 1] if v[k + 1] else None
+
+    out = {"loss": v[0] / max(v[1], 1)}
+    chosen, rejected, desirable, undesirable = mean(2), mean(4), mean(8), mean(10)
+    if v[3]:
+        out |= {"rewards/chosen": chosen or 0.0, "rewards/rejected": rejected or 0.0}
+        out["margin"] = out["rewards/chosen"] - out["rewards/rejected"]
+        out["accuracy"] = mean(6) or 0.0
+    if v[9] or v[11]:
+        out["kto/desirable"], out["kto/undesirable"] = desirable or 0.0, undesirable or 0.0
+        if v[9] and v[11]:
+            out["kto_gap"] = out["kto/desirable"] - out["kto/undesirable"]
+            out.setdefault("margin", out["kto_gap"])
+    out.setdefault("margin", 0.0)
     return out
 
 
@@ -710,9 +795,12 @@ def train(
     # 1. Data.
     tokenizer = AutoTokenizer.from_pretrained(base)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    kind = "kto" if cfg.loss == "kto" else "pairs"
-    examples, dropped = load_examples(pairs, tokenizer, kind=kind, max_length=cfg.max_length)
+    only = "kto" if cfg.loss == "kto" else None  # loss "kto": every row unpaired
+    examples, dropped = load_examples(pairs, tokenizer, kind=only, max_length=cfg.max_length)
     assert examples, f"{pairs}: no usable rows ({dropped} dropped as too long)"
+    kind, counts = data_kind(examples), _counts(examples)
+    lambdas = kto_lambdas(cfg, counts["desirable"], counts["undesirable"])
+    counts["kto_lambdas"] = list(lambdas)
     train_idx, heldout_idx = split_heldout(len(examples), cfg.eval_fraction, cfg.seed)
     data_sha256 = file_sha256(pairs)
 
@@ -754,7 +842,7 @@ def train(
             torch.save(saved | {"ref": rehearsal.ref}, rehearsal_path)
     heldout = [examples[i] for i in heldout_idx]
     if heldout and not resume:
-        eval_before = evaluate(model, heldout, ref[heldout_idx], cfg, d, pad_id)
+        eval_before = evaluate(model, heldout, ref[heldout_idx], cfg, d, pad_id, lambdas)
         if d.main:
             _log(log_path, {"split": "eval", "step": 0, "epoch": 0, **eval_before})
 
@@ -779,17 +867,17 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             mine = batches[step_in_epoch * d.world + d.rank]  # sorted by length already
-            stats = torch.zeros(8, device=d.device)
+            stats = torch.zeros(N_STATS, device=d.device)
             for start in range(0, len(mine), cfg.micro_batch_size):
                 idx = mine[start : start + cfg.micro_batch_size]
                 with _autocast(d.device, cfg):
-                    per_example, chosen, rejected = batch_losses(
-                        model, [examples[i] for i in idx], ref[idx], cfg, d, pad_id
+                    per_example, rewards = batch_losses(
+                        model, [examples[i] for i in idx], ref[idx], cfg, d, pad_id, lambdas
                     )
                 weights = torch.tensor([examples[i].weight for i in idx], device=d.device)
                 # Callers reduce: weighted sum over the batch, divided by its size.
                 ((weights * per_example).sum() / len(mine)).backward()
-                stats += _stats(per_example, chosen, rejected, cfg)
+                stats += _stats(per_example, rewards)
                 tokens_seen += sum(len(s.ids) for i in idx for s in _halves(examples[i]))
             drift = None
             if rehearsal is not None:
@@ -822,7 +910,7 @@ def train(
             if d.world > 1:
                 dist.barrier()  # nobody runs ahead of a checkpoint being written
         if heldout:
-            eval_metrics = evaluate(model, heldout, ref[heldout_idx], cfg, d, pad_id)
+            eval_metrics = evaluate(model, heldout, ref[heldout_idx], cfg, d, pad_id, lambdas)
             if d.main:
                 _log(log_path, {"split": "eval", "step": step, "epoch": epoch + 1, **eval_metrics})
     bar.close()
@@ -853,7 +941,7 @@ def train(
             "base_model": str(base),
             "parent": str(init_adapter) if init_adapter is not None else None,
             "config": asdict(cfg),
-            "data": {"path": str(pairs), "sha256": data_sha256, "kind": kind},
+            "data": {"path": str(pairs), "sha256": data_sha256, "kind": kind, **counts},
             "metrics": summary,
             "world_size": d.world,
             "versions": _versions(),
@@ -865,6 +953,14 @@ def train(
     if d.world > 1:
         dist.barrier()
     return TrainResult(result_path, summary, model)
+
+
+def _counts(examples: Sequence[Example]) -> dict[str, Any]:
+    """What the run trains on: pairs, and unpaired rows by label."""
+    single = [e for e in examples if not isinstance(e, PairExample)]
+    ups = sum(e.label for e in single)
+    return {"pairs": len(examples) - len(single), "desirable": ups,
+            "undesirable": len(single) - ups}  # fmt: skip
 
 
 def _last_eval(log_path: Path) -> dict[str, float]:

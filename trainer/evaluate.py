@@ -8,6 +8,9 @@ Each side (an adapter, or the base model where none is given) gets three measure
 - ``pairs``: on held-out DPO rows, the implicit reward r = beta * (log pi(y|x) - log pi_base(y|x))
   of each answer (summed over its tokens); ``accuracy`` is how often r_chosen > r_rejected (a tie
   counts half, so the base scores exactly 0.5) and ``margin`` the mean of r_chosen - r_rejected.
+- ``thumbs``: on held-out unpaired rows (lone thumbs), the same implicit reward of each answer;
+  ``auc`` is how often a thumbs-up answer outscores a thumbs-down one over every (up, down)
+  combination (ties half: the base scores 0.5), ``gap`` the mean reward of ups minus downs.
 - ``golden``: greedy answers to the operator's golden items (``trainer.golden``) and their checks.
 - ``drift``: greedy answers to fixed neutral prompts (``canary.jsonl``): mean length relative to
   the base, token 3-gram repetition, and KL(pi || pi_base) per token along the side's own answer.
@@ -45,6 +48,7 @@ from trainer.data import (
     PairExample,
     Tokens,
     _as_messages,
+    collate,
     collate_pairs,
     read_rows,
     tokenize_sequence,
@@ -237,6 +241,61 @@ def _pair_examples(rows: Sequence[dict[str, Any]], tokenizer: Any) -> list[PairE
     return examples
 
 
+def _unpaired_examples(
+    rows: Sequence[dict[str, Any]], tokenizer: Any
+) -> tuple[list[Tokens], list[bool]]:
+    """Unpaired rows tokenised (prompt + completion) with their labels; too-long rows dropped."""
+    seqs, labels = [], []
+    for i, row in enumerate(rows):
+        try:
+            prompt = _as_messages(row["prompt"], "user")
+            completion = _as_messages(row["completion"], "assistant")
+            label = row["label"]
+        except (KeyError, TypeError, DataError) as e:
+            raise DataError(f"unpaired row {i}: not an unpaired row ({e})") from e
+        if not isinstance(label, bool):
+            raise DataError(f"unpaired row {i}: label must be true or false, got {label!r}")
+        seq = tokenize_sequence(tokenizer, prompt, completion, MAX_LENGTH)
+        if seq is not None:
+            seqs.append(seq)
+            labels.append(label)
+    return seqs, labels
+
+
+@torch.no_grad()
+def sequence_logps(
+    model: torch.nn.Module,
+    seqs: Sequence[Tokens],
+    pad_id: int,
+    device: torch.device,
+    tick: Callable[[int], None] = lambda n: None,
+) -> torch.Tensor:
+    """Summed completion log-probs of each sequence under the current side, shape (n,)."""
+    out = torch.zeros(len(seqs))
+    for start in range(0, len(seqs), SCORE_BATCH):
+        batch = seqs[start : start + SCORE_BATCH]
+        logps, _ = completion_logps(model, collate(batch, pad_id).to(device))
+        out[start : start + len(batch)] = logps.float().cpu()
+        tick(len(batch))
+    return out
+
+
+def thumbs_metrics(
+    side: torch.Tensor, base: torch.Tensor, labels: Sequence[bool], beta: float
+) -> dict[str, Any]:
+    """AUC of the implicit reward at telling thumbs up from down, and the mean reward gap."""
+    up = torch.tensor(labels, dtype=torch.bool)
+    n_up, n_down = int(up.sum()), int((~up).sum())
+    out: dict[str, Any] = {"n": len(labels), "n_up": n_up, "n_down": n_down}
+    if not n_up or not n_down:
+        return out
+    rewards = (beta * (side - base)).double()
+    diff = rewards[up][:, None] - rewards[~up][None, :]
+    wins = (diff > 0).double() + 0.5 * (diff == 0).double()
+    gap = rewards[up].mean() - rewards[~up].mean()
+    return out | {"auc": wins.mean().item(), "gap": gap.item()}
+
+
 @torch.no_grad()
 def pair_logps(
     model: torch.nn.Module,
@@ -409,6 +468,7 @@ def evaluate(
     pairs: list[dict] | None,
     golden: list[GoldenItem],
     canary: list[Messages] | None = None,
+    unpaired: list[dict] | None = None,
     beta: float = 0.1,
     max_new_tokens: int = 64,
     device: str = "auto",
@@ -416,8 +476,9 @@ def evaluate(
     on_progress: ProgressFn | None = None,
     cache_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Evaluate ``candidate`` and ``incumbent`` (None: the base model) on held-out ``pairs``,
-    the ``golden`` items and the ``canary`` prompts (None: the shipped set); a JSON-ready report.
+    """Evaluate ``candidate`` and ``incumbent`` (None: the base model) on held-out ``pairs`` and
+    ``unpaired`` rows, the ``golden`` items and the ``canary`` prompts (None: the shipped set);
+    a JSON-ready report.
     ``cache_dir``: where each side's greedy answers are kept between evaluations."""
     from transformers import AutoTokenizer
 
@@ -431,6 +492,7 @@ def evaluate(
         tokenizer.pad_token = tokenizer.eos_token
     pad_id = tokenizer.pad_token_id
     examples = _pair_examples(pairs or [], tokenizer)
+    singles, labels = _unpaired_examples(unpaired or [], tokenizer)
     model = _load(Path(base), {s: Path(p) for s, p in paths.items() if p is not None}, dev)
 
     # The base side (None) is always measured: its log-probs are the reference, its canary
@@ -451,7 +513,7 @@ def evaluate(
     total = 0
     for key in keys:
         hit = entries[key][1]
-        total += len(examples)
+        total += len(examples) + len(singles)
         total += len(golden) * (hit.get("golden") is None)
         total += len(canary) * ("drift" not in hit)
         total += len(canary) * (key is not None and hit.get("kl") is None)
@@ -466,6 +528,9 @@ def evaluate(
         with _side(model, key):
             logps = pair_logps(
                 model, examples, pad_id, dev, bar.stage(f"{name} pairs", len(examples))
+            )
+            thumbs = sequence_logps(
+                model, singles, pad_id, dev, bar.stage(f"{name} thumbs", len(singles))
             )
             answers = hit.get("golden")
             if answers is None:
@@ -500,7 +565,7 @@ def evaluate(
             _cache_write(file, entry)
         else:
             cached.append(name)
-        results[key] = {"logps": logps, **entry}
+        results[key] = {"logps": logps, "thumbs": thumbs, **entry}
     bar.bar.close()
 
     ref = results[None]
@@ -510,6 +575,7 @@ def evaluate(
         report_sides[side] = {
             "path": str(paths[side]) if paths[side] is not None else None,
             "pairs": pair_metrics(r["logps"], ref["logps"], beta),
+            "thumbs": thumbs_metrics(r["thumbs"], ref["thumbs"], labels, beta),
             "golden": golden_metrics(golden, r["golden"]),
             "drift": drift_metrics(r["drift"], ref["drift"], r["kl"]),
         }
@@ -523,6 +589,7 @@ def evaluate(
             "beta": beta,
             "max_new_tokens": max_new_tokens,
             "n_pairs": len(examples),
+            "n_unpaired": len(singles),
             "n_golden": len(golden),
             "n_canary": len(canary),
         },
@@ -539,6 +606,9 @@ def summary_line(side: str, s: dict[str, Any]) -> str:
     pairs, drift = "pairs n=0", "drift n=0"
     if p["n"]:
         pairs = f"pairs acc {p['accuracy']:.3f} margin {p['margin']:+.3f} (n={p['n']})"
+    t = s.get("thumbs") or {}
+    if "auc" in t:
+        pairs += f" | thumbs auc {t['auc']:.3f} (n={t['n']})"
     if d["n"]:
         drift = f"drift kl {d['kl']:.4f} len x{d['length_ratio']:.2f} rep {d['repetition']:.3f}"
     return f"{side}: {pairs} | golden {g['passed']}/{g['n']} | {drift} [{s['path'] or 'base'}]"
@@ -552,6 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--candidate", type=Path, help="adapter to evaluate (default: the base)")
     p.add_argument("--incumbent", type=Path, help="adapter serving now (default: the base)")
     p.add_argument("--pairs", type=Path, help="held-out DPO rows (JSONL)")
+    p.add_argument("--unpaired", type=Path, help="held-out unpaired (KTO) rows (JSONL)")
     p.add_argument("--golden", type=Path, help="golden set (JSONL, see trainer.golden)")
     p.add_argument("--canary", type=Path, help="drift prompts (default: the shipped set)")
     p.add_argument("--beta", type=float, default=0.1)
@@ -568,7 +639,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        for path in (args.base, args.candidate, args.incumbent, args.pairs, args.golden):
+        paths = (args.base, args.candidate, args.incumbent, args.pairs, args.unpaired, args.golden)
+        for path in paths:
             if path is not None and not path.exists():
                 raise FileNotFoundError(f"{path} does not exist")
         report = evaluate(
@@ -576,6 +648,7 @@ def main(argv: list[str] | None = None) -> int:
             args.candidate,
             args.incumbent,
             pairs=read_rows(args.pairs) if args.pairs else None,
+            unpaired=read_rows(args.unpaired) if args.unpaired else None,
             golden=load_golden(args.golden) if args.golden else [],
             canary=load_canary(args.canary) if args.canary else None,
             beta=args.beta,

@@ -168,6 +168,11 @@ def parse_golden(text: str, source: str = "golden") -> list[GoldenItem]:
     return items
 
 
+# The default golden set: 113 short factual and safety items SmolLM2-135M-Instruct answers
+# reliably (screened by sampling; see docs/learning.md). Operators add to it or replace it.
+SHIPPED_GOLDEN = Path(__file__).with_name("golden.jsonl")
+
+
 def load_golden(path: Path | str) -> list[GoldenItem]:
     """The golden set at ``path``; a missing file is an empty set (none written yet)."""
     path = Path(path)

@@ -16,6 +16,11 @@ Signals (siblings = answers sharing `parent_id`, i.e. regenerations / `n>1` choi
 | operator edit                                    | operator's text | the edited answer    |
 | thumbs on an answer in no pair above             | KTO row (prompt, completion, label)    |
 
+When a refresh selects its data, `match_thumbs` joins stored KTO rows into matched pairs
+(source "matched"): an up and a down on answers to the same question from different
+conversations (see its docstring for the whole rule). Lone thumbs that find no match train as
+KTO rows.
+
 Pipeline, one small function per step, each drop counted under a `DropReason`:
 
 1. `_resolve_thumbs`: per (user, answer) the latest thumbs vote wins; across users the majority
@@ -55,13 +60,13 @@ from typing import Any, Literal, TypeVar
 
 from trainer.redact import redact
 
-Source = Literal["regenerate", "thumbs", "pick", "edit"]
+Source = Literal["regenerate", "thumbs", "pick", "edit", "matched"]
 Status = Literal["pending", "approved", "excluded"]
 Role = Literal["user", "operator"]
 
 # When several signals agree on the same (chosen, rejected) message pair, the merged pair is
 # labelled with the most explicit one: an A/B pick was asked for, a regeneration is inferred.
-_SOURCE_PRIORITY: dict[str, int] = {"pick": 0, "thumbs": 1, "regenerate": 2}
+_SOURCE_PRIORITY: dict[str, int] = {"pick": 0, "thumbs": 1, "regenerate": 2, "matched": 3}
 
 _KEY_NAMESPACE = "prefloop-pairs-v1"
 
@@ -295,6 +300,7 @@ class UnpairedExample:
     source: Source = "thumbs"
     excluded_reason: str = ""  # the DropReason, when status == "excluded"
     key_id: str = ""
+    parent_id: str = ""  # the prompt's last message: answers in one conversation turn share it
 
 
 @dataclass(frozen=True)
@@ -667,6 +673,7 @@ def _unpaired(
                 adapter_version=a.adapter_version,
                 sampling=a.sampling,
                 feedback_ids=tuple(sorted(v.feedback_id for v in label.voters if v.feedback_id)),
+                parent_id=a.parent_id,
             )
         )
     return rows
@@ -1009,16 +1016,15 @@ def compile_pairs(
         + _pick_votes(usable["pick"], by_id, drops)
     )
     edits = _edit_pairs(usable["edit"], by_id, config, drops)
+    # An answer in any candidate pair (even one dropped as contested) is not "lone": its thumbs
+    # already spoke in a pair, and a KTO row would count the same vote twice.
+    paired = {m for v in votes for m in (v.chosen_id, v.rejected_id)}
+    paired |= {e.rejected_message_id for e in edits}
     pairs = [
         p
         for v in _settle(votes, config.conflict_policy, drops)
         if (p := _pair_from_vote(v, by_id, drops)) is not None
     ] + edits
-
-    # An answer in any candidate pair (even one dropped as contested) is not "lone": its thumbs
-    # already spoke in a pair, and a KTO row would count the same vote twice.
-    paired = {m for v in votes for m in (v.chosen_id, v.rejected_id)}
-    paired |= {p.rejected_message_id for p in edits}
     unpaired = _unpaired(labels, by_id, paired) if config.emit_unpaired else []
 
     redactions: Counter[str] = Counter()
@@ -1031,6 +1037,92 @@ def compile_pairs(
         excluded=pairs_excluded + unpaired_excluded,
         dropped=Counter({str(reason): n for reason, n in drops.items() if n}),
         redactions=redactions,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Matched pairs from lone thumbs
+
+
+def _question(x: UnpairedExample) -> tuple[str, ...]:
+    """What makes two answers comparable: scope, adapter version and the whole conversation
+    before them, system prompt included, compared case- and whitespace-insensitively."""
+    turns = tuple(f"{m.role}:{_normalise_ws(m.content).casefold()}" for m in x.prompt)
+    return (x.tenant, x.segment, x.adapter_version, *turns)
+
+
+def _matchable(up: UnpairedExample, down: UnpairedExample, window_hours: float) -> bool:
+    return (
+        up.completion_id != down.completion_id  # two choices of one completion: one visitor
+        and not (up.parent_id and up.parent_id == down.parent_id)  # one conversation's turn
+        and up.user_id != down.user_id  # one user rating both compared nothing
+        and abs((up.created_at - down.created_at).total_seconds()) <= window_hours * 3600
+        and _normalise_ws(up.completion) != _normalise_ws(down.completion)
+    )
+
+
+def match_thumbs(
+    rows: Sequence[UnpairedExample], window_hours: float | None
+) -> tuple[list[PreferencePair], list[UnpairedExample]]:
+    """Lone thumbs → (matched pairs, the rows left unpaired).
+
+    An up and a down become a pair (source "matched", chosen = the up) when they answer the same
+    question: same tenant, segment and adapter version (both answers came from one policy), and
+    the same conversation before the answer, system prompt included, compared case- and
+    whitespace-insensitively; from different conversations (a regenerated or `n>1` sibling is
+    the compiler's business), rated by different users, at most `window_hours` apart, with
+    different texts. Each row joins at most one pair, the nearest in time first (ties by key, so
+    the result does not depend on input order). The pair keeps both rows' feedback ids and
+    weighs the smaller of their weights. `window_hours` None: no matching.
+    """
+    if window_hours is None:
+        return [], list(rows)
+    groups: dict[tuple[str, ...], list[UnpairedExample]] = defaultdict(list)
+    for r in sorted(rows, key=lambda r: r.key):
+        groups[_question(r)].append(r)
+    pairs: list[PreferencePair] = []
+    used: set[str] = set()
+    for members in groups.values():
+        ups = [r for r in members if r.label]
+        downs = [r for r in members if not r.label]
+        candidates = sorted(
+            (abs((u.created_at - d.created_at).total_seconds()), u.key, d.key, u, d)
+            for u in ups
+            for d in downs
+            if _matchable(u, d, window_hours)
+        )
+        for _, _, _, up, down in candidates:
+            if up.key not in used and down.key not in used:
+                used |= {up.key, down.key}
+                pairs.append(_matched_pair(up, down))
+    return pairs, [r for r in rows if r.key not in used]
+
+
+def _matched_pair(up: UnpairedExample, down: UnpairedExample) -> PreferencePair:
+    newest = max(up, down, key=lambda r: (r.created_at, r.key))
+    return PreferencePair(
+        key=_key("matched", up.key, down.key),
+        source="matched",
+        prompt=up.prompt,
+        chosen=up.completion,
+        rejected=down.completion,
+        weight=min(up.weight, down.weight),
+        status=newest.status,
+        tenant=up.tenant,
+        segment=up.segment,
+        user_id=newest.user_id,
+        key_id=newest.key_id,
+        author_role=newest.author_role,
+        created_at=newest.created_at,
+        chosen_message_id=up.message_id,
+        rejected_message_id=down.message_id,
+        chosen_completion_id=up.completion_id,
+        rejected_completion_id=down.completion_id,
+        chosen_adapter_version=up.adapter_version,
+        rejected_adapter_version=down.adapter_version,
+        chosen_sampling=up.sampling,
+        rejected_sampling=down.sampling,
+        feedback_ids=tuple(sorted({*up.feedback_ids, *down.feedback_ids})),
     )
 
 

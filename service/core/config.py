@@ -126,7 +126,13 @@ class Settings(BaseSettings):
     )
     golden_path: str = Field(
         default="",
-        description="The operator's golden set (JSONL). Empty: PREFLOOP_HOME/golden.jsonl.",
+        description="The operator's golden set (JSONL), checked with the shipped one. Empty: "
+        "PREFLOOP_HOME/golden.jsonl. Per segment, PREFLOOP_HOME/golden/<segment>.jsonl adds more.",
+    )
+    golden_include_shipped: bool = Field(
+        default=True,
+        description="Check the shipped golden set (113 short factual and safety items) too; an "
+        "operator's item with the same id replaces a shipped one. False: only the operator's.",
     )
     rehearsal_path: str = Field(
         default="",
@@ -175,7 +181,9 @@ class Settings(BaseSettings):
     )
     refresh_timezone: str = Field(default="UTC", description="Timezone of `refresh_cron`.")
     refresh_threshold_pairs: int = Field(
-        default=200, ge=1, description="Refresh early once this many approved pairs wait."
+        default=200,
+        ge=1,
+        description="Refresh early once this many approved items (pairs and lone thumbs) wait.",
     )
     refresh_min_interval_minutes: float = Field(
         default=60.0, ge=0.0, description="The threshold trigger fires at most this often."
@@ -184,7 +192,15 @@ class Settings(BaseSettings):
         default=60.0, gt=0.0, description="How often the threshold trigger compiles and counts."
     )
     refresh_min_pairs: int = Field(
-        default=16, ge=1, description="Fewer approved training pairs: the refresh is skipped."
+        default=16,
+        ge=1,
+        description="Fewer approved training items (pairs, lone thumbs): the refresh is skipped.",
+    )
+    refresh_match_window_hours: float | None = Field(
+        default=168.0,
+        ge=0.0,
+        description="Lone thumbs up and down on the same question, rated at most this many hours "
+        "apart by different users, train as a matched pair (null: never matched).",
     )
     refresh_heldout_fraction: float = Field(
         default=0.15, ge=0.0, lt=1.0, description="Pairs held out for the gate, not trained on."

@@ -113,3 +113,45 @@ def test_an_incumbent_already_repetitive_does_not_block_an_equal_candidate() -> 
     worn = side(rep=0.5)
     assert decide(side(rep=0.5), worn, GateThresholds()).approved
     assert not decide(side(rep=0.6), worn, GateThresholds()).approved
+
+
+def thumbs(auc: float, up: int = 12, down: int = 18) -> dict:
+    return {"n": up + down, "n_up": up, "n_down": down, "auc": auc, "gap": auc - 0.5}
+
+
+def test_a_candidate_trained_on_thumbs_alone_gets_a_verdict_that_reads_on_its_own() -> None:
+    only_thumbs = side(n_pairs=0, golden=0.9) | {"thumbs": thumbs(0.71)}
+    verdict = decide(only_thumbs, BASE | {"thumbs": thumbs(0.5)}, GateThresholds())
+    assert verdict.approved
+    [rule] = [c for c in verdict.checks if c.name.startswith("thumbs")]
+    assert rule.detail == (
+        "held-out thumbs AUC 0.71 >= minimum 0.55 (12 up, 18 down: how often an up answer "
+        "outscores a down one)"
+    )
+    assert [c.detail for c in verdict.checks if c.name == "pairs"] == [
+        "pair checks skipped: 0 held-out pairs < 4"
+    ]
+
+
+def test_thumbs_rule_rejects_a_candidate_that_ranks_downs_up_or_trails_the_incumbent() -> None:
+    flipped = decide(side() | {"thumbs": thumbs(0.38)}, BASE, GateThresholds())
+    assert not flipped.approved and flipped.reasons == [
+        "held-out thumbs AUC 0.38 < minimum 0.55 (12 up, 18 down: how often an up answer "
+        "outscores a down one)"
+    ]
+    worse = decide(side() | {"thumbs": thumbs(0.62)}, side() | {"thumbs": thumbs(0.75)},
+                   GateThresholds())  # fmt: skip
+    assert worse.reasons == [
+        "held-out thumbs AUC 0.62 < incumbent 0.75 - 0.05 (12 up, 18 down: how often an up "
+        "answer outscores a down one)"
+    ]
+
+
+def test_too_few_held_out_thumbs_skip_the_rule_and_say_so() -> None:
+    verdict = decide(side() | {"thumbs": thumbs(0.2, up=3, down=9)}, BASE, GateThresholds())
+    assert verdict.approved
+    assert [c.detail for c in verdict.checks if c.name == "thumbs"] == [
+        "thumbs check skipped: 3 up and 9 down held out, fewer than 4 of each"
+    ]
+    no_thumbs = decide(side(), BASE, GateThresholds())
+    assert not [c for c in no_thumbs.checks if c.name.startswith("thumbs")]

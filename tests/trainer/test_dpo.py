@@ -15,8 +15,16 @@ import torch
 from torch.testing import assert_close
 
 from tests.trainer.conftest import write_pairs
-from trainer.data import Tokens, collate, collate_pairs, load_examples
-from trainer.dpo import TrainConfig, completion_logps, get_lr, load_policy, main, train
+from trainer.data import Tokens, collate, collate_pairs, data_kind, load_examples
+from trainer.dpo import (
+    TrainConfig,
+    completion_logps,
+    get_lr,
+    kto_lambdas,
+    load_policy,
+    main,
+    train,
+)
 
 TINY = TrainConfig(epochs=2, batch_size=4, lr=1e-3, max_length=128, checkpoint_every=0)
 
@@ -391,8 +399,10 @@ def test_kto_from_the_command_line(tiny_llama_dir: Path, kto_file: Path, tmp_pat
     assert main(argv) == 0
     lines = _train_lines(out)
     assert lines[0]["loss"] == pytest.approx(0.5, abs=1e-5), "1 - sigma(0) when policy == ref"
-    assert lines[-1]["rewards/chosen"] > lines[-1]["rewards/rejected"]
-    assert json.loads((out / "manifest.json").read_text())["config"]["loss"] == "kto"
+    assert lines[-1]["kto/desirable"] > lines[-1]["kto/undesirable"]
+    assert lines[-1]["margin"] == lines[-1]["kto_gap"], "a thumbs-only run plots the reward gap"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["loss"] == "kto" and manifest["data"]["kind"] == "kto"
     assert main(argv) == 2, "refuses to overwrite an adapter version"
 
 
@@ -634,3 +644,75 @@ def test_rehearsal_keeps_the_references_answers_to_unrelated_prompts(
     with pytest.raises(ValueError, match="rehearsal prompts"):
         (tmp_path / "empty.jsonl").write_text("\n")
         load_rehearsal_prompts(tmp_path / "empty.jsonl")
+
+
+# --- pairs and lone thumbs in one run ---------------------------------------------------------
+
+
+def test_kto_lambdas_balance_ups_and_downs() -> None:
+    cfg = TrainConfig()
+    assert kto_lambdas(cfg, 10, 30) == (3.0, 1.0), "scarce ups weigh up to parity"
+    lam_d, lam_u = kto_lambdas(cfg, 30, 10)
+    assert lam_d == 1.0 and lam_d * 30 / (lam_u * 10) == pytest.approx(4 / 3)
+    assert kto_lambdas(cfg, 12, 10) == (1.0, 1.0), "1.2 is inside [1, 4/3]"
+    assert kto_lambdas(cfg, 20, 0) == (1.0, 1.0), "all ups: nothing to balance"
+    assert kto_lambdas(replace(cfg, kto_balance=False), 10, 30) == (1.0, 1.0)
+
+
+def _mixed_file(path: Path, n_pairs: int, n_up: int, n_down: int) -> Path:
+    rows = [json.loads(x) for x in write_pairs(path, n_pairs).read_text().splitlines()]
+    for i in range(n_up + n_down):
+        good = i < n_up
+        answer = f"It is {2 * i + 1}. — Acme Support" if good else "No idea" + "!" * (i % 4)
+        rows.append({
+            "prompt": [{"role": "user", "content": f"What is {i} times {i + 2}?"}],
+            "completion": [{"role": "assistant", "content": answer}],
+            "label": good,
+        })  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_a_mixed_micro_batch_scores_each_example_as_its_own_kind(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.dpo import Dist, batch_losses, reference_logps
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    examples, _ = load_examples(_mixed_file(tmp_path / "m.jsonl", 3, 2, 2), tok, max_length=128)
+    assert data_kind(examples) == "mixed" and data_kind(examples[:3]) == "pairs"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    d = Dist(0, 1, torch.device("cpu"))
+    cfg = replace(TINY, micro_batch_size=7)
+    ref = reference_logps(model, examples, cfg, d, 0, fresh_lora=False) - 0.5  # policy != ref
+    order = [4, 0, 5, 1, 6, 2, 3]  # kinds interleaved
+    mixed, rewards = batch_losses(model, [examples[i] for i in order], ref[order], cfg, d, 0)
+    pairs, _ = batch_losses(model, examples[:3], ref[:3], cfg, d, 0)
+    thumbs, _ = batch_losses(model, examples[3:], ref[3:], cfg, d, 0)
+    alone = torch.cat([pairs, thumbs])
+    assert_close(mixed, alone[order])
+    assert len(rewards.chosen) == 3 and len(rewards.desirable) == len(rewards.undesirable) == 2
+
+
+def test_pairs_and_thumbs_train_in_one_run(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    data = _mixed_file(tmp_path / "mixed.jsonl", 12, 4, 12)
+    out = tmp_path / "mixed"
+    cfg = replace(TINY, epochs=3, batch_size=8)
+    train(cfg, pairs=data, base=tiny_llama_dir, out=out, progress_bar=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["data"] | {"path": "", "sha256": ""} == {
+        "path": "", "sha256": "", "kind": "mixed", "pairs": 12, "desirable": 4,
+        "undesirable": 12, "kto_lambdas": [3.0, 1.0],
+    }  # fmt: skip
+    lines = _train_lines(out)
+    assert all(x["grad_norm"] > 0 for x in lines), "every step has a gradient"
+    gaps = [x["kto_gap"] for x in lines if "kto_gap" in x]  # steps with ups and downs
+    accuracy = [x["accuracy"] for x in lines if "accuracy" in x]  # steps with pairs
+    assert gaps[-1] > max(gaps[0], 0), "thumbs up pulled above thumbs down"
+    assert accuracy[-1] > accuracy[0]
+    assert lines[-1]["loss"] < lines[0]["loss"]

@@ -28,6 +28,7 @@ from trainer.pairs import (
     edit_pair_key,
     kto_key,
     kto_row,
+    match_thumbs,
     prompt_tokens,
     write_jsonl,
 )
@@ -729,3 +730,72 @@ def test_preference_pair_is_frozen() -> None:
     with pytest.raises(TypeError):
         pair.chosen_sampling["x"] = 1  # type: ignore[index]
     assert DropReason.USER_CAP == "user_cap"
+
+
+# --- matched pairs from lone thumbs -----------------------------------------------------------
+
+
+def _lone(*items: tuple[Answer, Feedback]) -> list:
+    """Each answer rated alone (its own conversation), compiled into KTO rows."""
+    config = GateConfig(near_dup_threshold=None)  # the same question, asked again and again
+    result = compile_pairs([a for a, _ in items], [f for _, f in items], config)
+    assert not result.pairs
+    return list(result.unpaired)
+
+
+def _rated(n: int, value: int, *, minute: float = 0, prompt: Any = PROMPT, **kw: Any) -> tuple:
+    user, parent = kw.pop("user", f"visitor-{n}"), kw.pop("parent", f"p{n}")
+    a = answer(f"m{n}", f"Answer {n}: boil it.", parent=parent, minute=minute, prompt=prompt,
+               user=user, **kw)  # fmt: skip
+    return a, thumbs(f"f{n}", f"m{n}", value, user=user, minute=minute + 1)
+
+
+def test_an_up_and_a_down_on_the_same_question_from_two_visitors_become_a_matched_pair() -> None:
+    shouty = (SYSTEM, {"role": "user", "content": "  how long do I BOIL an egg? "})
+    rows = _lone(_rated(1, 1), _rated(2, -1, minute=60, prompt=shouty))
+    pairs, rest = match_thumbs(rows, window_hours=168)
+    assert rest == [] and len(pairs) == 1
+    (pair,) = pairs
+    assert (pair.source, pair.chosen, pair.rejected) == ("matched", "Answer 1: boil it.",
+                                                        "Answer 2: boil it.")  # fmt: skip
+    assert pair.feedback_ids == ("f1", "f2"), "provenance: both votes"
+    assert (pair.chosen_message_id, pair.rejected_message_id) == ("m1", "m2")
+    assert pair.user_id == "visitor-2" and pair.created_at == at(61), "the newest signal owns it"
+    assert match_thumbs(list(reversed(rows)), 168)[0] == pairs, "input order does not matter"
+    assert match_thumbs(rows, None) == ([], rows), "matching off"
+
+
+@pytest.mark.parametrize(
+    ("other", "why"),
+    [
+        (dict(prompt=({"role": "system", "content": "You are a pirate."}, PROMPT[1])), "system"),
+        (dict(adapter_version="v2"), "another adapter generation"),
+        (dict(user="visitor-1"), "one user rating both"),
+        (dict(parent="p1"), "one conversation's turn (a regeneration)"),
+        (dict(minute=169 * 60), "outside the window"),
+        (dict(tenant="other"), "another tenant"),
+        (dict(prompt=(SYSTEM, {"role": "user", "content": "How long do I boil rice?"})), "q"),
+    ],
+)
+def test_thumbs_that_must_not_be_matched(other: dict, why: str) -> None:
+    a, fa = _rated(1, 1)
+    b, fb = _rated(2, -1, **other)
+    rows = [replace(r, status="approved") for r in _lone((a, fa))] + [
+        r for r in compile_pairs([b], [fb]).unpaired
+    ]
+    pairs, rest = match_thumbs(rows, window_hours=168)
+    assert pairs == [] and len(rest) == 2, why
+
+
+def test_each_thumb_joins_at_most_one_pair_nearest_in_time_first() -> None:
+    rows = _lone(_rated(1, 1, minute=0), _rated(2, -1, minute=500), _rated(3, -1, minute=30),
+                 _rated(4, 1, minute=2000))  # fmt: skip
+    pairs, rest = match_thumbs(rows, window_hours=168)
+    assert [(p.chosen_message_id, p.rejected_message_id) for p in pairs] == [
+        ("m1", "m3"), ("m4", "m2")
+    ]  # fmt: skip
+    assert rest == []
+    three_ups = _lone(_rated(1, 1), _rated(2, 1, minute=5), _rated(3, -1, minute=10))
+    pairs, rest = match_thumbs(three_ups, window_hours=168)
+    assert [(p.chosen_message_id, p.rejected_message_id) for p in pairs] == [("m2", "m3")]
+    assert [r.message_id for r in rest] == ["m1"], "the unmatched up stays a KTO row"
