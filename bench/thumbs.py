@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import sys
 import tempfile
 from datetime import UTC, datetime, timedelta
@@ -212,6 +213,48 @@ def run_thumbs(
     }
 
 
+def _row(r: dict[str, Any]) -> str:
+    c = r["counts"]
+    data = f"{c['matched']} matched + {c['thumbs_up']}/{c['thumbs_down']} up/down"
+    golden = "-" if r["golden_loss"] is None else f"{r['golden_loss']:.3f}"
+    gate = "approved" if r["approved"] else "rejected: " + "; ".join(r["reasons"])
+    return (
+        f"| {r['seed']} | {'shuffled' if r['shuffled'] else 'as rated'} | {data} | "
+        f"{r['length_ratio']:.3f} | {r['effect']:+.1%} | {_auc(r['unseen_thumbs_auc'])} | "
+        f"{_auc(r['gate_thumbs_auc'])} | {golden} | {r['kl']:.3f} | {gate} |"
+    )
+
+
+def _auc(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def study(seeds: int, overrides: dict[str, Any]) -> None:
+    """Every seed as rated and with shuffled labels, one table row each as it finishes."""
+    from service.core.config import Settings
+
+    model_dir = _model_dir()
+    print(f"recipe: {json.dumps({**Settings().refresh_train, **THUMBS_OVERRIDES, **overrides})}")
+    print("| seed | labels | trained on | held-out length ratio | effect | AUC unseen | AUC gate "
+          "| golden loss | KL | gate |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="prefloop-thumbs-") as tmp:
+        cache = Path(tmp) / "cache"
+        for seed in range(seeds):
+            for shuffle in (False, True):
+                work = Path(tmp) / f"seed{seed}-{shuffle}"
+                work.mkdir()
+                r = run_thumbs(model_dir, work, seed=seed, shuffle=shuffle, overrides=overrides,
+                               cache_dir=cache)  # fmt: skip
+                print(_row(r), flush=True)
+                results.append(r)
+    for shuffle in (False, True):
+        effect = [r["effect"] for r in results if r["shuffled"] == shuffle]
+        print(f"{'shuffled' if shuffle else 'as rated'}: effect {statistics.mean(effect):+.1%} "
+              f"(seeds: {', '.join(f'{e:+.1%}' for e in effect)})")  # fmt: skip
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -223,8 +266,13 @@ def main() -> int:
     run.add_argument("--no-golden", action="store_true", help="skip the golden set (faster)")
     run.add_argument("--out", type=Path, help="also write the result here (JSON)")
     run.add_argument("--no-progress", action="store_true")
+    st = sub.add_parser("study", help="every seed as rated and shuffled")
+    st.add_argument("--seeds", type=int, default=3)
+    st.add_argument("--recipe", default="{}", help="trainer options over the recipe, JSON")
     args = p.parse_args()
-    if args.cmd == "make-data":
+    if args.cmd == "study":
+        study(args.seeds, json.loads(args.recipe))
+    elif args.cmd == "make-data":
         make_data(_model_dir())
     elif args.cmd == "run":
         with tempfile.TemporaryDirectory(prefix="prefloop-thumbs-") as tmp:

@@ -309,7 +309,7 @@ def _read_progress(paths: list[Path]) -> dict[str, Any] | None:
                 pass
     if not rows:
         return None
-    keep = ("step", "total", "epoch", "loss", "margin", "accuracy", "lr")
+    keep = ("step", "total", "epoch", "loss", "margin", "accuracy", "kto_gap", "lr")
     latest = {k: rows[-1][k] for k in keep if k in rows[-1]}
     # Every step's loss and reward margin, for the console's plot; thinned to at most
     # HISTORY_POINTS so a long run's row stays small.
@@ -317,7 +317,10 @@ def _read_progress(paths: list[Path]) -> dict[str, Any] | None:
     picked = rows[::stride]
     if picked[-1] is not rows[-1]:
         picked.append(rows[-1])
-    latest["history"] = [[r.get("step"), r.get("loss"), r.get("margin")] for r in picked]
+    # The fourth column, the thumbs reward gap, is None on steps without ups and downs.
+    latest["history"] = [
+        [r.get("step"), r.get("loss"), r.get("margin"), r.get("kto_gap")] for r in picked
+    ]
     return latest
 
 

@@ -6,6 +6,8 @@
 What happens, in order (``train``):
 
 1. Read and tokenise the rows (``trainer.data``), hold out a seeded fraction for evaluation.
+   A file may mix preference rows (trained with ``loss``) and unpaired thumbs rows (trained with
+   KTO, weighted for unbalanced ups and downs), one objective summed over a batch.
 2. Load the base model and add LoRA, or warm-start from a parent adapter (the "online" case: the
    reference is the parent, and the policy starts from it).
 3. Compute every reference log-prob once, up front: the adapter disabled (fresh LoRA) or the
@@ -773,7 +775,7 @@ def train(
     progress_bar: bool = True,
     rehearsal_prompts: Path | None = None,
 ) -> TrainResult:
-    """Train an adapter on ``pairs`` (DPO rows, or KTO rows with ``cfg.loss == "kto"``) and
+    """Train an adapter on ``pairs`` (preference rows and/or unpaired KTO rows) and
     write it to ``out``, which must not exist: adapter versions are immutable. With
     ``cfg.rehearsal``, ``rehearsal_prompts`` (default: trainer/rehearsal.jsonl) are rehearsed."""
     from transformers import AutoTokenizer
@@ -993,8 +995,11 @@ def _config_arguments(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train a LoRA adapter on preference or KTO rows")
-    p.add_argument("--pairs", type=Path, required=True, help="TRL-style JSONL rows")
+    p = sub.add_parser("train", help="train a LoRA adapter on preference and/or KTO rows")
+    p.add_argument(
+        "--pairs", type=Path, required=True,
+        help="TRL-style JSONL: preference rows, unpaired (KTO) rows, or both",
+    )  # fmt: skip
     p.add_argument("--base", type=Path, required=True, help="base model directory")
     p.add_argument("--out", type=Path, required=True, help="adapter directory to create")
     p.add_argument("--init-adapter", type=Path, help="warm-start from (and refer to) this adapter")

@@ -270,7 +270,9 @@ function reportTable(report, verdict) {
   const inc = report.incumbent || {};
   const rows = [
     ["held-out pairs", (s) => s.pairs?.n], ["pair accuracy", (s) => s.pairs?.accuracy],
-    ["reward margin", (s) => s.pairs?.margin], ["golden pass rate", (s) => s.golden?.pass_rate],
+    ["reward margin", (s) => s.pairs?.margin],
+    ["held-out thumbs (up/down)", (s) => (s.thumbs?.n ? `${s.thumbs.n_up}/${s.thumbs.n_down}` : undefined)],
+    ["thumbs AUC (up above down)", (s) => s.thumbs?.auc], ["golden pass rate", (s) => s.golden?.pass_rate],
     ["golden passed", (s) => (s.golden?.n ? `${s.golden.passed}/${s.golden.n}` : undefined)],
     ["answer length ratio", (s) => s.drift?.length_ratio], ["repetition", (s) => s.drift?.repetition],
     ["KL from base (nats/token)", (s) => s.drift?.kl],
@@ -286,6 +288,14 @@ function reportTable(report, verdict) {
   return el("div", {}, head, el("div", { class: "cols" }, table, checks));
 }
 
+function trainingData(c) {
+  if (!c || c.train === undefined) return "";
+  const n = (k) => c[k] || 0;
+  const part = (pre) => `${n(pre + "pairs")} pairs, ${n(pre + "matched")} matched from thumbs, ` +
+    `${n(pre + "thumbs_up")} thumbs up and ${n(pre + "thumbs_down")} down alone (KTO)`;
+  return `Trained on ${part("")}; held out for the gate: ${part("heldout_")}.`;
+}
+
 async function showRun(id) {
   openRun = id;
   clearTimeout(runTimer);
@@ -296,17 +306,23 @@ async function showRun(id) {
   $("#run-summary").textContent = `Status: ${run.status}${run.stage ? `, stage ${run.stage}` : ""}` +
     `${run.outcome ? `, outcome ${run.outcome}` : ""}${run.candidate_version ? `, candidate ${run.candidate_version}` : ""}` +
     `${run.error ? ` \u2014 ${run.error}` : ""}`;
+  $("#run-data").textContent = trainingData(run.counts);
   const p = run.progress || {};
   $("#run-progress").max = p.total || 1;
   $("#run-progress").value = p.step || 0;
   $("#run-progress-text").textContent = p.total
-    ? `training step ${p.step}/${p.total}, loss ${fmt(p.loss)}, margin ${fmt(p.margin)}` : "not training yet";
+    ? `training step ${p.step}/${p.total}, loss ${fmt(p.loss)}, margin ${fmt(p.margin)}` +
+      (p.kto_gap === undefined ? "" : `, thumbs reward gap ${fmt(p.kto_gap)}`) : "not training yet";
   $("#run-steps").replaceChildren(...run.steps.map((s) => el("tr", {}, td(s.name),
     td(s.seconds === null ? "running\u2026" : fmt(s.seconds)), td(s.detail ? JSON.stringify(s.detail) : "", "text"))));
   const history = p.history || [];
   if (history.length) {
-    chart("run", $("#run-chart"), ["loss", "reward margin"],
-      [history.map((h) => h[0]), history.map((h) => h[1]), history.map((h) => h[2])], "value");
+    // The thumbs reward gap (mean reward of thumbs-up answers minus thumbs-down ones), where
+    // the run trains on lone thumbs beside pairs.
+    const gap = history.some((h) => h[3] !== null && h[3] !== undefined);
+    chart("run", $("#run-chart"), ["loss", "reward margin", ...(gap ? ["thumbs reward gap"] : [])],
+      [history.map((h) => h[0]), history.map((h) => h[1]), history.map((h) => h[2]),
+        ...(gap ? [history.map((h) => h[3] ?? null)] : [])], "value");
   } else {
     if (charts.run) { charts.run.destroy(); delete charts.run; }
     $("#run-chart").replaceChildren(el("p", {}, "No training steps yet."));

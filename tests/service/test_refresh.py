@@ -123,7 +123,10 @@ def test_a_refresh_trains_gates_promotes_and_serves(
     r = live.http.post("/v1/operator/runs", json={}, headers=OPS)
     run = wait_run(live, r.json()["id"])
     assert run["status"] == "skipped"
-    assert run["error"].startswith("0 approved training pairs in segment 'default'")
+    assert run["error"] == (
+        "0 approved training items in segment 'default' (0 pairs, 0 matched from thumbs, "
+        "0 thumbs up and 0 down alone); a refresh needs 2 (PREFLOOP_REFRESH_MIN_PAIRS)"
+    )
 
     # Fresh feedback: a second refresh warm-starts from the active version and replaces it.
     picks(live, 12)
@@ -133,6 +136,34 @@ def test_a_refresh_trains_gates_promotes_and_serves(
     assert "--init-adapter" in run["log"]
     listing = live.http.get("/v1/operator/runs", headers=OPS).json()
     assert [x["status"] for x in listing["data"]] == ["succeeded", "skipped", "succeeded"]
+
+
+@pytest.mark.slow  # trains
+@pytest.mark.parametrize("settings_overrides", [FAST])
+def test_a_segment_whose_visitors_only_rate_refreshes_on_their_thumbs(live: Live) -> None:
+    """Each visitor asks once and rates the one answer it got: no pick, no regeneration. Four
+    questions are each asked by three visitors (ups and downs there become matched pairs); the
+    rest are asked once (KTO rows)."""
+    for i in range(24):
+        question = f"Question {i % 4}: what is a good name for a cat?" if i < 12 else f"Q{i}?"
+        answer = live.chat([{"role": "user", "content": question}], user=f"visitor-{i}")
+        rating = 1 if i % 3 else -1
+        r = live.feedback(completion_id=answer["id"], rating=rating, user=f"visitor-{i}")
+        assert r.status_code == 201, r.text
+    r = live.http.post("/v1/operator/runs", json={"segment": "default"}, headers=OPS)
+    run = wait_run(live, r.json()["id"])
+    assert (run["status"], run["outcome"]) == ("succeeded", "promoted"), run["error"]
+    c = run["counts"]
+    assert c["approved"] == 24 and c["pairs"] == c["heldout_pairs"] == 0
+    assert c["matched"] + c["heldout_matched"] >= 1, c
+    trained = 2 * c["matched"] + c["thumbs_up"] + c["thumbs_down"]
+    held = 2 * c["heldout_matched"] + c["heldout_thumbs_up"] + c["heldout_thumbs_down"]
+    assert trained + held == 24 and c["train"] == c["matched"] + c["thumbs_up"] + c["thumbs_down"]
+    assert "kto_gap" in run["progress"] or c["thumbs_up"] * c["thumbs_down"] == 0
+    checks = {x["name"]: x["detail"] for x in run["verdict"]["checks"]}
+    assert "thumbs" in checks or "thumbs_auc" in checks, checks
+    with live.session() as s:
+        assert {p.status for p in s.exec(select(PreferencePair)).all()} == {"used"}
 
 
 @BOTH_DATABASES
