@@ -139,29 +139,39 @@ def test_a_refresh_trains_gates_promotes_and_serves(
 
 
 @pytest.mark.slow  # trains
-@pytest.mark.parametrize("settings_overrides", [FAST])
+@pytest.mark.parametrize(
+    "settings_overrides",
+    # Nothing held out and one batch per step (every step sees ups and downs): exact counts.
+    [{**FAST, "refresh_heldout_fraction": 0.0,
+      "refresh_train": {**FAST["refresh_train"], "batch_size": 32, "epochs": 2}}],
+)  # fmt: skip
 def test_a_segment_whose_visitors_only_rate_refreshes_on_their_thumbs(live: Live) -> None:
     """Each visitor asks once and rates the one answer it got: no pick, no regeneration. Four
-    questions are each asked by three visitors (ups and downs there become matched pairs); the
-    rest are asked once (KTO rows)."""
+    questions are each asked by three visitors, rated up, up and down in some order (one up and
+    the down become a matched pair); twelve more are asked once. Nothing is held out, so the
+    counts are exact."""
     for i in range(24):
         question = f"Question {i % 4}: what is a good name for a cat?" if i < 12 else f"Q{i}?"
         answer = live.chat([{"role": "user", "content": question}], user=f"visitor-{i}")
-        rating = 1 if i % 3 else -1
+        rating = 1 if i % 3 else -1  # 16 ups, 8 downs; each question above gets one down
         r = live.feedback(completion_id=answer["id"], rating=rating, user=f"visitor-{i}")
         assert r.status_code == 201, r.text
     r = live.http.post("/v1/operator/runs", json={"segment": "default"}, headers=OPS)
     run = wait_run(live, r.json()["id"])
     assert (run["status"], run["outcome"]) == ("succeeded", "promoted"), run["error"]
-    c = run["counts"]
-    assert c["approved"] == 24 and c["pairs"] == c["heldout_pairs"] == 0
-    assert c["matched"] + c["heldout_matched"] >= 1, c
-    trained = 2 * c["matched"] + c["thumbs_up"] + c["thumbs_down"]
-    held = 2 * c["heldout_matched"] + c["heldout_thumbs_up"] + c["heldout_thumbs_down"]
-    assert trained + held == 24 and c["train"] == c["matched"] + c["thumbs_up"] + c["thumbs_down"]
-    assert "kto_gap" in run["progress"] or c["thumbs_up"] * c["thumbs_down"] == 0
-    checks = {x["name"]: x["detail"] for x in run["verdict"]["checks"]}
-    assert "thumbs" in checks or "thumbs_auc" in checks, checks
+    assert run["counts"] == {
+        "approved": 24, "train": 20, "heldout": 0, "pairs": 0, "matched": 4, "thumbs_up": 12,
+        "thumbs_down": 4, "heldout_pairs": 0, "heldout_matched": 0, "heldout_thumbs_up": 0,
+        "heldout_thumbs_down": 0,
+    }  # fmt: skip
+    assert [h[0] for h in run["progress"]["history"]] == [1, 2]
+    assert all(h[3] is not None for h in run["progress"]["history"]), "the thumbs reward gap"
+    version = live.http.get("/v1/operator/adapters/default@v1", headers=OPS).json()
+    data = version["manifest"]["data"]
+    assert (data["kind"], data["pairs"], data["desirable"], data["undesirable"]) == (
+        "mixed", 4, 12, 4
+    )  # fmt: skip
+    assert data["kto_lambdas"] == [1.0, 2.25], "12 ups to 4 downs: downs weigh up to 4/3"
     with live.session() as s:
         assert {p.status for p in s.exec(select(PreferencePair)).all()} == {"used"}
 

@@ -15,7 +15,7 @@ from sqlmodel import select
 
 from service.models import Feedback, OperatorAction, PreferencePair
 from tests.service.conftest import Live
-from tests.service.test_refresh import FAST
+from tests.service.test_refresh import FAST, OPS
 
 # A real Chromium: seconds per test.
 pytestmark = pytest.mark.slow
@@ -217,3 +217,46 @@ def test_console_says_what_went_wrong(live: Live, page: Page) -> None:
         "segment 'Not A Segment!' is not valid: use 1-64 lowercase letters"
     )
     page.shots("error")
+
+
+GREEN = (0x2B, 0x8A, 0x3E)  # console.js COLORS[2]: the third series
+
+
+@pytest.mark.parametrize(
+    "settings_overrides",
+    # Half held out so the gate has thumbs to judge by; one batch per step, so every step has
+    # ups and downs and plots the thumbs reward gap.
+    [{**FAST, "refresh_heldout_fraction": 0.5,
+      "refresh_train": {**FAST["refresh_train"], "batch_size": 64, "epochs": 3}}],
+)  # fmt: skip
+def test_a_run_on_lone_thumbs_shows_what_it_trained_on_and_the_thumbs_rule(
+    live: Live, page: Page
+) -> None:
+    # Visitors who each ask once and rate the one answer they got: 40 questions asked once
+    # (half up, half down: both sides of the hold-out get both), 6 asked by three visitors.
+    for i in range(58):
+        question = f"Q{i}: a cat name?" if i < 40 else f"Question {i % 6}: name my cat?"
+        answer = live.chat([{"role": "user", "content": question}], user=f"visitor-{i}")
+        rating = 1 if i % 2 else -1
+        r = live.feedback(completion_id=answer["id"], rating=rating, user=f"visitor-{i}")
+        assert r.status_code == 201, r.text
+    run = live.http.post("/v1/operator/runs", json={"segment": "default"}, headers=OPS).json()
+
+    page.goto(f"{live.base_url}/console")
+    page.get_by_label("Operator", exact=True).fill("olga")
+    page.get_by_role("button", name="Save").click()
+    page.get_by_role("tab", name="Runs").click()
+    row = page.locator(f'#run-rows tr[data-id="{run["id"]}"]')
+    row.get_by_role("button", name="Show").click()
+    expect(page.locator("#run-summary")).to_contain_text("Status: succeeded", timeout=180_000)
+    data = page.locator("#run-data")
+    expect(data).to_contain_text("Trained on 0 pairs, ")
+    expect(data).to_contain_text(" matched from thumbs, ")
+    expect(data).to_contain_text(" down alone (KTO); held out for the gate: 0 pairs, ")
+    expect(page.locator("#run-progress-text")).to_contain_text("thumbs reward gap")
+    gate = page.locator("#run-gate")
+    expect(gate).to_contain_text("thumbs AUC (up above down)")
+    # The rule's line: judged, or skipped and saying so when too few were held out.
+    expect(gate.locator("li").filter(has_text="thumbs")).to_have_count(1)
+    assert page.evaluate(PIXELS, ["#run-chart canvas", GREEN]) > 20  # the thumbs reward gap
+    page.shots("thumbs-run")
