@@ -52,3 +52,40 @@ def test_gate_thresholds_per_segment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert s.gate_for("support").golden_tolerance == s.gate.golden_tolerance
     with pytest.raises(ValidationError, match=r"unknown thresholds \['max_kll'\]"):
         Settings(gate_segments={"support": {"max_kll": 2.0}})
+
+
+def test_a_fresh_install_gates_on_the_shipped_golden_set_and_operators_extend_or_replace_it(
+    tmp_path: Path,
+) -> None:
+    import json
+
+    from service.lifecycle import canary_for, golden_for
+    from trainer.golden import SHIPPED_GOLDEN, load_golden
+
+    shipped = load_golden(SHIPPED_GOLDEN)
+    assert len(shipped) == 113
+    settings = Settings(home=tmp_path)
+    assert [i.id for i in golden_for(settings, "default")] == [i.id for i in shipped]
+
+    def item(id_: str, word: str) -> str:
+        return json.dumps({"id": id_, "prompt": f"Say {word}.", "checks": {"contains": [word]}})
+
+    # The operator's file adds items, and replaces a shipped one by its id; a segment's adds more.
+    (tmp_path / "golden.jsonl").write_text(item(shipped[0].id, "hello") + "\n" + item("mine", "x"))
+    (tmp_path / "golden").mkdir()
+    (tmp_path / "golden" / "support.jsonl").write_text(item("support-only", "thanks") + "\n")
+    default = {i.id: i for i in golden_for(settings, "default")}
+    assert len(default) == 114 and default[shipped[0].id].checks.contains == ("hello",)
+    support = {i.id for i in golden_for(settings, "support")}
+    assert support == set(default) | {"support-only"}
+    alone = Settings(home=tmp_path, golden_include_shipped=False)
+    assert [i.id for i in golden_for(alone, "support")] == [shipped[0].id, "mine", "support-only"]
+
+    # Canary prompts: the segment's file, else the operator's, else the shipped set (None).
+    assert canary_for(settings, "support") is None
+    (tmp_path / "canary.jsonl").write_text('{"messages": [{"role": "user", "content": "Hi"}]}\n')
+    assert canary_for(settings, "support") == tmp_path / "canary.jsonl"
+    (tmp_path / "canary").mkdir()
+    (tmp_path / "canary" / "support.jsonl").write_text((tmp_path / "canary.jsonl").read_text())
+    assert canary_for(settings, "support") == tmp_path / "canary" / "support.jsonl"
+    assert canary_for(settings, "default") == tmp_path / "canary.jsonl"

@@ -716,3 +716,20 @@ def test_pairs_and_thumbs_train_in_one_run(tiny_llama_dir: Path, tmp_path: Path)
     assert gaps[-1] > max(gaps[0], 0), "thumbs up pulled above thumbs down"
     assert accuracy[-1] > accuracy[0]
     assert lines[-1]["loss"] < lines[0]["loss"]
+
+
+def test_a_set_of_only_thumbs_up_trains_with_kto_as_configured(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    """No downs to balance against: the weights stay as configured, the KL estimate is the
+    reference point, and the ups' rewards rise."""
+    data = _mixed_file(tmp_path / "ups.jsonl", 0, 12, 0)
+    out = tmp_path / "ups"
+    train(replace(TINY, batch_size=12, epochs=4), pairs=data, base=tiny_llama_dir, out=out,
+          progress_bar=False)  # fmt: skip
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["data"]["kind"], manifest["data"]["kto_lambdas"]) == ("kto", [1.0, 1.0])
+    lines = _train_lines(out)
+    assert "kto_gap" not in lines[-1] and "accuracy" not in lines[-1]
+    assert lines[-1]["kto/desirable"] > lines[0]["kto/desirable"] == 0.0
+    assert lines[-1]["loss"] < lines[0]["loss"]

@@ -64,11 +64,18 @@ def test_report_shape_and_base_yardstick(
     tiny_llama_dir: Path, adapter_dir: Path, pairs: list[dict]
 ) -> None:
     calls: list[tuple[str, int, int]] = []
+    # Lone thumbs: each pair's answers as an up and a down, rated on their own.
+    thumbs = [
+        {"prompt": p["prompt"], "completion": p[side], "label": side == "chosen"}
+        for p in pairs
+        for side in ("chosen", "rejected")
+    ]
     report = evaluate(
         tiny_llama_dir,
         adapter_dir,
         None,
         pairs=pairs,
+        unpaired=thumbs,
         golden=GOLDEN,
         canary=None,  # the shipped set
         max_new_tokens=6,
@@ -94,6 +101,7 @@ def test_report_shape_and_base_yardstick(
         "beta": 0.1,
         "max_new_tokens": 6,
         "n_pairs": 5,
+        "n_unpaired": 10,
         "n_golden": 2,
         "n_canary": n_canary,
     }
@@ -101,7 +109,9 @@ def test_report_shape_and_base_yardstick(
     assert cand["path"] == str(adapter_dir) and inc["path"] is None
     assert report["base_model"] == {"golden": inc["golden"]}  # the incumbent is the base
     for side in (cand, inc):
-        assert set(side) == {"path", "pairs", "golden", "drift"}
+        assert set(side) == {"path", "pairs", "thumbs", "golden", "drift"}
+        assert side["thumbs"].keys() == {"n", "n_up", "n_down", "auc", "gap"}
+        assert (side["thumbs"]["n_up"], side["thumbs"]["n_down"]) == (5, 5)
         assert set(side["pairs"]) == {"n", "accuracy", "margin"} and side["pairs"]["n"] == 5
         assert set(side["golden"]) == {"n", "passed", "pass_rate", "failures"}
         assert set(side["drift"]) == {"n", "length_ratio", "repetition", "kl"}
@@ -115,12 +125,16 @@ def test_report_shape_and_base_yardstick(
 
     # The base measured against itself: every reward is exactly 0, so every pair ties.
     assert inc["pairs"]["accuracy"] == 0.5 and inc["pairs"]["margin"] == 0.0
+    assert inc["thumbs"]["auc"] == 0.5 and inc["thumbs"]["gap"] == 0.0
+    # The thumbs gap is the pairs' margin in another order: the same rewards, averaged.
+    assert cand["thumbs"]["gap"] == pytest.approx(cand["pairs"]["margin"], abs=1e-5)
+    assert cand["thumbs"]["auc"] != 0.5
     assert inc["drift"]["kl"] == 0.0 and inc["drift"]["length_ratio"] == 1.0
     assert cand["drift"]["kl"] > 0
     assert cand["pairs"]["margin"] != 0.0
 
     stages = {stage for stage, _, _ in calls}
-    assert {"base pairs", "base canary", "candidate pairs", "candidate kl"} <= stages
+    assert {"base pairs", "base thumbs", "candidate thumbs", "candidate kl"} <= stages
     assert all(0 < done <= total for _, done, total in calls)
     assert ("candidate kl", n_canary, n_canary) in calls
 
