@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/simulate.py --preference concise [--prompts 90] [--rounds 2]
     .venv/bin/python bench/simulate.py --preference signoff [--edits 40]
+    .venv/bin/python bench/simulate.py --preference concise --thumbs-only [--visitors 300]
 
 Users chat with the served model on varied prompts and judge its **own** samples (the on-policy
 case the service lives in): they pick the better of two (`n=2`), or regenerate an answer and
@@ -9,6 +10,12 @@ rate the two versions up and down. An operator writes the ideal answer for some 
 disliked. Then a refresh runs (`POST /v1/operator/runs`: compile, train, gate, promote), and the
 harness measures, on held-out prompts the users never saw, how often the served model shows the
 preferred behaviour, before and after, together with the golden set's pass rate.
+
+With `--thumbs-only` the users are visitors of a public page instead: each asks one question
+(drawn from 100 training prompts, so some are asked by several visitors) and rates the one
+answer it got, thumbs up if it likes it (`Preference.likes`, a finished answer), else down, 10%
+of them carelessly the other way; no pick, no regeneration, no edit. `--shuffle` is the control:
+every visitor rates by a coin with the same odds of an up, whatever the answer.
 
 The preference is a parameter (`Preference`): a hidden judge of two answers, the operator's
 edit, and the behaviour measured on held-out answers. Two ship here: `CONCISE` (users prefer
@@ -293,6 +300,39 @@ def simulate_users(
     return events
 
 
+def simulate_visitors(
+    client: Client,
+    pref: Preference,
+    pool: list[str],
+    *,
+    visitors: int,
+    noise: float = 0.1,
+    shuffle: bool = False,
+    concurrency: int = 16,
+    seed: int = 0,
+) -> Events:
+    """Each visitor asks one question from ``pool`` and rates only the answer it got."""
+    events = Events()
+    rng = random.Random(seed)
+    plan = [(i, rng.choice(pool), rng.random(), rng.random()) for i in range(visitors)]
+
+    def one(item: tuple[int, str, float, float]) -> None:
+        i, prompt, careless, coin = item
+        out = client.chat([{"role": "user", "content": prompt}], user=f"visitor-{seed}-{i}",
+                          seed=seed * 100_000 + i)  # fmt: skip
+        choice = out["choices"][0]
+        likes = choice["finish_reason"] == "stop" and pref.likes(choice["message"]["content"])
+        up = coin < 0.4 if shuffle else likes != (careless < noise)
+        client.feedback(completion_id=out["id"], rating=1 if up else -1,
+                        user=f"visitor-{seed}-{i}")  # fmt: skip
+        events.chats += 1
+        events.thumbs += 1
+
+    with ThreadPoolExecutor(concurrency) as pool_:
+        list(pool_.map(one, plan))
+    return events
+
+
 @dataclass
 class Measure:
     value: float
@@ -338,6 +378,8 @@ def run_rounds(
     seed: int = 0,
     before: Measure | None = None,
     log: Callable[[str], None] = print,
+    visitors: int = 0,
+    shuffle: bool = False,
 ) -> list[dict[str, Any]]:
     """Measure (or reuse ``before``: the same model's greedy answers, measured for another
     preference), then (simulate users, refresh, measure) ``rounds`` times; a dict per round."""
@@ -353,7 +395,11 @@ def run_rounds(
     for k in range(rounds):
         batch = train[k * prompts_per_round : (k + 1) * prompts_per_round]
         t0 = time.perf_counter()
-        events = simulate_users(client, pref, batch, max_edits=max_edits, seed=seed + k)
+        if visitors:  # thumbs only: visitors draw from the round's first 100 prompts
+            events = simulate_visitors(client, pref, batch[:100], visitors=visitors,
+                                       shuffle=shuffle, seed=seed + k)  # fmt: skip
+        else:
+            events = simulate_users(client, pref, batch, max_edits=max_edits, seed=seed + k)
         t_sim = time.perf_counter() - t0
         log(f"  round {k + 1}: {events.chats} chats, {events.feedback} feedback events "
             f"({events.picks} picks, {events.thumbs} thumbs, {events.edits} edits) in "
@@ -385,6 +431,10 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--prompts", type=int, default=90, help="training prompts per round")
     p.add_argument("--edits", type=int, default=40, help="most operator edits per round")
+    p.add_argument("--thumbs-only", action="store_true", help="visitors who only rate")
+    p.add_argument("--visitors", type=int, default=300, help="thumbs-only visitors per round")
+    p.add_argument("--shuffle", action="store_true", help="thumbs-only control: coin ratings")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--train", default="{}", help='trainer options for the segment, JSON {"epochs": 3}'
     )
@@ -399,8 +449,10 @@ def main() -> int:
         client = Client(base_url, model=segment)
         print(f"preference {pref.name!r} on segment {segment!r} at {base_url}")
         results = run_rounds(
-            client, pref, segment, rounds=args.rounds, prompts_per_round=args.prompts,
-            max_edits=args.edits if pref.edit else 0,
+            client, pref, segment, rounds=args.rounds,
+            prompts_per_round=max(args.prompts, 100) if args.thumbs_only else args.prompts,
+            max_edits=args.edits if pref.edit else 0, seed=args.seed,
+            visitors=args.visitors if args.thumbs_only else 0, shuffle=args.shuffle,
         )  # fmt: skip
         first, last = results[0]["before"], results[-1]["after"]
         change = (last.value - first.value) / first.value if first.value else float("inf")
@@ -417,8 +469,7 @@ def main() -> int:
 
     from tests.servers import serve_subprocess
 
-    home = Path(tempfile.mkdtemp(prefix="prefloop-sim-"))
-    (home / "golden.jsonl").write_text("".join(json.dumps(g) + "\n" for g in GOLDEN))
+    home = Path(tempfile.mkdtemp(prefix="prefloop-sim-"))  # the shipped golden set applies
     env = {
         "PREFLOOP_HOME": str(home),
         "PREFLOOP_SEGMENTS": json.dumps(["default", "concise", "signoff"]),

@@ -150,8 +150,10 @@ def run_thumbs(
     cache_dir: Path | None = None,
     golden: bool = True,
     progress: bool = False,
+    events: int | None = None,
 ) -> dict[str, Any]:
-    """One refresh's training and gate on the committed events, and the held-out behaviour."""
+    """One refresh's training and gate on the committed events (the first ``events`` of them),
+    and the held-out behaviour."""
     from adapters.gate import decide
     from service.core.config import Settings
     from service.refresh import training_sets
@@ -161,8 +163,8 @@ def run_thumbs(
     from trainer.pairs import write_jsonl
 
     settings = Settings()
-    sets = training_sets(compiled(read_rows(data / "events.jsonl"), shuffle=shuffle, seed=seed),
-                         settings)  # fmt: skip
+    rows = read_rows(data / "events.jsonl")[:events]
+    sets = training_sets(compiled(rows, shuffle=shuffle, seed=seed), settings)
     write_jsonl(sets.train, work / "train.jsonl")
     recipe = {**settings.refresh_train, **THUMBS_OVERRIDES, **(overrides or {}), "seed": seed}
     cfg = TrainConfig(**recipe)
@@ -264,6 +266,7 @@ def main() -> int:
     run.add_argument("--shuffle", action="store_true")
     run.add_argument("--recipe", default="{}", help="trainer options over the recipe, JSON")
     run.add_argument("--no-golden", action="store_true", help="skip the golden set (faster)")
+    run.add_argument("--events", type=int, help="only the first N committed events")
     run.add_argument("--out", type=Path, help="also write the result here (JSON)")
     run.add_argument("--no-progress", action="store_true")
     st = sub.add_parser("study", help="every seed as rated and shuffled")
@@ -278,7 +281,7 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="prefloop-thumbs-") as tmp:
             r = run_thumbs(
                 _model_dir(), Path(tmp), seed=args.seed, shuffle=args.shuffle,
-                overrides=json.loads(args.recipe), golden=not args.no_golden,
+                overrides=json.loads(args.recipe), golden=not args.no_golden, events=args.events,
                 progress=not args.no_progress,
                 cache_dir=Path(tempfile.gettempdir()) / "prefloop-thumbs-cache",
             )  # fmt: skip

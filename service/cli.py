@@ -241,7 +241,7 @@ def _worker(_args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     print(f"prefloop worker: refresh {settings.refresh_cron!r} ({settings.refresh_timezone}), "
-          f"threshold {settings.refresh_threshold_pairs} pairs")  # fmt: skip
+          f"threshold {settings.refresh_threshold_pairs} items (pairs and thumbs)")  # fmt: skip
     stop.wait()
     refresher.shutdown()
     db.dispose()

@@ -11,6 +11,7 @@ Unpaired (KTO) rows::
 
     {"prompt": [...], "completion": [{"role": "assistant", ...}], "label": true}
 
+A file may hold both kinds: a refresh trains a segment's pairs and its lone thumbs in one run.
 Plain strings are accepted too and read as one user turn and one assistant turn, since prefloop
 only trains chat models. Other columns (provenance from ``trainer.pairs``) are ignored.
 """
@@ -175,7 +176,11 @@ def load_examples(
                 raise DataError(f"expected an object, got {type(row).__name__}")
             this = row_kind(row)
             if kind is not None and this != kind:
-                raise DataError(f"expected a {kind} row")
+                want = "a preference" if kind == "pairs" else "an unpaired (KTO)"
+                raise DataError(
+                    f"expected {want} row only; a file of pairs and thumbs together trains "
+                    "with a paired loss (dpo, ...), its unpaired rows with KTO"
+                )
             prompt = _as_messages(row["prompt"], "user")
             if this == "pairs":
                 chosen = _as_messages(row["chosen"], "assistant")

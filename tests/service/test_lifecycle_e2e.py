@@ -91,8 +91,9 @@ def test_trained_adapter_is_gated_promoted_and_served_and_a_flipped_one_rejected
 ) -> None:
     model_dir = tiny_llama_dir
     settings = Settings(
-        home=tmp_path, model=str(model_dir), database_url=db_url, eval_max_new_tokens=32
-    )
+        home=tmp_path, model=str(model_dir), database_url=db_url, eval_max_new_tokens=32,
+        golden_include_shipped=False,  # this test's own two items
+    )  # fmt: skip
     golden = [
         {"id": "capital-fr", "prompt": "What is the capital of France?",
          "checks": {"contains": ["Paris"], "max_chars": 400}},
@@ -137,6 +138,7 @@ def test_trained_adapter_is_gated_promoted_and_served_and_a_flipped_one_rejected
         "PREFLOOP_MODEL": str(model_dir),
         "PREFLOOP_DATABASE_URL": db_url,
         "PREFLOOP_EVAL_MAX_NEW_TOKENS": "32",
+        "PREFLOOP_GOLDEN_INCLUDE_SHIPPED": "false",
     }
 
     def cli(*args: str) -> subprocess.CompletedProcess:
