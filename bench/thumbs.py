@@ -151,6 +151,7 @@ def run_thumbs(
     golden: bool = True,
     progress: bool = False,
     events: int | None = None,
+    match: bool = True,
 ) -> dict[str, Any]:
     """One refresh's training and gate on the committed events (the first ``events`` of them),
     and the held-out behaviour."""
@@ -162,7 +163,7 @@ def run_thumbs(
     from trainer.evaluate import evaluate
     from trainer.pairs import write_jsonl
 
-    settings = Settings()
+    settings = Settings() if match else Settings(refresh_match_window_hours=None)
     rows = read_rows(data / "events.jsonl")[:events]
     sets = training_sets(compiled(rows, shuffle=shuffle, seed=seed), settings)
     write_jsonl(sets.train, work / "train.jsonl")
@@ -267,6 +268,7 @@ def main() -> int:
     run.add_argument("--recipe", default="{}", help="trainer options over the recipe, JSON")
     run.add_argument("--no-golden", action="store_true", help="skip the golden set (faster)")
     run.add_argument("--events", type=int, help="only the first N committed events")
+    run.add_argument("--no-match", action="store_true", help="no matched pairs: KTO rows only")
     run.add_argument("--out", type=Path, help="also write the result here (JSON)")
     run.add_argument("--no-progress", action="store_true")
     st = sub.add_parser("study", help="every seed as rated and shuffled")
@@ -282,6 +284,7 @@ def main() -> int:
             r = run_thumbs(
                 _model_dir(), Path(tmp), seed=args.seed, shuffle=args.shuffle,
                 overrides=json.loads(args.recipe), golden=not args.no_golden, events=args.events,
+                match=not args.no_match,
                 progress=not args.no_progress,
                 cache_dir=Path(tempfile.gettempdir()) / "prefloop-thumbs-cache",
             )  # fmt: skip

@@ -269,8 +269,12 @@ class GoldenItemBody(BaseModel):
 
 class GoldenList(BaseModel):
     object: Literal["list"] = "list"
-    data: list[dict[str, Any]]
+    data: list[dict[str, Any]]  # the operator's items (the file at `path`)
     path: str
+    # The shipped set the gate checks too (unless PREFLOOP_GOLDEN_INCLUDE_SHIPPED=false); an
+    # operator's item with a shipped id replaces that item.
+    shipped: int = 0
+    include_shipped: bool = True
 
 
 # --- console charts --------------------------------------------------------------------------

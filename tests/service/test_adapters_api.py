@@ -151,6 +151,7 @@ def test_golden_set_api(live: Live, tmp_path: Path) -> None:
     listing = live.http.get("/v1/operator/golden", headers=OPS).json()
     assert [i["id"] for i in listing["data"]] == ["capital-fr", "short"]
     assert listing["path"] == str(tmp_path / "golden.jsonl")
+    assert (listing["shipped"], listing["include_shipped"]) == (113, True), "checked beside them"
     assert (tmp_path / "golden.jsonl").read_text().count("\n") == 2
 
     r = live.http.put(

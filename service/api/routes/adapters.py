@@ -174,10 +174,16 @@ async def rollback_adapter(
 
 @router.get("/golden", response_model=GoldenList)
 async def list_golden(settings: SettingsDep, _operator: OperatorDep) -> GoldenList:
-    from trainer.golden import load_golden
+    from trainer.golden import SHIPPED_GOLDEN, load_golden
 
     items = await run_in_threadpool(load_golden, settings.golden_file)
-    return GoldenList(data=[i.to_json() for i in items], path=str(settings.golden_file))
+    shipped = await run_in_threadpool(load_golden, SHIPPED_GOLDEN)
+    return GoldenList(
+        data=[i.to_json() for i in items],
+        path=str(settings.golden_file),
+        shipped=len(shipped),
+        include_shipped=settings.golden_include_shipped,
+    )
 
 
 @router.put("/golden/{item_id}", response_model=dict)
