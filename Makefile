@@ -5,7 +5,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-quick test-postgres bench-learn bench-gateway clean chromium vllm \
+.PHONY: install run test test-quick test-postgres bench-learn bench-thumbs bench-gateway clean \
+	chromium vllm \
 	vllm-venv
 
 $(STAMP): pyproject.toml Makefile
@@ -58,6 +59,11 @@ bench-learn: install
 	$(BIN)/python bench/simulate.py --preference concise --rounds 2 --prompts 90
 	$(BIN)/python bench/simulate.py --preference signoff --prompts 80 --edits 50 \
 	  --train '$(SIGNOFF_TRAIN)' --gate '{"max_kl": 2.0}'
+
+# Visitors who only rate the one answer they got: 3 trainer seeds, each beside a shuffled-label
+# control, on the committed events (tests/data/thumbs/; about 70 min on 2 cores).
+bench-thumbs: install
+	$(BIN)/python bench/thumbs.py study --seeds 3
 
 # The browser tests (tests/service/web) drive Debian's chromium through Playwright; Playwright's
 # own browser download cannot work offline, so the test step installs the Debian package.
