@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+MAX_STOP_CHARS = 256
+
 
 class TextPart(BaseModel):
     type: Literal["text"]
@@ -84,6 +86,9 @@ class ChatCompletionRequest(BaseModel):
         stops = [v] if isinstance(v, str) else list(v or [])
         if any(not s for s in stops):
             raise ValueError("stop sequences must be non-empty strings")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            # A stop string's length is how much text each answer holds back while streaming.
+            raise ValueError(f"stop sequences must be at most {MAX_STOP_CHARS} characters")
         return stops
 
 

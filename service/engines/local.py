@@ -353,6 +353,19 @@ class LocalEngine:
         finally:
             self._running_adapters = set()
 
+    def _join(self, batch: _Batch, gens: list[_Gen]) -> None:
+        """Prefill newly admitted requests and merge them into the running batch. A failure
+        here (a prompt the model cannot take, say) fails those requests only: the rows already
+        decoding go on."""
+        try:
+            new = self._prefill(gens)
+        except Exception as exc:  # noqa: BLE001 - reported to the new requests alone
+            for g in gens:
+                g.fail(exc)
+            return
+        batch.gens.extend(gens)
+        batch.merge(new)
+
     def _forward(self, rows: list[tuple[_Gen, int]], **inputs: Any) -> Any:
         if self._adapters:  # the model is a PeftModel: peft picks each row's adapter
             inputs["adapter_names"] = [g.request.adapter or BASE_ADAPTER for g, _ in rows]
@@ -391,8 +404,7 @@ class LocalEngine:
             if free > 0 and (not batch.rows or (self.continuous and _mergeable(batch.past))):
                 gens = self._admit(self._waiting(free))
                 if gens:
-                    batch.gens.extend(gens)  # before the prefill: a failure reaches them too
-                    batch.merge(self._prefill(gens))
+                    self._join(batch, gens)
             if not batch.rows:
                 return
             next_ids = torch.full((len(batch.rows),), self._pad, dtype=torch.long)
@@ -402,12 +414,18 @@ class LocalEngine:
                     g.cancel()
                     continue
                 p = g.request.params
-                logits, counts = batch.logits[idx], batch.counts[idx]
-                picked = _sample(_apply_penalties(logits, counts, p), p.temperature, p.top_p, g.rng)
-                next_ids[idx] = picked.cpu()
+                try:  # one request's sampling failing fails that request, not the batch
+                    logits = _apply_penalties(batch.logits[idx], batch.counts[idx], p)
+                    next_ids[idx] = _sample(logits, p.temperature, p.top_p, g.rng).cpu()
+                except Exception as exc:  # noqa: BLE001 - reported to its caller alone
+                    g.fail(exc)
             for r, (g, i) in enumerate(batch.rows):
                 if g.decoders[i].finish is None:
-                    g.push(i, int(next_ids[r]), self._eos)
+                    try:
+                        g.push(i, int(next_ids[r]), self._eos)
+                    except Exception as exc:  # noqa: BLE001 - reported to its caller alone
+                        g.fail(exc)
+                        continue
                     batch.counts[r, next_ids[r]] += 1
             for g in batch.live():
                 g.step_done()
@@ -518,6 +536,16 @@ class _Gen:
         text = d.push(token, is_eos=token in eos, last=last)
         if text or d.finish:
             self.job.emit(ChoiceDelta(i, text, d.finish, len(d.tokens)))
+
+    def fail(self, exc: Exception) -> None:
+        """This request alone failed: its choices end and its caller gets the error."""
+        log.error("request failed inside the batch: %s: %s", type(exc).__name__, exc)
+        for d in self.decoders:
+            d.finish = d.finish or "error"
+        if not self.ended:
+            self.ended = True
+            self.job.emit(_as_engine_error(exc))
+            self.job.emit(_END)
 
     def cancel(self) -> None:
         for i, d in enumerate(self.decoders):

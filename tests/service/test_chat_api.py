@@ -258,6 +258,7 @@ BAD_REQUESTS = [
     ({"messages": FRANCE, "temperature": 3}, 400, "temperature"),
     ({"messages": FRANCE, "n": 50}, 400, "n"),
     ({"messages": FRANCE, "stop": [""]}, 400, "stop"),
+    ({"messages": FRANCE, "stop": ["x" * 257]}, 400, "stop"),
     ({"messages": FRANCE, "logprobs": True}, 400, "logprobs"),
     ({"messages": FRANCE, "tools": [{"type": "function"}]}, 400, "tools"),
     ({"messages": FRANCE, "model": "gpt-17"}, 404, "model"),

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.core.errors import NotFoundError, OverloadedError
+from service.core.errors import EngineError, NotFoundError, OverloadedError
 from service.engines.base import GenerationRequest, SamplingParams
 from service.engines.local import LocalEngine, _Detok
 from tests.conftest import make_adapter
@@ -351,3 +351,45 @@ def test_a_request_arriving_mid_batch_joins_it(engine: LocalEngine) -> None:
     got_short, got_long, at_short_end = run(scenario())
     assert (got_short, got_long) == (alone_short, alone_long)
     assert at_short_end < 290  # the short answer ended long before the long one
+
+
+@pytest.mark.slow
+def test_a_failing_row_fails_alone_and_the_batch_finishes(smollm2_dir: Path) -> None:
+    """Isolation on the real model: a request whose sampling fails inside a running batch (a
+    logit_bias id past the vocabulary, which the gateway refuses but the engine must survive)
+    gets the error; the request decoding beside it finishes with exactly its answer alone, and
+    the next request is served."""
+    eng = LocalEngine(str(smollm2_dir), model_name="smol")
+    run(eng.start())
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    good = GenerationRequest(question, greedy(40))
+    bad = GenerationRequest(HELLO, greedy(40, logit_bias={eng.vocab_size() + 7: 1.0}))
+    try:
+        alone = text_of(run(collect(eng, good))[0])
+
+        async def scenario() -> tuple[str, str | None, Exception | None]:
+            seen: list = []
+
+            async def consume(stream) -> None:
+                async for d in stream:
+                    seen.append(d)
+
+            task = asyncio.create_task(consume(await eng.generate(good)))
+            while len(seen) < 3:
+                await asyncio.sleep(0.002)
+            error = None
+            try:
+                await collect(eng, bad)
+            except Exception as exc:  # noqa: BLE001 - the assertion below names it
+                error = exc
+            await task
+            return text_of(seen), seen[-1].finish_reason, error
+
+        text, finish, error = run(scenario())
+        assert isinstance(error, EngineError) and "index" in str(error).lower(), error
+        assert text == alone and "Paris" in text
+        assert finish in ("stop", "length")
+        # The engine is healthy afterwards: the same request again, alone, same answer.
+        assert text_of(run(collect(eng, good))[0]) == alone
+    finally:
+        run(eng.aclose())

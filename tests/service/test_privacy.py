@@ -35,14 +35,10 @@ def counts(live: Live, user: str) -> dict[str, int]:
     with live.session() as s:
         convs = s.exec(select(Conversation).where(Conversation.user_id == user)).all()
         conv_ids = {c.id for c in convs}
-        pairs = [
-            p for p in s.exec(select(PreferencePair)).all() if p.provenance["user_id"] == user
-        ]
+        pairs = [p for p in s.exec(select(PreferencePair)).all() if p.provenance["user_id"] == user]
         return {
             "conversations": len(convs),
-            "messages": sum(
-                m.conversation_id in conv_ids for m in s.exec(select(Message)).all()
-            ),
+            "messages": sum(m.conversation_id in conv_ids for m in s.exec(select(Message)).all()),
             "completions": len(s.exec(select(Completion).where(Completion.user_id == user)).all()),
             "feedback": len(s.exec(select(Feedback).where(Feedback.user_id == user)).all()),
             "pairs": len(pairs),

@@ -22,9 +22,16 @@ def prompt_pair(i: int, *, key: str = "") -> list[Answer]:
     prompt = [{"role": "user", "content": f"Question {i} is about subject {i * 7}"}]
     return [
         Answer(
-            message_id=f"m{i}-{c}", completion_id=f"c{i}", parent_id=f"p{i}", prompt=prompt,
-            text=f"Answer {c} to {i}.", tenant="t", user_id="asker", created_at=T0,
-            choice_index=c, key_id=key,
+            message_id=f"m{i}-{c}",
+            completion_id=f"c{i}",
+            parent_id=f"p{i}",
+            prompt=prompt,
+            text=f"Answer {c} to {i}.",
+            tenant="t",
+            user_id="asker",
+            created_at=T0,
+            choice_index=c,
+            key_id=key,
         )  # fmt: skip
         for c in (0, 1)
     ]
