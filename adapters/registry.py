@@ -57,7 +57,12 @@ TRANSITIONS: frozenset[tuple[str, str]] = frozenset(
     }
 )
 # The files a version is made of; their bytes are its content hash. manifest.json is metadata.
-WEIGHT_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+# Safetensors only: a pickled `adapter_model.bin` can run code when loaded, so it is refused.
+WEIGHT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# What a version directory holds; anything else in the source (checkpoints, logs, pickles) is
+# left behind.
+VERSION_FILES = (*WEIGHT_FILES, "manifest.json", "README.md")
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
 SEGMENT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 DEFAULT_SEGMENT = "default"
 
@@ -175,10 +180,54 @@ def check_segment(segment: str) -> str:
 
 
 def _check_adapter_dir(src: Path) -> None:
-    if not (src / "adapter_config.json").is_file():
+    """A LoRA adapter in PEFT's layout with safetensors weights whose header reads: checked
+    before anything is copied, so junk is a clear error rather than a version that fails to
+    load at promotion."""
+    config = src / "adapter_config.json"
+    if not config.is_file():
         raise InvalidAdapter(f"{src} is not a PEFT adapter directory (no adapter_config.json)")
-    if not any((src / n).is_file() for n in WEIGHT_FILES[1:]):
-        raise InvalidAdapter(f"{src} has no adapter weights (adapter_model.safetensors)")
+    weights = src / "adapter_model.safetensors"
+    if not weights.is_file():
+        pickled = (
+            " (a pickled adapter_model.bin is refused: convert it)"
+            if (src / "adapter_model.bin").is_file()
+            else ""
+        )
+        raise InvalidAdapter(f"{src} has no adapter_model.safetensors{pickled}")
+    try:
+        parsed = json.loads(config.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidAdapter(f"adapter_config.json is not valid JSON: {exc}") from exc
+    if not isinstance(parsed, dict) or parsed.get("peft_type") != "LORA":
+        raise InvalidAdapter("adapter_config.json must describe a LoRA adapter (peft_type LORA)")
+    check_safetensors(weights)
+
+
+def check_safetensors(path: Path) -> dict[str, Any]:
+    """Read a safetensors file's header (8-byte length, then JSON) without loading tensors:
+    every tensor's byte range must lie inside the file. Returns the tensor table."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < n <= min(MAX_HEADER_BYTES, size - 8):
+            raise InvalidAdapter(f"{path.name} is not a safetensors file (bad header length)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InvalidAdapter(f"{path.name} is not a safetensors file: {exc}") from exc
+    tensors = (
+        {k: v for k, v in header.items() if k != "__metadata__"} if isinstance(header, dict) else {}
+    )
+    if not tensors:
+        raise InvalidAdapter(f"{path.name} holds no tensors")
+    for name, t in tensors.items():
+        begin, end = (t.get("data_offsets") or [-1, -1]) if isinstance(t, dict) else (-1, -1)
+        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end):
+            raise InvalidAdapter(f"{path.name}: tensor {name!r} has no valid data_offsets")
+        if 8 + n + end > size:
+            raise InvalidAdapter(f"{path.name} is truncated: tensor {name!r} lies past its end")
+    return tensors
 
 
 class Registry:
@@ -268,13 +317,21 @@ class Registry:
                 return same
         manifest = {}
         if (src / "manifest.json").is_file():
-            manifest = json.loads((src / "manifest.json").read_text())
+            try:
+                manifest = json.loads((src / "manifest.json").read_text())
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise InvalidAdapter(f"manifest.json is not valid JSON: {exc}") from exc
+            if not isinstance(manifest, dict):
+                raise InvalidAdapter("manifest.json must hold a JSON object")
 
         seg_dir = self.root / segment
         seg_dir.mkdir(parents=True, exist_ok=True)
         staging = seg_dir / f".incoming-{uuid.uuid4().hex}"
-        shutil.copytree(src, staging, ignore=shutil.ignore_patterns("checkpoint*", "*.jsonl"))
+        staging.mkdir()
         try:
+            for name in VERSION_FILES:
+                if (src / name).is_file():
+                    shutil.copyfile(src / name, staging / name)
             for _attempt in range(5):
                 try:
                     return self._insert(

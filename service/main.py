@@ -236,7 +236,11 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         return keys.public_origins() if keys is not None else frozenset()
 
     # The last added is outermost: CORS headers go on the body limit's 413s too.
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimit,
+        max_bytes=settings.max_body_bytes,
+        uploads={adapters.UPLOAD_PATH: settings.max_upload_bytes},
+    )
     app.add_middleware(KeyCors, allowed=cors_origins)
     install_error_handlers(app)
     app.add_middleware(RequestMiddleware)  # request ids, HTTP metrics (service/observability.py)

@@ -36,9 +36,12 @@ class BodyLimit:
     """Refuse a request body over `max_bytes` with a 413 before any route parses it: by its
     Content-Length, or (chunked uploads) once that many bytes have arrived."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, uploads: dict[str, int] | None = None):
         self.app = app
         self.max_bytes = max_bytes
+        # Paths that take large bodies (adapter uploads): their own limit, checked on the
+        # Content-Length (which the HTTP server holds the body to), and streamed, not buffered.
+        self.uploads = uploads or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -46,6 +49,13 @@ class BodyLimit:
             return
         headers = dict(scope["headers"])
         length = headers.get(b"content-length")
+        upload = self.uploads.get(scope["path"])
+        if upload is not None:
+            if length is None or not length.isdigit() or int(length) > upload:
+                await self._refuse(send, upload, "PREFLOOP_MAX_UPLOAD_BYTES", length is None)
+                return
+            await self.app(scope, receive, send)
+            return
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             await self._refuse(send)
             return
@@ -73,17 +83,28 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, send: Send) -> None:
-        await _send_json(
-            send,
-            413,
-            error_body(
-                f"the request body is larger than {self.max_bytes} bytes "
-                "(PREFLOOP_MAX_BODY_BYTES); send less",
+    async def _refuse(
+        self,
+        send: Send,
+        limit: int | None = None,
+        setting: str = "PREFLOOP_MAX_BODY_BYTES",
+        no_length: bool = False,
+    ) -> None:
+        if no_length:
+            body = error_body(
+                "an upload needs a Content-Length header",
                 "invalid_request_error",
-                code="request_too_large",
-            ),
+                code="length_required",
+            )
+            await _send_json(send, 411, body)
+            return
+        body = error_body(
+            f"the request body is larger than {limit or self.max_bytes} bytes ({setting}); "
+            "send less",
+            "invalid_request_error",
+            code="request_too_large",
         )
+        await _send_json(send, 413, body)
 
 
 class KeyCors:

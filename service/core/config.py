@@ -252,6 +252,16 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         default=1_000_000, ge=1024, description="Largest request body; larger ones get a 413."
     )
+    max_upload_bytes: int = Field(
+        default=4 * 1024**3,
+        ge=1024,
+        description="Largest adapter upload (POST /v1/operator/adapters/upload).",
+    )
+    adapter_import_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Server directories operators may register adapters from by path, "
+        "comma-separated. Empty: only uploads (with PREFLOOP_AUTH=off, any directory).",
+    )
     rate_limit_requests_per_minute: int = Field(
         default=120, ge=0, description="Per key (dev mode: per client address); 0: no limit."
     )
@@ -327,6 +337,13 @@ class Settings(BaseSettings):
     vllm_venv: str = Field(
         default="", description="`prefloop dev vllm`'s virtualenv. Empty: PREFLOOP_HOME/vllm-venv."
     )
+
+    @field_validator("adapter_import_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = json.loads(value) if value.lstrip().startswith("[") else value.split(",")
+        return [Path(str(v).strip()).expanduser().resolve() for v in value if str(v).strip()]
 
     @field_validator("vllm_urls", mode="before")
     @classmethod

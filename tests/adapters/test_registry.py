@@ -9,7 +9,9 @@ from datetime import timedelta
 from itertools import product
 from pathlib import Path
 
+import numpy as np
 import pytest
+from safetensors.numpy import save_file
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
@@ -39,11 +41,13 @@ pytestmark = BOTH_DATABASES
 
 
 def fake_adapter(root: Path, name: str, payload: bytes | None = None) -> Path:
-    """A PEFT-layout directory; the registry never parses the weights, only copies and hashes."""
+    """A PEFT-layout directory whose safetensors file holds ``payload`` (default: bytes from
+    the name) as one uint8 tensor: the registry reads the header, copies and hashes."""
     d = root / name
     d.mkdir(parents=True)
     (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
-    (d / "adapter_model.safetensors").write_bytes(payload or name.encode() * 64)
+    data = np.frombuffer(payload or name.encode() * 64, dtype=np.uint8)
+    save_file({"lora_A.weight": data}, str(d / "adapter_model.safetensors"))
     (d / "manifest.json").write_text(json.dumps({"base_model": "tiny", "config": {"beta": 0.1}}))
     return d
 

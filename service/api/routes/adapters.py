@@ -5,16 +5,19 @@ versions are 404s. The golden set is shared by every segment, so only admins cha
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import threading
 from pathlib import Path
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
-from adapters.registry import APPROVED, REJECTED, Registry
+from adapters.registry import APPROVED, REJECTED, AdapterVersion, Registry
 from service.api.deps import AdminDep, OperatorDep, RouterDep, SettingsDep, actor
 from service.api.schemas import (
+    SEGMENT_SCHEMA,
     AdapterAction,
     AdapterDetail,
     AdapterEventPublic,
@@ -27,9 +30,12 @@ from service.api.schemas import (
     RollbackResult,
 )
 from service.auth import Principal
-from service.core.errors import InvalidRequestError, NotFoundError
+from service.core.config import Settings
+from service.core.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
 
 router = APIRouter(prefix="/v1/operator", tags=["adapters"])
+UPLOAD_PATH = router.prefix + "/adapters/upload"
+WEIGHTS = "adapter_model.safetensors"
 _golden_lock = threading.Lock()  # one golden-set edit at a time in this process
 
 
@@ -85,16 +91,45 @@ async def show_adapter(request: Request, version_id: str, operator: OperatorDep)
     )
 
 
+def _importable(settings: Settings, operator: Principal, raw: str) -> Path:
+    """A directory operators may register from: under an admin-configured import root (with
+    no roots configured, only in development mode), and never inside the adapter store, which
+    holds every tenant's versions."""
+    try:
+        path = Path(raw).expanduser().resolve()
+    except (ValueError, OSError, RuntimeError) as exc:  # a NUL byte, a loop, an unknown ~user
+        raise InvalidRequestError(
+            f"{raw[:200]!r} is not a usable path: {exc}", param="path"
+        ) from exc
+    if settings.adapters_dir.resolve() in (path, *path.parents):
+        raise PermissionDeniedError(
+            f"{raw} is inside the adapter store; a registered version is promoted or rolled "
+            "back by its id, not registered again"
+        )
+    roots = settings.adapter_import_roots
+    if roots and not any(r in (path, *path.parents) for r in roots):
+        raise PermissionDeniedError(
+            f"{raw} is outside the adapter import roots ({', '.join(map(str, roots))}; "
+            f"PREFLOOP_ADAPTER_IMPORT_ROOTS); upload the adapter instead ({UPLOAD_PATH})"
+        )
+    if not roots and not operator.dev:
+        raise PermissionDeniedError(
+            "registering server directories is off (PREFLOOP_ADAPTER_IMPORT_ROOTS is empty): "
+            f"upload the adapter ({UPLOAD_PATH}), or ask an admin to set the roots"
+        )
+    if not path.is_dir():
+        raise InvalidRequestError(f"{raw} is not a directory on the server", param="path")
+    return path
+
+
 @router.post("/adapters", response_model=AdapterPublic, status_code=201)
 async def register_adapter(
-    request: Request, body: RegisterAdapter, operator: OperatorDep
+    request: Request, body: RegisterAdapter, operator: OperatorDep, settings: SettingsDep
 ) -> AdapterPublic:
-    """Register a PEFT directory on the server as a new candidate (the same weights again:
-    the existing version)."""
+    """Register a PEFT directory on the server (under PREFLOOP_ADAPTER_IMPORT_ROOTS) as a new
+    candidate; the same weights again: the existing version."""
     _check(request, operator, body.segment)
-    path = Path(body.path).expanduser()
-    if not path.is_dir():
-        raise InvalidRequestError(f"{body.path} is not a directory on the server", param="path")
+    path = _importable(settings, operator, body.path)
     row = await run_in_threadpool(
         lambda: _registry(request).register(
             path,
@@ -105,6 +140,37 @@ async def register_adapter(
         )
     )
     return AdapterPublic.model_validate(row)
+
+
+@router.post(
+    UPLOAD_PATH.removeprefix("/v1/operator"), response_model=AdapterPublic, status_code=201
+)
+async def upload_adapter(
+    request: Request,
+    operator: OperatorDep,
+    settings: SettingsDep,
+    config: Annotated[UploadFile, File(description="adapter_config.json (a LoRA adapter)")],
+    weights: Annotated[UploadFile, File(description="adapter_model.safetensors")],
+    segment: Annotated[str, Form(max_length=64, pattern=SEGMENT_SCHEMA["pattern"])] = "default",
+    parent: Annotated[str | None, Form(max_length=128)] = None,
+    reason: Annotated[str | None, Form(max_length=2000)] = None,
+) -> AdapterPublic:
+    """Upload a LoRA adapter (PEFT's adapter_config.json and its safetensors weights; pickled
+    weights are refused) as a new candidate in `segment`."""
+    _check(request, operator, segment)
+    tmp = settings.home_dir / "tmp"
+
+    def register() -> AdapterVersion:
+        tmp.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=tmp, prefix="upload-") as staging:
+            for part, name in ((config, "adapter_config.json"), (weights, WEIGHTS)):
+                with open(Path(staging) / name, "wb") as f:
+                    shutil.copyfileobj(part.file, f, 1 << 20)
+            return _registry(request).register(
+                Path(staging), segment=segment, parent=parent, actor=actor(operator), reason=reason
+            )
+
+    return AdapterPublic.model_validate(await run_in_threadpool(register))
 
 
 async def _transition(

@@ -1,0 +1,157 @@
+"""What operators can do to the server, with API keys on, through real HTTP on a tiny model:
+adapters come from an upload (safetensors only, checked before anything is stored) or from an
+admin-configured import root, never from any server directory; each bad upload or path is a
+clear 4xx and stores nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import make_adapter
+from tests.service.conftest import Live
+from tests.service.test_auth import Keys, error
+
+UPLOAD = "/v1/operator/adapters/upload"
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_adapter(tiny_llama_dir, tmp_path_factory.mktemp("upload") / "a", seed=5)
+
+
+@pytest.fixture
+def roots(tmp_path: Path) -> Path:
+    root = tmp_path / "imports"
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
+def settings_overrides(tmp_path: Path) -> dict[str, Any]:
+    return {
+        "auth": "keys",
+        "auth_cache_seconds": 0.0,
+        "segments": ["default", "acme"],
+        "segment_tenants": {"acme": "acme"},
+        "adapter_import_roots": [tmp_path / "imports"],
+        "rate_limit_requests_per_minute": 10_000,
+        "max_upload_bytes": 50_000_000,
+    }
+
+
+@pytest.fixture
+def keys(live: Live) -> Keys:
+    return Keys(live)
+
+
+def upload(
+    live: Live, key: dict[str, str], config: bytes, weights: bytes, **form: str
+) -> httpx.Response:
+    files = {
+        "config": ("adapter_config.json", config, "application/json"),
+        "weights": ("adapter_model.safetensors", weights, "application/octet-stream"),
+    }
+    return live.http.post(UPLOAD, files=files, data=form, headers=key)
+
+
+def versions(live: Live, key: dict[str, str]) -> list[str]:
+    return [v["id"] for v in live.http.get("/v1/operator/adapters", headers=key).json()["data"]]
+
+
+def test_an_uploaded_adapter_becomes_a_candidate_and_junk_is_refused(
+    live: Live, keys: Keys, adapter: Path
+) -> None:
+    ops, acme_ops = keys.make("operator"), keys.make("operator", "acme")
+    config = (adapter / "adapter_config.json").read_bytes()
+    weights = (adapter / "adapter_model.safetensors").read_bytes()
+
+    r = upload(live, ops, config, weights, reason="from the lab")
+    assert r.status_code == 201, r.text
+    row = r.json()
+    assert (row["id"], row["status"], row["status_reason"]) == (
+        "default@v1", "candidate", "from the lab"
+    )  # fmt: skip
+    stored = Path(live.http.get(f"/v1/operator/adapters/{row['id']}", headers=ops).json()["path"])
+    assert (stored / "adapter_model.safetensors").read_bytes() == weights
+    assert sorted(p.name for p in stored.iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "manifest.json"
+    ]  # fmt: skip
+    # The same weights again: the same version, nothing new.
+    assert upload(live, ops, config, weights).json()["id"] == "default@v1"
+
+    bad = [
+        (config, b"not a tensor file", "not a safetensors file"),
+        (config, weights[: len(weights) // 2], "truncated"),
+        (b"{not json", weights, "not valid JSON"),
+        (b'{"peft_type": "PROMPT_TUNING"}', weights, "LoRA adapter"),
+    ]
+    for cfg, w, message in bad:
+        r = upload(live, ops, cfg, w)
+        assert r.status_code == 400 and message in error(r)["message"], r.text
+    r = live.http.post(UPLOAD, files={"config": ("c.json", config)}, headers=ops)
+    assert r.status_code == 400 and error(r)["param"] == "weights", r.text
+    r = upload(live, ops, config, weights, segment="Not A Segment")
+    assert r.status_code == 400, r.text
+    # Another tenant's segment does not exist for this operator; users may not upload.
+    assert upload(live, acme_ops, config, weights).status_code == 404
+    assert upload(live, keys.make("user"), config, weights).status_code == 403
+    assert versions(live, ops) == ["default@v1"]
+
+
+@pytest.mark.parametrize(
+    "settings_overrides",
+    [{"auth": "keys", "auth_cache_seconds": 0.0, "max_upload_bytes": 4096}],
+)
+def test_uploads_over_the_limit_and_paths_without_roots_are_refused(
+    live: Live, keys: Keys, adapter: Path
+) -> None:
+    ops = keys.make("operator")
+    config = (adapter / "adapter_config.json").read_bytes()
+    weights = (adapter / "adapter_model.safetensors").read_bytes()
+    r = upload(live, ops, config, weights)
+    assert r.status_code == 413 and "PREFLOOP_MAX_UPLOAD_BYTES" in error(r)["message"]
+    # No import roots configured: no server directory at all, even a real adapter.
+    r = live.http.post("/v1/operator/adapters", json={"path": str(adapter)}, headers=ops)
+    assert r.status_code == 403 and "PREFLOOP_ADAPTER_IMPORT_ROOTS" in error(r)["message"]
+    assert versions(live, ops) == []
+
+
+def test_paths_register_only_from_the_import_roots(
+    live: Live, keys: Keys, adapter: Path, roots: Path, tmp_path: Path
+) -> None:
+    ops = keys.make("operator")
+
+    def register(path: Path | str) -> httpx.Response:
+        return live.http.post("/v1/operator/adapters", json={"path": str(path)}, headers=ops)
+
+    # Outside the roots: an adapter elsewhere, a path that climbs out, the adapter store.
+    assert register(adapter).status_code == 403
+    assert register(f"{roots}/../../{adapter.parent.name}").status_code == 403
+    inside = roots / "ok"
+    inside.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (inside / name).write_bytes((adapter / name).read_bytes())
+    (inside / "adapter_model.bin").write_bytes(b"a pickle would run code when loaded")
+    r = register(inside)
+    assert r.status_code == 201, r.text
+    stored = Path(r.json()["path"])
+    assert not (stored / "adapter_model.bin").exists()  # only the known files are copied
+    r = register(stored)
+    assert r.status_code == 403 and "inside the adapter store" in error(r)["message"]
+
+    pickled = roots / "pickled"
+    pickled.mkdir()
+    (pickled / "adapter_config.json").write_bytes((adapter / "adapter_config.json").read_bytes())
+    (pickled / "adapter_model.bin").write_bytes(b"a pickle")
+    r = register(pickled)
+    assert r.status_code == 400 and "pickled adapter_model.bin is refused" in error(r)["message"]
+    link = roots / "link"
+    link.symlink_to(adapter)  # a symlink out of the root is judged by where it leads
+    assert register(link).status_code == 403
+    for junk in (roots / "missing", "\x00", "~" * 4000):
+        assert register(junk).status_code in (400, 403), junk
+    assert versions(live, ops) == ["default@v1"]
