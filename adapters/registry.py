@@ -179,6 +179,13 @@ def check_segment(segment: str) -> str:
     return segment
 
 
+ANY = object()  # promote(expect_active=ANY): whatever is active
+
+
+def _name(row: AdapterVersion | None) -> str:
+    return row.id if row is not None else "the base model"
+
+
 def _check_adapter_dir(src: Path) -> None:
     """A LoRA adapter in PEFT's layout with safetensors weights whose header reads: checked
     before anything is copied, so junk is a clear error rather than a version that fails to
@@ -431,11 +438,29 @@ class Registry:
             self._move(s, row, to_status, actor, reason)
             return row
 
-    def promote(self, version_id: str, *, actor: str, reason: str | None = None) -> AdapterVersion:
+    def promote(
+        self,
+        version_id: str,
+        *,
+        actor: str,
+        reason: str | None = None,
+        expect_active: str | None | object = ANY,
+    ) -> AdapterVersion:
         """Make an approved (or retired) version its segment's active one; the active one
-        retires. One transaction."""
+        retires. One transaction.
+
+        ``expect_active`` fences the promotion: the version (None: the base model) the caller
+        compared the candidate with. If another became active meanwhile (a raced or stale
+        refresh, another operator), nothing changes and PromotionConflict is raised."""
         with self._tx() as s:
             row = self._row(s, version_id)
+            current = self._active(s, row.segment)
+            if expect_active is not ANY and (current.id if current else None) != expect_active:
+                raise PromotionConflict(
+                    f"{row.segment!r} is served by {_name(current)}, not "
+                    f"{expect_active or 'the base model'}; {version_id} was compared with the "
+                    "latter and was not promoted"
+                )
             if row.status == ACTIVE:
                 return row
             if not row.has_files:
@@ -444,7 +469,6 @@ class Registry:
                 )
             if (row.status, ACTIVE) not in TRANSITIONS:
                 raise IllegalTransition(version_id, row.status, ACTIVE)
-            current = self._active(s, row.segment)
             if current is not None:
                 self._move(s, current, RETIRED, actor, f"replaced by {version_id}")
                 row.previous = current.id

@@ -101,7 +101,7 @@ def _adapters(args: argparse.Namespace) -> int:
     promotion or rollback made here within PREFLOOP_ADAPTER_POLL_SECONDS."""
     import json
 
-    from adapters.registry import APPROVED, REJECTED, Registry, RegistryError
+    from adapters.registry import ANY, APPROVED, REJECTED, Registry, RegistryError
     from service.core.db import init_db, make_engine
 
     settings = get_settings()
@@ -145,7 +145,13 @@ def _adapters(args: argparse.Namespace) -> int:
             row = registry.transition(args.version, to, actor=actor, reason=args.reason)
             print(f"{row.id} {row.status}")
         elif cmd == "promote":
-            row = registry.promote(args.version, actor=actor, reason=args.reason)
+            expect = args.expect_active
+            row = registry.promote(
+                args.version,
+                actor=actor,
+                reason=args.reason,
+                expect_active=ANY if expect is None else None if expect == "base" else expect,
+            )
             print(f"{row.id} {row.status} (replaced {row.previous or 'the base model'})")
         elif cmd == "rollback":
             row = registry.rollback(args.segment, to=args.to, actor=actor, reason=args.reason)
@@ -484,6 +490,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = a_sub.add_parser("promote", help="make an approved (or retired) version active")
     p.add_argument("version")
     p.add_argument("--reason")
+    p.add_argument(
+        "--expect-active",
+        metavar="VERSION",
+        help='fail unless this version ("base": the base model) is the one being replaced',
+    )
     p = a_sub.add_parser("rollback", help="reactivate the active version's predecessor")
     p.add_argument("--segment", default="default")
     p.add_argument("--to", help="a specific retired version")

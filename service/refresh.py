@@ -62,6 +62,10 @@ class RefreshCancelled(Exception):
     pass
 
 
+class LeaseLost(RuntimeError):
+    """The refresh lease went to another process: stop before changing anything else."""
+
+
 # --- the lease --------------------------------------------------------------------------------
 
 
@@ -148,10 +152,19 @@ def request_cancel(db: Database, run_id: str) -> TrainingRun | None:
 class Recorder:
     """Writes a run's progress to its row, one short transaction at a time."""
 
-    def __init__(self, db: Database, run_id: str):
-        self.db, self.run_id = db, run_id
+    def __init__(self, db: Database, run_id: str, holder: str = HOLDER):
+        self.db, self.run_id, self.holder = db, run_id, holder
         self.steps: list[dict[str, Any]] = []
         self._checked, self._cancel = 0.0, False
+        self.lease_lost = threading.Event()  # set by the heartbeat: another process may run
+
+    def check_lease(self) -> None:
+        if self.lease_lost.is_set():
+            raise LeaseLost(
+                "this refresh lost its lease (its renewals failed for "
+                "PREFLOOP_REFRESH_LEASE_SECONDS, so another process may be refreshing); it "
+                "stopped without changing anything further"
+            )
 
     def update(self, **fields: Any) -> None:
         with Session(self.db) as s:
@@ -174,6 +187,7 @@ class Recorder:
         """Record a step; the caller fills the yielded dict with what it found."""
         if self.cancelled():
             raise RefreshCancelled(f"cancelled before {name}")
+        self.check_lease()
         detail: dict[str, Any] = {}
         entry = {"name": name, "started_at": utcnow().isoformat(), "seconds": None}
         self.steps.append(entry)
@@ -264,6 +278,9 @@ def run_subprocess(
         if rec.cancelled():
             stop()
             raise RefreshCancelled("cancelled by an operator")
+        if rec.lease_lost.is_set():
+            stop()
+            rec.check_lease()
         if deadline is not None and time.monotonic() > deadline:
             stop()
             rec.update(log="\n".join(log_lines))
@@ -383,7 +400,7 @@ def run_refresh(
 ) -> TrainingRun:
     """Run one queued refresh to its end; the row says how it went. Never raises for a failed
     refresh (the row is marked failed with the reason)."""
-    rec = Recorder(db, run_id)
+    rec = Recorder(db, run_id, holder)
     run = get_run(db, run_id)
     assert run is not None, run_id
     ttl = settings.refresh_lease_seconds
@@ -401,7 +418,9 @@ def run_refresh(
     def heartbeat() -> None:
         while not stop.wait(ttl / 3):
             if not renew_lease(db, holder, ttl):
-                log.error("refresh %s lost its lease", run_id)
+                log.error("refresh %s lost its lease: stopping it", run_id)
+                rec.lease_lost.set()  # the next step, or the running subprocess, stops
+                return
 
     beat = threading.Thread(target=heartbeat, name="refresh-lease", daemon=True)
     beat.start()
@@ -552,7 +571,17 @@ def _refresh(
     if not settings.refresh_auto_promote:
         return "approved"
     with rec.step("promote") as d:
-        registry.promote(version.id, actor=f"refresh {run.id}", reason="passed the gate")
+        if not renew_lease(db, rec.holder, settings.refresh_lease_seconds):
+            rec.lease_lost.set()
+            rec.check_lease()
+        # Fenced twice: the lease is still ours, and the incumbent is the one the candidate
+        # was gated against (else PromotionConflict: the run fails, nothing changes).
+        registry.promote(
+            version.id,
+            actor=f"refresh {run.id}",
+            reason="passed the gate",
+            expect_active=active.id if active else None,
+        )
         d.update(version=version.id, replaced=active.id if active else None)
         if on_promote is not None:
             on_promote()

@@ -244,6 +244,15 @@ class AdapterAction(BaseModel):
     reason: str | None = Field(default=None, max_length=2000)
 
 
+class PromoteRequest(AdapterAction):
+    expect_active: str | None = Field(
+        default=None,
+        max_length=128,
+        description='The version you expect to replace ("base": the base model). If another '
+        "is active by then, nothing changes and the answer is 409 promotion_conflict.",
+    )
+
+
 class RollbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -153,6 +153,25 @@ def test_promotion_retires_the_active_version_in_one_step(
     assert registry.promote(v2, actor="ops").status == ACTIVE
 
 
+def test_a_promotion_fenced_on_an_incumbent_that_changed_does_nothing(
+    registry: Registry, tmp_path: Path
+) -> None:
+    """A candidate gated against v1 must not replace v2, which became active meanwhile (a
+    raced refresh or another operator); nor one gated against the base model replace v1."""
+    v1, v2, v3 = (approved(registry, tmp_path, n) for n in "abc")
+    with pytest.raises(PromotionConflict, match="served by the base model, not default@v1"):
+        registry.promote(v3, actor="refresh", expect_active=v1)
+    registry.promote(v1, actor="ops", expect_active=None)
+    registry.promote(v2, actor="ops", expect_active=v1)
+    before = [(e.version_id, e.to_status) for e in registry.events()]
+    for stale in (v1, None):
+        with pytest.raises(PromotionConflict, match="was not promoted"):
+            registry.promote(v3, actor="refresh", expect_active=stale)
+    assert [(e.version_id, e.to_status) for e in registry.events()] == before
+    assert (registry.get(v2).status, registry.get(v3).status) == (ACTIVE, APPROVED)
+    assert registry.promote(v3, actor="refresh", expect_active=v2).previous == v2
+
+
 def test_the_database_refuses_a_second_active_version(registry: Registry, tmp_path: Path) -> None:
     v1, v2 = approved(registry, tmp_path, "a"), approved(registry, tmp_path, "b")
     registry.promote(v1, actor="t")

@@ -14,14 +14,18 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
 import pytest
 from sqlalchemy import create_engine, text
+from sqlmodel import col, update
 
 from service.core.config import Settings
 from service.main import create_app
+from service.models import Lease, utcnow
+from service.refresh import LEASE
 from tests.conftest import make_adapter
 from tests.servers import free_port, serve_thread, wait_ready
 from tests.service.conftest import Live
@@ -270,3 +274,39 @@ def test_a_killed_or_overdue_training_fails_the_run_and_serving_goes_on(
     assert [(a["id"], a["status"]) for a in listing["data"]] == [(vid, "active")]
     assert listing["serving"] == {"default": vid}
     assert live.chat([{"role": "user", "content": "still there?"}])["adapter_version"] == vid
+
+
+@pytest.mark.parametrize(
+    "settings_overrides",
+    [
+        {
+            **FAST,
+            "refresh_train": {**FAST["refresh_train"], "epochs": 100_000},
+            "refresh_lease_seconds": 3.0,  # renewed every second
+        }
+    ],
+)
+def test_a_refresh_that_loses_its_lease_stops_and_changes_nothing(live: Live) -> None:
+    """Fencing: when another process holds the lease (this one's renewals failed long enough
+    for it to expire and be taken), the run stops its training at once and registers and
+    promotes nothing."""
+    picks(live, 8)
+    run_id = live.http.post("/v1/operator/runs", headers=OPS).json()["id"]
+    deadline = time.monotonic() + 120
+    while not _training_children():
+        assert time.monotonic() < deadline, "no training subprocess started"
+        time.sleep(0.1)
+    with live.session() as s:  # what a second worker does once the lease has expired
+        s.exec(
+            update(Lease)
+            .where(col(Lease.name) == LEASE)
+            .values(holder="worker-2:99", expires_at=utcnow() + timedelta(hours=1))
+        )
+        s.commit()
+    run = wait_run(live, run_id, timeout=60)
+    assert (run["status"], run["stage"]) == ("failed", "train"), run
+    assert "lost its lease" in run["error"] and run["candidate_version"] is None
+    assert _training_children() == []
+    assert live.http.get("/v1/operator/adapters", headers=OPS).json()["data"] == []
+    with live.session() as s:  # the lease is the other worker's still
+        assert s.get(Lease, LEASE).holder == "worker-2:99"

@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
-from adapters.registry import APPROVED, REJECTED, AdapterVersion, Registry
+from adapters.registry import ANY, APPROVED, REJECTED, AdapterVersion, Registry
 from service.api.deps import AdminDep, OperatorDep, RouterDep, SettingsDep, actor
 from service.api.schemas import (
     SEGMENT_SCHEMA,
@@ -25,6 +25,7 @@ from service.api.schemas import (
     AdapterPublic,
     GoldenItemBody,
     GoldenList,
+    PromoteRequest,
     RegisterAdapter,
     RollbackRequest,
     RollbackResult,
@@ -205,14 +206,20 @@ async def promote_adapter(
     version_id: str,
     operator: OperatorDep,
     adapters: RouterDep,
-    body: AdapterAction | None = None,
+    body: PromoteRequest | None = None,
 ) -> AdapterPublic:
     """Make an approved (or retired) version active. Every replica swaps to it within
-    `adapter_poll_seconds`; this one at once."""
+    `adapter_poll_seconds`; this one at once. `expect_active` fences it against a change
+    made meanwhile."""
     _check(request, operator, version_id)
-    reason = body.reason if body else None
+    body = body or PromoteRequest()
+    expect: str | None | object = ANY
+    if body.expect_active is not None:
+        expect = None if body.expect_active == "base" else body.expect_active
     row = await run_in_threadpool(
-        lambda: _registry(request).promote(version_id, actor=actor(operator), reason=reason)
+        lambda: _registry(request).promote(
+            version_id, actor=actor(operator), reason=body.reason, expect_active=expect
+        )
     )
     adapters.kick()
     return AdapterPublic.model_validate(row)
