@@ -13,7 +13,7 @@ from datetime import datetime
 from functools import cache
 from typing import Any
 
-from sqlalchemy import Insert, Row
+from sqlalchemy import Insert, Row, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
 
@@ -480,3 +480,19 @@ __all__ = [
     "new_id",
     "start_completion",
 ]
+
+
+def sweep_interrupted_completions(session: Session, older_than: datetime) -> int:
+    """Completions still `running` that started before ``older_than`` (longer than any answer
+    takes) were cut off by a crash: mark them failed so nothing waits on them. Their prompts
+    and the conversation are kept."""
+    result = session.exec(
+        update(Completion)
+        .where(col(Completion.status) == "running", col(Completion.created_at) < older_than)
+        .values(
+            status="failed",
+            error="interrupted: the server stopped before the answer finished",
+            finished_at=utcnow(),
+        )
+    )
+    return result.rowcount

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 from fastapi import Depends, FastAPI
+from sqlmodel import Session
 
 from adapters.registry import Registry
 from service.api.deps import reject_unknown_query
@@ -149,6 +150,22 @@ def check_auth_mode(settings: Settings) -> None:
     )
 
 
+def _sweep_interrupted(db: Any, settings: Settings) -> None:
+    """What a crash (SIGKILL, power cut) left unfinished: refresh runs and answers."""
+    from datetime import timedelta
+
+    from service.crud import sweep_interrupted_completions
+    from service.models import utcnow
+    from service.refresh import sweep_interrupted
+
+    sweep_interrupted(db, settings.refresh_lease_seconds)
+    with Session(db) as session:
+        older = utcnow() - timedelta(minutes=settings.interrupted_after_minutes)
+        if n := sweep_interrupted_completions(session, older):
+            log.warning("marked %d interrupted completion(s) failed", n)
+        session.commit()
+
+
 async def _purge(settings: Settings, db) -> None:  # noqa: ANN001 - the database engine
     """Delete conversations older than the retention period, every retention_check_minutes."""
     from service.privacy import purge_expired
@@ -169,9 +186,10 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.db = make_engine(settings)
         await asyncio.to_thread(init_db, app.state.db, auto_upgrade=settings.db_auto_upgrade)
+        await asyncio.to_thread(_sweep_interrupted, app.state.db, settings)
         app.state.writer = GroupCommit(app.state.db)
         app.state.keys = KeyStore(app.state.db, ttl=settings.auth_cache_seconds)
-        app.state.metrics = build_registry(app.state.db)
+        app.state.metrics = build_registry(app.state.db, settings.metrics_cache_seconds)
         app.state.engine_error = None
         app.state.engine = engine or build_engine(settings)
         app.state.registry = Registry(app.state.db, settings.adapters_dir)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -116,21 +117,35 @@ def generation_finished(completion: Any) -> None:
 class DatabaseCollector(Collector):
     """Gauges and counts the database already holds; a few grouped queries per scrape."""
 
-    def __init__(self, db: Database):
+    def __init__(self, db: Database, cache_seconds: float = 0.0):
         self.db = db
+        # Grouped queries over whole tables: a scrape (or many scrapers at once) reads them at
+        # most once per `cache_seconds`; concurrent scrapes wait for the one reading.
+        self.cache_seconds = cache_seconds
+        self._cached: tuple[float, list[Metric]] | None = None
+        self._lock = threading.Lock()
 
     def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            now = time.monotonic()
+            if self._cached is None or now - self._cached[0] >= self.cache_seconds:
+                self._cached = (now, self._read())
+            return iter(self._cached[1])
+
+    def _read(self) -> list[Metric]:
         ok = GaugeMetricFamily(
             "prefloop_db_metrics_up", "1 if the database metrics below could be read."
         )
+        metrics: list[Metric] = []
         try:
             with Session(self.db) as s:
-                yield from self._collect(s)
+                metrics = list(self._collect(s))
             ok.add_metric([], 1)
         except Exception:  # noqa: BLE001 - a scrape must not fail because the database did
             log.exception("reading metrics from the database failed")
+            metrics = []
             ok.add_metric([], 0)
-        yield ok
+        return [*metrics, ok]
 
     def _collect(self, s: Session) -> Iterator[Metric]:
         from adapters.registry import ACTIVE, AdapterVersion, as_utc
@@ -250,11 +265,11 @@ class DatabaseCollector(Collector):
         yield rate
 
 
-def build_registry(db: Database) -> CollectorRegistry:
+def build_registry(db: Database, cache_seconds: float = 0.0) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=True)
     for metric in PROCESS_METRICS:
         registry.register(metric)
-    registry.register(DatabaseCollector(db))
+    registry.register(DatabaseCollector(db, cache_seconds))
     return registry
 
 

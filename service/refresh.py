@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -44,6 +45,7 @@ from service.core.config import Settings
 from service.lifecycle import base_model_path, canary_for, golden_for, judge
 from service.models import Lease, PreferencePair, TrainingRun, utcnow
 from service.pairs import compile_and_store, to_trainer
+from trainer import lifeline
 from trainer import pairs as tp
 from trainer.golden import save_golden
 
@@ -121,6 +123,60 @@ def release_lease(db: Database, holder: str, name: str = LEASE) -> None:
             s.commit()
 
 
+def _dead_holder(holder: str | None) -> bool:
+    """A holder ("host:pid") that is this process just started, or a process of this host that
+    no longer exists."""
+    if holder is None or holder == HOLDER:
+        return True
+    host, _, pid = holder.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def sweep_interrupted(db: Database, ttl: float) -> list[str]:
+    """At start-up: runs left `running` or `queued` by a process that died (SIGKILL, a power
+    cut) are marked failed, and a lease such a process of this host held is freed, so the next
+    refresh need not wait for it to expire. A run whose holder still holds a live lease (another
+    replica) is left alone. Returns the swept run ids."""
+    now = utcnow()
+    with Session(db) as s:
+        lease = s.get(Lease, LEASE)
+        live = None
+        if lease is not None and as_utc(lease.expires_at) > now:
+            live = None if _dead_holder(lease.holder) else lease.holder
+            if live is None:
+                s.delete(lease)
+        swept = []
+        stale_queued = now - timedelta(seconds=ttl)
+        for run in s.exec(
+            select(TrainingRun).where(col(TrainingRun.status).in_(["running", "queued"]))
+        ):
+            if run.status == "queued" and as_utc(run.created_at) > stale_queued:
+                continue  # just queued, by a live process: it starts within a moment
+            if run.status == "running" and run.holder is not None and run.holder == live:
+                continue
+            run.status = "failed"
+            run.error = (
+                f"interrupted at {run.stage or 'its start'}: the process running it "
+                f"({run.holder or 'unknown'}) stopped before it finished; found at start-up. "
+                "Nothing it had not committed was kept; start a new run."
+            )
+            run.finished_at = now
+            s.add(run)
+            swept.append(run.id)
+        s.commit()
+    if swept:
+        log.warning("marked %d interrupted refresh run(s) failed: %s", len(swept), swept)
+    return swept
+
+
 # --- run records ------------------------------------------------------------------------------
 
 
@@ -152,8 +208,8 @@ def request_cancel(db: Database, run_id: str) -> TrainingRun | None:
 class Recorder:
     """Writes a run's progress to its row, one short transaction at a time."""
 
-    def __init__(self, db: Database, run_id: str, holder: str = HOLDER):
-        self.db, self.run_id, self.holder = db, run_id, holder
+    def __init__(self, db: Database, run_id: str, holder: str = HOLDER, failpoint: str = ""):
+        self.db, self.run_id, self.holder, self.failpoint = db, run_id, holder, failpoint
         self.steps: list[dict[str, Any]] = []
         self._checked, self._cancel = 0.0, False
         self.lease_lost = threading.Event()  # set by the heartbeat: another process may run
@@ -192,6 +248,8 @@ class Recorder:
         entry = {"name": name, "started_at": utcnow().isoformat(), "seconds": None}
         self.steps.append(entry)
         self.update(stage=name, steps=list(self.steps))
+        if self.failpoint == f"refresh:{name}":  # crash tests (PREFLOOP_FAILPOINT)
+            os.kill(os.getpid(), signal.SIGKILL)
         t0 = time.perf_counter()
         try:
             yield detail
@@ -246,13 +304,14 @@ def run_subprocess(
     # "trainer train" / "trainer evaluate", also under torchrun, for the failure messages.
     what = " ".join(cmd[cmd.index("trainer") :][:2]) if "trainer" in cmd else cmd[0]
     proc = subprocess.Popen(
-        cmd,
+        lifeline.wrap(cmd),  # dies with this process, even on SIGKILL (trainer.lifeline)
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         cwd=cwd,
         # Passive OpenMP waits: the training shares the CPU with serving (see service.cli).
         env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_WAIT_POLICY": "PASSIVE"},
+        start_new_session=True,  # its own process group: stopping it stops torchrun's workers
     )
 
     def read() -> None:
@@ -266,11 +325,11 @@ def run_subprocess(
     deadline = time.monotonic() + timeout if timeout else None
 
     def stop() -> None:
-        proc.terminate()
+        _signal_group(proc, signal.SIGTERM)
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            _signal_group(proc, signal.SIGKILL)
             proc.wait()
 
     while proc.poll() is None:
@@ -306,6 +365,13 @@ def run_subprocess(
                 f"from outside): {tail}"
             )
         raise RuntimeError(f"{what} exited with {proc.returncode}: {tail}")
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:  # already gone
+        pass
 
 
 HISTORY_POINTS = 500
@@ -400,7 +466,7 @@ def run_refresh(
 ) -> TrainingRun:
     """Run one queued refresh to its end; the row says how it went. Never raises for a failed
     refresh (the row is marked failed with the reason)."""
-    rec = Recorder(db, run_id, holder)
+    rec = Recorder(db, run_id, holder, settings.failpoint)
     run = get_run(db, run_id)
     assert run is not None, run_id
     ttl = settings.refresh_lease_seconds

@@ -1,7 +1,13 @@
 """``python -m trainer train ...`` (see ``trainer.dpo``) and ``python -m trainer evaluate ...``
 (see ``trainer.evaluate``, which has its own parser)."""
 
+import os
 import sys
+
+if os.environ.get("PREFLOOP_DIE_WITH_PARENT"):  # started by a refresh: see trainer.lifeline
+    from trainer.lifeline import die_with_parent
+
+    die_with_parent()
 
 if sys.argv[1:2] == ["evaluate"]:
     from trainer.evaluate import main

@@ -61,7 +61,7 @@ async def get_keys(request: Request) -> KeyStore:
 
 
 KeysDep = Annotated[KeyStore, Depends(get_keys)]
-_bearer = HTTPBearer(
+bearer_scheme = HTTPBearer(
     auto_error=False,
     description="An API key from `prefloop keys create` (not needed with PREFLOOP_AUTH=off).",
 )
@@ -71,7 +71,7 @@ async def get_principal(
     request: Request,
     settings: SettingsDep,
     keys: KeysDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
     x_operator: Annotated[str | None, Header(max_length=256)] = None,
 ) -> Principal:
     """The caller, from the `Authorization: Bearer <key>` header; counts against its key's

@@ -292,6 +292,27 @@ class Settings(BaseSettings):
         description="Conversations older than this are deleted (their feedback too; compiled "
         "pairs stay). 0: kept forever.",
     )
+    metrics_token: str = Field(
+        default="",
+        description="`/metrics` needs `Authorization: Bearer <this>`. Empty: with "
+        "PREFLOOP_AUTH=keys an admin key, in development mode nothing.",
+    )
+    metrics_cache_seconds: float = Field(
+        default=15.0,
+        ge=0.0,
+        description="The database gauges of `/metrics` are read at most this often.",
+    )
+    interrupted_after_minutes: float = Field(
+        default=30.0,
+        gt=0.0,
+        description="At start-up, completions still `running` that began longer ago than this "
+        "were cut off by a crash, and are marked failed.",
+    )
+    failpoint: str = Field(
+        default="",
+        description="Crash tests only: `refresh:<step>` SIGKILLs this process when a refresh "
+        "reaches that step (compile, select, train, register, evaluate, gate, promote).",
+    )
     retention_check_minutes: float = Field(
         default=60.0, gt=0.0, description="How often the retention purge runs in `serve`."
     )

@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from adapters.registry import APPROVED, Registry
@@ -19,8 +21,10 @@ from tests.servers import serve_subprocess
 from tests.service.conftest import Live
 
 
-def scrape(http: httpx.Client) -> dict[tuple[str, frozenset], float]:
-    r = http.get("/metrics")
+def scrape(
+    http: httpx.Client, headers: dict[str, str] | None = None
+) -> dict[tuple[str, frozenset], float]:
+    r = http.get("/metrics", headers=headers)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     return {
         (s.name, frozenset(s.labels.items())): s.value
@@ -31,6 +35,11 @@ def scrape(http: httpx.Client) -> dict[tuple[str, frozenset], float]:
 
 def value(samples: dict, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+@pytest.fixture
+def settings_overrides() -> dict[str, Any]:
+    return {"metrics_cache_seconds": 0.0}  # every scrape reads the database afresh
 
 
 @BOTH_DATABASES

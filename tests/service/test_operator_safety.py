@@ -14,6 +14,7 @@ import pytest
 from tests.conftest import make_adapter
 from tests.service.conftest import Live
 from tests.service.test_auth import Keys, error
+from tests.service.test_observability import scrape, value
 
 UPLOAD = "/v1/operator/adapters/upload"
 
@@ -40,6 +41,7 @@ def settings_overrides(tmp_path: Path) -> dict[str, Any]:
         "adapter_import_roots": [tmp_path / "imports"],
         "rate_limit_requests_per_minute": 10_000,
         "max_upload_bytes": 50_000_000,
+        "metrics_cache_seconds": 3600.0,  # one database read per test
     }
 
 
@@ -155,3 +157,36 @@ def test_paths_register_only_from_the_import_roots(
     for junk in (roots / "missing", "\x00", "~" * 4000):
         assert register(junk).status_code in (400, 403), junk
     assert versions(live, ops) == ["default@v1"]
+
+
+def test_metrics_need_an_admin_key_and_the_database_is_read_once_per_interval(
+    live: Live, keys: Keys
+) -> None:
+    """With keys on, `/metrics` (every tenant's traffic) is an admin's; its database gauges
+    are cached (PREFLOOP_METRICS_CACHE_SECONDS) while counters move."""
+    assert live.http.get("/metrics").status_code == 401
+    assert live.http.get("/metrics", headers=keys.make("operator")).status_code == 403
+    admin = keys.make("admin")
+    first = scrape(live.http, admin)
+    user = keys.make("user")
+    answer = keys.chat(user).json()
+    r = live.http.post(
+        "/v1/feedback", json={"completion_id": answer["id"], "rating": 1}, headers=user
+    )
+    assert r.status_code == 201, r.text
+    second = scrape(live.http, admin)
+    assert value(second, "prefloop_feedback_events_total", kind="thumbs") == 1 + value(
+        first, "prefloop_feedback_events_total", kind="thumbs"
+    )  # counted as it happened
+    assert value(second, "prefloop_thumbs_total", adapter_version="base", vote="up") == value(
+        first, "prefloop_thumbs_total", adapter_version="base", vote="up"
+    )  # read from the database at the first scrape, not again yet
+
+
+@pytest.mark.parametrize(
+    "settings_overrides", [{"auth": "keys", "auth_cache_seconds": 0.0, "metrics_token": "s3cret"}]
+)
+def test_metrics_take_their_own_token(live: Live, keys: Keys) -> None:
+    assert live.http.get("/metrics", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert live.http.get("/metrics", headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert live.http.get("/metrics", headers=keys.make("admin")).status_code == 401

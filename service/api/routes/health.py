@@ -1,11 +1,16 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+import hmac
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from fastapi.security import HTTPAuthorizationCredentials
 from sqlalchemy import text
 
-from service.api.deps import DbDep, EngineDep
-from service.core.errors import NotReadyError
+from service.api.deps import DbDep, EngineDep, KeysDep, SettingsDep, bearer_scheme
+from service.auth import Role
+from service.core.errors import AuthenticationError, NotReadyError, PermissionDeniedError
 
 router = APIRouter(tags=["health"])
 
@@ -16,7 +21,33 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/metrics", include_in_schema=False)
+async def metrics_caller(
+    request: Request,
+    settings: SettingsDep,
+    keys: KeysDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+) -> None:
+    """`/metrics` says how much traffic and feedback each tenant's segments get: the metrics
+    token (PREFLOOP_METRICS_TOKEN), else with keys on an admin key."""
+    secret = credentials.credentials if credentials else ""
+    if settings.metrics_token:
+        if not hmac.compare_digest(secret.encode(), settings.metrics_token.encode()):
+            raise AuthenticationError(
+                "/metrics needs `Authorization: Bearer <PREFLOOP_METRICS_TOKEN>`"
+            )
+        return
+    if settings.auth == "off":
+        return
+    principal = await run_in_threadpool(keys.lookup, secret) if secret else None
+    if principal is None:
+        raise AuthenticationError(
+            "/metrics needs an admin key, or set PREFLOOP_METRICS_TOKEN for your scraper"
+        )
+    if principal.role < Role.admin:
+        raise PermissionDeniedError("/metrics needs an admin key (or PREFLOOP_METRICS_TOKEN)")
+
+
+@router.get("/metrics", include_in_schema=False, dependencies=[Depends(metrics_caller)])
 async def metrics(request: Request) -> Response:
     """Prometheus text format: this process's counters and the database's gauges."""
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
