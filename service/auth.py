@@ -18,13 +18,16 @@ keys: every caller is an admin of tenant `default`, named by `X-Operator` for th
 from __future__ import annotations
 
 import hashlib
+import hmac
 import math
+import os
 import re
 import secrets
 import threading
 import time
 from dataclasses import dataclass
 from enum import IntEnum
+from pathlib import Path
 
 from sqlalchemy.engine import Engine as Database
 from sqlmodel import Session, col, select
@@ -51,10 +54,16 @@ class Principal:
     tenant: str
     public: bool = False
     origins: tuple[str, ...] = ()
+    visitor: str | None = None  # public keys: the server-issued visitor id (see VisitorIds)
 
     @property
     def dev(self) -> bool:
         return self.key_id is None
+
+    @property
+    def visitor_user(self) -> str | None:
+        """A widget visitor's user id: issued by the server, never taken from the request."""
+        return f"visitor:{self.visitor}" if self.public and self.visitor else None
 
     @property
     def scope(self) -> str | None:
@@ -64,14 +73,16 @@ class Principal:
     def sees_tenant(self, tenant: str) -> bool:
         return self.role >= Role.admin or tenant == self.tenant
 
-    def owns(self, key_id: str | None, tenant: str) -> bool:
-        """May this caller read, regenerate or rate a completion asked for by `key_id`?
-        Users: only their own key's; operators: their tenant's; admins and dev mode: all."""
+    def owns(self, key_id: str | None, tenant: str, user_id: str | None = None) -> bool:
+        """May this caller read, regenerate or rate a completion asked for by `key_id` (for
+        `user_id`)? Widget visitors: only their own; users: their key's; operators: their
+        tenant's; admins and dev mode: all."""
         if self.role >= Role.admin:
             return True
         if self.role >= Role.operator:
             return tenant == self.tenant
-        return key_id == self.key_id and tenant == self.tenant
+        mine = key_id == self.key_id and tenant == self.tenant
+        return mine and (not self.public or user_id == self.visitor_user)
 
 
 def hash_secret(secret: str) -> str:
@@ -197,14 +208,64 @@ class KeyStore:
         return origins
 
 
-class RateLimiter:
-    """Token buckets per key: `per_minute` units, refilled continuously. `take` returns 0 when
-    the units are granted, else the seconds to wait (the Retry-After). Per process: with N
-    replicas behind a balancer a key gets up to N times the limit."""
+class VisitorIds:
+    """Server-issued identities for the visitors of a public (widget) key.
 
-    def __init__(self, per_minute: int):
-        self.capacity = float(per_minute)
-        self.rate = per_minute / 60.0
+    Anyone can send any `user` field, so a widget caller's identity comes from a token the
+    server signs: `<visitor id>.<HMAC-SHA256(secret, key id : visitor id)>`. The widget keeps
+    it (localStorage) and sends it back in `X-Prefloop-Visitor`; a missing or forged one gets a
+    new visitor, and new visitors per client address are rate-limited, so dropping the token
+    does not mint identities freely. Bound to the key: a token from one site's widget is
+    worthless on another's."""
+
+    def __init__(self, secret: bytes):
+        self.secret = secret
+
+    def _sign(self, key_id: str, visitor: str) -> str:
+        mac = hmac.new(self.secret, f"{key_id}:{visitor}".encode(), hashlib.sha256)
+        return mac.hexdigest()[:32]
+
+    def issue(self, key_id: str) -> tuple[str, str]:
+        """A new (visitor id, token)."""
+        visitor = secrets.token_hex(8)
+        return visitor, f"{visitor}.{self._sign(key_id, visitor)}"
+
+    def verify(self, key_id: str, token: str) -> str | None:
+        visitor, _, sig = token.partition(".")
+        if not re.fullmatch(r"[0-9a-f]{16}", visitor) or len(sig) != 32:
+            return None
+        return visitor if hmac.compare_digest(sig, self._sign(key_id, visitor)) else None
+
+
+def visitor_secret(configured: str, home: Path) -> bytes:
+    """PREFLOOP_VISITOR_SECRET, else a random one kept in PREFLOOP_HOME (created once; replicas
+    on separate disks must share one through the setting)."""
+    if configured:
+        return configured.encode()
+    path = home / "visitor.secret"
+    if not path.exists():
+        home.mkdir(parents=True, exist_ok=True)
+        tmp = home / f".visitor.secret.{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+        try:
+            os.link(tmp, path)  # atomic: a racing process's secret wins whole, or ours does
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    return path.read_text().strip().encode()
+
+
+class RateLimiter:
+    """Token buckets per key: `limit` units per `window` seconds, refilled continuously. `take`
+    returns 0 when the units are granted, else the seconds to wait (the Retry-After). Per
+    process: with N replicas behind a balancer a key gets up to N times the limit."""
+
+    def __init__(self, limit: int, window: float = 60.0):
+        self.capacity = float(limit)
+        self.rate = limit / window
         self._buckets: dict[str, tuple[float, float]] = {}  # key -> (units, at)
         self._lock = threading.Lock()
 

@@ -141,7 +141,7 @@ def _start_turn(
         turn = crud.start_completion(
             session,
             caller=caller,
-            user_id=body.user,
+            user_id=caller.visitor_user or body.user,  # widget visitors: server-issued
             conversation_id=body.conversation_id,
             parent_id=body.parent_id,
             messages=plan.messages,

@@ -72,7 +72,9 @@ def _history(
     messages: list[dict[str, str]] | None = None,
 ) -> list[Message]:
     conversation = session.get(Conversation, conversation_id)
-    if conversation is None or not caller.owns(conversation.key_id, conversation.tenant):
+    if conversation is None or not caller.owns(
+        conversation.key_id, conversation.tenant, conversation.user_id
+    ):
         raise NotFoundError(f"conversation {conversation_id!r} not found", param="conversation_id")
     rows = session.exec(select(Message).where(Message.conversation_id == conversation_id)).all()
     by_id = {m.id: m for m in rows}
@@ -257,7 +259,7 @@ def owned_completion(
         .join(Conversation, col(Conversation.id) == Completion.conversation_id)
         .where(Completion.id == completion_id)
     ).first()
-    if row is None or not caller.owns(row[0].key_id, row[1]):
+    if row is None or not caller.owns(row[0].key_id, row[1], row[0].user_id):
         return None
     return row[0]
 

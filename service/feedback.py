@@ -103,7 +103,7 @@ async def submit_feedback(
             if earlier is not None:
                 return public(earlier), True
         completion = _completions.get(writer.engine, session, body.completion_id)
-        if not author.caller.owns(completion.key_id, completion.tenant):
+        if not author.caller.owns(completion.key_id, completion.tenant, completion.user_id):
             # Another key's completion is, to this caller, one that does not exist.
             raise NotFoundError(
                 f"completion {body.completion_id!r} not found", param="completion_id"
@@ -115,7 +115,8 @@ async def submit_feedback(
             key_id=author.caller.key_id,
             choice_index=choice,
             value=value,
-            user_id=body.user or author.name,
+            # A widget visitor is who the server says, whatever `user` the body names.
+            user_id=author.caller.visitor_user or body.user or author.name,
             author_role=author.role,
             comment=body.comment,
             edited_text=text,

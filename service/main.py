@@ -17,7 +17,7 @@ from service.api.deps import reject_unknown_query
 from service.api.middleware import BodyLimit, KeyCors
 from service.api.protocol import V1_ERRORS, error_responses
 from service.api.routes import adapters, chat, feedback, health, models, operator, runs, web
-from service.auth import KeyStore, RateLimiter
+from service.auth import KeyStore, RateLimiter, VisitorIds, visitor_secret
 from service.core.config import Settings, get_settings
 from service.core.db import GroupCommit, init_db, make_engine
 from service.core.errors import install_error_handlers
@@ -244,6 +244,10 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     )
     app.state.settings = settings
     app.state.request_limiter = RateLimiter(settings.rate_limit_requests_per_minute)
+    app.state.visitors = VisitorIds(visitor_secret(settings.visitor_secret, settings.home_dir))
+    app.state.visitor_limiter = RateLimiter(settings.rate_limit_visitor_requests_per_minute)
+    app.state.address_limiter = RateLimiter(settings.rate_limit_address_requests_per_minute)
+    app.state.new_visitor_limiter = RateLimiter(settings.new_visitors_per_address_per_hour, 3600)
     app.state.token_limiter = RateLimiter(settings.rate_limit_tokens_per_minute)
     check_auth_mode(settings)
 

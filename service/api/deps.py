@@ -8,7 +8,7 @@ feedback write).
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request
@@ -16,6 +16,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.engine import Engine as Database
 
+from service.api.middleware import VISITOR_HEADER
 from service.auth import KeyStore, Principal, Role
 from service.core.config import Settings
 from service.core.db import GroupCommit
@@ -99,7 +100,34 @@ async def get_principal(
             f"per minute); retry in {wait} s",
             retry_after_s=wait,
         )
+    if principal.public:
+        principal = _visitor(request, settings, principal)
     return principal
+
+
+def _visitor(request: Request, settings: Settings, principal: Principal) -> Principal:
+    """A widget caller: its visitor id from the signed `X-Prefloop-Visitor` token, or a new one
+    (sent back in that header); limits per visitor and per client address as well as per key."""
+    state = request.app.state
+    address = request.client.host if request.client else "unknown"
+    token = request.headers.get(VISITOR_HEADER, "")
+    visitor = state.visitors.verify(principal.key_id, token) if token else None
+    limits = [(state.address_limiter, f"ip:{address}", "from this address")]
+    if visitor is None:
+        limits.append((state.new_visitor_limiter, f"new:{address}", "new visitors from here"))
+    for limiter, bucket, what in limits:
+        if wait := limiter.take(bucket):
+            raise RateLimitError(f"too many requests {what}; retry in {wait} s", retry_after_s=wait)
+    if visitor is None:
+        visitor, token = state.visitors.issue(principal.key_id)
+        request.state.visitor_token = token  # the widget middleware sends it back
+    if wait := state.visitor_limiter.take(f"{principal.key_id}:{visitor}"):
+        raise RateLimitError(
+            f"too many requests from this visitor (limit "
+            f"{settings.rate_limit_visitor_requests_per_minute} per minute); retry in {wait} s",
+            retry_after_s=wait,
+        )
+    return replace(principal, visitor=visitor)
 
 
 def require(role: Role, *, public: bool = False) -> Callable[..., Awaitable[Principal]]:

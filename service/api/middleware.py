@@ -12,8 +12,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.core.errors import error_body
 
-ALLOWED_HEADERS = "authorization, content-type, idempotency-key, x-request-id"
-EXPOSED_HEADERS = "retry-after, idempotent-replayed"
+VISITOR_HEADER = "x-prefloop-visitor"  # a widget visitor's signed id (service.auth.VisitorIds)
+ALLOWED_HEADERS = f"authorization, content-type, idempotency-key, x-request-id, {VISITOR_HEADER}"
+EXPOSED_HEADERS = f"retry-after, idempotent-replayed, {VISITOR_HEADER}"
 
 
 async def _send_json(send: Send, status: int, body: dict, headers: list | None = None) -> None:
@@ -161,6 +162,7 @@ class KeyCors:
 
         async def send_with_cors(message: Message) -> None:
             if message["type"] == "http.response.start" and ok:
+                issued = scope.get("state", {}).get("visitor_token")  # a new widget visitor
                 message = {
                     **message,
                     "headers": [
@@ -168,6 +170,7 @@ class KeyCors:
                         (b"access-control-allow-origin", origin.encode("latin-1")),
                         (b"access-control-expose-headers", EXPOSED_HEADERS.encode()),
                         (b"vary", b"Origin"),
+                        *([(VISITOR_HEADER.encode(), issued.encode())] if issued else []),
                     ],
                 }
             await send(message)

@@ -265,6 +265,25 @@ class Settings(BaseSettings):
     rate_limit_requests_per_minute: int = Field(
         default=120, ge=0, description="Per key (dev mode: per client address); 0: no limit."
     )
+    rate_limit_visitor_requests_per_minute: int = Field(
+        default=20, ge=0, description="Per widget visitor (public keys); 0: no limit."
+    )
+    rate_limit_address_requests_per_minute: int = Field(
+        default=120,
+        ge=0,
+        description="Per client address, for public keys; 0: no limit. Behind a proxy, let "
+        "uvicorn take the address from X-Forwarded-For (FORWARDED_ALLOW_IPS).",
+    )
+    new_visitors_per_address_per_hour: int = Field(
+        default=30,
+        ge=0,
+        description="New widget visitor ids one client address may get per hour; 0: no limit.",
+    )
+    visitor_secret: str = Field(
+        default="",
+        description="Signs widget visitor ids. Empty: a random one kept in PREFLOOP_HOME; set "
+        "it (the same on every replica) when replicas do not share that directory.",
+    )
     rate_limit_tokens_per_minute: int = Field(
         default=20_000,
         ge=0,

@@ -69,6 +69,9 @@
   function headers(extra) {
     const h = { "Content-Type": "application/json", ...extra };
     if (key) h.Authorization = `Bearer ${key}`;
+    // The visitor id the service signed for this browser (a site key's callers are told apart
+    // by it, not by the `user` field); kept with the conversation.
+    if (state.visitor) h["X-Prefloop-Visitor"] = state.visitor;
     return h;
   }
   class Problem extends Error {}
@@ -98,6 +101,8 @@
       throw new Problem(`Cannot reach the chat service at ${base}. ` +
         "Check your connection, then try again.");
     }
+    const visitor = res.headers.get("X-Prefloop-Visitor");
+    if (visitor && visitor !== state.visitor) { state.visitor = visitor; save(); }
     if (!res.ok) throw await problem(res);
     return res;
   }
@@ -443,7 +448,8 @@
   $(".close").addEventListener("click", () => { setOpen(false); bubble.focus(); });
   $(".new").addEventListener("click", () => {
     if (busy) return;
-    state = { ...load(), user: state.user, conversation_id: null, turns: [], open: true };
+    state = { ...load(), user: state.user, visitor: state.visitor, conversation_id: null,
+      turns: [], open: true };
     save();
     showError("");
     render();

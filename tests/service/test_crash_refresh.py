@@ -149,12 +149,16 @@ def test_sigkill_at_every_refresh_step_loses_nothing_and_leaves_nothing_running(
             what="the last refresh",
         )
         assert (run["status"], run["outcome"]) == ("succeeded", "promoted"), run
-        r = httpx.post(
-            f"{base_url}/v1/chat/completions",
-            json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
-            timeout=60,
-        )
-        assert r.json()["adapter_version"] == run["candidate_version"]
+
+        def served() -> bool:  # the swap follows the promotion within a moment
+            r = httpx.post(
+                f"{base_url}/v1/chat/completions",
+                json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+                timeout=60,
+            )
+            return r.json()["adapter_version"] == run["candidate_version"]
+
+        wait_for(served, 30, f"{run['candidate_version']} to serve")
     finally:
         proc.kill()
         proc.wait()

@@ -263,3 +263,38 @@ def test_errors_are_plain_words_and_keep_the_text(live: Live, page: Page) -> Non
     expect(page.get_by_label("Your message")).to_have_value("anyone there?")
     page.shots("unreachable")
     assert len(completions(live)) == 1  # nothing was stored for the failed ones
+
+
+@pytest.mark.parametrize(
+    "settings_overrides", [{"auth": "keys", "default_max_tokens": 8, "widget_compare_every": 0}]
+)
+def test_a_site_key_visitor_is_who_the_service_says(live: Live, page: Page) -> None:
+    """With a public (site) key the widget keeps the visitor id the service signed and sends
+    it back: the visitor's answers and votes carry that id, not the `user` the page made up;
+    after a reload it is the same visitor."""
+    from sqlalchemy import create_engine
+
+    from service.auth import create_key
+
+    _row, secret = create_key(
+        create_engine(live.db_url), name="site", public=True, origins=[live.base_url]
+    )
+    page.goto(f"{live.base_url}/demo?key={secret}")
+    page.get_by_role("button", name="Open chat").click()
+    page.get_by_label("Your message").fill("Hello?")
+    page.get_by_label("Your message").press("Enter")
+    page.get_by_role("button", name="Bad answer (message 1)").click()
+    down = wait_for(lambda: feedback(live, kind="thumbs", value=-1), "thumbs down")[0]
+    stored = page.evaluate(
+        "() => Object.keys(localStorage).map(k => JSON.parse(localStorage.getItem(k)))"
+    )
+    token = next(s["visitor"] for s in stored if s.get("visitor"))
+    visitor = f"visitor:{token.split('.')[0]}"
+    assert completions(live)[0].user_id == down.user_id == visitor
+
+    page.reload()  # the chat reopens as it was left
+    page.get_by_label("Your message").fill("Me again.")
+    page.get_by_label("Your message").press("Enter")
+    wait_for(lambda: len([c for c in completions(live) if c.status == "succeeded"]) == 2, "2nd")
+    assert {c.user_id for c in completions(live)} == {visitor}
+    page.shots("site-key-visitor")
