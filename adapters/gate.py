@@ -14,6 +14,7 @@ far from the base (KL per token).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -36,6 +37,9 @@ class GateThresholds:
     max_repetition: float = 0.35  # share of repeated token 3-grams in canary answers
     repetition_tolerance: float = 0.05  # may exceed the incumbent's by this much
     max_kl: float = 1.0  # nats per token from the base, along its own canary answers
+    # Golden and canary answers carrying links the base model never gives (and the incumbent
+    # did not either): link spam learnt from poisoned feedback. 0: any such answer rejects.
+    max_new_link_answers: int = 0
 
 
 @dataclass(frozen=True)
@@ -155,9 +159,31 @@ def decide(
         )
     else:
         check("drift", True, "no canary prompts: drift checks skipped")
+    _links_check(candidate, incumbent, t, check)
 
     reasons = [c.detail for c in checks if not c.passed]
     return Verdict(approved=not reasons, reasons=reasons, checks=checks)
+
+
+def _links_check(
+    candidate: dict[str, Any],
+    incumbent: dict[str, Any],
+    t: GateThresholds,
+    check: Callable[[str, bool, str], None],
+) -> None:
+    found = candidate.get("links")
+    if found is None:  # a report from before the rule
+        return
+    known = set((incumbent.get("links") or {}).get("links", []))
+    new = [link for link in found["links"] if link not in known]
+    count = found["answers"] if new else 0
+    check(
+        "links",
+        count <= t.max_new_link_answers,
+        f"{count} golden/canary answers carry links the base model never gives"
+        + (f" ({', '.join(new[:5])})" if new else "")
+        + f" (allowed {t.max_new_link_answers})",
+    )
 
 
 def _thumbs_checks(

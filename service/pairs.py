@@ -51,6 +51,7 @@ def gate_config(settings: Settings) -> tp.GateConfig:
         max_key_share=settings.pairs_max_key_share,
         rater_trust=settings.pairs_rater_trust,
         min_rater_trust=settings.pairs_min_rater_trust,
+        review_links=settings.pairs_review_links,
     )
 
 

@@ -55,6 +55,7 @@ from trainer.data import (
 )
 from trainer.dpo import completion_logps
 from trainer.golden import GoldenError, GoldenItem, failed_checks, load_golden, parse_messages
+from trainer.pairs import links
 
 REPORT_FORMAT = "prefloop-eval/1"
 # 2: answers generated 32 at a time (batch composition can move a greedy tie by rounding).
@@ -390,6 +391,17 @@ def drift_metrics(
     }
 
 
+def new_links(answers: Sequence[Generated], base_answers: Sequence[Generated]) -> dict[str, Any]:
+    """Links in greedy golden and canary answers that none of the base model's answers give:
+    the trace of a link-spam attack that got into training (the gate's `links` rule)."""
+    seen = frozenset().union(*(links(a.text) for a in base_answers))
+    found = [sorted(links(a.text) - seen) for a in answers]
+    return {
+        "answers": sum(bool(f) for f in found),
+        "links": sorted({link for f in found for link in f})[:20],
+    }
+
+
 # --- the answer cache -------------------------------------------------------------------------
 
 
@@ -578,6 +590,7 @@ def evaluate(
             "thumbs": thumbs_metrics(r["thumbs"], ref["thumbs"], labels, beta),
             "golden": golden_metrics(golden, r["golden"]),
             "drift": drift_metrics(r["drift"], ref["drift"], r["kl"]),
+            "links": new_links([*r["golden"], *r["drift"]], [*ref["golden"], *ref["drift"]]),
         }
     return {
         "format": REPORT_FORMAT,

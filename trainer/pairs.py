@@ -94,6 +94,8 @@ class DropReason(StrEnum):
     USER_CAP = "user_cap"
     KEY_CAP = "key_cap"  # over one API key's share of the batch (see GateConfig.max_key_share)
     LOW_TRUST = "low_trust"  # its rater mostly disagrees with the majority (see rater_trust)
+    # Not a drop: held for an operator ("pending") whatever the approval setting.
+    HELD_LINK = "held_link"  # the preferred answer has a link the prompt did not
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,6 +227,9 @@ class GateConfig:
     require_approval: bool = False
     approval_tenants: frozenset[str] = frozenset()
     accept_user_edits: bool = False
+    # Links are how spam is monetised: an item whose preferred answer (chosen, or a thumbs-up)
+    # carries a link its prompt did not waits for an operator instead of training at once.
+    review_links: bool = True
     edit_weight: float = 1.0
     emit_unpaired: bool = True
 
@@ -273,7 +278,9 @@ class PreferencePair:
     chosen_sampling: Mapping[str, Any] = field(default_factory=dict, hash=False)
     rejected_sampling: Mapping[str, Any] = field(default_factory=dict, hash=False)
     feedback_ids: tuple[str, ...] = ()
-    excluded_reason: str = ""  # the DropReason, when status == "excluded"
+    # The DropReason when status == "excluded"; why it waits for an operator when "pending"
+    # (`HELD_LINK`: its preferred answer has a link the prompt did not).
+    excluded_reason: str = ""
     key_id: str = ""  # the API key of `user_id`'s signal; the per-key cap counts by it
 
 
@@ -912,11 +919,40 @@ def _gate(
         if not by_user and not by_key:
             break
     accepted = [replace(x, status=_status(x.tenant, config)) for x in accepted]
+    if config.review_links:
+        accepted = [_hold_links(x, drops) for x in accepted]
 
     def in_order(xs: list[Item]) -> tuple[Item, ...]:
         return tuple(sorted(xs, key=lambda x: (x.created_at, x.key)))
 
     return in_order(accepted), in_order(excluded)
+
+
+_LINK_RE = re.compile(
+    r"(?i)(?:\b(?:https?://|www\.)[^\s<>()\"']+"
+    r"|\b(?:[a-z0-9-]+\.)+(?:com|net|org|info|biz|io|co|me|ru|cn|xyz|top|shop|site|online|"
+    r"click|link|app|example)\b(?:/[^\s<>()\"']*)?)"
+)
+
+
+def links(text: str) -> frozenset[str]:
+    """Links in a text (URLs, `www.` names, and bare domains under common top-level domains),
+    lower-cased, without scheme, `www.` or trailing punctuation."""
+    found = set()
+    for m in _LINK_RE.finditer(text):
+        link = re.sub(r"^(?:https?://)?(?:www\.)?", "", m.group(0).lower()).rstrip(".,;:!?")
+        found.add(link.rstrip("/"))
+    return frozenset(found)
+
+
+def _hold_links(x: Item, drops: Counter[str]) -> Item:
+    preferred = x.chosen if isinstance(x, PreferencePair) else (x.completion if x.label else "")
+    new = links(preferred) - links(" ".join(m.content for m in x.prompt))
+    if not new:
+        return x
+    drops[DropReason.HELD_LINK] += 1
+    reason = f"{DropReason.HELD_LINK}: {', '.join(sorted(new))}"[:200]
+    return replace(x, status="pending", excluded_reason=reason)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -297,6 +297,11 @@ class Settings(BaseSettings):
         description="Most of a compiled batch one API key's users may own (a leaked key "
         "inventing users). 1: off; a key often carries a whole app's users.",
     )
+    pairs_review_links: bool = Field(
+        default=True,
+        description="Hold for an operator every item whose preferred answer has a link its "
+        "prompt did not (spam is monetised through links), even when approval is off.",
+    )
     pairs_rater_trust: bool = Field(
         default=True,
         description="Weight each item by its rater's agreement with the majority on answers "

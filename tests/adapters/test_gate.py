@@ -155,3 +155,19 @@ def test_too_few_held_out_thumbs_skip_the_rule_and_say_so() -> None:
     ]
     no_thumbs = decide(side(), BASE, GateThresholds())
     assert not [c for c in no_thumbs.checks if c.name.startswith("thumbs")]
+
+
+def test_answers_gaining_links_the_base_never_gives_are_rejected() -> None:
+    spam = {"answers": 7, "links": ["cheap-meds.example/buy"]}
+    none = {"answers": 0, "links": []}
+    verdict = decide({**side(), "links": spam}, {**side(), "links": none}, GateThresholds())
+    assert not verdict.approved
+    assert verdict.reasons == [
+        "7 golden/canary answers carry links the base model never gives "
+        "(cheap-meds.example/buy) (allowed 0)"
+    ]
+    # A link the incumbent (approved by an operator) already gives is not new.
+    assert decide({**side(), "links": spam}, {**side(), "links": spam}, GateThresholds()).approved
+    assert decide({**side(), "links": none}, side(), GateThresholds()).approved
+    lenient = GateThresholds(max_new_link_answers=10)
+    assert decide({**side(), "links": spam}, side(), lenient).approved

@@ -108,8 +108,10 @@ def test_report_shape_and_base_yardstick(
     cand, inc = report["candidate"], report["incumbent"]
     assert cand["path"] == str(adapter_dir) and inc["path"] is None
     assert report["base_model"] == {"golden": inc["golden"]}  # the incumbent is the base
+    assert inc["links"] == {"answers": 0, "links": []}  # the base has no links new to itself
     for side in (cand, inc):
-        assert set(side) == {"path", "pairs", "thumbs", "golden", "drift"}
+        assert set(side) == {"path", "pairs", "thumbs", "golden", "drift", "links"}
+        assert set(side["links"]) == {"answers", "links"}
         assert side["thumbs"].keys() == {"n", "n_up", "n_down", "auc", "gap"}
         assert (side["thumbs"]["n_up"], side["thumbs"]["n_down"]) == (5, 5)
         assert set(side["pairs"]) == {"n", "accuracy", "margin"} and side["pairs"]["n"] == 5
@@ -294,3 +296,19 @@ def test_smollm2_golden_checks(smollm2_dir: Path) -> None:
     assert failure["id"] == "berlin" and failure["failed"] == ['must contain "Berlin"']
     assert "Paris" in failure["answer"]
     assert report["candidate"]["drift"]["kl"] == 0.0
+
+
+def test_new_links_are_those_the_base_never_gives() -> None:
+    from trainer.evaluate import Generated, new_links
+
+    def said(*texts: str) -> list[Generated]:
+        return [Generated([], [], t, True) for t in texts]
+
+    base = said("See docs.python.org for more.", "Paris is the capital.")
+    got = new_links(
+        said("See https://docs.python.org/.", "Paris! Visit www.cheap-meds.example/buy now.",
+             "Buy at cheap-meds.example/buy.", "Nothing here."),
+        base,
+    )  # fmt: skip
+    assert got == {"answers": 2, "links": ["cheap-meds.example/buy"]}
+    assert new_links(base, base) == {"answers": 0, "links": []}

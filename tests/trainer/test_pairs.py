@@ -422,6 +422,46 @@ def test_operator_approval() -> None:
     assert {p.status for p in everyone.pairs} == {"pending"}
 
 
+def test_a_preferred_answer_with_a_new_link_waits_for_an_operator() -> None:
+    """Spam is monetised through links: a thumbs-up or a pick for an answer carrying a link the
+    prompt did not is held ("pending", with the links named) even with approval off; a link the
+    user asked about, a rejected side's link and a thumbs-down are not."""
+    spam = "Boil it. Cheap pills at https://www.Cheap-Meds.example/buy!"
+    asked = ({"role": "user", "content": "Is docs.python.org any good?"},)
+    answers = [
+        answer("up", spam),
+        answer("down", spam, parent="p2"),
+        answer("win", spam, parent="p3"),
+        answer("lose", "Boil it for ten minutes.", parent="p3"),
+        answer("ok", "Yes, see docs.python.org.", parent="p4", prompt=asked),
+        answer("plain", "Boil it for ten minutes, then rest it.", parent="p5"),
+    ]
+    fb = [
+        thumbs("f1", "up", 1, user="u1"),
+        thumbs("f2", "down", -1, user="u2"),
+        pick("f3", "win", "lose", user="u3"),
+        pick("f4", "lose", "win", user="u4", minute=11),
+        thumbs("f5", "ok", 1, user="u5"),
+        thumbs("f6", "plain", 1, user="u6"),
+    ]
+    result = compile_pairs(answers, fb, GateConfig(conflict_policy="drop"))
+    items = {x.message_id if hasattr(x, "message_id") else x.chosen_message_id: x
+             for x in (*result.pairs, *result.unpaired)}  # fmt: skip
+    assert (items["up"].status, items["up"].excluded_reason) == (
+        "pending", "held_link: cheap-meds.example/buy"
+    )  # fmt: skip
+    assert {k: v.status for k, v in items.items() if k != "up"} == {
+        "down": "approved", "ok": "approved", "plain": "approved"
+    }  # fmt: skip
+    assert result.dropped[DropReason.HELD_LINK] == 1
+    held = compile_pairs(answers[2:4], [pick("f3", "win", "lose", user="u3")])
+    assert [(p.status, p.excluded_reason) for p in held.pairs] == [
+        ("pending", "held_link: cheap-meds.example/buy")
+    ]
+    off = compile_pairs(answers, fb, GateConfig(conflict_policy="drop", review_links=False))
+    assert {x.status for x in (*off.pairs, *off.unpaired)} == {"approved"}
+
+
 def test_config_is_validated() -> None:
     with pytest.raises(AssertionError, match="max_user_share"):
         GateConfig(max_user_share=0)

@@ -140,7 +140,7 @@ def test_the_gate_rejects_an_adapter_trained_on_flipped_labels(
             max_new_tokens=4, progress=False,
         )  # fmt: skip
         lenient_drift = GateThresholds(max_kl=1e9, max_length_ratio=1e9, min_length_ratio=0.0,
-                                       max_repetition=1.0)  # fmt: skip
+                                       max_repetition=1.0, max_new_link_answers=10**6)  # fmt: skip
         verdicts[flipped] = (
             report["candidate"]["pairs"],
             decide(report["candidate"], report["incumbent"], lenient_drift),
