@@ -50,7 +50,7 @@ class BodyLimit:
             return
         headers = dict(scope["headers"])
         length = headers.get(b"content-length")
-        upload = self.uploads.get(scope["path"])
+        upload = self.uploads.get(scope["path"]) if scope["method"] == "POST" else None
         if upload is not None:
             if length is None or not length.isdigit() or int(length) > upload:
                 await self._refuse(send, upload, "PREFLOOP_MAX_UPLOAD_BYTES", length is None)

@@ -243,10 +243,11 @@ def test_public_widget_key_origins_and_cors(live: Live, keys: Keys) -> None:
     assert r.status_code == 200, r.text
     assert r.headers["access-control-allow-origin"] == SHOP
     cid = r.json()["id"]
+    visitor = {"X-Prefloop-Visitor": r.headers["x-prefloop-visitor"]}  # as widget.js keeps it
     r = live.http.post(
         "/v1/feedback",
-        json={"completion_id": cid, "rating": -1, "user": "visitor-1"},
-        headers={**widget, "Origin": SHOP},
+        json={"completion_id": cid, "rating": -1},
+        headers={**widget, "Origin": SHOP, **visitor},
     )
     assert r.status_code == 201, r.text
     # From elsewhere, or with no Origin at all, the key is refused.
