@@ -202,8 +202,12 @@ def _row(item: tp.PreferencePair | tp.UnpairedExample, now: datetime) -> Prefere
     )
 
 
-def compile_and_store(db: Database, settings: Settings, *, actor: str = "system") -> CompileSummary:
+def compile_and_store(
+    db: Database, settings: Settings, *, actor: str = "system", tenant: str | None = None
+) -> CompileSummary:
     """Compile new pairs from every stored signal and store them; returns the counts.
+    ``tenant``: only that tenant's signals (an operator's compile: its counts say nothing
+    about other tenants).
 
     Reads and the compiler run outside the write transaction; the write is one transaction, and
     the unique `key` keeps a concurrent compile from storing an item twice (it gets a 409).
@@ -211,6 +215,10 @@ def compile_and_store(db: Database, settings: Settings, *, actor: str = "system"
     with Session(db) as session:
         answers, feedback = load_signals(session)
         known = set(session.exec(select(PreferencePair.key)).all())
+    if tenant is not None:
+        answers = [a for a in answers if a.tenant == tenant]
+        mine = {a.message_id for a in answers}
+        feedback = [f for f in feedback if f.message_id in mine]
     result = tp.compile_pairs(answers, feedback, gate_config(settings), known_keys=known)
 
     now = utcnow()

@@ -190,3 +190,37 @@ def test_metrics_take_their_own_token(live: Live, keys: Keys) -> None:
     assert live.http.get("/metrics", headers={"Authorization": "Bearer s3cret"}).status_code == 200
     assert live.http.get("/metrics", headers={"Authorization": "Bearer nope"}).status_code == 401
     assert live.http.get("/metrics", headers=keys.make("admin")).status_code == 401
+
+
+def test_compile_counts_and_golden_sets_are_scoped_to_the_operators_tenant(
+    live: Live, keys: Keys
+) -> None:
+    d_user, a_user = keys.make("user", "default"), keys.make("user", "acme")
+    d_ops, a_ops, admin = keys.make("operator"), keys.make("operator", "acme"), keys.make("admin")
+    for user, model in ((d_user, "default"), (d_user, "default"), (a_user, "acme")):
+        answer = keys.chat(user, model=model, n=2, temperature=1.0, seed=len(model)).json()
+        pick = {"completion_id": answer["id"], "type": "pick", "chosen_index": 0}
+        assert live.http.post("/v1/feedback", json=pick, headers=user).status_code == 201
+
+    def compile_(key: dict[str, str]) -> dict[str, Any]:
+        r = live.http.post("/v1/operator/pairs/compile", headers=key)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    acme = compile_(a_ops)  # acme's one pick, nothing of default's two
+    assert (acme["pairs"], acme["stored"], acme["feedback"]) == (1, {"approved": 1}, 1)
+    assert compile_(d_ops)["pairs"] == 2
+    assert compile_(admin)["pairs"] == 0  # everything is compiled already
+
+    item = {"prompt": "Say hi.", "checks": {"contains": ["hi"]}}
+    assert live.http.put("/v1/operator/golden/hi", json=item, headers=a_ops).status_code == 403
+    r = live.http.put("/v1/operator/golden/hi?segment=acme", json=item, headers=a_ops)
+    assert r.status_code == 200, r.text
+    r = live.http.put("/v1/operator/golden/hi?segment=default", json=item, headers=a_ops)
+    assert r.status_code == 404
+    listed = live.http.get("/v1/operator/golden?segment=acme", headers=a_ops).json()
+    assert [i["id"] for i in listed["data"]] == ["hi"] and listed["path"].endswith("acme.jsonl")
+    assert live.http.get("/v1/operator/golden", headers=a_ops).json()["data"] == []
+    assert live.http.put("/v1/operator/golden/hi", json=item, headers=admin).status_code == 200
+    r = live.http.delete("/v1/operator/golden/hi?segment=acme", headers=a_ops)
+    assert r.status_code == 200 and r.json() == {"id": "hi", "deleted": True}

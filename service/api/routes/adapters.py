@@ -1,7 +1,8 @@
 """Operator API for adapter versions (list, show, register, approve/reject, promote, rollback)
-and the golden set the regression gate checks. Every route sits behind `OperatorDep`; an
+and the golden sets the regression gate checks. Every route sits behind `OperatorDep`; an
 operator sees only the segments its tenant owns (`PREFLOOP_SEGMENT_TENANTS`): another tenant's
-versions are 404s. The golden set is shared by every segment, so only admins change it."""
+versions are 404s. The shared golden set is checked for every segment (admins edit it); each
+segment has its own items too, which its tenant's operators edit."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
 from adapters.registry import ANY, APPROVED, REJECTED, AdapterVersion, Registry
-from service.api.deps import AdminDep, OperatorDep, RouterDep, SettingsDep, actor
+from service.api.deps import OperatorDep, RouterDep, SettingsDep, actor
 from service.api.schemas import (
     SEGMENT_SCHEMA,
     AdapterAction,
@@ -30,7 +31,7 @@ from service.api.schemas import (
     RollbackRequest,
     RollbackResult,
 )
-from service.auth import Principal
+from service.auth import Principal, Role
 from service.core.config import Settings
 from service.core.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
 
@@ -243,17 +244,45 @@ async def rollback_adapter(
 
 
 # --- golden set -------------------------------------------------------------------------------
+# The shared file (PREFLOOP_GOLDEN_PATH) is checked for every segment: admins edit it. A
+# segment's own file (PREFLOOP_HOME/golden/<segment>.jsonl) is its tenant's operators' to edit.
+
+GoldenSegment = Annotated[
+    str | None,
+    Query(max_length=64, pattern=SEGMENT_SCHEMA["pattern"], description="a segment's own items"),
+]
+
+
+def _golden_file(
+    request: Request, settings: Settings, operator: Principal, segment: str | None
+) -> Path:
+    if segment is None:
+        if operator.role < Role.admin:
+            raise PermissionDeniedError(
+                "the shared golden set is checked for every tenant's segments: only admins "
+                "change it; name one of your segments (?segment=...) to edit its own items"
+            )
+        return settings.golden_file
+    _check(request, operator, segment)
+    return settings.home_dir / "golden" / f"{segment}.jsonl"
 
 
 @router.get("/golden", response_model=GoldenList)
-async def list_golden(settings: SettingsDep, _operator: OperatorDep) -> GoldenList:
+async def list_golden(
+    request: Request, settings: SettingsDep, operator: OperatorDep, segment: GoldenSegment = None
+) -> GoldenList:
+    """The shared golden set, or with `segment` that segment's own items."""
     from trainer.golden import SHIPPED_GOLDEN, load_golden
 
-    items = await run_in_threadpool(load_golden, settings.golden_file)
+    path = settings.golden_file
+    if segment is not None:
+        _check(request, operator, segment)
+        path = settings.home_dir / "golden" / f"{segment}.jsonl"
+    items = await run_in_threadpool(load_golden, path)
     shipped = await run_in_threadpool(load_golden, SHIPPED_GOLDEN)
     return GoldenList(
         data=[i.to_json() for i in items],
-        path=str(settings.golden_file),
+        path=str(path),
         shipped=len(shipped),
         include_shipped=settings.golden_include_shipped,
     )
@@ -261,11 +290,18 @@ async def list_golden(settings: SettingsDep, _operator: OperatorDep) -> GoldenLi
 
 @router.put("/golden/{item_id}", response_model=dict)
 async def put_golden(
-    item_id: str, body: GoldenItemBody, settings: SettingsDep, _admin: AdminDep
+    request: Request,
+    item_id: str,
+    body: GoldenItemBody,
+    settings: SettingsDep,
+    operator: OperatorDep,
+    segment: GoldenSegment = None,
 ) -> dict:
-    """Add or replace one item (the regression gate checks every item, greedily)."""
+    """Add or replace one item (the regression gate checks every item, greedily): in the
+    shared set (admins), or in one of your segments' own sets (`segment`)."""
     from trainer.golden import GoldenError, load_golden, parse_item, save_golden
 
+    path = _golden_file(request, settings, operator, segment)
     raw = {"id": item_id, **body.model_dump(exclude_none=True)}
     try:
         item = parse_item(raw)
@@ -274,8 +310,9 @@ async def put_golden(
 
     def write() -> None:
         with _golden_lock:
-            items = [i for i in load_golden(settings.golden_file) if i.id != item_id]
-            save_golden(settings.golden_file, [*items, item])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            items = [i for i in load_golden(path) if i.id != item_id]
+            save_golden(path, [*items, item])
 
     await run_in_threadpool(write)
     return item.to_json()
@@ -283,17 +320,23 @@ async def put_golden(
 
 @router.delete("/golden/{item_id}", response_model=dict)
 async def delete_golden(
-    item_id: str, settings: SettingsDep, _admin: AdminDep
+    request: Request,
+    item_id: str,
+    settings: SettingsDep,
+    operator: OperatorDep,
+    segment: GoldenSegment = None,
 ) -> dict[str, str | bool]:
     from trainer.golden import load_golden, save_golden
 
+    path = _golden_file(request, settings, operator, segment)
+
     def remove() -> bool:
         with _golden_lock:
-            items = load_golden(settings.golden_file)
+            items = load_golden(path)
             kept = [i for i in items if i.id != item_id]
             if len(kept) == len(items):
                 return False
-            save_golden(settings.golden_file, kept)
+            save_golden(path, kept)
             return True
 
     if not await run_in_threadpool(remove):

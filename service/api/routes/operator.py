@@ -118,9 +118,12 @@ async def get_pairs(
 async def compile_pairs(
     db: DbDep, settings: SettingsDep, operator: OperatorDep, body: CompileRequest | None = None
 ) -> CompileSummary:
-    """Compile new pairs from the stored feedback now (the scheduler does the same)."""
+    """Compile new pairs from the stored feedback now (the scheduler does the same). An
+    operator compiles, and sees the counts of, its own tenant's signals only."""
     who = actor(operator, body.operator if body else None)
-    return await run_in_threadpool(lambda: compile_and_store(db, settings, actor=who))
+    return await run_in_threadpool(
+        lambda: compile_and_store(db, settings, actor=who, tenant=operator.scope)
+    )
 
 
 @router.post("/pairs/actions", response_model=PairActionResult)

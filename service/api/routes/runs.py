@@ -101,17 +101,23 @@ async def cancel_run(request: Request, run_id: str, db: DbDep, operator: Operato
 
 
 @router.get("/schedule")
-async def get_schedule(request: Request, _operator: OperatorDep) -> dict:
+async def get_schedule(request: Request, operator: OperatorDep) -> dict:
     """When the scheduled and threshold refreshes will next run in this process (empty when
-    PREFLOOP_REFRESH_ENABLED is false), and what is running now."""
+    PREFLOOP_REFRESH_ENABLED is false), and what is running now (if it is the operator's
+    tenant's)."""
     refresher = request.app.state.refresher
     jobs = refresher.scheduler.get_jobs() if refresher.scheduler is not None else []
     settings = request.app.state.settings
+    running = refresher.current
+    if running is not None:
+        run = await run_in_threadpool(get_run, request.app.state.db, running)
+        if run is None or not operator.sees_tenant(settings.tenant_of(run.segment)):
+            running = None
     return {
         "enabled": refresher.scheduler is not None,
         "cron": settings.refresh_cron,
         "timezone": settings.refresh_timezone,
         "threshold_pairs": settings.refresh_threshold_pairs,
         "jobs": {j.id: j.next_run_time.isoformat() if j.next_run_time else None for j in jobs},
-        "running": refresher.current,
+        "running": running,
     }
