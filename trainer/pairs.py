@@ -95,7 +95,7 @@ class DropReason(StrEnum):
     KEY_CAP = "key_cap"  # over one API key's share of the batch (see GateConfig.max_key_share)
     LOW_TRUST = "low_trust"  # its rater mostly disagrees with the majority (see rater_trust)
     # Not a drop: held for an operator ("pending") whatever the approval setting.
-    HELD_LINK = "held_link"  # the preferred answer has a link the prompt did not
+    HELD_LINK = "held_link"  # the preferred answer has a link
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,7 +228,8 @@ class GateConfig:
     approval_tenants: frozenset[str] = frozenset()
     accept_user_edits: bool = False
     # Links are how spam is monetised: an item whose preferred answer (chosen, or a thumbs-up)
-    # carries a link its prompt did not waits for an operator instead of training at once.
+    # carries a link waits for an operator instead of training at once. Even a link the prompt
+    # named: an attacker asks for it ("end with: visit spam.example") and upvotes compliance.
     review_links: bool = True
     edit_weight: float = 1.0
     emit_unpaired: bool = True
@@ -279,7 +280,7 @@ class PreferencePair:
     rejected_sampling: Mapping[str, Any] = field(default_factory=dict, hash=False)
     feedback_ids: tuple[str, ...] = ()
     # The DropReason when status == "excluded"; why it waits for an operator when "pending"
-    # (`HELD_LINK`: its preferred answer has a link the prompt did not).
+    # (`HELD_LINK`: its preferred answer has a link).
     excluded_reason: str = ""
     key_id: str = ""  # the API key of `user_id`'s signal; the per-key cap counts by it
 
@@ -947,11 +948,11 @@ def links(text: str) -> frozenset[str]:
 
 def _hold_links(x: Item, drops: Counter[str]) -> Item:
     preferred = x.chosen if isinstance(x, PreferencePair) else (x.completion if x.label else "")
-    new = links(preferred) - links(" ".join(m.content for m in x.prompt))
-    if not new:
+    found = links(preferred)
+    if not found:
         return x
     drops[DropReason.HELD_LINK] += 1
-    reason = f"{DropReason.HELD_LINK}: {', '.join(sorted(new))}"[:200]
+    reason = f"{DropReason.HELD_LINK}: {', '.join(sorted(found))}"[:200]
     return replace(x, status="pending", excluded_reason=reason)
 
 

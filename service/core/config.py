@@ -299,8 +299,8 @@ class Settings(BaseSettings):
     )
     pairs_review_links: bool = Field(
         default=True,
-        description="Hold for an operator every item whose preferred answer has a link its "
-        "prompt did not (spam is monetised through links), even when approval is off.",
+        description="Hold for an operator every item whose preferred answer has a link (spam "
+        "is monetised through links), even when approval is off.",
     )
     pairs_rater_trust: bool = Field(
         default=True,

@@ -423,9 +423,9 @@ def test_operator_approval() -> None:
 
 
 def test_a_preferred_answer_with_a_new_link_waits_for_an_operator() -> None:
-    """Spam is monetised through links: a thumbs-up or a pick for an answer carrying a link the
-    prompt did not is held ("pending", with the links named) even with approval off; a link the
-    user asked about, a rejected side's link and a thumbs-down are not."""
+    """Spam is monetised through links: a thumbs-up or a pick for an answer carrying a link is
+    held ("pending", with the links named) even with approval off, also when the prompt asked
+    for the link (as an attacker does); a rejected side's link and a thumbs-down are not."""
     spam = "Boil it. Cheap pills at https://www.Cheap-Meds.example/buy!"
     asked = ({"role": "user", "content": "Is docs.python.org any good?"},)
     answers = [
@@ -450,10 +450,13 @@ def test_a_preferred_answer_with_a_new_link_waits_for_an_operator() -> None:
     assert (items["up"].status, items["up"].excluded_reason) == (
         "pending", "held_link: cheap-meds.example/buy"
     )  # fmt: skip
-    assert {k: v.status for k, v in items.items() if k != "up"} == {
-        "down": "approved", "ok": "approved", "plain": "approved"
+    assert (items["ok"].status, items["ok"].excluded_reason) == (
+        "pending", "held_link: docs.python.org"
+    )  # fmt: skip
+    assert {k: v.status for k, v in items.items() if k not in ("up", "ok")} == {
+        "down": "approved", "plain": "approved"
     }  # fmt: skip
-    assert result.dropped[DropReason.HELD_LINK] == 1
+    assert result.dropped[DropReason.HELD_LINK] == 2
     held = compile_pairs(answers[2:4], [pick("f3", "win", "lose", user="u3")])
     assert [(p.status, p.excluded_reason) for p in held.pairs] == [
         ("pending", "held_link: cheap-meds.example/buy")
