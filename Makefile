@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-quick test-postgres bench-learn bench-thumbs bench-gateway clean \
+.PHONY: install run test test-quick test-postgres bench-learn bench-thumbs bench-fuzz bench-poison bench-gateway clean \
 	chromium vllm \
 	vllm-venv
 
@@ -64,6 +64,15 @@ bench-learn: install
 # control, on the committed events (tests/data/thumbs/; about 70 min on 2 cores).
 bench-thumbs: install
 	$(BIN)/python bench/thumbs.py study --seeds 3
+
+# The fuzzing test with 20 times the requests per operation (CI sends about 1,200).
+bench-fuzz: install
+	PREFLOOP_FUZZ_SCALE=20 $(BIN)/pytest -q -s tests/service/test_fuzz.py -p no:cacheprovider
+
+# A link-spam attack by 10% of a widget's visitors, refreshed with and without the defences
+# (bench/poison.py; measured in docs/feedback.md).
+bench-poison: install
+	$(BIN)/python bench/poison.py
 
 # The browser tests (tests/service/web) drive Debian's chromium through Playwright; Playwright's
 # own browser download cannot work offline, so the test step installs the Debian package.

@@ -13,6 +13,7 @@ server, a golden check's regex must compile."""
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,9 @@ from tests.service.conftest import Live
 # Hundreds of generated requests through real HTTP.
 pytestmark = pytest.mark.slow
 
-EXAMPLES = {GenerationMode.POSITIVE: 25, GenerationMode.NEGATIVE: 15}  # per operation
+# Per operation. CI runs this; `make bench-fuzz` runs 20 times as many (PREFLOOP_FUZZ_SCALE).
+SCALE = int(os.environ.get("PREFLOOP_FUZZ_SCALE", "1"))
+EXAMPLES = {GenerationMode.POSITIVE: 25 * SCALE, GenerationMode.NEGATIVE: 15 * SCALE}
 
 
 @pytest.fixture
