@@ -177,6 +177,11 @@ def arm(name: str, home: Path, env: dict[str, str], sim: dict[str, Any]) -> dict
             rows = c.execute(sql(
                 "SELECT status, excluded_reason, provenance FROM preferencepair"
             )).fetchall()  # fmt: skip
+            # Items whose preferred side (a pair's chosen, a thumbs-up) carries the spam link.
+            spam_items = dict(c.execute(sql(
+                "SELECT status, count(*) FROM preferencepair WHERE lower(chosen) LIKE :s "
+                "AND (kind = 'pair' OR label = 1) GROUP BY status"
+            ), {"s": f"%{SPAM}%"}).fetchall())  # fmt: skip
         db.dispose()
     items = [(s, r or "", json.loads(p) if isinstance(p, str) else p) for s, r, p in rows]
     from_attack = [s for s, _, p in items if str(p.get("user_id", "")).startswith("visitor:")
@@ -193,6 +198,7 @@ def arm(name: str, home: Path, env: dict[str, str], sim: dict[str, Any]) -> dict
         "trained": len(trained),
         "attack_trained": sum(s == "used" for s in from_attack),
         "held_for_review": sum(r.startswith("held_link") for _, r, _ in items),
+        "spam_items_by_status": spam_items,  # "used": trained on
         "served": served,
         "spam_rate_attack_questions": attack_rate,
         "spam_rate_held_out": held_rate,
