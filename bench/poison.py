@@ -253,7 +253,9 @@ def main() -> int:
         base_attack, _ = spam_rate(http, sim["attack_questions"][:20])
     print(f"simulated in {time.perf_counter() - t0:.0f} s: {json.dumps(sim['votes'])}")
     with create_engine(f"sqlite:///{home / 'prefloop.db'}").connect() as c:
-        users = c.execute(sql("SELECT DISTINCT user_id FROM conversation")).fetchall()
+        users = c.execute(sql(  # the visitors (not the bench's own measuring requests)
+            "SELECT DISTINCT user_id FROM conversation WHERE user_id LIKE 'visitor:%'"
+        )).fetchall()  # fmt: skip
     # The attacker's visitor ids: those whose conversations carry the spam instruction.
     with create_engine(f"sqlite:///{home / 'prefloop.db'}").connect() as c:
         attackers = {r[0] for r in c.execute(sql(
