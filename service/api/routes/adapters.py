@@ -259,8 +259,9 @@ def _golden_file(
     if segment is None:
         if operator.role < Role.admin:
             raise PermissionDeniedError(
-                "the shared golden set is checked for every tenant's segments: only admins "
-                "change it; name one of your segments (?segment=...) to edit its own items"
+                "the shared golden set is checked for every tenant's segments: changing it "
+                "needs an admin key; name one of your segments (?segment=...) to edit its own "
+                "items"
             )
         return settings.golden_file
     _check(request, operator, segment)
