@@ -189,11 +189,18 @@ class LocalEngine:
     def adapters(self) -> list[str]:
         return sorted(self._adapters)
 
+    def _check_ready(self) -> None:
+        # A chat arriving while the model loads is a 503 to retry, not a 500.
+        if not self._ready:
+            raise NotReadyError("the model is still loading; retry shortly")
+
     def context_length(self) -> int:
+        self._check_ready()
         return int(getattr(self.model.config, "max_position_embeddings", 2048))
 
     def vocab_size(self) -> int:
         # The LM head's width: the logits a bias is added to (a bad id would fail the batch).
+        self._check_ready()
         return int(self.model.get_output_embeddings().weight.shape[0])
 
     # --- adapters (run on the worker thread, between generations) ---------------------------
@@ -237,8 +244,7 @@ class LocalEngine:
     async def _call(self, fn: Callable[[_Job], Any]) -> Any:
         """Run `fn` on the worker thread, before queued generations and between the decode steps
         of a running batch; return its result."""
-        if not self._ready:
-            raise NotReadyError("the model is still loading; retry shortly")
+        self._check_ready()
         job = _Job(fn=lambda j: j.emit(fn(j)), loop=asyncio.get_running_loop())
         self._calls.put(job)
         self._jobs.put(job)  # wakes an idle worker; it finds the call already run, or runs it
@@ -249,6 +255,7 @@ class LocalEngine:
 
     # --- generation ------------------------------------------------------------------------
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        self._check_ready()
         text = self.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True
         )
@@ -258,8 +265,7 @@ class LocalEngine:
         return len(self.prompt_ids(messages))
 
     async def generate(self, request: GenerationRequest) -> LocalStream:
-        if not self._ready:
-            raise NotReadyError("the model is still loading; retry shortly")
+        self._check_ready()
         if request.adapter is not None and request.adapter not in self._adapters:
             raise NotFoundError(f"adapter {request.adapter!r} is not loaded")
         if not self._slots.acquire(blocking=False):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.core.errors import EngineError, NotFoundError, OverloadedError
+from service.core.errors import EngineError, NotFoundError, NotReadyError, OverloadedError
 from service.engines.base import GenerationRequest, SamplingParams
 from service.engines.local import LocalEngine, _Detok
 from tests.conftest import make_adapter
@@ -391,5 +391,21 @@ def test_a_failing_row_fails_alone_and_the_batch_finishes(smollm2_dir: Path) -> 
         assert finish in ("stop", "length")
         # The engine is healthy afterwards: the same request again, alone, same answer.
         assert text_of(run(collect(eng, good))[0]) == alone
+    finally:
+        run(eng.aclose())
+
+
+def test_a_model_still_loading_is_a_retryable_503_not_a_crash(tiny_llama_dir: Path) -> None:
+    """What a chat asks the engine before generating (context length, prompt tokens,
+    vocabulary) says "still loading" (503, retry) until the model is there."""
+    eng = LocalEngine(str(tiny_llama_dir), model_name="tiny")
+    hello = [{"role": "user", "content": "Hi"}]
+    for ask in (eng.context_length, eng.vocab_size, lambda: eng.count_prompt_tokens(hello)):
+        with pytest.raises(NotReadyError, match="still loading") as caught:
+            ask()
+        assert caught.value.status_code == 503
+    run(eng.start())
+    try:
+        assert eng.context_length() > 0 and eng.count_prompt_tokens(hello) > 0
     finally:
         run(eng.aclose())
