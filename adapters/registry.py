@@ -182,6 +182,12 @@ def check_segment(segment: str) -> str:
 ANY = object()  # promote(expect_active=ANY): whatever is active
 
 
+def expected(name: str | None) -> str | None | object:
+    """`expect_active` from what an operator typed: nothing (ANY), "base" (the base model,
+    None) or a version id."""
+    return ANY if name is None else None if name == "base" else name
+
+
 def _name(row: AdapterVersion | None) -> str:
     return row.id if row is not None else "the base model"
 

@@ -101,7 +101,7 @@ def _adapters(args: argparse.Namespace) -> int:
     promotion or rollback made here within PREFLOOP_ADAPTER_POLL_SECONDS."""
     import json
 
-    from adapters.registry import ANY, APPROVED, REJECTED, Registry, RegistryError
+    from adapters.registry import APPROVED, REJECTED, Registry, RegistryError, expected
     from service.core.db import init_db, make_engine
 
     settings = get_settings()
@@ -145,12 +145,11 @@ def _adapters(args: argparse.Namespace) -> int:
             row = registry.transition(args.version, to, actor=actor, reason=args.reason)
             print(f"{row.id} {row.status}")
         elif cmd == "promote":
-            expect = args.expect_active
             row = registry.promote(
                 args.version,
                 actor=actor,
                 reason=args.reason,
-                expect_active=ANY if expect is None else None if expect == "base" else expect,
+                expect_active=expected(args.expect_active),
             )
             print(f"{row.id} {row.status} (replaced {row.previous or 'the base model'})")
         elif cmd == "rollback":

@@ -41,6 +41,11 @@ def base_model_path(settings: Settings) -> Path:
     return prepare_default_model(settings.models_dir, progress=False)
 
 
+def segment_golden_file(settings: Settings, segment: str) -> Path:
+    """A segment's own golden items, checked beside the shipped and the operator's."""
+    return settings.home_dir / "golden" / f"{segment}.jsonl"
+
+
 def golden_for(settings: Settings, segment: str) -> list[Any]:
     """The golden set a segment's candidates are checked on: the shipped items (unless
     `golden_include_shipped` is off), the operator's file, then the segment's own file
@@ -48,7 +53,7 @@ def golden_for(settings: Settings, segment: str) -> list[Any]:
     from trainer.golden import SHIPPED_GOLDEN, load_golden
 
     files = [SHIPPED_GOLDEN] if settings.golden_include_shipped else []
-    files += [settings.golden_file, settings.home_dir / "golden" / f"{segment}.jsonl"]
+    files += [settings.golden_file, segment_golden_file(settings, segment)]
     items = {item.id: item for path in files for item in load_golden(path)}
     return list(items.values())
 

@@ -52,8 +52,16 @@ class BodyLimit:
         length = headers.get(b"content-length")
         upload = self.uploads.get(scope["path"]) if scope["method"] == "POST" else None
         if upload is not None:
-            if length is None or not length.isdigit() or int(length) > upload:
-                await self._refuse(send, upload, "PREFLOOP_MAX_UPLOAD_BYTES", length is None)
+            if length is None:
+                body = error_body(
+                    "an upload needs a Content-Length header",
+                    "invalid_request_error",
+                    code="length_required",
+                )
+                await _send_json(send, 411, body)
+                return
+            if not length.isdigit() or int(length) > upload:
+                await self._refuse(send, upload, "PREFLOOP_MAX_UPLOAD_BYTES")
                 return
             await self.app(scope, receive, send)
             return
@@ -85,20 +93,8 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     async def _refuse(
-        self,
-        send: Send,
-        limit: int | None = None,
-        setting: str = "PREFLOOP_MAX_BODY_BYTES",
-        no_length: bool = False,
+        self, send: Send, limit: int | None = None, setting: str = "PREFLOOP_MAX_BODY_BYTES"
     ) -> None:
-        if no_length:
-            body = error_body(
-                "an upload needs a Content-Length header",
-                "invalid_request_error",
-                code="length_required",
-            )
-            await _send_json(send, 411, body)
-            return
         body = error_body(
             f"the request body is larger than {limit or self.max_bytes} bytes ({setting}); "
             "send less",

@@ -23,6 +23,13 @@ from adapters.watch import WatchConfig
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
+def _listed(value: Any) -> list[str]:
+    """A list setting from the environment: a JSON list or comma-separated; blanks dropped."""
+    if isinstance(value, str):
+        value = json.loads(value) if value.lstrip().startswith("[") else value.split(",")
+    return [str(v).strip() for v in value if str(v).strip()]
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="PREFLOOP_", env_file=".env", extra="ignore", env_nested_delimiter="__"
@@ -386,16 +393,12 @@ class Settings(BaseSettings):
     @field_validator("adapter_import_roots", mode="before")
     @classmethod
     def _split_roots(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            value = json.loads(value) if value.lstrip().startswith("[") else value.split(",")
-        return [Path(str(v).strip()).expanduser().resolve() for v in value if str(v).strip()]
+        return [Path(v).expanduser().resolve() for v in _listed(value)]
 
     @field_validator("vllm_urls", mode="before")
     @classmethod
     def _split_urls(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            value = json.loads(value) if value.lstrip().startswith("[") else value.split(",")
-        return [u.strip().rstrip("/") for u in value if u.strip()]
+        return [u.rstrip("/") for u in _listed(value)]
 
     # --- production deployment: migrations, observability, multi-GPU training (#9)
     db_auto_upgrade: bool = Field(

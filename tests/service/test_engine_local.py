@@ -325,6 +325,23 @@ def test_adapter_swaps_run_between_decode_steps(
     assert engine.adapters() == []
 
 
+async def decoding(
+    engine: LocalEngine, request: GenerationRequest, deltas: int
+) -> tuple[asyncio.Task, list]:
+    """Start ``request`` and return once ``deltas`` of its deltas arrived: it is decoding. The
+    task consumes the rest into the list."""
+    seen: list = []
+
+    async def consume(stream) -> None:
+        async for d in stream:
+            seen.append(d)
+
+    task = asyncio.create_task(consume(await engine.generate(request)))
+    while len(seen) < deltas:
+        await asyncio.sleep(0.002)
+    return task, seen
+
+
 def test_a_request_arriving_mid_batch_joins_it(engine: LocalEngine) -> None:
     """Continuous batching: a short request that arrives while a long answer is decoding runs
     beside it and finishes first; neither answer changes."""
@@ -334,15 +351,7 @@ def test_a_request_arriving_mid_batch_joins_it(engine: LocalEngine) -> None:
     alone_long = text_of(run(collect(engine, long))[0])
 
     async def scenario() -> tuple[str, str, int]:
-        seen: list = []
-
-        async def consume(stream) -> None:
-            async for d in stream:
-                seen.append(d)
-
-        task = asyncio.create_task(consume(await engine.generate(long)))
-        while len(seen) < 5:
-            await asyncio.sleep(0.002)
+        task, seen = await decoding(engine, long, 5)
         deltas = (await collect(engine, short))[0]
         at_short_end = len(seen)
         await task
@@ -368,15 +377,7 @@ def test_a_failing_row_fails_alone_and_the_batch_finishes(smollm2_dir: Path) -> 
         alone = text_of(run(collect(eng, good))[0])
 
         async def scenario() -> tuple[str, str | None, Exception | None]:
-            seen: list = []
-
-            async def consume(stream) -> None:
-                async for d in stream:
-                    seen.append(d)
-
-            task = asyncio.create_task(consume(await eng.generate(good)))
-            while len(seen) < 3:
-                await asyncio.sleep(0.002)
+            task, seen = await decoding(eng, good, 3)
             error = None
             try:
                 await collect(eng, bad)

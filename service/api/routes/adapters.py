@@ -15,7 +15,14 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
-from adapters.registry import ANY, APPROVED, REJECTED, AdapterVersion, Registry
+from adapters.registry import (
+    APPROVED,
+    REJECTED,
+    WEIGHT_FILES,
+    AdapterVersion,
+    Registry,
+    expected,
+)
 from service.api.deps import OperatorDep, RouterDep, SettingsDep, actor
 from service.api.schemas import (
     SEGMENT_SCHEMA,
@@ -34,10 +41,10 @@ from service.api.schemas import (
 from service.auth import Principal, Role
 from service.core.config import Settings
 from service.core.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
+from service.lifecycle import segment_golden_file
 
 router = APIRouter(prefix="/v1/operator", tags=["adapters"])
 UPLOAD_PATH = router.prefix + "/adapters/upload"
-WEIGHTS = "adapter_model.safetensors"
 _golden_lock = threading.Lock()  # one golden-set edit at a time in this process
 
 
@@ -144,9 +151,7 @@ async def register_adapter(
     return AdapterPublic.model_validate(row)
 
 
-@router.post(
-    UPLOAD_PATH.removeprefix("/v1/operator"), response_model=AdapterPublic, status_code=201
-)
+@router.post("/adapters/upload", response_model=AdapterPublic, status_code=201)
 async def upload_adapter(
     request: Request,
     operator: OperatorDep,
@@ -165,7 +170,7 @@ async def upload_adapter(
     def register() -> AdapterVersion:
         tmp.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=tmp, prefix="upload-") as staging:
-            for part, name in ((config, "adapter_config.json"), (weights, WEIGHTS)):
+            for part, name in zip((config, weights), WEIGHT_FILES, strict=True):
                 with open(Path(staging) / name, "wb") as f:
                     shutil.copyfileobj(part.file, f, 1 << 20)
             return _registry(request).register(
@@ -214,12 +219,12 @@ async def promote_adapter(
     made meanwhile."""
     _check(request, operator, version_id)
     body = body or PromoteRequest()
-    expect: str | None | object = ANY
-    if body.expect_active is not None:
-        expect = None if body.expect_active == "base" else body.expect_active
     row = await run_in_threadpool(
         lambda: _registry(request).promote(
-            version_id, actor=actor(operator), reason=body.reason, expect_active=expect
+            version_id,
+            actor=actor(operator),
+            reason=body.reason,
+            expect_active=expected(body.expect_active),
         )
     )
     adapters.kick()
@@ -254,10 +259,14 @@ GoldenSegment = Annotated[
 
 
 def _golden_file(
-    request: Request, settings: Settings, operator: Principal, segment: str | None
+    request: Request,
+    settings: Settings,
+    operator: Principal,
+    segment: str | None,
+    write: bool = True,
 ) -> Path:
     if segment is None:
-        if operator.role < Role.admin:
+        if write and operator.role < Role.admin:
             raise PermissionDeniedError(
                 "the shared golden set is checked for every tenant's segments: changing it "
                 "needs an admin key; name one of your segments (?segment=...) to edit its own "
@@ -265,7 +274,7 @@ def _golden_file(
             )
         return settings.golden_file
     _check(request, operator, segment)
-    return settings.home_dir / "golden" / f"{segment}.jsonl"
+    return segment_golden_file(settings, segment)
 
 
 @router.get("/golden", response_model=GoldenList)
@@ -275,10 +284,7 @@ async def list_golden(
     """The shared golden set, or with `segment` that segment's own items."""
     from trainer.golden import SHIPPED_GOLDEN, load_golden
 
-    path = settings.golden_file
-    if segment is not None:
-        _check(request, operator, segment)
-        path = settings.home_dir / "golden" / f"{segment}.jsonl"
+    path = _golden_file(request, settings, operator, segment, write=False)
     items = await run_in_threadpool(load_golden, path)
     shipped = await run_in_threadpool(load_golden, SHIPPED_GOLDEN)
     return GoldenList(
