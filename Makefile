@@ -4,23 +4,29 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+SERVE_STAMP := $(VENV)/.installed-serve
 
-.PHONY: install run test test-quick test-postgres bench-learn bench-thumbs bench-fuzz bench-poison bench-gateway clean \
+.PHONY: install run test docs test-quick test-postgres bench-learn bench-thumbs bench-fuzz bench-poison bench-gateway clean \
 	chromium vllm \
 	vllm-venv
 
-$(STAMP): pyproject.toml Makefile
+# Two stages: what serving needs (`make run`), then the test and docs toolchain (`make test`).
+$(SERVE_STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	# The CPU build of torch (a looser pin pulls several GB of CUDA wheels); see the README
-	# for a CUDA install.
+	# The CPU build of torch (a looser pin pulls several GB of CUDA wheels); see
+	# docs/deployment.md for a CUDA install.
 	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e .
+	touch $(SERVE_STAMP)
+
+$(STAMP): $(SERVE_STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
 install: $(STAMP)
 
-run: install
+run: $(SERVE_STAMP)
 	$(BIN)/prefloop serve
 
 # The whole suite, once: every test on SQLite, and those whose behaviour depends on the database
@@ -29,8 +35,13 @@ run: install
 # installs) when it is down. PYTEST_ARGS: more pytest options (CI adds --durations=30).
 test: install chromium vllm-venv
 	$(BIN)/ruff check .
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir $(VENV)/site
 	bash tests/postgres-up.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The docs site (mkdocs.yml, docs/) on 127.0.0.1:8080, rebuilt as the pages change.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve -a 127.0.0.1:8080
 
 # The fast tier for everyday work: everything but the `slow` tests, on every core.
 test-quick: install

@@ -11,6 +11,21 @@ import sys
 from service.core.config import get_settings
 
 
+def _port_taken(host: str, port: int) -> str | None:
+    """Why (host, port) cannot be listened on, or None. SO_REUSEADDR as uvicorn sets it, so a
+    port left in TIME_WAIT by a stopped server counts as free, as it is for uvicorn."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -26,6 +41,15 @@ def _serve(args: argparse.Namespace) -> int:
         check_auth_mode(settings)
     except UnsafeConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    busy = _port_taken(settings.host, settings.port)
+    if busy:
+        # Checked before the model loads, so a second `make run` fails in a second, not a minute.
+        print(
+            f"error: cannot listen on {settings.host}:{settings.port} ({busy}). Stop the server "
+            "using it, or choose another port: `prefloop serve --port 8010` or PREFLOOP_PORT=8010.",
+            file=sys.stderr,
+        )
         return 2
     if settings.uses_default_model:
         # Prepared here, with a progress bar, so the server never starts half-ready for minutes.

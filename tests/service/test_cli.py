@@ -27,3 +27,34 @@ def test_serve_passes_the_access_log_setting(
     finally:
         cli.get_settings.cache_clear()
     assert seen["access_log"] is expected
+
+
+def test_serve_refuses_a_busy_port_before_loading_anything(tmp_path) -> None:
+    """A second `prefloop serve` on a taken port fails at once with what to do, not after the
+    model has loaded."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # The default model: were the check after the model preparation, this would take minutes.
+        env = {**os.environ, "PREFLOOP_HOME": str(tmp_path), "PREFLOOP_PORT": str(port)}
+        env.pop("PREFLOOP_MODEL", None)
+        started = time.monotonic()
+        done = subprocess.run(
+            [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
+    assert "--port" in done.stderr and "PREFLOOP_PORT" in done.stderr
+    assert time.monotonic() - started < 30
+    assert not (tmp_path / "models").exists()  # nothing was prepared
