@@ -353,6 +353,11 @@ def configure_logging(level: str, *, json_lines: bool) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # APScheduler logs every run of every job at INFO: two lines a minute for the threshold check
+    # alone, which bury what a newcomer needs to see. Its warnings and errors still show, and
+    # PREFLOOP_LOG_LEVEL=debug shows everything.
+    if root.level > logging.DEBUG:
+        logging.getLogger("apscheduler").setLevel(logging.WARNING)
     if json_lines:
         # transformers logs through a handler of its own and draws progress bars on stderr:
         # send its records through ours, and draw no bars (a collector would get half-lines).

@@ -4,6 +4,7 @@ in and out, and JSON log lines from a real `prefloop serve`."""
 from __future__ import annotations
 
 import json
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -136,3 +137,28 @@ def test_json_logs_carry_the_request_id(tiny_llama_dir: Path, tmp_path: Path) ->
     mine = [x for x in lines if x["request_id"] == "trace-abc"]
     assert any("some_new_field" in x["message"] for x in mine), mine
     assert any(x["logger"] == "uvicorn.access" for x in mine), "the access log line too"
+
+
+@pytest.mark.slow
+def test_the_scheduler_runs_quietly_at_info(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """APScheduler's "Running job ... executed successfully" at every threshold check (each
+    minute by default) stays out of the default log; the check itself still runs."""
+    env = {
+        "PREFLOOP_MODEL": str(tiny_llama_dir),
+        "PREFLOOP_HOME": str(tmp_path),
+        "PREFLOOP_REFRESH_CHECK_SECONDS": "1",
+    }
+    with serve_subprocess(env, tmp_path) as server:
+        url = f"{server.base_url}/v1/operator/schedule"
+        first = httpx.get(url).json()["jobs"]
+        deadline = time.monotonic() + 30
+        runs = 0  # the jobs' next run times move each time one has run
+        while runs < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+            now = httpx.get(url).json()["jobs"]
+            runs += now != first
+            first = now
+        assert runs >= 2, "the threshold check never ran"
+        log_text = server.log()
+    assert "service.main: ready" in log_text
+    assert "apscheduler" not in log_text, log_text[-2000:]
