@@ -90,6 +90,7 @@ def test_report_shape_and_base_yardstick(
         "candidate",
         "incumbent",
         "base_model",
+        "samples",
         "settings",
         "cached",
         "seconds",
@@ -135,8 +136,19 @@ def test_report_shape_and_base_yardstick(
     assert cand["drift"]["kl"] > 0
     assert cand["pairs"]["margin"] != 0.0
 
+    # Side by side: each distinct held-out prompt (the thumbs repeat the pairs' prompts) with
+    # the greedy answer of both sides, and what its users preferred.
+    samples = report["samples"]
+    assert [s["prompt"] for s in samples] == [p["prompt"] for p in pairs]
+    assert [s["preferred"] for s in samples] == [p["chosen"][0]["content"] for p in pairs]
+    for s in samples:
+        assert set(s) == {"prompt", "preferred", "candidate", "incumbent"}
+        assert isinstance(s["candidate"], str) and isinstance(s["incumbent"], str)
+
     stages = {stage for stage, _, _ in calls}
     assert {"base pairs", "base thumbs", "candidate thumbs", "candidate kl"} <= stages
+    # The incumbent is the base: its sample answers are generated once, as the base's.
+    assert {"candidate samples", "base samples"} <= stages and "incumbent samples" not in stages
     assert all(0 < done <= total for _, done, total in calls)
     assert ("candidate kl", n_canary, n_canary) in calls
 
@@ -156,6 +168,8 @@ def test_same_adapter_on_both_sides_scores_alike(
     )
     assert report["candidate"] == report["incumbent"]
     assert report["candidate"]["drift"]["kl"] > 0
+    assert len(report["samples"]) == 5
+    assert all(s["candidate"] == s["incumbent"] for s in report["samples"])
 
 
 def test_cached_answers_give_the_same_report_without_generating(
@@ -193,7 +207,8 @@ def test_cached_answers_give_the_same_report_without_generating(
     weights.write_bytes(bytes(data))
     second, stages = run(other, adapter_dir)
     assert second["cached"] == ["base", "incumbent"]
-    assert {s for s in stages if not s.endswith("pairs")} == {
+    # Held-out pairs are scored, and their sample answers generated, every time.
+    assert {s for s in stages if not s.endswith(("pairs", "samples"))} == {
         "candidate golden",
         "candidate canary",
         "candidate kl",
