@@ -19,7 +19,8 @@ The base model is loaded once; both adapters sit in one ``PeftModel`` under thei
 the base is the same model with the adapter disabled.
 
 The report's ``samples`` hold up to ``SAMPLES`` held-out prompts with the greedy answer of each
-side (and the answer users preferred, where the row says one), for a person to compare.
+side (and the answers users preferred and disliked, where the row says), for a person to
+compare.
 
 With ``cache_dir`` each side's greedy answers (and KL) are kept, keyed by the model's and the
 adapter's files, the prompts and ``max_new_tokens``: greedy decoding is deterministic, and the
@@ -409,11 +410,18 @@ def new_links(answers: Sequence[Generated], base_answers: Sequence[Generated]) -
     }
 
 
+def _text(answer: Any) -> str | None:
+    if answer is None:
+        return None
+    return _as_messages(answer, "assistant")[-1]["content"][:SAMPLE_CHARS]
+
+
 def sample_prompts(
     pairs: Sequence[dict[str, Any]], unpaired: Sequence[dict[str, Any]], limit: int = SAMPLES
 ) -> list[dict[str, Any]]:
-    """Up to ``limit`` distinct held-out prompts, pairs first, each with the answer its users
-    preferred: a pair's chosen side, a thumbs-up answer, or None after a thumbs-down."""
+    """Up to ``limit`` distinct held-out prompts, pairs first, each with what its users said:
+    the answer they ``preferred`` (a pair's chosen side, a thumbs-up answer) and the one they
+    ``disliked`` (a pair's rejected side, a thumbs-down answer), None where the row has none."""
     out: list[dict[str, Any]] = []
     seen: set[str] = set()
     for row in [*pairs, *unpaired]:
@@ -422,12 +430,10 @@ def sample_prompts(
         if len(out) >= limit or key in seen:
             continue
         seen.add(key)
-        preferred = row.get("chosen") if "chosen" in row else None
-        if "completion" in row and row.get("label") is True:
-            preferred = row["completion"]
-        if preferred is not None:
-            preferred = _as_messages(preferred, "assistant")[-1]["content"][:SAMPLE_CHARS]
-        out.append({"prompt": prompt, "preferred": preferred})
+        label = row.get("label")  # unpaired rows: True for a thumbs-up
+        good = row.get("chosen", row.get("completion") if label is True else None)
+        bad = row.get("rejected", row.get("completion") if label is False else None)
+        out.append({"prompt": prompt, "preferred": _text(good), "disliked": _text(bad)})
     return out
 
 

@@ -415,8 +415,8 @@ function samplesView(report, candidate) {
         el("div", { class: "answer" }, s.candidate || "(an empty answer)")),
       el("div", { class: "side side-incumbent" }, el("h5", {}, `active when gated: ${incumbent}`),
         el("div", { class: "answer" }, s.incumbent || "(an empty answer)"))),
-    s.preferred ? el("p", { class: "preferred" }, el("strong", {}, "Users preferred: "), s.preferred)
-      : null)));
+    s.preferred ? el("p", { class: "said" }, el("strong", {}, "Users preferred: "), s.preferred) : null,
+    s.disliked ? el("p", { class: "said" }, el("strong", {}, "Users disliked: "), s.disliked) : null)));
 }
 
 async function showRun(id) {

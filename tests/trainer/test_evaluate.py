@@ -15,7 +15,7 @@ import torch
 
 from tests.trainer.conftest import write_pairs
 from trainer.data import read_rows
-from trainer.evaluate import evaluate, load_canary, repetition, summary_line
+from trainer.evaluate import evaluate, load_canary, repetition, sample_prompts, summary_line
 from trainer.golden import parse_item, save_golden
 
 GOLDEN = [
@@ -137,12 +137,13 @@ def test_report_shape_and_base_yardstick(
     assert cand["pairs"]["margin"] != 0.0
 
     # Side by side: each distinct held-out prompt (the thumbs repeat the pairs' prompts) with
-    # the greedy answer of both sides, and what its users preferred.
+    # the greedy answer of both sides, and what its users preferred and disliked.
     samples = report["samples"]
     assert [s["prompt"] for s in samples] == [p["prompt"] for p in pairs]
     assert [s["preferred"] for s in samples] == [p["chosen"][0]["content"] for p in pairs]
+    assert [s["disliked"] for s in samples] == [p["rejected"][0]["content"] for p in pairs]
     for s in samples:
-        assert set(s) == {"prompt", "preferred", "candidate", "incumbent"}
+        assert set(s) == {"prompt", "preferred", "disliked", "candidate", "incumbent"}
         assert isinstance(s["candidate"], str) and isinstance(s["incumbent"], str)
 
     stages = {stage for stage, _, _ in calls}
@@ -327,3 +328,22 @@ def test_new_links_are_those_the_base_never_gives() -> None:
     )  # fmt: skip
     assert got == {"answers": 2, "links": ["cheap-meds.example/buy"]}
     assert new_links(base, base) == {"answers": 0, "links": []}
+
+
+def test_sample_prompts_are_distinct_pairs_first_with_what_users_said() -> None:
+    pairs = [{"prompt": "a?", "chosen": "yes", "rejected": "no"}]
+    unpaired = [
+        {"prompt": "a?", "completion": "maybe", "label": True},  # the pair's prompt: once
+        {"prompt": "b?", "completion": "good", "label": True},
+        {"prompt": [{"role": "user", "content": "c?"}], "completion": "bad", "label": False},
+    ]
+
+    def user(text: str) -> list[dict[str, str]]:
+        return [{"role": "user", "content": text}]
+
+    assert sample_prompts(pairs, unpaired) == [
+        {"prompt": user("a?"), "preferred": "yes", "disliked": "no"},
+        {"prompt": user("b?"), "preferred": "good", "disliked": None},
+        {"prompt": user("c?"), "preferred": None, "disliked": "bad"},
+    ]
+    assert len(sample_prompts(pairs, unpaired, limit=2)) == 2
