@@ -18,6 +18,10 @@ Each side (an adapter, or the base model where none is given) gets three measure
 The base model is loaded once; both adapters sit in one ``PeftModel`` under their own names and
 the base is the same model with the adapter disabled.
 
+The report's ``samples`` hold up to ``SAMPLES`` held-out prompts with the greedy answer of each
+side (and the answers users preferred and disliked, where the row says), for a person to
+compare.
+
 With ``cache_dir`` each side's greedy answers (and KL) are kept, keyed by the model's and the
 adapter's files, the prompts and ``max_new_tokens``: greedy decoding is deterministic, and the
 base and the incumbent (the last refresh's candidate) are the same every refresh, so a refresh
@@ -67,6 +71,10 @@ MAX_LENGTH = 1024  # prompt + answer tokens of a pair, as TrainConfig.max_length
 GENERATE_BATCH = 32
 SCORE_BATCH = 4  # full-vocabulary logits for KL: batch x length x vocab floats, twice
 ANSWER_CHARS = 300  # of a failing golden answer kept in the report
+# Held-out prompts answered greedily by both sides, kept in the report so an operator can read
+# what the new adapter changed. Not cached: the held-out prompts differ every refresh.
+SAMPLES = 8
+SAMPLE_CHARS = 2000
 
 Messages = list[dict[str, Any]]
 ProgressFn = Callable[[str, int, int], None]
@@ -402,6 +410,52 @@ def new_links(answers: Sequence[Generated], base_answers: Sequence[Generated]) -
     }
 
 
+def _text(answer: Any) -> str | None:
+    if answer is None:
+        return None
+    return _as_messages(answer, "assistant")[-1]["content"][:SAMPLE_CHARS]
+
+
+def sample_prompts(
+    pairs: Sequence[dict[str, Any]], unpaired: Sequence[dict[str, Any]], limit: int = SAMPLES
+) -> list[dict[str, Any]]:
+    """Up to ``limit`` distinct held-out prompts, pairs first, each with what its users said:
+    the answer they ``preferred`` (a pair's chosen side, a thumbs-up answer) and the one they
+    ``disliked`` (a pair's rejected side, a thumbs-down answer), None where the row has none."""
+    out: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for row in [*pairs, *unpaired]:
+        prompt = _as_messages(row["prompt"], "user")
+        key = json.dumps(prompt, sort_keys=True)
+        if len(out) >= limit or key in seen:
+            continue
+        seen.add(key)
+        label = row.get("label")  # unpaired rows: True for a thumbs-up
+        good = row.get("chosen", row.get("completion") if label is True else None)
+        bad = row.get("rejected", row.get("completion") if label is False else None)
+        out.append({"prompt": prompt, "preferred": _text(good), "disliked": _text(bad)})
+    return out
+
+
+def side_by_side(
+    model: torch.nn.Module,
+    samples: list[dict[str, Any]],
+    keys: dict[str, str | None],
+    generate_for: Callable[[str | None, list[Messages]], list[Generated]],
+) -> list[dict[str, Any]]:
+    """Each sample with the greedy answer of every side (``keys``: side -> adapter name, None
+    for the base); a side that is the same model as another is generated once."""
+    answers: dict[str | None, list[Generated]] = {}
+    for key in keys.values():
+        if key not in answers:
+            with _side(model, key):
+                answers[key] = generate_for(key, [s["prompt"] for s in samples])
+    return [
+        {**s, **{side: answers[key][i].text[:SAMPLE_CHARS] for side, key in keys.items()}}
+        for i, s in enumerate(samples)
+    ]
+
+
 # --- the answer cache -------------------------------------------------------------------------
 
 
@@ -529,6 +583,9 @@ def evaluate(
         total += len(golden) * (hit.get("golden") is None)
         total += len(canary) * ("drift" not in hit)
         total += len(canary) * (key is not None and hit.get("kl") is None)
+    samples = sample_prompts(pairs or [], unpaired or [])
+    sample_keys = {side: side if paths[side] is not None else None for side in SIDES}
+    total += len(samples) * len(set(sample_keys.values()))
     bar = _Progress(total, progress, on_progress)
 
     results: dict[str | None, dict[str, Any]] = {}
@@ -578,6 +635,14 @@ def evaluate(
         else:
             cached.append(name)
         results[key] = {"logps": logps, "thumbs": thumbs, **entry}
+
+    def answer(key: str | None, conversations: list[Messages]) -> list[Generated]:
+        tick = bar.stage(f"{key or 'base'} samples", len(conversations))
+        return generate(
+            model, tokenizer, conversations, max_new_tokens=max_new_tokens, device=dev, tick=tick
+        )
+
+    samples = side_by_side(model, samples, sample_keys, answer)
     bar.bar.close()
 
     ref = results[None]
@@ -598,6 +663,7 @@ def evaluate(
         "base": str(base),
         **report_sides,
         "base_model": {"golden": golden_metrics(golden, ref["golden"])},
+        "samples": samples,
         "settings": {
             "beta": beta,
             "max_new_tokens": max_new_tokens,

@@ -6,7 +6,7 @@ own APIs, so a misspelt field is a client bug worth a 400, not something to igno
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
@@ -344,6 +344,28 @@ class RunList(BaseModel):
     object: Literal["list"] = "list"
     data: list[RunPublic]
     has_more: bool
+
+
+class DayCount(BaseModel):
+    day: date  # a UTC day
+    thumbs_up: int = 0
+    thumbs_down: int = 0
+    picks: int = 0
+    edits: int = 0
+
+
+class Overview(BaseModel):
+    """The console's landing page: the last `days` UTC days of feedback, what waits for an
+    operator's review, and the last refresh (null: none yet)."""
+
+    object: Literal["operator_overview"] = "operator_overview"
+    since: datetime  # the first day's start
+    days: int
+    feedback_per_day: list[DayCount]  # every day, oldest first
+    thumbs_rate: list[RateSeries]  # per adapter version ("base": the base model), per day
+    pending_pairs: int  # pairs waiting for approval
+    pending_unpaired: int  # lone thumbs (KTO rows) waiting for approval
+    last_run: RunPublic | None
 
 
 class StartRun(BaseModel):

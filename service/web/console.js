@@ -1,7 +1,10 @@
 // prefloop operator console: plain ES module, no build step. It talks to /v1/operator/... with
 // the operator's name (X-Operator, for the audit log) and, when set, their key
 // (Authorization: Bearer), both kept in sessionStorage for this tab only. Charts: uPlot
-// (vendored in /web/vendor, loaded as a global by console.html).
+// (vendored in /web/vendor, loaded as a global by console.html) for the live training and rate
+// plots; the overview's charts and the icons are inline SVG (charts.js).
+
+import { barChart, icon, rateChart } from "/web/charts.js";
 
 const $ = (sel, root = document) => root.querySelector(sel);
 const store = sessionStorage;
@@ -61,6 +64,16 @@ function el(tag, attrs = {}, ...children) {
   return node;
 }
 const td = (content, cls) => el("td", cls ? { class: cls } : {}, content ?? "");
+/* A table with nothing to show says what will appear there, and how to get it. */
+function emptyRow(tbody, cols, sentence) {
+  tbody.replaceChildren(el("tr", { class: "empty" }, el("td", { colspan: cols }, sentence)));
+}
+const filtered = (params) => [...params.keys()].some((k) => !["limit", "offset", "status"].includes(k));
+function seconds(s) {
+  if (s === null || s === undefined) return "";
+  if (s < 60) return `${s < 10 ? s.toFixed(1) : Math.round(s)} s`;
+  return `${Math.floor(s / 60)} min ${Math.round(s % 60)} s`;
+}
 const when = (t) => (t ? new Date(t).toLocaleString() : "");
 const fmt = (x) => (typeof x === "number" ? (Number.isInteger(x) ? String(x) : x.toFixed(3)) : x ?? "\u2014");
 function lastUser(prompt) {
@@ -76,7 +89,7 @@ function query(form) {
 // --- tabs -----------------------------------------------------------------------------------
 
 const loaders = {};
-let current = "feedback";
+let current = "overview";
 function show(tab) {
   current = tab;
   for (const b of document.querySelectorAll("nav [role=tab]")) {
@@ -102,21 +115,44 @@ $("#who").addEventListener("submit", (e) => {
 
 let feedbackOffset = 0;
 function signal(fb) {
-  if (fb.type === "thumbs") return fb.value > 0 ? "\u{1F44D} up" : "\u{1F44E} down";
-  if (fb.type === "pick") return `pick: choice ${fb.value === 0 ? "A" : "B"}`;
-  return "ideal answer written";
+  const [name, text] = fb.type === "thumbs" ? (fb.value > 0 ? ["up", "up"] : ["down", "down"])
+    : fb.type === "pick" ? ["pick", `pick: choice ${fb.value === 0 ? "A" : "B"}`]
+      : ["edit", "ideal answer written"];
+  return el("span", { class: `signal signal-${name}` }, icon(name), text);
+}
+/* The ideal-answer box grows with its text, so a long answer is read and written whole. */
+function growing(area) {
+  const fit = () => {
+    area.style.height = "auto";
+    area.style.height = `${area.scrollHeight + 2}px`;
+  };
+  area.addEventListener("input", fit);
+  requestAnimationFrame(fit);
+  return area;
+}
+/* An editor in a full-width row under `row`: the answer given beside the ideal one. */
+function editorRow(row, { given, initial, save }) {
+  if (row.nextElementSibling?.classList.contains("editor")) row.nextElementSibling.remove();
+  const area = growing(el("textarea", { "aria-label": "The ideal answer", rows: 6 }, initial));
+  const editor = el("tr", { class: "editor" });
+  const done = el("button", { class: "primary", on: () => act(() => save(area.value, editor)) },
+    "Save ideal answer");
+  const cancel = el("button", { on: () => editor.remove() }, "Cancel");
+  editor.append(el("td", { colspan: row.children.length }, el("div", { class: "editor-box" },
+    el("div", {}, el("h4", {}, "The answer given"), el("div", { class: "given" }, given)),
+    el("div", {}, el("h4", {}, "Your ideal answer"), area, el("p", { class: "buttons" }, done, " ", cancel)))));
+  row.after(editor);
+  area.focus();
 }
 function idealAnswerEditor(fb, cell) {
-  const area = el("textarea", { "aria-label": "The ideal answer" }, fb.answer);
-  const save = el("button", { on: () => act(async () => {
+  editorRow(cell.parentElement, { given: fb.answer, initial: fb.answer, save: async (text, editor) => {
     await api("/v1/feedback", { method: "POST", body: { completion_id: fb.completion_id,
-      type: "edit", text: area.value, choice_index: fb.choice_index },
+      type: "edit", text, choice_index: fb.choice_index },
     headers: { "Idempotency-Key": crypto.randomUUID() } });
     say("Ideal answer saved; it becomes a training pair at the next compile.");
+    editor.remove();
     cell.replaceChildren("ideal answer saved");
-  }) }, "Save ideal answer");
-  cell.replaceChildren(area, save);
-  area.focus();
+  } });
 }
 async function loadFeedback(more = false) {
   const form = $("#feedback-filters");
@@ -135,14 +171,20 @@ async function loadFeedback(more = false) {
     } else if (fb.type === "edit") {
       actions.append(fb.text || "");
     }
-    return el("tr", {}, td(when(fb.updated_at)), td(signal(fb)), td(fb.segment),
+    return el("tr", { "data-id": fb.id }, td(when(fb.updated_at)), td(signal(fb)), td(fb.segment),
       td(fb.adapter_version || "base"), td(fb.prompt, "text"), td(fb.answer, "text"),
       td(fb.comment || "", "text"), td(fb.user), actions);
   });
   if (more) $("#feedback-rows").append(...rows);
   else $("#feedback-rows").replaceChildren(...rows);
+  if (!more && !rows.length) {
+    emptyRow($("#feedback-rows"), 9, filtered(query(form))
+      ? "No feedback matches these filters. Clear a filter to see more."
+      : "No feedback yet. When people rate answers in the chat widget (thumbs up or down, a " +
+        "comment, a pick between two answers), each vote appears here to review.");
+  }
   $("#feedback-more").hidden = !list.has_more;
-  $("#feedback-count").textContent = `${$("#feedback-rows").children.length} feedback shown.`;
+  $("#feedback-count").textContent = `${document.querySelectorAll("#feedback-rows tr[data-id]").length} feedback shown.`;
 }
 loaders.feedback = () => loadFeedback(false);
 $("#feedback-filters").addEventListener("submit", (e) => { e.preventDefault(); act(loaders.feedback); });
@@ -163,10 +205,8 @@ async function pairAction(action, ids, text) {
   await loaders.pairs();
 }
 function replaceEditor(pair, cell) {
-  const area = el("textarea", { "aria-label": "The ideal answer" }, pair.chosen);
-  cell.replaceChildren(area, el("button", {
-    on: () => act(() => pairAction("replace_chosen", [pair.id], area.value)) }, "Save ideal answer"));
-  area.focus();
+  editorRow(cell.parentElement, { given: pair.chosen, initial: pair.chosen,
+    save: (text) => pairAction("replace_chosen", [pair.id], text) });
 }
 loaders.pairs = async () => {
   const params = query($("#pair-filters"));
@@ -198,6 +238,13 @@ loaders.pairs = async () => {
     row.classList.toggle("selected", box.checked);
     return row;
   }));
+  if (!list.data.length) {
+    emptyRow($("#pair-rows"), 7, filtered(params) || ["approved", "excluded", "used"].includes(params.get("status"))
+      ? "No pairs match these filters. Clear a filter, or choose another status."
+      : "Nothing waits for review. Pairs appear here when feedback is compiled (press " +
+        "\u201cCompile new pairs now\u201d, or wait for the next refresh): a regeneration, " +
+        "two sibling votes, a pick or an ideal answer each make one.");
+  }
   $("#select-all").checked = false;
   updateSelection();
   $("#pair-count").textContent = `${list.data.length} pair(s) shown.`;
@@ -252,6 +299,11 @@ loaders.runs = async () => {
   runsTimer = setTimeout(() => { if (current === "runs") act(loaders.runs); }, 3000);
   const list = await api("/v1/operator/runs?limit=20");
   $("#run-rows").replaceChildren(...list.data.map(runRow));
+  if (!list.data.length) {
+    emptyRow($("#run-rows"), 8, "No refresh has run yet. Press \u201cStart refresh\u201d above " +
+      "(or let the schedule start one): it compiles the approved feedback, trains a candidate " +
+      "adapter, evaluates it against the active version and lists it here.");
+  }
   const live = list.data.find((r) => r.status === "queued" || r.status === "running");
   if (!openRun && live) await showRun(live.id);
 };
@@ -281,8 +333,9 @@ function reportTable(report, verdict) {
     el("th", {}, `candidate ${report.candidate_version || ""}`.trim()),
     el("th", {}, `active when gated: ${inc.version || "the base model"}`))),
   el("tbody", {}, ...rows.map(([name, get]) => el("tr", {}, td(name), td(fmt(get(cand))), td(fmt(get(inc)))))));
-  const checks = el("ul", {}, ...((verdict && verdict.checks) || []).map((c) =>
-    el("li", { class: c.passed ? "pass" : "fail" }, `${c.passed ? "\u2713" : "\u2717"} ${c.detail}`)));
+  const checks = el("ul", { class: "checks" }, ...((verdict && verdict.checks) || []).map((c) =>
+    el("li", { class: c.passed ? "pass" : "fail" }, icon(c.passed ? "check" : "cross",
+      c.passed ? "passed" : "failed"), ` ${c.detail}`)));
   const head = verdict ? el("p", { class: verdict.approved ? "pass" : "fail" },
     verdict.approved ? "The gate approved the candidate." : `The gate rejected it: ${verdict.reasons.join("; ")}`) : null;
   return el("div", {}, head, el("div", { class: "cols" }, table, checks));
@@ -294,6 +347,76 @@ function trainingData(c) {
   const part = (pre) => `${n(pre + "pairs")} pairs, ${n(pre + "matched")} matched from thumbs, ` +
     `${n(pre + "thumbs_up")} thumbs up and ${n(pre + "thumbs_down")} down alone (KTO)`;
   return `Trained on ${part("")}; held out for the gate: ${part("heldout_")}.`;
+}
+
+// A run's steps as a timeline: what each did, in words and its key numbers.
+const STEPS = {
+  compile: ["Compile feedback", (d) => `${d.new_pairs ?? 0} new pairs, ${d.new_unpaired ?? 0} ` +
+    `lone thumbs, ${d.excluded ?? 0} excluded by the quality gate`],
+  select: ["Select training data", (d) => `${d.approved ?? 0} approved items: ${d.train ?? 0} ` +
+    `to train on, ${d.heldout ?? 0} held out for the evaluation`],
+  train: ["Train the adapter", (d) => (d.steps === undefined ? "" : `${d.steps} optimizer ` +
+    `steps${d.processes > 1 ? ` on ${d.processes} processes` : ""}`)],
+  register: ["Register the candidate", (d) => (d.version ? `candidate ${d.version}` : "")],
+  evaluate: ["Evaluate beside the active version", (d) => (d.cached && d.cached.length
+    ? `answers of ${d.cached.join(" and ")} reused from the cache` : "")],
+  gate: ["Gate", (d) => (d.approved === undefined ? "" : d.approved ? "the candidate passed"
+    : `rejected: ${(d.reasons || []).join("; ")}`)],
+  promote: ["Promote", (d) => (d.version ? `${d.version} serves now` +
+    `${d.replaced ? `, replacing ${d.replaced}` : ""}` : "")],
+};
+const STEP_STATE = {
+  done: ["check", "done"], running: ["clock", "running"], failed: ["cross", "failed"],
+  skipped: ["skip", "stopped here"],
+};
+function stepState(run, step, last) {
+  if (step.seconds === null && (run.status === "running" || run.status === "queued")) return "running";
+  if (!last) return "done";
+  if (run.status === "skipped") return "skipped";
+  if (run.status === "failed" || run.status === "cancelled") return "failed";
+  return "done";
+}
+function stepItem(run, step, last) {
+  const [label, facts] = STEPS[step.name] || [step.name, () => ""];
+  const state = stepState(run, step, last);
+  const [iconName, stateText] = STEP_STATE[state];
+  const detail = step.detail || {};
+  return el("li", { class: `step step-${state}`, "data-step": step.name },
+    el("span", { class: "step-icon" }, icon(iconName, stateText)),
+    el("div", { class: "step-body" },
+      el("div", { class: "step-head" }, el("strong", {}, label),
+        el("span", { class: "step-time" }, state === "running" ? "running\u2026" : seconds(step.seconds))),
+      facts(detail) ? el("div", { class: "step-facts" }, facts(detail)) : null,
+      Object.keys(detail).length ? el("details", { class: "raw" }, el("summary", {}, "raw"),
+        el("pre", {}, JSON.stringify(detail, null, 2))) : null));
+}
+function runSteps(run) {
+  if (!run.steps.length) {
+    return [el("li", { class: "empty" }, "Waiting to start: the steps appear here as the run goes.")];
+  }
+  return run.steps.map((s, i) => stepItem(run, s, i === run.steps.length - 1));
+}
+
+/* Held-out prompts the evaluation answered with both versions, side by side. */
+function samplesView(report, candidate) {
+  const samples = report.samples;
+  if (!samples || !samples.length) {
+    return el("p", { class: "empty" }, samples ? "No held-out prompts to compare: this run kept " +
+      "none of its data back. With more feedback a share is held out " +
+      "(PREFLOOP_REFRESH_HELDOUT_FRACTION), and both versions' answers to it appear here."
+      : "This evaluation kept no sample answers (it ran before they were recorded); the next " +
+      "refresh shows the candidate's and the active version's answers here.");
+  }
+  const incumbent = (report.incumbent || {}).version || "the base model";
+  return el("div", { class: "samples" }, ...samples.map((s, i) => el("article", { class: "sample" },
+    el("h4", {}, `Prompt ${i + 1}`), el("p", { class: "prompt" }, lastUser(s.prompt)),
+    el("div", { class: "side-by-side" },
+      el("div", { class: "side side-candidate" }, el("h5", {}, `candidate ${candidate}`),
+        el("div", { class: "answer" }, s.candidate || "(an empty answer)")),
+      el("div", { class: "side side-incumbent" }, el("h5", {}, `active when gated: ${incumbent}`),
+        el("div", { class: "answer" }, s.incumbent || "(an empty answer)"))),
+    s.preferred ? el("p", { class: "said" }, el("strong", {}, "Users preferred: "), s.preferred) : null,
+    s.disliked ? el("p", { class: "said" }, el("strong", {}, "Users disliked: "), s.disliked) : null)));
 }
 
 async function showRun(id) {
@@ -313,8 +436,7 @@ async function showRun(id) {
   $("#run-progress-text").textContent = p.total
     ? `training step ${p.step}/${p.total}, loss ${fmt(p.loss)}, margin ${fmt(p.margin)}` +
       (p.kto_gap === undefined ? "" : `, thumbs reward gap ${fmt(p.kto_gap)}`) : "not training yet";
-  $("#run-steps").replaceChildren(...run.steps.map((s) => el("tr", {}, td(s.name),
-    td(s.seconds === null ? "running\u2026" : fmt(s.seconds)), td(s.detail ? JSON.stringify(s.detail) : "", "text"))));
+  $("#run-steps").replaceChildren(...runSteps(run));
   const history = p.history || [];
   if (history.length) {
     // The thumbs reward gap (mean reward of thumbs-up answers minus thumbs-down ones), where
@@ -333,11 +455,19 @@ async function showRun(id) {
   if (atEnd) log.scrollTop = log.scrollHeight;
   if (run.candidate_version) {
     const version = await api(`/v1/operator/adapters/${encodeURIComponent(run.candidate_version)}`);
-    $("#run-gate").replaceChildren(version.eval_report
-      ? reportTable({ ...version.eval_report, candidate_version: version.id }, version.verdict)
-      : el("p", {}, "Not evaluated yet."));
+    const report = version.eval_report;
+    $("#run-gate").replaceChildren(report
+      ? reportTable({ ...report, candidate_version: version.id }, version.verdict)
+      : el("p", { class: "empty" }, "Not evaluated yet: the gate's numbers appear here after the evaluate step."));
+    $("#run-samples").replaceChildren(report ? samplesView(report, version.id)
+      : el("p", { class: "empty" }, "After the evaluate step, the candidate's and the active " +
+        "version's answers to held-out prompts appear here side by side."));
   } else {
-    $("#run-gate").replaceChildren(el("p", {}, "No candidate yet."));
+    const none = run.status === "queued" || run.status === "running"
+      ? "No candidate yet: it appears once training is done."
+      : "This run made no candidate, so there is nothing to compare.";
+    $("#run-gate").replaceChildren(el("p", { class: "empty" }, none));
+    $("#run-samples").replaceChildren();
   }
   const live = run.status === "queued" || run.status === "running";
   if (live) {
@@ -394,6 +524,11 @@ loaders.adapters = async () => {
     return el("tr", { "data-id": a.id }, td(a.id), td(a.status, `status-${a.status}`), td(when(a.created_at)),
       td(when(a.promoted_at)), td(gate, "text"), actions);
   }));
+  if (!list.data.length) {
+    emptyRow($("#adapter-rows"), 6, "No adapter versions yet: the base model answers every chat. " +
+      "A refresh (the Runs tab) trains one from approved feedback and lists it here as a " +
+      "candidate; you can also upload one (POST /v1/operator/adapters/upload).");
+  }
   $("#adapter-count").textContent = `${list.data.length} version(s).`;
 };
 async function showAdapter(id) {
@@ -432,7 +567,8 @@ loaders.rate = async () => {
     });
   } else {
     if (charts.rate) { charts.rate.destroy(); delete charts.rate; }
-    $("#rate-chart").replaceChildren(el("p", {}, "No thumbs in this period."));
+    $("#rate-chart").replaceChildren(el("p", { class: "empty" }, "No thumbs in this period. " +
+      "When people rate answers, each adapter version's thumbs-up rate appears here over time."));
   }
   $("#rate-rows").replaceChildren(...stats.data.map((s) => {
     const up = s.points.reduce((n, p) => n + p.up, 0);
@@ -444,7 +580,104 @@ loaders.rate = async () => {
 };
 $("#rate-filters").addEventListener("submit", (e) => { e.preventDefault(); act(loaders.rate); });
 
+// --- overview: the landing page ------------------------------------------------------------------
+
+const OVERVIEW_DAYS = 14;
+const KINDS = [["thumbs_up", "thumbs up", "#2b8a3e"], ["thumbs_down", "thumbs down", "#c92a2a"],
+  ["picks", "picks", "#1c7ed6"], ["edits", "ideal answers", "#9c36b5"]];
+const swatch = (color) => el("span", { class: "swatch", style: `background:${color}` });
+const emptyNote = (text) => el("p", { class: "empty" }, text);
+
+function overviewFeedback(o) {
+  const days = o.feedback_per_day.map((d) => d.day);
+  const sums = KINDS.map(([k]) => o.feedback_per_day.reduce((n, d) => n + d[k], 0));
+  const total = sums.reduce((a, b) => a + b, 0);
+  $("#ov-feedback-total").textContent = String(total);
+  $("#ov-feedback-split").textContent = KINDS.map(([, name], i) => `${sums[i]} ${name}`).join(", ");
+  if (!total) {
+    $("#ov-volume").replaceChildren(emptyNote("No feedback yet. When people rate answers in " +
+      "the chat widget (thumbs, a pick between two answers) or an operator writes an ideal " +
+      "answer, each day's count appears here."));
+    $("#ov-volume-legend").replaceChildren();
+  } else {
+    const series = KINDS.map(([k, name, color]) => ({ name, color, values: o.feedback_per_day.map((d) => d[k]) }));
+    $("#ov-volume").replaceChildren(barChart("Feedback per day", days, series));
+    $("#ov-volume-legend").replaceChildren(...KINDS.flatMap(([, name, color]) => [swatch(color), name, " "]));
+  }
+  const index = new Map(days.map((d, i) => [d, i]));
+  const series = o.thumbs_rate.map((s, i) => ({ name: s.version, color: COLORS[i % COLORS.length],
+    points: s.points.map((p) => [index.get(p.t.slice(0, 10)), p.rate,
+      `${Math.round(p.rate * 100)}% of ${p.up + p.down} (${p.up} up, ${p.down} down)`]) }));
+  if (!series.length) {
+    $("#ov-rate").replaceChildren(emptyNote("No thumbs in these days yet. Once people rate " +
+      "answers, each adapter version's share of thumbs-up appears here, one line per version " +
+      "(base: the model without an adapter)."));
+    $("#ov-rate-legend").replaceChildren();
+    return;
+  }
+  $("#ov-rate").replaceChildren(rateChart("Thumbs-up rate per adapter version", days, series));
+  $("#ov-rate-legend").replaceChildren(...o.thumbs_rate.flatMap((s, i) => {
+    const up = s.points.reduce((n, p) => n + p.up, 0);
+    const all = s.points.reduce((n, p) => n + p.up + p.down, 0);
+    return [swatch(COLORS[i % COLORS.length]), `${s.version}: ${Math.round((100 * up) / all)}% of ${all}`, " "];
+  }));
+}
+
+function overviewPending(o) {
+  const n = o.pending_pairs + o.pending_unpaired;
+  $("#ov-pending-count").textContent = String(n);
+  $("#ov-pending-text").textContent = n
+    ? `${o.pending_pairs} pair(s) and ${o.pending_unpaired} lone thumbs wait for an operator's ` +
+      "approval before they can train an adapter."
+    : "Nothing waits for review. When the service asks operators to approve training data, " +
+      "newly compiled pairs appear here (Pairs tab: \u201cCompile new pairs now\u201d).";
+  $("#ov-review").hidden = !n;
+}
+
+const VERDICT = {
+  promoted: (r) => `${r.candidate_version} passed the gate and serves now.`,
+  approved: (r) => `${r.candidate_version} passed the gate; it waits for an operator to promote it.`,
+  rejected: (r) => `The gate rejected ${r.candidate_version}: ${((r.verdict || {}).reasons || []).join("; ")}.`,
+};
+function overviewRun(o) {
+  const r = o.last_run;
+  $("#ov-run-open").hidden = !r;
+  if (!r) {
+    $("#ov-run-status").textContent = "none yet";
+    $("#ov-run-text").textContent = "No refresh has run yet. Start one on the Runs tab, or " +
+      "let the schedule start one; its verdict appears here.";
+    return;
+  }
+  const live = r.status === "queued" || r.status === "running";
+  const [name, label] = live ? ["clock", "running"] : r.status === "succeeded" ? ["check", "succeeded"]
+    : r.status === "skipped" ? ["skip", "skipped"] : ["cross", r.status];
+  $("#ov-run-status").replaceChildren(icon(name), r.outcome || label);
+  $("#ov-run-status").className = `big run-${r.outcome || r.status}`;
+  const verdict = live ? `Running${r.stage ? `: ${r.stage}` : ""}.`
+    : VERDICT[r.outcome] ? VERDICT[r.outcome](r) : `${r.error || r.status}`;
+  const at = live ? `started ${when(r.started_at || r.created_at)}` : `finished ${when(r.finished_at)}`;
+  $("#ov-run-text").textContent = `${verdict} (${r.segment}, ${at})`;
+  $("#ov-run-open").onclick = () => { show("runs"); act(() => showRun(r.id)); };
+}
+
+let overviewTimer = null;
+loaders.overview = async () => {
+  clearTimeout(overviewTimer);
+  // Live: new votes and a finishing refresh show up while the page is open.
+  overviewTimer = setTimeout(() => { if (current === "overview") act(loaders.overview); }, 10000);
+  const o = await api(`/v1/operator/overview?days=${OVERVIEW_DAYS}`);
+  overviewFeedback(o);
+  overviewPending(o);
+  overviewRun(o);
+  $("#ov-refreshed").textContent = `Updated ${new Date().toLocaleTimeString()}; the last ` +
+    `${o.days} days (UTC).`;
+};
+$("#ov-review").addEventListener("click", () => {
+  $("#pair-filters").elements.status.value = "pending";
+  show("pairs");
+});
+
 // --- start ----------------------------------------------------------------------------------
 
 if (!who().operator) say("Type your name (and your operator key, if the service asks for one), then Save.");
-show("feedback");
+show("overview");

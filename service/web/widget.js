@@ -8,8 +8,8 @@
    Answers stream over SSE from /v1/chat/completions; thumbs, comments, regenerations and
    "which is better?" picks go to /v1/feedback. The conversation is kept in localStorage, so it
    survives reloads. Everything lives in a shadow root, so the page's styles and the widget's
-   don't mix. Model output is never trusted: it is HTML-escaped first, then a small Markdown
-   subset is turned into tags (see `markdown`). */
+   don't mix. Model output is never trusted: a small Markdown subset is turned into DOM nodes
+   whose text is always set as text, never parsed as HTML (see `markdown`). */
 (() => {
   "use strict";
   const script = document.currentScript;
@@ -39,29 +39,109 @@
   let compareEvery = 0; // the service says how often to ask for a comparison
   let busy = false;
 
-  // --- Markdown, safely: escape everything, then allow a few constructs -----------------------
+  // --- Markdown, safely: DOM nodes built from the text, never HTML parsed ------------------
+  //
+  // Model output is untrusted: every piece of it lands in a text node, so `<img onerror=...>`
+  // shows as text. Supported: ``` fences and 4-space indented code (whitespace kept), inline
+  // `code`, **bold**, *italic* / _italic_, [links](https://...) (http and https only), "-",
+  // "*" and "1." lists, "#" headings (shown bold) and paragraphs (single newlines kept).
 
-  function escapeHtml(s) {
-    return String(s).replace(/[&<>"']/g, (c) => (
-      { "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
+  const FENCE = /^ {0,3}(`{3,}|~{3,})\s*([\w+#.-]*)\s*$/;
+  const ITEM = /^ {0,3}([-*+]|\d{1,9}[.)])\s+(.*)$/;
+  const INDENTED = /^( {4}|\t)/;
+  const INLINE = new RegExp([
+    "`([^`\\n]+)`", // 1: code
+    "\\[([^\\]\\n]+)\\]\\((https?:\\/\\/[^\\s()]+)\\)", // 2, 3: link text, address
+    "\\*\\*(?=\\S)([^\\n]*?\\S)\\*\\*", // 4: bold
+    "(?<![\\w*])\\*(?=[^\\s*])([^*\\n]*?[^\\s*])\\*(?![\\w*])", // 5: italic
+    "(?<!\\w)_(?=[^\\s_])([^_\\n]*?[^\\s_])_(?!\\w)", // 6: italic
+  ].join("|"), "g");
+
+  function safeUrl(href) {
+    try {
+      const url = new URL(href);
+      return url.protocol === "http:" || url.protocol === "https:" ? url.href : null;
+    } catch (_) { return null; }
   }
-  function inline(s) {
-    // `s` is already escaped: none of these patterns can produce a tag from the input's own
-    // characters, and links are only http(s) (no javascript: or data: URLs).
-    return s
-      .replace(/\*\*([^*\n]+)\*\*/g, "<strong>$1</strong>")
-      .replace(/(^|[^*\w])\*([^*\n]+)\*(?!\w)/g, "$1<em>$2</em>")
-      .replace(/\[([^\]\n]+)\]\((https?:\/\/[^\s()<>]+)\)/g,
-        '<a href="$2" target="_blank" rel="noopener noreferrer nofollow">$1</a>')
-      .replace(/^[-*] (.*)$/gm, "• $1")
-      .replace(/\n/g, "<br>");
+  /* Inline Markdown of one line of text, as nodes. */
+  function inline(text) {
+    const out = [];
+    let last = 0;
+    for (const m of text.matchAll(INLINE)) {
+      if (m.index > last) out.push(text.slice(last, m.index));
+      last = m.index + m[0].length;
+      const href = m[3] && safeUrl(m[3]);
+      if (m[1] !== undefined) out.push(el("code", {}, m[1]));
+      else if (m[2] !== undefined && !href) out.push(m[0]);
+      else if (m[2] !== undefined) {
+        out.push(el("a", { href, target: "_blank", rel: "noopener noreferrer nofollow" },
+          ...inline(m[2])));
+      } else if (m[4] !== undefined) out.push(el("strong", {}, ...inline(m[4])));
+      else out.push(el("em", {}, ...inline(m[5] ?? m[6])));
+    }
+    if (last < text.length) out.push(text.slice(last));
+    return out;
   }
-  function markdown(src) {
-    return escapeHtml(src).split("```").map((part, i) => {
-      if (i % 2) return `<pre><code>${part.replace(/^[\w+-]*\n/, "")}</code></pre>`;
-      return part.split(/`([^`\n]+)`/).map((p, j) => (j % 2 ? `<code>${p}</code>` : inline(p)))
-        .join("");
-    }).join("");
+  /* Lines joined with <br>: a chat answer's single newlines are meant. */
+  function lines(list) {
+    return list.flatMap((line, i) => (i ? [el("br"), ...inline(line)] : inline(line)));
+  }
+  function codeBlock(text, lang) {
+    const code = el("code", lang ? { "data-lang": lang } : {}, text);
+    return el("pre", {}, code);
+  }
+  /* One block starting at src[i]: [node, the index after it]. */
+  function block(src, i, afterBlank) {
+    const line = src[i];
+    const fence = line.match(FENCE);
+    if (fence) { // runs to the closing fence, or to the end while the answer streams in
+      let j = i + 1;
+      while (j < src.length && !src[j].trim().startsWith(fence[1])) j++;
+      return [codeBlock(src.slice(i + 1, j).join("\n"), fence[2]), j + 1];
+    }
+    if (afterBlank && INDENTED.test(line)) { // indented code cannot interrupt a paragraph
+      let j = i;
+      while (j < src.length && (INDENTED.test(src[j]) || !src[j].trim())) j++;
+      while (j > i && !src[j - 1].trim()) j--;
+      const text = src.slice(i, j).map((l) => l.replace(INDENTED, "")).join("\n");
+      return [codeBlock(text, ""), j];
+    }
+    const heading = line.match(/^ {0,3}#{1,6}\s+(.*?)\s*#*\s*$/);
+    if (heading) return [el("p", {}, el("strong", {}, ...inline(heading[1]))), i + 1];
+    const item = line.match(ITEM);
+    if (item) {
+      const ordered = /\d/.test(item[1]);
+      const list = el(ordered ? "ol" : "ul", ordered && parseInt(item[1], 10) !== 1
+        ? { start: parseInt(item[1], 10) } : {});
+      let j = i;
+      let m;
+      while (j < src.length && (m = src[j].match(ITEM)) && /\d/.test(m[1]) === ordered) {
+        const body = [m[2]];
+        j++; // lines indented under an item continue it
+        while (j < src.length && /^\s{2,}\S/.test(src[j]) && !ITEM.test(src[j])) {
+          body.push(src[j].trim());
+          j++;
+        }
+        list.append(el("li", {}, ...lines(body)));
+      }
+      return [list, j];
+    }
+    let j = i + 1;
+    while (j < src.length && src[j].trim() && !FENCE.test(src[j]) && !ITEM.test(src[j])) j++;
+    return [el("p", {}, ...lines(src.slice(i, j))), j];
+  }
+  function markdown(text) {
+    const src = String(text).replace(/\r\n?/g, "\n").split("\n");
+    const out = document.createDocumentFragment();
+    let blank = true;
+    for (let i = 0; i < src.length;) {
+      if (!src[i].trim()) { blank = true; i++; continue; }
+      const [node, next] = block(src, i, blank);
+      out.append(node);
+      blank = false;
+      i = next;
+    }
+    return out;
   }
 
   // --- talking to the service -----------------------------------------------------------------
@@ -74,22 +154,34 @@
     if (state.visitor) h["X-Prefloop-Visitor"] = state.visitor;
     return h;
   }
-  class Problem extends Error {}
+  /* What went wrong, in words for the person chatting; `detail` (the service's own message,
+     for whoever debugs the page) goes to the console and the error's tooltip. */
+  class Problem extends Error {
+    constructor(message, detail = "") {
+      super(message);
+      this.detail = detail;
+    }
+  }
+  const TRY_AGAIN = "Sorry, the assistant could not answer. Please try again.";
   async function problem(res) {
     let message = "";
     try { message = (await res.json()).error.message; } catch (_) { /* not our JSON */ }
+    const detail = `HTTP ${res.status}${message ? `: ${message}` : ""}`;
     if (res.status === 401 || res.status === 403) {
-      return new Problem("This chat is not authorised: the site's chat key was refused. " +
-        "Please tell the site's owner.");
+      return new Problem("This chat is not available on this site right now. " +
+        "Please tell the site's owner.", detail);
     }
-    if (res.status === 429 || res.status === 503) {
-      return new Problem("The assistant is busy right now. Please try again in a few seconds.");
+    if (res.status === 429) {
+      return new Problem("Too many messages \u2014 try again in a minute.", detail);
+    }
+    if (res.status === 503) {
+      return new Problem("The assistant is starting up or busy \u2014 try again shortly.", detail);
     }
     if (res.status === 404 && /conversation/i.test(message)) {
       return new Problem("This conversation is no longer on the server. " +
-        "Press \u201cNew\u201d to start a new one.");
+        "Press \u201cNew\u201d to start a new one.", detail);
     }
-    return new Problem(`The assistant could not answer: ${message || `error ${res.status}`}.`);
+    return new Problem(TRY_AGAIN, detail);
   }
   async function call(path, body, extraHeaders) {
     let res;
@@ -97,9 +189,9 @@
       res = await fetch(base + path, {
         method: "POST", headers: headers(extraHeaders), body: JSON.stringify(body),
       });
-    } catch (_) {
-      throw new Problem(`Cannot reach the chat service at ${base}. ` +
-        "Check your connection, then try again.");
+    } catch (err) {
+      throw new Problem("Cannot reach the assistant. Check your connection, then try again.",
+        `${base}${path}: ${err}`);
     }
     const visitor = res.headers.get("X-Prefloop-Visitor");
     if (visitor && visitor !== state.visitor) { state.visitor = visitor; save(); }
@@ -128,8 +220,8 @@
           if (payload === "[DONE]") { finished = true; continue; }
           const chunk = JSON.parse(payload);
           if (chunk.error) {
-            throw new Problem(`The answer stopped: ${chunk.error.message}. ` +
-              "Try \u201cRegenerate\u201d.");
+            throw new Problem("The answer stopped part-way. Try \u201cRegenerate\u201d.",
+              chunk.error.message);
           }
           turn.completion_id = chunk.id;
           if (chunk.conversation_id) state.conversation_id = chunk.conversation_id;
@@ -137,13 +229,19 @@
             const answer = (turn.answers[c.index] ||= { text: "", message_id: null });
             if (c.message_id) answer.message_id = c.message_id;
             if (c.delta && c.delta.content) answer.text += c.delta.content;
-            if (c.finish_reason) answer.done = true;
+            if (c.finish_reason) {
+              answer.done = true;
+              answer.finish_reason = c.finish_reason; // "length": cut off at max_tokens
+            }
           }
           paintAnswers(turn);
         }
       }
     }
-    if (!finished) throw new Problem("The answer was cut off. Try \u201cRegenerate\u201d.");
+    if (!finished) {
+      throw new Problem("The connection dropped before the answer was complete. " +
+        "Try \u201cRegenerate\u201d.", "the event stream ended without [DONE]");
+    }
   }
 
   function feedback(body) {
@@ -236,7 +334,8 @@
     try {
       await action();
     } catch (err) {
-      showError(err instanceof Problem ? err.message : `Something went wrong: ${err}`);
+      if (err instanceof Problem) showError(err.message, err.detail);
+      else showError(TRY_AGAIN, String(err && err.stack ? err.stack : err)); // a bug of ours
     } finally {
       if (blocking) busy = false;
       save();
@@ -254,6 +353,9 @@
     down: svg('<path d="M17 14V3h4v11h-4zM17 14l-4 8a3 3 0 0 1-3-3v-4H4a2 2 0 0 1-2-2.3l1.4-8A2 2 ' +
       '0 0 1 5.4 3H17"/>'),
     chat: svg('<path d="M21 12a8 8 0 0 1-11.6 7.1L3 21l1.9-6.4A8 8 0 1 1 21 12z"/>'),
+    regenerate: svg('<path d="M21 3v6h-6"/><path d="M21 9a9 9 0 1 0 .5 6"/>'),
+    close: svg('<path d="M6 6l12 12M18 6L6 18"/>'),
+    cut: svg('<circle cx="12" cy="12" r="9"/><path d="M12 7v6M12 16.5v.5"/>'),
   };
 
   // --- the page -------------------------------------------------------------------------------
@@ -269,6 +371,17 @@
   button:focus-visible, textarea:focus-visible, input:focus-visible {
            outline: 3px solid #2f6fed; outline-offset: 1px; }
   .bubble svg { width: 28px; height: 28px; }
+  .close { line-height: 0; padding: 4px 6px; }
+  .assistant p { margin: 0 0 6px; }
+  .assistant > :last-child, .assistant li > :last-child { margin-bottom: 0; }
+  .assistant ul, .assistant ol { margin: 0 0 6px; padding-left: 22px; }
+  .assistant a { color: #1c4fc4; }
+  .assistant :not(pre) > code { background: #e3e5ea; padding: 0 3px; border-radius: 3px;
+                                white-space: pre-wrap; }
+  .assistant pre code { white-space: pre; tab-size: 4; }
+  .cutoff { display: flex; gap: 4px; align-items: center; margin-top: 6px; padding-top: 4px;
+            border-top: 1px dashed #b9bcc6; color: #8a4b00; font-size: 12px; }
+  .tools .icon-text { display: inline-flex; gap: 4px; align-items: center; line-height: 1.3; }
   .tools button { line-height: 0; padding: 4px 7px; }
   .tools button:not(:has(svg)) { line-height: 1.3; }
   button[aria-pressed="true"] { background: #dbe7ff; border-color: #2f6fed; }
@@ -289,7 +402,8 @@
   .msg { padding: 7px 10px; border-radius: 10px; max-width: 88%; overflow-wrap: anywhere; }
   .user { align-self: flex-end; background: #2f6fed; color: #fff; white-space: pre-wrap; }
   .assistant { align-self: flex-start; background: #f1f2f5; }
-  .assistant pre { background: #e3e5ea; padding: 6px; overflow-x: auto; margin: 4px 0; }
+  .assistant pre { background: #e3e5ea; padding: 6px 8px; overflow-x: auto; margin: 4px 0 6px;
+                   border-radius: 6px; }
   .assistant code { font-family: ui-monospace, monospace; font-size: 13px; }
   .compare { display: grid; grid-template-columns: 1fr 1fr; gap: 6px; }
   .compare .assistant { max-width: none; }
@@ -309,7 +423,7 @@
   <header>
     <h2>Chat</h2>
     <button class="new" type="button" aria-label="Start a new conversation">New</button>
-    <button class="close" type="button" aria-label="Close chat">\u00D7</button>
+    <button class="close" type="button" aria-label="Close chat">${ICONS.close}</button>
   </header>
   <div class="log" role="log" aria-live="polite"></div>
   <p class="error" role="alert" hidden></p>
@@ -327,9 +441,16 @@
   const input = $("textarea");
   const sendButton = $(".send");
 
-  function showError(message) {
+  function showError(message, detail = "") {
     errorBox.textContent = message;
     errorBox.hidden = !message;
+    // The technical reason stays out of the sentence: in the tooltip and the console.
+    if (detail) {
+      errorBox.title = detail;
+      console.log("prefloop widget:", detail);
+    } else {
+      errorBox.removeAttribute("title");
+    }
   }
 
   function setOpen(open) {
@@ -350,17 +471,35 @@
     for (const child of children) if (child) node.append(child);
     return node;
   }
-  function button(label, text, onClick, extra = {}) {
+  /* A button showing an icon (a key of ICONS), a text, or an icon beside a text. */
+  function button(label, text, onClick, extra = {}, icon = "") {
     const node = el("button", { type: "button", "aria-label": label, "data-k": label, on: onClick,
       disabled: busy, ...extra });
-    if (Object.hasOwn(ICONS, text)) node.innerHTML = ICONS[text]; // our own constant markup, not input
-    else node.textContent = text;
+    if (Object.hasOwn(ICONS, text)) {
+      node.innerHTML = ICONS[text]; // our own constant markup, not input
+    } else if (icon) {
+      node.innerHTML = ICONS[icon];
+      node.classList.add("icon-text");
+      node.append(text);
+    } else {
+      node.textContent = text;
+    }
     return node;
+  }
+
+  /* An answer's content: Markdown, and a marker where it stopped at its length limit. */
+  function fillAnswer(node, answer, waiting) {
+    node.replaceChildren(markdown(answer.text || (waiting ? "\u2026" : "")));
+    if (answer.finish_reason === "length") {
+      const mark = el("p", { class: "cutoff" }, "Cut off: the answer reached its length limit.");
+      mark.insertAdjacentHTML("afterbegin", ICONS.cut); // our own constant markup
+      node.append(mark);
+    }
   }
 
   function answerNode(answer, turn, index) {
     const node = el("div", { class: "msg assistant" });
-    node.innerHTML = markdown(answer.text || (busy && !answer.done ? "\u2026" : ""));
+    fillAnswer(node, answer, busy && !answer.done);
     if (turn.compare && turn.picked === index) node.classList.add("chosen");
     return node;
   }
@@ -371,7 +510,7 @@
     const slots = answerSlots.get(turn);
     if (!slots) return render();
     turn.answers.forEach((answer, i) => {
-      if (slots[i]) slots[i].innerHTML = markdown(answer.text);
+      if (slots[i]) fillAnswer(slots[i], answer, false);
     });
     log.scrollTop = log.scrollHeight;
   }
@@ -410,8 +549,10 @@
         { "aria-pressed": String(turn.rating === 1) }),
       button(`Bad answer (message ${n})`, "down", () => rate(turn, -1),
         { "aria-pressed": String(turn.rating === -1) }));
-    if (last) tools.append(button(`Regenerate answer (message ${n})`, "\u21BB Regenerate",
-      () => regenerate(turn)));
+    if (last) {
+      tools.append(button(`Regenerate answer (message ${n})`, "Regenerate",
+        () => regenerate(turn), {}, "regenerate"));
+    }
     nodes.push(tools);
     if (turn.commenting) {
       const box = el("input", { type: "text", "aria-label": `Comment (optional, message ${n})`,

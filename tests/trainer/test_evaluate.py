@@ -15,7 +15,7 @@ import torch
 
 from tests.trainer.conftest import write_pairs
 from trainer.data import read_rows
-from trainer.evaluate import evaluate, load_canary, repetition, summary_line
+from trainer.evaluate import evaluate, load_canary, repetition, sample_prompts, summary_line
 from trainer.golden import parse_item, save_golden
 
 GOLDEN = [
@@ -90,6 +90,7 @@ def test_report_shape_and_base_yardstick(
         "candidate",
         "incumbent",
         "base_model",
+        "samples",
         "settings",
         "cached",
         "seconds",
@@ -135,8 +136,20 @@ def test_report_shape_and_base_yardstick(
     assert cand["drift"]["kl"] > 0
     assert cand["pairs"]["margin"] != 0.0
 
+    # Side by side: each distinct held-out prompt (the thumbs repeat the pairs' prompts) with
+    # the greedy answer of both sides, and what its users preferred and disliked.
+    samples = report["samples"]
+    assert [s["prompt"] for s in samples] == [p["prompt"] for p in pairs]
+    assert [s["preferred"] for s in samples] == [p["chosen"][0]["content"] for p in pairs]
+    assert [s["disliked"] for s in samples] == [p["rejected"][0]["content"] for p in pairs]
+    for s in samples:
+        assert set(s) == {"prompt", "preferred", "disliked", "candidate", "incumbent"}
+        assert isinstance(s["candidate"], str) and isinstance(s["incumbent"], str)
+
     stages = {stage for stage, _, _ in calls}
     assert {"base pairs", "base thumbs", "candidate thumbs", "candidate kl"} <= stages
+    # The incumbent is the base: its sample answers are generated once, as the base's.
+    assert {"candidate samples", "base samples"} <= stages and "incumbent samples" not in stages
     assert all(0 < done <= total for _, done, total in calls)
     assert ("candidate kl", n_canary, n_canary) in calls
 
@@ -156,6 +169,8 @@ def test_same_adapter_on_both_sides_scores_alike(
     )
     assert report["candidate"] == report["incumbent"]
     assert report["candidate"]["drift"]["kl"] > 0
+    assert len(report["samples"]) == 5
+    assert all(s["candidate"] == s["incumbent"] for s in report["samples"])
 
 
 def test_cached_answers_give_the_same_report_without_generating(
@@ -193,7 +208,8 @@ def test_cached_answers_give_the_same_report_without_generating(
     weights.write_bytes(bytes(data))
     second, stages = run(other, adapter_dir)
     assert second["cached"] == ["base", "incumbent"]
-    assert {s for s in stages if not s.endswith("pairs")} == {
+    # Held-out pairs are scored, and their sample answers generated, every time.
+    assert {s for s in stages if not s.endswith(("pairs", "samples"))} == {
         "candidate golden",
         "candidate canary",
         "candidate kl",
@@ -312,3 +328,22 @@ def test_new_links_are_those_the_base_never_gives() -> None:
     )  # fmt: skip
     assert got == {"answers": 2, "links": ["cheap-meds.example/buy"]}
     assert new_links(base, base) == {"answers": 0, "links": []}
+
+
+def test_sample_prompts_are_distinct_pairs_first_with_what_users_said() -> None:
+    pairs = [{"prompt": "a?", "chosen": "yes", "rejected": "no"}]
+    unpaired = [
+        {"prompt": "a?", "completion": "maybe", "label": True},  # the pair's prompt: once
+        {"prompt": "b?", "completion": "good", "label": True},
+        {"prompt": [{"role": "user", "content": "c?"}], "completion": "bad", "label": False},
+    ]
+
+    def user(text: str) -> list[dict[str, str]]:
+        return [{"role": "user", "content": text}]
+
+    assert sample_prompts(pairs, unpaired) == [
+        {"prompt": user("a?"), "preferred": "yes", "disliked": "no"},
+        {"prompt": user("b?"), "preferred": "good", "disliked": None},
+        {"prompt": user("c?"), "preferred": None, "disliked": "bad"},
+    ]
+    assert len(sample_prompts(pairs, unpaired, limit=2)) == 2

@@ -16,6 +16,7 @@ from service.api.schemas import (
     CompileRequest,
     CompileSummary,
     FeedbackList,
+    Overview,
     PairAction,
     PairActionName,
     PairActionResult,
@@ -25,6 +26,7 @@ from service.api.schemas import (
 )
 from service.core.errors import InvalidRequestError, NotFoundError
 from service.operator import act_on_pairs, list_feedback, list_pairs, thumbs_rate
+from service.overview import overview
 from service.pairs import compile_and_store
 from service.privacy import delete_user
 
@@ -188,6 +190,23 @@ async def get_thumbs_rate(
     return await run_in_threadpool(
         lambda: thumbs_rate(
             db, segment=segment, since=since, bucket_seconds=bucket_seconds, visible=visible
+        )
+    )
+
+
+@router.get("/overview", response_model=Overview)
+async def get_overview(
+    db: DbDep,
+    settings: SettingsDep,
+    operator: OperatorDep,
+    days: Annotated[int, Query(ge=1, le=90, description="whole UTC days, today included")] = 14,
+) -> Overview:
+    """The console's landing numbers: feedback per day, the thumbs-up rate of each adapter
+    version per day, pairs waiting for review and the last refresh with its verdict; the
+    operator's tenant's only."""
+    return await run_in_threadpool(
+        lambda: overview(
+            db, days=days, tenant=operator.scope, segment_tenants=settings.segment_tenants
         )
     )
 

@@ -14,6 +14,7 @@ from service.api.schemas import RunDetail, RunList, RunPublic, StartRun
 from service.auth import Principal
 from service.core.errors import ConflictError, NotFoundError
 from service.models import TrainingRun
+from service.overview import run_scope
 from service.refresh import FINISHED, get_run, request_cancel
 
 router = APIRouter(prefix="/v1/operator", tags=["runs"])
@@ -54,15 +55,8 @@ async def list_runs(
     """Runs, newest first."""
 
     def query() -> list[TrainingRun]:
-        q = select(TrainingRun)
-        if operator.scope is not None:
-            settings = request.app.state.settings
-            # Segments are named in settings; unnamed ones belong to `default`.
-            others = [k for k, v in settings.segment_tenants.items() if v != operator.scope]
-            q = q.where(col(TrainingRun.segment).not_in(others))
-            if operator.scope != "default":
-                mine = [k for k, v in settings.segment_tenants.items() if v == operator.scope]
-                q = q.where(col(TrainingRun.segment).in_(mine))
+        tenants = request.app.state.settings.segment_tenants
+        q = select(TrainingRun).where(*run_scope(tenants, operator.scope))
         if segment is not None:
             q = q.where(TrainingRun.segment == segment)
         if status is not None:

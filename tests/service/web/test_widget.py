@@ -30,27 +30,18 @@ def settings_overrides() -> dict[str, Any]:
     return {"widget_compare_every": 2, "default_max_tokens": 12}
 
 
-def as_shown(src: str) -> str:
-    """The text widget.js's markdown() leaves visible of an answer: fences, backticks, emphasis
-    and link markup dropped, list markers turned into bullets (JS regexes: ASCII \\w)."""
-    out = []
-    for i, part in enumerate(src.split("```")):
-        if i % 2:
-            out.append(re.sub(r"^[\w+-]*\n", "", part, flags=re.A))
-            continue
-        for j, piece in enumerate(re.split(r"`([^`\n]+)`", part)):
-            if not j % 2:
-                piece = re.sub(r"\*\*([^*\n]+)\*\*", r"\1", piece)
-                piece = re.sub(r"(^|[^*\w])\*([^*\n]+)\*(?!\w)", r"\1\2", piece, flags=re.A)
-                piece = re.sub(r"\[([^\]\n]+)\]\((https?://[^\s()<>]+)\)", r"\1", piece)
-                piece = re.sub(r"^[-*] (.*)$", "\u2022 \\1", piece, flags=re.M)
-            out.append(piece)
-    return "".join(out)
+CUT_OFF = "Cut off: the answer reached its length limit."
 
 
 def words(text: str) -> list[str]:
-    # A random test model writes runs of spaces and newlines; the page shows them as HTML does.
-    return text.split()
+    """The words of an answer with Markdown's markup taken out, for comparing the page's text
+    with the stored answer: links to their text, list markers and heading marks at the start
+    of a line, and the characters of emphasis, code and fences. The same on both sides, so a
+    random model's stray `*` or `1.` cannot make them differ."""
+    text = re.sub(r"\[([^\]\n]+)\]\((https?://[^\s()]+)\)", r"\1", text)
+    text = re.sub(r"(?m)^\s*([-*+]|\d{1,9}[.)])\s+", "", text, flags=re.A)
+    text = re.sub(r"(?m)^\s*#{1,6}\s+", "", text)
+    return re.sub(r"[`*_#~]", "", text).split()
 
 
 def completions(live: Live) -> list[Completion]:
@@ -110,7 +101,8 @@ def test_chat_rate_regenerate_pick_and_reload(live: Live, page: Page) -> None:
         user_id = first.user_id
     assert user_id and user_id.startswith("widget-")
     shown = page.locator("[data-prefloop-widget] .assistant").first.inner_text()
-    assert words(shown) == words(as_shown(answer.content))
+    cut = CUT_OFF if answer.finish_reason == "length" else ""  # at max_tokens: it says so
+    assert words(shown) == words(answer.content + "\n" + cut)
     page.shots("answered")
 
     # Thumbs up with the keyboard alone: Tab to the button, Enter.
@@ -216,7 +208,8 @@ def test_stored_html_is_shown_as_text_and_markdown_is_safe(live: Live, page: Pag
     assert answer.locator("strong").inner_text() == "bold"
     assert answer.locator("code").first.inner_text() == "<b>code</b>"
     link = answer.locator("a")
-    assert link.count() == 1 and link.get_attribute("href") == 'https://example.com/a?b=1&c="2"'
+    # The address as the browser's URL parser writes it: quotes escaped, not an attribute's end.
+    assert link.count() == 1 and link.get_attribute("href") == "https://example.com/a?b=1&c=%222%22"
     assert link.get_attribute("rel") == "noopener noreferrer nofollow"
     expect(answer).to_contain_text("[bad](javascript:window.__pwned=3)")
     page.shots("markdown")
@@ -225,13 +218,18 @@ def test_stored_html_is_shown_as_text_and_markdown_is_safe(live: Live, page: Pag
 
 def test_errors_are_plain_words_and_keep_the_text(live: Live, page: Page) -> None:
     # An unknown segment: the service answers 404; the widget says why and keeps the text.
+    logged: list[str] = []
+    page.on("console", lambda m: logged.append(m.text))
     page.goto(f"{live.base_url}/demo?segment=nope")
     page.get_by_role("button", name="Open chat").click()
     page.get_by_label("Your message").fill("hello?")
     page.get_by_role("button", name="Send message").click()
     alert = page.get_by_role("alert")
-    expect(alert).to_contain_text("The assistant could not answer: the model 'nope' does not exist")
+    expect(alert).to_have_text("Sorry, the assistant could not answer. Please try again.")
+    # The service's own words are for whoever debugs the page: the tooltip and the console.
+    expect(alert).to_have_attribute("title", re.compile(r"^HTTP 404: the model 'nope' does not"))
     expect(page.get_by_label("Your message")).to_have_value("hello?")
+    assert any(m.startswith("prefloop widget: HTTP 404: the model 'nope'") for m in logged)
     page.shots("unknown-segment")
 
     # A conversation kept in the browser that the service no longer has (a reset database).
@@ -257,9 +255,9 @@ def test_errors_are_plain_words_and_keep_the_text(live: Live, page: Page) -> Non
     page.get_by_role("button", name="Open chat").click()
     page.get_by_label("Your message").fill("anyone there?")
     page.get_by_label("Your message").press("Enter")
-    expect(page.get_by_role("alert")).to_contain_text(
-        f"Cannot reach the chat service at {dead}. Check your connection, then try again."
-    )
+    alert = page.get_by_role("alert")
+    expect(alert).to_have_text("Cannot reach the assistant. Check your connection, then try again.")
+    expect(alert).to_have_attribute("title", re.compile(f"^{re.escape(dead)}/v1/chat/completions"))
     expect(page.get_by_label("Your message")).to_have_value("anyone there?")
     page.shots("unreachable")
     assert len(completions(live)) == 1  # nothing was stored for the failed ones
@@ -298,3 +296,102 @@ def test_a_site_key_visitor_is_who_the_service_says(live: Live, page: Page) -> N
     wait_for(lambda: len([c for c in completions(live) if c.status == "succeeded"]) == 2, "2nd")
     assert {c.user_id for c in completions(live)} == {visitor}
     page.shots("site-key-visitor")
+
+
+def stored_answer(page: Page, live: Live, text: str, **answer: Any) -> Any:
+    """Open the demo page on a conversation kept in the browser with one answer, `text`."""
+    page.goto(f"{live.base_url}/demo")
+    turn = {"user": "hi", "completion_id": "chatcmpl-x", "compare": False, "picked": None,
+            "rating": None, "answers": [{"message_id": "msg-x", "done": True, "text": text,
+                                         **answer}]}  # fmt: skip
+    stored = {"user": "widget-test", "conversation_id": None, "open": True, "turns": [turn]}
+    key = f"prefloop-widget:{live.base_url}:"
+    page.evaluate("([k, v]) => localStorage.setItem(k, v)", [key, json.dumps(stored)])
+    page.reload()
+    return page.locator("[data-prefloop-widget] .assistant").first
+
+
+CODE = """def greet(name):
+    if name:
+        return f"<b>hi {name}</b>"
+\treturn   None  # spaces  kept"""
+
+
+def test_code_keeps_its_whitespace_and_markdown_shapes_the_answer(live: Live, page: Page) -> None:
+    text = (
+        "Here is **the fix**, with _care_:\n\n"
+        f"```python\n{CODE}\n```\n\n"
+        "Or indented:\n\n    for i in range(3):\n        print(i)\n\n"
+        "Steps:\n\n1. run `make  test`\n2. read [the docs](https://example.com/docs)\n\n"
+        "- one\n- two *items*\n\n"
+        "Line one\nline two"
+    )
+    answer = stored_answer(page, live, text)
+    blocks = answer.locator("pre > code")
+    expect(blocks).to_have_count(2)
+    # textContent, not inner_text: the exact characters, tabs and runs of spaces included.
+    assert blocks.nth(0).text_content() == CODE
+    assert blocks.nth(0).get_attribute("data-lang") == "python"
+    assert blocks.nth(1).text_content() == "for i in range(3):\n    print(i)"
+    assert blocks.nth(0).evaluate("e => getComputedStyle(e).whiteSpace") == "pre"
+    assert answer.locator("strong").first.inner_text() == "the fix"
+    assert answer.locator("em").all_inner_texts() == ["care", "items"]
+    assert answer.locator("ol > li").all_inner_texts() == ["run make  test", "read the docs"]
+    assert answer.locator("ol code").text_content() == "make  test"
+    assert answer.locator("ul > li").count() == 2
+    link = answer.locator("a")
+    assert link.get_attribute("href") == "https://example.com/docs"
+    assert link.get_attribute("rel") == "noopener noreferrer nofollow"
+    assert answer.locator("p").last.inner_html() == "Line one<br>line two"
+    assert answer.locator(".cutoff").count() == 0  # it ended by itself
+    page.shots("markdown-code")
+
+
+@pytest.mark.parametrize(
+    "settings_overrides", [{"default_max_tokens": 4, "widget_compare_every": 0}]
+)
+def test_an_answer_cut_at_its_length_limit_says_so(live: Live, page: Page) -> None:
+    # A few tokens: the random test model never says its end-of-sequence token so soon.
+    page.goto(f"{live.base_url}/demo")
+    page.get_by_role("button", name="Open chat").click()
+    page.get_by_label("Your message").fill("Tell me a long story.")
+    page.get_by_label("Your message").press("Enter")
+    expect(page.get_by_role("button", name="Good answer (message 1)")).to_be_visible()
+    [done] = wait_for(lambda: [c for c in completions(live) if c.status == "succeeded"], "answer")
+    with live.session() as s:
+        message = s.exec(select(Message).where(Message.completion_id == done.id)).one()
+    assert (done.params["max_tokens"], message.finish_reason) == (4, "length")
+    marker = page.locator("[data-prefloop-widget] .assistant .cutoff")
+    expect(marker).to_have_text(CUT_OFF)
+    expect(marker.locator("svg")).to_have_count(1)
+    page.shots("cut-off")
+    page.reload()  # the kept conversation, painted without streaming, says so too
+    expect(marker).to_have_count(1)
+
+
+@pytest.mark.parametrize(
+    "settings_overrides",
+    [{"auth": "keys", "default_max_tokens": 4, "widget_compare_every": 0,
+      "rate_limit_visitor_requests_per_minute": 1}],
+)  # fmt: skip
+def test_too_many_messages_is_said_in_plain_words(live: Live, page: Page) -> None:
+    from sqlalchemy import create_engine
+
+    from service.auth import create_key
+
+    _row, secret = create_key(
+        create_engine(live.db_url), name="site", public=True, origins=[live.base_url]
+    )
+    page.goto(f"{live.base_url}/demo?key={secret}")
+    page.get_by_role("button", name="Open chat").click()
+    box = page.get_by_label("Your message")
+    box.fill("First question")
+    box.press("Enter")
+    expect(page.get_by_role("button", name="Good answer (message 1)")).to_be_visible()
+    box.fill("Second, at once")
+    box.press("Enter")
+    alert = page.get_by_role("alert")
+    expect(alert).to_have_text("Too many messages \u2014 try again in a minute.")
+    expect(alert).to_have_attribute("title", re.compile(r"^HTTP 429: too many requests"))
+    expect(box).to_have_value("Second, at once")  # kept, to send again later
+    page.shots("rate-limited")

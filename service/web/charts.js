@@ -1,0 +1,126 @@
+// Small inline-SVG charts and icons for the operator console: no library, no canvas, so every
+// bar and point is an element a test (or a screen reader, through its <title>) can find.
+
+const NS = "http://www.w3.org/2000/svg";
+
+export function svg(tag, attrs = {}, ...children) {
+  const node = document.createElementNS(NS, tag);
+  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+  for (const c of children) node.append(c);
+  return node;
+}
+const title = (text) => svg("title", {}, text); // the tooltip; text only, never markup
+
+// --- icons (24x24 strokes): emoji need a colour-emoji font that many systems lack ------------
+
+const PATHS = {
+  up: "M7 10v11H3V10h4zM7 10l4-8a3 3 0 0 1 3 3v4h6a2 2 0 0 1 2 2.3l-1.4 8A2 2 0 0 1 18.6 21H7",
+  down: "M17 14V3h4v11h-4zM17 14l-4 8a3 3 0 0 1-3-3v-4H4a2 2 0 0 1-2-2.3l1.4-8A2 2 0 0 1 5.4 3H17",
+  check: "M4 12.5l5 5L20 6.5",
+  cross: "M6 6l12 12M18 6L6 18",
+  clock: "M12 7v5l3 2M21 12a9 9 0 1 1-18 0 9 9 0 0 1 18 0z",
+  skip: "M5 5l8 7-8 7zM17 5v14",
+  pick: "M4 5h7v14H4zM13 5h7v14h-7zM15 12l2 2 3-4",
+  edit: "M4 20h4L19 9l-4-4L4 16v4zM13.5 6.5l4 4",
+};
+
+/* An icon as an SVG element; `label` makes it an image with that name, else it is decoration. */
+export function icon(name, label = "") {
+  const attrs = { width: 16, height: 16, viewBox: "0 0 24 24", fill: "none",
+    stroke: "currentColor", "stroke-width": 2, "stroke-linecap": "round",
+    "stroke-linejoin": "round", class: `icon icon-${name}` };
+  if (label) Object.assign(attrs, { role: "img", "aria-label": label });
+  else attrs["aria-hidden"] = "true";
+  return svg("svg", attrs, svg("path", { d: PATHS[name] }));
+}
+
+// --- charts ------------------------------------------------------------------------------------
+
+const W = 640;
+const H = 220;
+const PAD = { left: 40, right: 12, top: 12, bottom: 28 };
+const plotW = W - PAD.left - PAD.right;
+const plotH = H - PAD.top - PAD.bottom;
+
+function frame(label, yTicks, yFormat) {
+  const root = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": label,
+    class: "svgchart", preserveAspectRatio: "xMidYMid meet" });
+  for (const [value, y] of yTicks) {
+    root.append(svg("line", { x1: PAD.left, x2: W - PAD.right, y1: y, y2: y, class: "grid" }),
+      svg("text", { x: PAD.left - 6, y: y + 4, "text-anchor": "end", class: "tick" }, yFormat(value)));
+  }
+  return root;
+}
+/* Day labels under the x axis, thinned so they never overlap. */
+function dayLabels(root, days, xOf) {
+  const every = Math.ceil(days.length / 8);
+  days.forEach((day, i) => {
+    if ((days.length - 1 - i) % every) return; // keep today's label
+    root.append(svg("text", { x: xOf(i), y: H - 8, "text-anchor": "middle", class: "tick" },
+      day.slice(5)));
+  });
+}
+
+/* Stacked bars, one per day. `days`: ["2026-12-01", ...]; `series`: [{name, color, values}]. */
+export function barChart(label, days, series) {
+  const totals = days.map((_, i) => series.reduce((n, s) => n + s.values[i], 0));
+  const top = Math.max(4, ...totals);
+  const y = (v) => PAD.top + plotH - (v / top) * plotH;
+  const ticks = [0, Math.round(top / 2), top].map((v) => [v, y(v)]);
+  const root = frame(label, ticks, String);
+  const slot = plotW / days.length;
+  const xOf = (i) => PAD.left + slot * (i + 0.5);
+  days.forEach((day, i) => {
+    let base = 0;
+    const parts = series.filter((s) => s.values[i] > 0).map((s) => `${s.values[i]} ${s.name}`);
+    const group = svg("g", { class: "day", "data-day": day },
+      title(`${day}: ${parts.length ? parts.join(", ") : "nothing"}`));
+    for (const s of series) {
+      const v = s.values[i];
+      if (!v) continue;
+      group.append(svg("rect", { x: xOf(i) - slot * 0.35, width: slot * 0.7, y: y(base + v),
+        height: y(base) - y(base + v), fill: s.color, "data-series": s.name }));
+      base += v;
+    }
+    // An invisible full-height target, so the tooltip works on short bars too.
+    group.append(svg("rect", { x: xOf(i) - slot / 2, width: slot, y: PAD.top, height: plotH,
+      fill: "transparent" }));
+    root.append(group);
+  });
+  dayLabels(root, days, xOf);
+  return root;
+}
+
+/* Lines of rates (0..1) over days, one per series: [{name, color, points: [[dayIndex, rate,
+   tooltip]]}]; a day without votes leaves a gap in its line. */
+export function rateChart(label, days, series) {
+  const y = (v) => PAD.top + plotH - v * plotH;
+  const root = frame(label, [[0, y(0)], [0.5, y(0.5)], [1, y(1)]], (v) => `${v * 100}%`);
+  const slot = plotW / days.length; // the bar chart's day slots, so the two line up
+  const xOf = (i) => PAD.left + slot * (i + 0.5);
+  for (const s of series) {
+    const group = svg("g", { class: "series", "data-series": s.name });
+    let run = [];
+    const flush = () => {
+      if (run.length > 1) {
+        group.append(svg("polyline", { points: run.join(" "), fill: "none", stroke: s.color,
+          "stroke-width": 2 }));
+      }
+      run = [];
+    };
+    const dots = [];
+    let last = -2;
+    for (const [i, rate, tip] of s.points) {
+      if (i !== last + 1) flush();
+      run.push(`${xOf(i)},${y(rate)}`);
+      last = i;
+      dots.push(svg("circle", { cx: xOf(i), cy: y(rate), r: 4, fill: s.color },
+        title(`${s.name}, ${days[i]}: ${tip}`)));
+    }
+    flush();
+    group.append(...dots); // above the lines
+    root.append(group);
+  }
+  dayLabels(root, days, xOf);
+  return root;
+}
