@@ -121,6 +121,12 @@ def test_a_regeneration_keeps_the_format(gateway: Gateway) -> None:
     content = again.json()["choices"][0]["message"]["content"]
     assert content == first["choices"][0]["message"]["content"]  # greedy, same format
     assert isinstance(json.loads(content), dict)
+    # A format given with the regeneration wins ("text": no constraint, the prose answer).
+    prose = gateway.chat(messages=[], regenerate=first["id"], response_format={"type": "text"})
+    assert (
+        prose.json()["choices"][0]["message"]["content"]
+        == gateway.chat().json()["choices"][0]["message"]["content"]
+    )
 
 
 @pytest.mark.parametrize(
