@@ -38,7 +38,10 @@ COPY pyproject.toml README.md ./
 COPY service ./service
 COPY trainer ./trainer
 COPY adapters ./adapters
-RUN pip install .
+# xgrammar (response_format) pulls in triton, GPU kernels only: ~1 GB for nothing in the CPU
+# image. CUDA torch depends on triton itself, so the CUDA image keeps it.
+RUN pip install . \
+    && case "${TORCH_INDEX}" in */cpu) pip uninstall -y triton ;; esac
 
 # Non-root. Everything it writes lives under /data: the model cache and the default SQLite file
 # (PREFLOOP_HOME), and the adapter store, which every replica must share (PREFLOOP_ADAPTERS_PATH).

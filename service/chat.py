@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from fastapi.concurrency import run_in_threadpool
@@ -123,6 +123,11 @@ def plan_chat(
         presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty,
         logit_bias=logit_bias,
+        response_format=(
+            body.response_format.model_dump(by_alias=True, exclude_none=True)
+            if body.response_format
+            else None
+        ),
     )
     return ChatPlan(
         model=body.model or engine.model_name,
@@ -223,8 +228,10 @@ async def _begin(
     started = time.perf_counter()
     turn = await run_in_threadpool(_start_turn, db, engine, plan, body, caller)
     observability.generation_started()  # every started turn ends in _finish
+    # A regeneration keeps the response_format of the answer it redoes (crud copies it).
+    params = replace(plan.params, response_format=turn.completion.params.get("response_format"))
     request = GenerationRequest(
-        messages=turn.prompt, params=plan.params, adapter=plan.adapter, stream=body.stream
+        messages=turn.prompt, params=params, adapter=plan.adapter, stream=body.stream
     )
     try:
         stream = await engine.generate(request)

@@ -231,6 +231,9 @@ def _start_regeneration(
             "ones that completion answered",
             param="messages",
         )
+    if params.get("response_format") is None:
+        # A regenerate button sends no format: the new answers take the earlier one's.
+        params = {**params, "response_format": original.params.get("response_format")}
     completion = Completion(
         conversation_id=original.conversation_id,
         parent_message_id=original.parent_message_id,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
 MAX_STOP_CHARS = 256
 
@@ -42,6 +42,49 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class TextFormat(BaseModel):
+    type: Literal["text"]
+
+
+class JsonObjectFormat(BaseModel):
+    type: Literal["json_object"]
+
+
+class JsonSchemaSpec(BaseModel):
+    # `schema` would shadow a BaseModel attribute: the field is `schema_`, spelt `schema` on
+    # the wire (dump with by_alias=True).
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: str = Field(max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class JsonSchemaFormat(BaseModel):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+def _format_type(v: Any) -> str | None:
+    # Tags are spelt "type=..." so the error handler leaves them out of `param`
+    # (`response_format.json_schema.name`, not `response_format.json_schema.json_schema.name`).
+    raw = v.get("type") if isinstance(v, dict) else getattr(v, "type", None)
+    return f"type={raw}" if raw in ("text", "json_object", "json_schema") else None
+
+
+ResponseFormat = Annotated[
+    Annotated[TextFormat, Tag("type=text")]
+    | Annotated[JsonObjectFormat, Tag("type=json_object")]
+    | Annotated[JsonSchemaFormat, Tag("type=json_schema")],
+    Discriminator(
+        _format_type,
+        custom_error_type="invalid_response_format",
+        custom_error_message="type must be 'text', 'json_object' or 'json_schema'",
+    ),
+]
+
+
 class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -55,6 +98,7 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     n: int = Field(default=1, ge=1)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    response_format: ResponseFormat | None = None
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     stop: str | list[str] | None = None
     stream: bool = False

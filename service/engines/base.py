@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,9 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
+    # OpenAI's shape, checked by the API: {"type": "text" | "json_object"} or {"type":
+    # "json_schema", "json_schema": {"name": ..., "schema": {...}}}. None: not asked for.
+    response_format: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from service.core.errors import (
     NotReadyError,
     OverloadedError,
 )
+from service.engines import grammar
 from service.engines.base import ChoiceDelta, GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class _Job:
     fn: Callable[[_Job], Any] | None
     loop: asyncio.AbstractEventLoop
     generation: tuple[GenerationRequest, list[int]] | None = None
+    grammar: Any = None  # the request's compiled response_format, if it has one
     out: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -140,6 +142,7 @@ class LocalEngine:
         self._ready = False
         self._eos: set[int] = set()
         self._pad = 0
+        self._grammars: grammar.Grammars | None = None
 
     # --- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -168,6 +171,8 @@ class LocalEngine:
         if self.tokenizer.eos_token_id is not None:
             self._eos.add(self.tokenizer.eos_token_id)
         self._pad = min(self._eos) if self._eos else 0
+        width = int(self.model.get_output_embeddings().weight.shape[0])
+        self._grammars = grammar.Grammars(self.tokenizer, width, self._eos)
         log.info(
             "loaded %s on %s (%s) in %.1fs",
             self.model_path,
@@ -268,13 +273,21 @@ class LocalEngine:
         self._check_ready()
         if request.adapter is not None and request.adapter not in self._adapters:
             raise NotFoundError(f"adapter {request.adapter!r} is not loaded")
+        # Compiled off the event loop (cached per schema); a schema it refuses is a 400.
+        fmt = request.params.response_format
+        compiled = await asyncio.to_thread(self._grammars.compile, fmt) if fmt else None
         if not self._slots.acquire(blocking=False):
             raise OverloadedError(
                 f"the generation queue is full ({self.max_queue} requests); retry shortly"
             )
         try:
             ids = self.prompt_ids(request.messages)
-            job = _Job(fn=None, loop=asyncio.get_running_loop(), generation=(request, ids))
+            job = _Job(
+                fn=None,
+                loop=asyncio.get_running_loop(),
+                generation=(request, ids),
+                grammar=compiled,
+            )
             self._jobs.put(job)
         except BaseException:
             self._slots.release()
@@ -422,6 +435,8 @@ class LocalEngine:
                 p = g.request.params
                 try:  # one request's sampling failing fails that request, not the batch
                     logits = _apply_penalties(batch.logits[idx], batch.counts[idx], p)
+                    if g.matchers is not None:  # a response_format: only what it allows
+                        logits = grammar.mask(logits, [g.matchers[batch.rows[r][1]] for r in idx])
                     next_ids[idx] = _sample(logits, p.temperature, p.top_p, g.rng).cpu()
                 except Exception as exc:  # noqa: BLE001 - reported to its caller alone
                     g.fail(exc)
@@ -533,11 +548,14 @@ class _Gen:
             seed if seed is not None else random.getrandbits(63)
         )
         self.decoders = [_Detok(tokenizer, request.params.stop) for _ in range(request.params.n)]
+        self.matchers = grammar.matchers(job.grammar, request.params.n)  # one per choice
         self.steps = 0
         self.ended = False
 
     def push(self, i: int, token: int, eos: set[int]) -> None:
         d = self.decoders[i]
+        if self.matchers is not None and not self.matchers[i].accept_token(token):
+            raise EngineError(f"token {token} breaks the response_format grammar")
         last = self.steps == self.request.params.max_tokens - 1
         text = d.push(token, is_eos=token in eos, last=last)
         if text or d.finish:

@@ -467,6 +467,8 @@ class VLLMEngine:
             body["frequency_penalty"] = p.frequency_penalty
         if p.logit_bias:
             body["logit_bias"] = {str(k): v for k, v in p.logit_bias.items()}
+        if p.response_format:  # vLLM's structured outputs (xgrammar, guidance) honour it
+            body["response_format"] = p.response_format
         return body
 
     async def generate(self, request: GenerationRequest) -> VLLMStream:
