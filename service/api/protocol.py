@@ -35,11 +35,19 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    # Required, but null for an assistant turn that only called tools (as OpenAI sends it).
+    # Required, but null (or left out) in an assistant turn that only called tools.
     content: str | list[TextPart] | None
     name: str | None = None
     tool_calls: list[ToolCall] | None = Field(default=None, max_length=128)  # assistant
     tool_call_id: str | None = Field(default=None, max_length=256)  # tool: the call answered
+
+    @model_validator(mode="before")
+    @classmethod
+    def _calls_need_no_content(cls, data: Any) -> Any:
+        # An assistant turn that only calls tools may leave `content` out, as OpenAI allows.
+        if isinstance(data, dict) and data.get("tool_calls") and "content" not in data:
+            return {**data, "content": None}
+        return data
 
     @model_validator(mode="after")
     def _content_or_calls(self) -> ChatMessage:
