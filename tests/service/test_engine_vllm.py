@@ -371,6 +371,13 @@ def test_tool_calls_relayed_stored_continued_and_rated(gateway: Gateway) -> None
     ]  # nothing stored twice  # fmt: skip
     assert [m.tool_call_id for m in rows if m.role == "tool"] == [call.id]
 
+    # A regeneration answers with the tools its prompt was stored with.
+    again = client.chat.completions.create(
+        model=MODEL, messages=[], max_tokens=80, temperature=0, extra_body={"regenerate": r.id}
+    )
+    assert again.choices[0].finish_reason == "tool_calls"
+    assert gateway.completion(again.id).tools == stored.tools
+
     # A tool call is an answer like any other: it can be rated.
     fb = gateway.http.post("/v1/feedback", json={"completion_id": r.id, "rating": -1})
     assert fb.status_code == 201, fb.text
