@@ -26,10 +26,14 @@ from service.api.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     Choice,
+    ChoiceLogprobs,
     DeltaMessage,
     ResponseMessage,
     StoredCompletion,
     StreamChoice,
+    TokenLogprob,
+    ToolCall,
+    TopLogprob,
     Usage,
 )
 from service.auth import Principal
@@ -41,6 +45,7 @@ from service.core.errors import (
     PrefloopError,
     error_body,
 )
+from service.engines import base
 from service.engines.base import Engine, GenerationRequest, GenerationStream, SamplingParams
 from service.models import new_id
 
@@ -52,9 +57,16 @@ class ChatPlan:
     model: str  # the name the client used, echoed back
     adapter: str | None
     segment: str
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     params: SamplingParams
     include_usage: bool
+    tools: list[dict[str, Any]] | None = None  # offered to the model, stored with the prompt
+    tool_choice: Any = None
+
+    def tools_record(self) -> dict[str, Any] | None:
+        if self.tools is None and self.tool_choice is None:
+            return None
+        return {"tools": self.tools, "tool_choice": self.tool_choice}
 
 
 def plan_chat(
@@ -69,10 +81,7 @@ def plan_chat(
     unknown = sorted(body.model_extra or {})
     if unknown:
         log.warning("ignoring unknown request fields: %s", ", ".join(unknown))
-    if body.logprobs:
-        raise InvalidRequestError("logprobs are not supported", param="logprobs")
-    if body.tools:
-        raise InvalidRequestError("tools are not supported", param="tools")
+    _check_tools_and_logprobs(body, engine)
     if not body.messages and body.regenerate is None:
         raise InvalidRequestError(
             "messages must contain at least one message (or set `regenerate`)", param="messages"
@@ -128,6 +137,7 @@ def plan_chat(
             if body.response_format
             else None
         ),
+        logprobs=(body.top_logprobs or 0) if body.logprobs else None,
     )
     return ChatPlan(
         model=body.model or engine.model_name,
@@ -136,7 +146,21 @@ def plan_chat(
         messages=[m.plain() for m in body.messages],
         params=params,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
+        tools=[t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None,
+        tool_choice=body.tool_choice,
     )
+
+
+def _check_tools_and_logprobs(body: ChatCompletionRequest, engine: Engine) -> None:
+    if body.top_logprobs is not None and not body.logprobs:
+        raise InvalidRequestError("top_logprobs needs logprobs: true", param="top_logprobs")
+    calls = any(m.role == "tool" or m.tool_calls for m in body.messages)
+    if (body.tools or calls or body.tool_choice is not None) and not engine.supports_tools:
+        raise InvalidRequestError(
+            "tools need the vLLM engine (PREFLOOP_ENGINE=vllm): the embedded engine's model "
+            "cannot be offered tools, nor read tool calls and results",
+            param="tools",
+        )
 
 
 def _start_turn(
@@ -157,6 +181,7 @@ def _start_turn(
             params=_params_record(plan.params),
             stream=body.stream,
             regenerate=body.regenerate,
+            tools=plan.tools_record(),
         )
         # Counted here, before commit, so a prompt that cannot fit stores nothing.
         prompt_tokens = engine.count_prompt_tokens(turn.prompt)
@@ -231,7 +256,13 @@ async def _begin(
     # A regeneration keeps the response_format of the answer it redoes (crud copies it).
     params = replace(plan.params, response_format=turn.completion.params.get("response_format"))
     request = GenerationRequest(
-        messages=turn.prompt, params=params, adapter=plan.adapter, stream=body.stream
+        messages=turn.prompt,
+        params=params,
+        adapter=plan.adapter,
+        stream=body.stream,
+        # The stored ones: a regeneration answers with the tools its prompt was asked with.
+        tools=(turn.completion.tools or {}).get("tools"),
+        tool_choice=(turn.completion.tools or {}).get("tool_choice"),
     )
     try:
         stream = await engine.generate(request)
@@ -249,16 +280,37 @@ class _Collector:
         self.texts: list[list[str]] = [[] for _ in range(n)]
         self.finish: list[str | None] = [None] * n
         self.tokens = [0] * n
+        self.logprobs: list[list[base.TokenLogprob]] = [[] for _ in range(n)]
+        self.calls: list[dict[int, dict[str, Any]]] = [{} for _ in range(n)]
 
-    def add(self, index: int, text: str, finish: str | None, tokens: int) -> None:
-        self.texts[index].append(text)
-        self.tokens[index] = max(self.tokens[index], tokens)
-        if finish is not None:
-            self.finish[index] = finish
+    def add(self, d: base.ChoiceDelta) -> None:
+        self.texts[d.index].append(d.text)
+        self.tokens[d.index] = max(self.tokens[d.index], d.completion_tokens)
+        if d.finish_reason is not None:
+            self.finish[d.index] = d.finish_reason
+        self.logprobs[d.index].extend(d.logprobs)
+        for piece in d.tool_calls:  # a call's id, name come once; its arguments in pieces
+            call = self.calls[d.index].setdefault(
+                piece.get("index", 0), {"id": "", "type": "function", "name": "", "arguments": ""}
+            )
+            fn = piece.get("function") or {}
+            call["id"] = piece.get("id") or call["id"]
+            call["name"] = fn.get("name") or call["name"]
+            call["arguments"] += fn.get("arguments") or ""
+
+    def tool_calls(self, index: int) -> list[dict[str, Any]] | None:
+        calls = [self.calls[index][k] for k in sorted(self.calls[index])]
+        return [
+            {"id": c["id"], "type": c["type"],
+             "function": {"name": c["name"], "arguments": c["arguments"]}}
+            for c in calls
+        ] or None  # fmt: skip
 
     def records(self) -> list[crud.ChoiceRecord]:
         return [
-            crud.ChoiceRecord(self.ids[i], i, "".join(t), self.finish[i], self.tokens[i])
+            crud.ChoiceRecord(
+                self.ids[i], i, "".join(t), self.finish[i], self.tokens[i], self.tool_calls(i)
+            )
             for i, t in enumerate(self.texts)
         ]
 
@@ -276,7 +328,7 @@ async def complete_chat(
     acc = _Collector(plan.params.n)
     try:
         async for d in stream:
-            acc.add(d.index, d.text, d.finish_reason, d.completion_tokens)
+            acc.add(d)
     except PrefloopError as exc:
         await _store_failure(db, turn.completion.id, exc, stream.prompt_tokens, started)
         raise
@@ -297,8 +349,9 @@ async def complete_chat(
         choices=[
             Choice(
                 index=r.index,
-                message=ResponseMessage(content=r.text),
+                message=_message(r.text, r.tool_calls),
                 finish_reason=r.finish_reason,
+                logprobs=_logprobs(acc.logprobs[r.index], plan.params),
                 message_id=r.message_id,
             )
             for r in records
@@ -306,6 +359,33 @@ async def complete_chat(
         usage=acc.usage(stream.prompt_tokens),
         conversation_id=turn.completion.conversation_id,
         adapter_version=plan.adapter,
+    )
+
+
+def _message(text: str, tool_calls: list[dict[str, Any]] | None) -> ResponseMessage:
+    # OpenAI sends null content with tool calls and nothing else.
+    return ResponseMessage(
+        content=None if tool_calls and not text else text,
+        tool_calls=[ToolCall.model_validate(c) for c in tool_calls] if tool_calls else None,
+    )
+
+
+def _logprobs(entries: list[base.TokenLogprob], params: SamplingParams) -> ChoiceLogprobs | None:
+    """The engine's records in OpenAI's shape; None when the request did not ask."""
+    if params.logprobs is None:
+        return None
+
+    def top(token: str, logprob: float) -> TopLogprob:
+        return TopLogprob(token=token, logprob=logprob, bytes=list(token.encode(errors="replace")))
+
+    return ChoiceLogprobs(
+        content=[
+            TokenLogprob(
+                **top(e.token, e.logprob).model_dump(),
+                top_logprobs=[top(t, lp) for t, lp in e.top],
+            )
+            for e in entries
+        ]
     )
 
 
@@ -346,9 +426,11 @@ async def _sse(
             adapter_version=plan.adapter,
         )
         async for d in stream:
-            acc.add(d.index, d.text, d.finish_reason, d.completion_tokens)
-            if d.text:
-                yield chunk([StreamChoice(index=d.index, delta=DeltaMessage(content=d.text))])
+            acc.add(d)
+            if d.text or d.logprobs or d.tool_calls:
+                delta = DeltaMessage(content=d.text or None, tool_calls=list(d.tool_calls) or None)
+                lp = _logprobs(list(d.logprobs), plan.params)
+                yield chunk([StreamChoice(index=d.index, delta=delta, logprobs=lp)])
     except PrefloopError as exc:
         finish = dict(status="failed", error=exc.message)
     except (asyncio.CancelledError, GeneratorExit):
@@ -426,7 +508,7 @@ def read_completion(db: Database, completion_id: str, caller: Principal) -> Stor
         choices=[
             Choice(
                 index=m.choice_index or 0,
-                message=ResponseMessage(content=m.content),
+                message=_message(m.content, m.tool_calls),
                 finish_reason=m.finish_reason,
                 message_id=m.id,
             )

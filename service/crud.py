@@ -25,7 +25,7 @@ from service.models import Completion, Conversation, Feedback, Message, new_id, 
 @dataclass(frozen=True)
 class StartedTurn:
     completion: Completion
-    prompt: list[dict[str, str]]  # the full conversation the model answers
+    prompt: list[dict[str, Any]]  # the full conversation the model answers
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,17 @@ class ChoiceRecord:
     text: str
     finish_reason: str | None
     completion_tokens: int
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+def as_prompt(m: Message) -> dict[str, Any]:
+    """A stored message as the OpenAI message the client sent (and the engine is given)."""
+    out: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        out["tool_calls"] = m.tool_calls
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    return out
 
 
 def path_to(messages: dict[str, Message], leaf_id: str) -> list[Message]:
@@ -108,6 +119,7 @@ def start_completion(
     params: dict[str, Any],
     stream: bool,
     regenerate: str | None = None,
+    tools: dict[str, Any] | None = None,
 ) -> StartedTurn:
     """Store the request's new messages and a running completion; return the prompt to answer.
 
@@ -133,6 +145,7 @@ def start_completion(
             segment=segment,
             params=params,
             stream=stream,
+            tools=tools,
         )
     if conversation_id is None:
         if parent_id is not None:
@@ -153,11 +166,12 @@ def start_completion(
         conversation = session.get(Conversation, conversation_id)
     assert conversation is not None
 
-    stored = [{"role": m.role, "content": m.content} for m in history]
+    stored = [as_prompt(m) for m in history]
     new = messages[len(stored) :] if messages[: len(stored)] == stored else messages
-    if not new or new[-1]["role"] != "user":
+    if not new or new[-1]["role"] not in ("user", "tool"):
         raise InvalidRequestError(
-            "the last message must be a user message (the one to answer)", param="messages"
+            "the last message must be a user message (the one to answer), or a tool result",
+            param="messages",
         )
 
     if history and history[-1].role == "assistant" and history[-1].kept_at is None:
@@ -166,7 +180,12 @@ def start_completion(
     parent = history[-1].id if history else None
     for m in new:
         row = Message(
-            conversation_id=conversation.id, parent_id=parent, role=m["role"], content=m["content"]
+            conversation_id=conversation.id,
+            parent_id=parent,
+            role=m["role"],
+            content=m["content"],
+            tool_calls=m.get("tool_calls"),
+            tool_call_id=m.get("tool_call_id"),
         )
         session.add(row)
         parent = row.id
@@ -184,6 +203,7 @@ def start_completion(
         adapter_version=adapter_version,
         segment=segment,
         params=params,
+        tools=tools,
         stream=stream,
     )
     session.add(completion)
@@ -205,6 +225,7 @@ def _start_regeneration(
     segment: str = "default",
     params: dict[str, Any],
     stream: bool,
+    tools: dict[str, Any] | None = None,
 ) -> StartedTurn:
     original = owned_completion(session, completion_id=regenerate, caller=caller)
     if original is None:
@@ -221,9 +242,7 @@ def _start_regeneration(
             select(Message).where(Message.conversation_id == original.conversation_id)
         ).all()
     }
-    prompt = [
-        {"role": m.role, "content": m.content} for m in path_to(by_id, original.parent_message_id)
-    ]
+    prompt = [as_prompt(m) for m in path_to(by_id, original.parent_message_id)]
     # OpenAI clients resend the history: accept it when it is the stored prompt (or its tail).
     if messages and prompt[-len(messages) :] != messages:
         raise InvalidRequestError(
@@ -244,6 +263,8 @@ def _start_regeneration(
         adapter_version=adapter_version,
         segment=segment,
         params=params,
+        # Answered again with the tools it was asked with, unless this request offers its own.
+        tools=tools if tools is not None else original.tools,
         stream=stream,
         regenerated_from=original.id,
     )
@@ -293,6 +314,7 @@ def finish_completion(
                 choice_index=c.index,
                 finish_reason=c.finish_reason,
                 completion_tokens=c.completion_tokens,
+                tool_calls=c.tool_calls,
             )
         )
     completion.status = status

@@ -14,7 +14,7 @@ from sqlmodel import Session
 
 from adapters.registry import Registry
 from service.api.deps import reject_unknown_query
-from service.api.middleware import BodyLimit, KeyCors
+from service.api.middleware import BodyLimit, JsonBody, KeyCors
 from service.api.protocol import V1_ERRORS, error_responses
 from service.api.routes import adapters, chat, feedback, health, models, operator, runs, web
 from service.auth import KeyStore, RateLimiter, VisitorIds, visitor_secret
@@ -258,6 +258,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         return keys.public_origins() if keys is not None else frozenset()
 
     # The last added is outermost: CORS headers go on the body limit's 413s too.
+    app.add_middleware(JsonBody)
     app.add_middleware(
         BodyLimit,
         max_bytes=settings.max_body_bytes,

@@ -43,6 +43,10 @@ class Message(SQLModel, table=True):
     parent_id: str | None = Field(default=None, foreign_key="message.id", index=True)
     role: str
     content: str = Field(sa_column=Column(Text, nullable=False))
+    # An assistant turn's tool calls (OpenAI's `tool_calls`; its content may then be ""), and
+    # a tool message's answered call.
+    tool_calls: list[dict[str, Any]] | None = Field(default=None, sa_column=Column(JSON))
+    tool_call_id: str | None = None
     # Set on assistant messages only: which completion (and which of its choices) wrote it.
     # Completion points back at Message, so this key is added after both tables exist (use_alter;
     # the migration does the same, under this name).
@@ -78,6 +82,8 @@ class Completion(SQLModel, table=True):
     # The adapter line it was routed to; feedback on it trains that segment only.
     segment: str = Field(default="default", index=True)
     params: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    # The tools offered with the prompt: {"tools": [...], "tool_choice": ...}; None: none.
+    tools: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     stream: bool = False
     status: str = Field(default="running", index=True)  # running|succeeded|failed|cancelled
     error: str | None = Field(default=None, sa_column=Column(Text))

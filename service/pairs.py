@@ -9,12 +9,13 @@ as excluded, so their keys stay known. Re-running it stores nothing twice.
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from sqlalchemy.engine import Engine as Database
 from sqlalchemy.exc import IntegrityError
@@ -53,6 +54,57 @@ def gate_config(settings: Settings) -> tp.GateConfig:
         min_rater_trust=settings.pairs_min_rater_trust,
         review_links=settings.pairs_review_links,
     )
+
+
+# Tool use as text, the way Hermes-style chat templates write it (and vLLM's `hermes` tool
+# parser reads it back): the trainer renders plain (role, content) turns with the base model's
+# own template, so a pair keeps the tools, calls and results it was answered with, and an
+# adapter trained on it learns to write calls the vLLM engine parses.
+TOOLS_PREAMBLE = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+    "{tools}\n</tools>\n\nFor each function call, return a json object with function name "
+    "and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+    '{{"name": <function-name>, "arguments": <args-json-object>}}\n</tool_call>'
+)
+
+
+def message_text(m: Message) -> str:
+    """A stored message's content with its tool calls written out as text."""
+    parts = [m.content] if m.content else []
+    for call in m.tool_calls or ():
+        fn = call.get("function") or {}
+        try:
+            args = json.loads(fn.get("arguments") or "{}")
+        except ValueError:  # the model's arguments need not parse: keep them as written
+            args = fn.get("arguments")
+        parts.append(
+            "<tool_call>\n"
+            + json.dumps({"name": fn.get("name"), "arguments": args})
+            + "\n</tool_call>"
+        )
+    return "\n".join(parts)
+
+
+def prompt_messages(path: list[Message], tools: dict[str, Any] | None) -> list[dict[str, str]]:
+    """A stored prompt as (role, content) turns: the offered tools in the system turn, a tool
+    result as a user turn (so the prompt still ends with a user turn), calls as text."""
+    out = []
+    for m in path:
+        if m.role == "tool":
+            out.append(
+                {"role": "user", "content": f"<tool_response>\n{m.content}\n</tool_response>"}
+            )
+        else:
+            out.append({"role": m.role, "content": message_text(m)})
+    offered = (tools or {}).get("tools")
+    if offered:
+        preamble = TOOLS_PREAMBLE.format(tools="\n".join(json.dumps(t) for t in offered))
+        if out and out[0]["role"] == "system":
+            out[0] = {"role": "system", "content": f"{out[0]['content']}\n\n{preamble}"}
+        else:
+            out.insert(0, {"role": "system", "content": preamble})
+    return out
 
 
 def _chunks(ids: Sequence[str], size: int = 500) -> Iterable[Sequence[str]]:
@@ -100,17 +152,14 @@ def load_signals(session: Session) -> tuple[list[tp.Answer], list[tp.Feedback]]:
     answers = []
     for message, completion in rows:
         by_id = tree[completion.conversation_id]
-        prompt = [
-            {"role": m.role, "content": m.content}
-            for m in path_to(by_id, completion.parent_message_id)
-        ]
+        prompt = prompt_messages(path_to(by_id, completion.parent_message_id), completion.tools)
         answers.append(
             tp.Answer(
                 message_id=message.id,
                 completion_id=completion.id,
                 parent_id=completion.parent_message_id,
                 prompt=prompt,
-                text=message.content,
+                text=message_text(message),
                 tenant=tenants[completion.conversation_id],
                 segment=completion.segment,
                 user_id=completion.user_id or "anonymous",

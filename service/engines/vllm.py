@@ -51,7 +51,7 @@ from service.core.errors import (
     OverloadedError,
     UpstreamUnavailableError,
 )
-from service.engines.base import ChoiceDelta, GenerationRequest
+from service.engines.base import ChoiceDelta, GenerationRequest, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,9 @@ class VLLMStream:
             body = json.loads(await self._response.aread())
             for choice in body.get("choices") or ():
                 choice["delta"] = choice.pop("message", None) or {}
+                # A whole answer's tool calls, as the one streamed piece of each call.
+                calls = choice["delta"].get("tool_calls") or ()
+                choice["delta"]["tool_calls"] = [{**c, "index": k} for k, c in enumerate(calls)]
             yield body
             return
         async for line in self._response.aiter_lines():
@@ -129,14 +132,17 @@ class VLLMStream:
                     # answer (always n=1, see VLLMEngine._payload): all of them.
                     if usage:
                         tokens[i] = max(tokens[i], usage.get("completion_tokens", 0))
-                    text = (choice.get("delta") or {}).get("content") or ""
+                    delta = choice.get("delta") or {}
+                    text = delta.get("content") or ""
                     finish = choice.get("finish_reason")
                     if finish == "abort":
                         raise BadGatewayError(f"vLLM at {url} aborted the request")
                     if finish is not None:
                         finished[i] = True
-                    if text or finish is not None:
-                        yield ChoiceDelta(i, text, finish, tokens[i])
+                    logprobs = _logprobs(choice.get("logprobs"))
+                    calls = tuple(delta.get("tool_calls") or ())
+                    if text or finish is not None or logprobs or calls:
+                        yield ChoiceDelta(i, text, finish, tokens[i], logprobs, calls)
         except httpx.TimeoutException as exc:
             raise GatewayTimeoutError(
                 f"vLLM at {url} sent nothing for {self._engine.read_timeout:.0f}s; "
@@ -160,6 +166,10 @@ class VLLMStream:
 
 
 class VLLMEngine:
+    # Passed through; vLLM needs `--enable-auto-tool-choice --tool-call-parser ...` for
+    # `tool_choice: "auto"` (named and "required" choices work without).
+    supports_tools = True
+
     def __init__(
         self,
         urls: list[str],
@@ -469,6 +479,12 @@ class VLLMEngine:
             body["logit_bias"] = {str(k): v for k, v in p.logit_bias.items()}
         if p.response_format:  # vLLM's structured outputs (xgrammar, guidance) honour it
             body["response_format"] = p.response_format
+        if p.logprobs is not None:
+            body["logprobs"], body["top_logprobs"] = True, p.logprobs
+        if request.tools:
+            body["tools"] = request.tools
+        if request.tool_choice is not None:
+            body["tool_choice"] = request.tool_choice
         return body
 
     async def generate(self, request: GenerationRequest) -> VLLMStream:
@@ -552,6 +568,18 @@ class VLLMEngine:
             )
         states = ", ".join(f"{r.url} {r.state}" for r in self.replicas)
         return UpstreamUnavailableError(f"no vLLM replica can take the request ({states}); retry")
+
+
+def _logprobs(logprobs: dict[str, Any] | None) -> tuple[TokenLogprob, ...]:
+    """vLLM's `choices[].logprobs` (OpenAI's shape) as the engine's records."""
+    return tuple(
+        TokenLogprob(
+            e["token"],
+            e["logprob"],
+            tuple((t["token"], t["logprob"]) for t in e.get("top_logprobs") or ()),
+        )
+        for e in (logprobs or {}).get("content") or ()
+    )
 
 
 class _TryAnother(Exception):

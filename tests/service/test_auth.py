@@ -170,6 +170,10 @@ def test_tenants_never_see_each_other(live: Live, keys: Keys) -> None:
     ids = lambda r: [m["id"] for m in r.json()["data"]]  # noqa: E731
     assert ids(live.http.get("/v1/models", headers=a_user)) == ["acme"]
     assert "acme" not in ids(live.http.get("/v1/models", headers=d_user))
+    # One model's card follows the same rules: another tenant's is a 404, as if it did not exist.
+    assert live.http.get("/v1/models/acme", headers=a_user).json()["id"] == "acme"
+    r = live.http.get("/v1/models/acme", headers=d_user)
+    assert r.status_code == 404 and error(r)["code"] == "model_not_found"
 
     for key, answer in ((a_user, a_answer), (d_user, d_answer)):
         r = live.http.post(

@@ -259,8 +259,13 @@ BAD_REQUESTS = [
     ({"messages": FRANCE, "n": 50}, 400, "n"),
     ({"messages": FRANCE, "stop": [""]}, 400, "stop"),
     ({"messages": FRANCE, "stop": ["x" * 257]}, 400, "stop"),
-    ({"messages": FRANCE, "logprobs": True}, 400, "logprobs"),
-    ({"messages": FRANCE, "tools": [{"type": "function"}]}, 400, "tools"),
+    ({"messages": FRANCE, "top_logprobs": 2}, 400, "top_logprobs"),  # needs logprobs: true
+    # The embedded engine: tools need vLLM.
+    (
+        {"messages": FRANCE, "tools": [{"type": "function", "function": {"name": "f"}}]},
+        400,
+        "tools",
+    ),
     ({"messages": FRANCE, "model": "gpt-17"}, 404, "model"),
     ({"messages": FRANCE, "conversation_id": "conv-nope"}, 404, "conversation_id"),
     ({"messages": FRANCE, "parent_id": "msg-nope"}, 400, "parent_id"),

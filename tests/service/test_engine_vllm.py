@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from typing import Any
 
 import httpx
 import jsonschema
+import openai
 import pytest
 from sqlmodel import Session, create_engine, select
 
@@ -26,7 +28,7 @@ from service.core.config import Settings
 from service.core.db import init_db, make_engine
 from service.engines.vllm import VLLMEngine, fleet_asleep, upstream_name
 from service.main import create_app
-from service.models import Completion
+from service.models import Completion, Message
 from service.vllm_dev import ServerSpec, VLLMServer, install_venv, thread_binds
 from tests.conftest import TEST_HOME, make_adapter
 from tests.servers import free_port, serve_thread
@@ -324,6 +326,115 @@ def test_response_format_is_forwarded_to_vllm(gateway: Gateway, fleet: Fleet) ->
     err = r.json()["error"]
     assert err["type"] == "invalid_request_error" and "foo" in err["message"], err
     assert len(failed()) == before + 1
+
+
+# --- logprobs and tools ------------------------------------------------------------------------
+def test_logprobs_are_vllms_in_openais_shape(gateway: Gateway, fleet: Fleet) -> None:
+    direct = httpx.post(
+        f"{fleet.urls[0]}/v1/chat/completions",
+        json={"model": MODEL, "messages": FRANCE, "max_tokens": 8, "temperature": 0,
+              "logprobs": True, "top_logprobs": 3},
+        timeout=120,
+    ).json()["choices"][0]["logprobs"]["content"]  # fmt: skip
+    r = gateway.chat(FRANCE, max_tokens=8, logprobs=True, top_logprobs=3)
+    assert r.status_code == 200, r.text
+    entries = r.json()["choices"][0]["logprobs"]["content"]
+    assert len(entries) == r.json()["usage"]["completion_tokens"]
+    for e in entries:
+        tops = e["top_logprobs"]
+        assert len(tops) == 3 and e["logprob"] <= 0 and e["bytes"] == list(e["token"].encode())
+        assert tops[0]["token"] == e["token"]  # greedy: the sampled token is the top-1
+        assert sum(math.exp(t["logprob"]) for t in tops) <= 1 + 1e-5
+    simple = lambda es: [(e["token"], round(e["logprob"], 3)) for e in es]  # noqa: E731
+    assert simple(entries) == simple(direct)
+
+    with gateway.http.stream(
+        "POST", "/v1/chat/completions",
+        json={"messages": FRANCE, "max_tokens": 8, "temperature": 0, "stream": True,
+              "logprobs": True, "top_logprobs": 3},
+    ) as streamed:  # fmt: skip
+        chunks, done = sse(streamed)
+    assert done
+    pieces = [e for c in chunks for ch in c["choices"] for e in (ch.get("logprobs") or {})
+              .get("content", [])]  # fmt: skip
+    assert simple(pieces) == simple(entries)
+
+    r = gateway.chat(FRANCE, top_logprobs=3)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                       "required": ["city"]},
+    },
+}  # fmt: skip
+ASK_WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def test_tool_calls_relayed_stored_continued_and_rated(gateway: Gateway) -> None:
+    """vLLM's `hermes` parser and tool_choice (the fleet runs with `--enable-auto-tool-choice`):
+    SmolLM2 does not call tools on its own, so "required" makes it (vLLM constrains the answer
+    to a call); "auto" still passes through and answers text."""
+    client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0)
+    r = client.chat.completions.create(
+        model=MODEL, messages=ASK_WEATHER, tools=[WEATHER], tool_choice="required",
+        max_tokens=80, temperature=0,
+    )  # fmt: skip
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather" and call.id
+
+    # Streamed: the call's pieces are relayed, and stored whole.
+    stream = client.chat.completions.create(
+        model=MODEL, messages=ASK_WEATHER, tools=[WEATHER], tool_choice="required",
+        max_tokens=80, temperature=0, stream=True,
+    )  # fmt: skip
+    chunks = list(stream)
+    pieces = [tc for chunk in chunks for c in chunk.choices for tc in c.delta.tool_calls or ()]
+    assert len(pieces) > 1 and pieces[0].function.name == "get_weather"
+    assert "".join(p.function.arguments or "" for p in pieces) == call.function.arguments
+    streamed = gateway.http.get(f"/v1/chat/completions/{chunks[0].id}").json()["choices"][0]
+    assert streamed["message"]["tool_calls"][0]["function"] == call.function.model_dump()
+
+    stored = gateway.completion(r.id)
+    assert stored.tools == {"tools": [WEATHER], "tool_choice": "required"}
+    with Session(create_engine(gateway.db_url)) as s:
+        answer = s.exec(select(Message).where(Message.completion_id == r.id)).one()
+    assert answer.tool_calls == [call.model_dump()] and answer.finish_reason == "tool_calls"
+
+    # The client runs the tool and sends its result: the conversation goes on from the call.
+    history = [*ASK_WEATHER, choice.message.model_dump(exclude_none=True),
+               {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}]  # fmt: skip
+    after = client.chat.completions.create(
+        model=MODEL, messages=history, tools=[WEATHER], tool_choice="auto", max_tokens=16,
+        temperature=0, extra_body={"conversation_id": r.model_extra["conversation_id"]},
+    )  # fmt: skip
+    assert after.choices[0].message.content and not after.choices[0].message.tool_calls
+    with Session(create_engine(gateway.db_url)) as s:
+        rows = s.exec(
+            select(Message).where(Message.conversation_id == r.model_extra["conversation_id"])
+        ).all()
+    assert [m.role for m in sorted(rows, key=lambda m: m.created_at)] == [
+        "user", "assistant", "tool", "assistant"
+    ]  # nothing stored twice  # fmt: skip
+    assert [m.tool_call_id for m in rows if m.role == "tool"] == [call.id]
+
+    # A regeneration answers with the tools its prompt was stored with.
+    again = client.chat.completions.create(
+        model=MODEL, messages=[], max_tokens=80, temperature=0, extra_body={"regenerate": r.id}
+    )
+    assert again.choices[0].finish_reason == "tool_calls"
+    assert gateway.completion(again.id).tools == stored.tools
+
+    # A tool call is an answer like any other: it can be rated.
+    fb = gateway.http.post("/v1/feedback", json={"completion_id": r.id, "rating": -1})
+    assert fb.status_code == 201, fb.text
+    assert fb.json()["message_id"] == answer.id
 
 
 # --- adapters ----------------------------------------------------------------------------------

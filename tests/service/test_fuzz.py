@@ -63,6 +63,7 @@ ID_FIELDS = {
     "completion_id": "completions", "regenerate": "completions", "version_id": "versions",
     "to": "versions", "pair_id": "pairs", "run_id": "runs", "item_id": "golden",
     "user_id": "users", "conversation_id": "conversations", "parent_id": "messages",
+    "model_id": "models",
 }  # fmt: skip
 
 
@@ -103,6 +104,7 @@ def seed(live: Live, auth: dict[str, str], tmp: Path) -> dict[str, list[str]]:
         item = {"prompt": f"Say {i}.", "checks": {"contains": [str(i)]}}
         assert http.put(f"/v1/operator/golden/g{i}", json=item, headers=auth).status_code == 200
         ids["golden"].append(f"g{i}")
+    ids["models"] = [m["id"] for m in http.get("/v1/models", headers=auth).json()["data"]]
     db = create_engine(live.db_url)
     ids["runs"] = [create_run(db, segment="default", trigger="api", actor="fuzz").id]
     return ids
