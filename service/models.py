@@ -17,7 +17,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, ForeignKey, Text, UniqueConstraint
+from sqlalchemy import JSON, Column, ForeignKey, Index, Text, UniqueConstraint, text
 from sqlmodel import AutoString, Field, SQLModel
 
 
@@ -243,3 +243,41 @@ class Tombstone(SQLModel, table=True):
     actor: str
     detail: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     created_at: datetime = Field(default_factory=utcnow)
+
+
+class Experiment(SQLModel, table=True):
+    """A live canary: a sticky `share` of a segment's end users is served the candidate version,
+    the rest the incumbent (None: the base model), until a sequential test on their feedback
+    promotes or rolls back the candidate, or it stops without a decision (`service.canary`).
+
+    At most one experiment per segment runs: a partial unique index, like the registry's one
+    active version per segment, makes the database refuse a second. `snapshot` is the last
+    decision's numbers (counts per arm, rates, the interval); `reason` says why it ended (or,
+    while running, what the last look found).
+    """
+
+    __table_args__ = (
+        Index(
+            "uq_experiment_one_running",
+            "segment",
+            unique=True,
+            sqlite_where=text("status = 'running'"),
+            postgresql_where=text("status = 'running'"),
+        ),
+    )
+
+    id: str = Field(default_factory=lambda: new_id("exp"), primary_key=True)
+    tenant: str = Field(default="default", index=True)
+    segment: str = Field(index=True)
+    candidate: str = Field(index=True)  # an adapter version id
+    incumbent: str | None = None  # the active version it started against; None: the base model
+    share: float  # of end users served the candidate, 0 < share < 1
+    policy: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    status: str = Field(default="running", index=True)  # running|promoted|rolled_back|stopped
+    reason: str | None = Field(default=None, sa_column=Column(Text))
+    snapshot: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    created_by: str = "system"
+    ended_by: str | None = None
+    started_at: datetime = Field(default_factory=utcnow, index=True)
+    decided_at: datetime | None = None  # the last look of the decision loop
+    ended_at: datetime | None = None
