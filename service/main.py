@@ -66,20 +66,23 @@ def build_engine(settings: Settings) -> Engine:
 
 
 async def _watch(app: FastAPI, settings: Settings) -> None:
-    """The live watch: roll back a promoted version whose thumbs-up rate dropped."""
+    """The live watch: roll back a promoted version whose thumbs-up rate dropped; then one look
+    at every running canary (promote, roll back, stop or continue). Every replica runs it: the
+    registry's fences and the experiments' conditional updates let one of them act."""
+    from service.canary import RUNNING, decide_all
     from service.lifecycle import watch_once
 
+    state = app.state
     while True:
         await asyncio.sleep(settings.watch_interval_seconds)
         try:
-            results = await asyncio.to_thread(
-                watch_once, app.state.db, app.state.registry, settings
-            )
+            results = await asyncio.to_thread(watch_once, state.db, state.registry, settings)
+            looks = await asyncio.to_thread(decide_all, state.db, state.registry)
         except Exception:  # noqa: BLE001 - try again next interval
             log.exception("the live watch failed")
             continue
-        if any(r.verdict.rollback for r in results):
-            app.state.router.kick()
+        if any(r.verdict.rollback for r in results) or any(e.status != RUNNING for e in looks):
+            state.router.kick()
 
 
 async def _start_engine(app: FastAPI, settings: Settings) -> None:

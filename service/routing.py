@@ -18,6 +18,12 @@ What the client names in ``model``: the base model's name serves the ``default``
 active version (the base model itself while there is none); a segment's name serves that
 segment's active version; a version id (``default@v3``) or a static adapter from
 ``PREFLOOP_LORA_ADAPTERS`` pins it, while it is loaded.
+
+Live canaries (`service.canary`): while a segment runs an experiment, its candidate version is
+loaded too (and unloaded once the experiment ends and no request holds it), and requests that
+name the segment are split per end user: `adapters.canary.assign(experiment, subject, share)`
+sends a sticky share of subjects to the candidate, the rest to the incumbent. A request without
+a subject, or one that pins a version by name, is not split.
 """
 
 from __future__ import annotations
@@ -25,10 +31,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
+from dataclasses import dataclass
 
+from adapters import canary
 from adapters.registry import DEFAULT_SEGMENT, AdapterVersion, Registry
+from service.canary import running as running_experiments
 from service.core.errors import ModelNotFoundError
 from service.engines.base import Engine
+from service.models import Experiment
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +60,16 @@ class Lease:
         self.release()
 
 
+@dataclass(frozen=True)
+class Split:
+    """A running experiment as the router applies it."""
+
+    experiment: str
+    candidate: str
+    incumbent: str | None  # the route it splits; another route (a promotion): no split
+    share: float
+
+
 class AdapterRouter:
     def __init__(
         self,
@@ -64,6 +84,7 @@ class AdapterRouter:
         self.registry = registry
         self.poll_seconds = poll_seconds
         self.routes: dict[str, str] = {}  # segment -> the version id new requests get
+        self.splits: dict[str, Split] = {}  # segment -> its running canary, candidate loaded
         self.synced = False  # the first sync ran: the active versions are loaded
         self.load_errors: dict[str, str] = {}  # version id -> why it could not be loaded
         self._managed: set[str] = set()  # versions this router loaded (and may unload)
@@ -73,9 +94,20 @@ class AdapterRouter:
         self._lock = asyncio.Lock()  # one sync at a time
 
     # --- requests ----------------------------------------------------------------------------
-    def lease(self, model: str | None) -> Lease:
-        """The adapter for a request's ``model``, held until the lease is released."""
+    def lease(self, model: str | None, subject: str | None = None) -> Lease:
+        """The adapter for a request's ``model``, held until the lease is released. `subject`:
+        the end user a running canary assigns to an arm (the same one every time)."""
         adapter, segment = self.resolve(model)
+        split = self.splits.get(segment)
+        if (
+            split is not None
+            and subject
+            and adapter == self.routes.get(segment)  # not a pinned version
+            and adapter == split.incumbent
+            and model not in (split.incumbent, split.candidate)
+            and canary.assign(split.experiment, subject, split.share)
+        ):
+            adapter = split.candidate
         if adapter is not None:
             self._inflight[adapter] += 1
         return Lease(self, adapter, segment)
@@ -98,7 +130,7 @@ class AdapterRouter:
         self._inflight[adapter] -= 1
         if self._inflight[adapter] <= 0:
             del self._inflight[adapter]
-            if adapter in self._managed and adapter not in self.routes.values():
+            if adapter in self._managed and adapter not in self._routed():
                 self._kick.set()  # the last holder of a replaced version: unload it now
 
     def models(self) -> list[str]:
@@ -116,7 +148,10 @@ class AdapterRouter:
     async def sync(self) -> None:
         async with self._lock:
             active = await asyncio.to_thread(self.registry.active)
+            experiments = await asyncio.to_thread(running_experiments, self.registry.db)
             await self._apply(active)
+            await self._split(experiments)
+            await self._unload_idle()
             self.synced = True
 
     async def _apply(self, active: dict[str, AdapterVersion]) -> None:
@@ -141,10 +176,37 @@ class AdapterRouter:
                 "segment %s now served by the base model (was %s)", segment, self.routes[segment]
             )
             del self.routes[segment]
-        await self._unload_idle()
+
+    async def _split(self, experiments: list[Experiment]) -> None:
+        """Load each running experiment's candidate, then split its segment."""
+        splits = {}
+        for exp in experiments:
+            if exp.candidate not in self.engine.adapters():
+                try:
+                    version = await asyncio.to_thread(self.registry.get, exp.candidate)
+                    await self.engine.load_adapter(version.id, version.path)
+                except Exception as exc:  # noqa: BLE001 - no split: everyone gets the incumbent
+                    if self.load_errors.get(exp.candidate) is None:
+                        log.error("cannot load canary %s: %s", exp.candidate, exc)
+                    self.load_errors[exp.candidate] = f"{type(exc).__name__}: {exc}"
+                    continue
+                self._managed.add(exp.candidate)
+                self.load_errors.pop(exp.candidate, None)
+            splits[exp.segment] = Split(exp.id, exp.candidate, exp.incumbent, exp.share)
+        for segment in set(splits) - set(self.splits):
+            log.info(
+                "segment %s: canary %s on %s",
+                segment,
+                splits[segment].candidate,
+                f"{splits[segment].share:.0%}",
+            )
+        self.splits = splits
+
+    def _routed(self) -> set[str]:
+        return set(self.routes.values()) | {s.candidate for s in self.splits.values()}
 
     async def _unload_idle(self) -> None:
-        routed = set(self.routes.values())
+        routed = self._routed()
         for name in sorted(self._managed - routed):
             if self._inflight[name] > 0:
                 continue  # still finishing requests; the last release kicks another sync
@@ -162,6 +224,7 @@ class AdapterRouter:
     async def release_all(self) -> None:
         """Unload every version this router loaded (an engine shared with another app)."""
         self.routes.clear()
+        self.splits.clear()
         self._inflight.clear()
         await self._unload_idle()
 

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from adapters.canary import CanaryPolicy
 from adapters.gate import GateThresholds
 from adapters.registry import Retention
 from adapters.watch import WatchConfig
@@ -176,7 +177,21 @@ class Settings(BaseSettings):
         description="Live watch (automatic rollback), e.g. PREFLOOP_WATCH__MIN_VOTES=50.",
     )
     watch_interval_seconds: float = Field(
-        default=10.0, ge=0.0, description="How often the live watch runs; 0 turns it off."
+        default=10.0,
+        ge=0.0,
+        description="How often the live watch (and the canary decision loop) runs; 0 turns it off.",
+    )
+    canary_share: float = Field(
+        default=0.0,
+        ge=0.0,
+        lt=1.0,
+        description="A refresh whose candidate passes the gate serves it to this share of the "
+        "segment's users (a live canary) instead of promoting it; 0: promote at once.",
+    )
+    canary: CanaryPolicy = Field(
+        default_factory=CanaryPolicy,
+        description="The live canary's test, e.g. PREFLOOP_CANARY__MARGIN=0.02, "
+        "PREFLOOP_CANARY__MIN_OUTCOMES=100.",
     )
 
     # --- the refresh loop (scheduler, one refresh)

@@ -59,7 +59,10 @@ async def create_chat_completion(
 ) -> ChatCompletionResponse | StreamingResponse:
     # The lease keeps the adapter loaded until this request's generation is over, even if a
     # promotion flips the route meanwhile (see service.routing).
-    lease = adapters.lease(body.model)
+    # A running canary splits the segment per end user: the widget's server-issued visitor,
+    # else the caller's `user`, else the key (see service.routing).
+    subject = principal.visitor_user or body.user or principal.key_id
+    lease = adapters.lease(body.model, subject)
     if not body.stream:
         try:
             plan = _plan(request, body, settings, engine, lease, principal)

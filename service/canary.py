@@ -1,0 +1,370 @@
+"""Live canaries: prove an approved adapter version on real traffic before it serves everyone.
+
+An experiment (`service.models.Experiment`) serves a sticky `share` of a segment's end users
+the candidate version and the rest the incumbent (the segment's active version, or the base
+model); `service.routing` splits the requests, so each stored completion's `adapter_version`
+says which arm answered. Every look (`decide_once`, run by the live watch's loop) counts each
+arm's answers, thumbs and regenerations since the start and asks `adapters.canary.decide`:
+
+    continue   keep going (the snapshot records what the look saw)
+    promote    the registry promotes the candidate, fenced on the incumbent: if another version
+               became active meanwhile nothing is promoted and the experiment ends `stopped`
+    rollback   the registry rejects the candidate (the incumbent never stopped serving)
+    stop       no decision (too long, too many outcomes): the incumbent stays
+
+Operators can stop, promote or roll back by hand; every end is audited (an `OperatorAction`
+row, and the registry's `AdapterEvent`s) with its actor.
+
+Fleet safety: every replica runs the loop, so ending an experiment first claims its row with a
+conditional UPDATE (`status = 'running'` -> `stopped`): one process wins and acts, the others
+find it ended. The claim says `stopped` until the registry has acted, so a crash in between
+leaves the safe truth (the incumbent serves, nothing was promoted).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import case, func, or_, update
+from sqlalchemy.engine import Engine as Database
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import aliased
+from sqlmodel import Session, col, select
+
+from adapters import canary as stats
+from adapters.registry import APPROVED, REJECTED, Registry, RegistryError, as_utc
+from service.core.config import Settings
+from service.core.db import session_scope
+from service.core.errors import ConflictError, InvalidRequestError, NotFoundError
+from service.models import Completion, Experiment, Feedback, OperatorAction, utcnow
+
+log = logging.getLogger(__name__)
+
+RUNNING, PROMOTED, ROLLED_BACK, STOPPED = "running", "promoted", "rolled_back", "stopped"
+STATUSES = (RUNNING, PROMOTED, ROLLED_BACK, STOPPED)
+ENDED_BY_ACTION = {"promote": PROMOTED, "rollback": ROLLED_BACK, "stop": STOPPED}
+
+
+# --- reading -----------------------------------------------------------------------------------
+def get(db: Database, experiment_id: str) -> Experiment:
+    with Session(db, expire_on_commit=False) as s:
+        row = s.get(Experiment, experiment_id)
+    if row is None:
+        raise NotFoundError(f"no experiment {experiment_id!r}", code="experiment_not_found")
+    return row
+
+
+def list_experiments(
+    db: Database,
+    *,
+    tenant: str | None = None,
+    segment: str | None = None,
+    status: str | None = None,
+    limit: int = 100,
+) -> list[Experiment]:
+    """Experiments, newest first; `tenant` None: every tenant's."""
+    q = select(Experiment)
+    for column, value in ((Experiment.tenant, tenant), (Experiment.segment, segment)):
+        if value is not None:
+            q = q.where(column == value)
+    if status is not None:
+        q = q.where(Experiment.status == status)
+    q = q.order_by(col(Experiment.started_at).desc()).limit(limit)
+    with Session(db, expire_on_commit=False) as s:
+        return list(s.exec(q).all())
+
+
+def running(db: Database) -> list[Experiment]:
+    return list_experiments(db, status=RUNNING, limit=10_000)
+
+
+def policy_of(experiment: Experiment) -> stats.CanaryPolicy:
+    known = {f.name for f in dataclasses.fields(stats.CanaryPolicy)}
+    return stats.CanaryPolicy(**{k: v for k, v in experiment.policy.items() if k in known})
+
+
+def resolve_policy(settings: Settings, overrides: dict[str, Any] | None) -> stats.CanaryPolicy:
+    """The settings' policy (PREFLOOP_CANARY__*) with a request's overrides."""
+    known = {f.name for f in dataclasses.fields(stats.CanaryPolicy)}
+    unknown = sorted(set(overrides or {}) - known)
+    if unknown:
+        raise InvalidRequestError(
+            f"unknown policy field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}",
+            param="policy",
+        )
+    return dataclasses.replace(settings.canary, **(overrides or {}))
+
+
+# --- starting ----------------------------------------------------------------------------------
+def start(
+    db: Database,
+    registry: Registry,
+    settings: Settings,
+    *,
+    candidate: str,
+    actor: str,
+    share: float | None = None,
+    policy: dict[str, Any] | None = None,
+    expect_incumbent: str | None | object = ...,
+) -> Experiment:
+    """Start serving `candidate` (approved by the gate) to `share` of its segment's users beside
+    the active version. `expect_incumbent` (a version id, None for the base model): the
+    version the caller compared it with; another active one is a conflict."""
+    share = settings.canary_share if share is None else share
+    if not 0.0 < share < 1.0:
+        raise InvalidRequestError(f"share must lie between 0 and 1, not {share}", param="share")
+    resolved = resolve_policy(settings, policy)
+    row = registry.get(candidate)
+    if row.status != APPROVED:
+        raise ConflictError(
+            f"{candidate} is {row.status}; only a version the gate approved can be canaried",
+            code="candidate_not_approved",
+        )
+    active = registry.active().get(row.segment)
+    incumbent = active.id if active is not None else None
+    if expect_incumbent is not ... and expect_incumbent != incumbent:
+        raise ConflictError(
+            f"{row.segment!r} is served by {incumbent or 'the base model'}, not "
+            f"{expect_incumbent or 'the base model'}",
+            code="incumbent_changed",
+        )
+    experiment = Experiment(
+        tenant=settings.tenant_of(row.segment),
+        segment=row.segment,
+        candidate=candidate,
+        incumbent=incumbent,
+        share=share,
+        policy=dataclasses.asdict(resolved),
+        created_by=actor,
+        reason="started",
+    )
+    try:
+        with session_scope(db) as s:
+            s.add(experiment)
+            s.flush()  # the one-running-per-segment index refuses a second one here
+            s.add(_audit(actor, "start", experiment, {"share": share, "incumbent": incumbent}))
+    except IntegrityError as exc:
+        other = list_experiments(db, segment=row.segment, status=RUNNING, limit=1)
+        raise ConflictError(
+            f"segment {row.segment!r} already runs experiment "
+            f"{other[0].id if other else '(another)'}; stop it first",
+            code="experiment_running",
+        ) from exc
+    log.info("canary %s: %s on %.0f%% of %s", experiment.id, candidate, share * 100, row.segment)
+    return experiment
+
+
+def _audit(actor: str, action: str, exp: Experiment, detail: dict[str, Any]) -> OperatorAction:
+    return OperatorAction(
+        actor=actor,
+        action=f"canary.{action}",
+        target_ids=[exp.id, exp.candidate],
+        detail={"segment": exp.segment, **detail},
+    )
+
+
+# --- the arms' signals -------------------------------------------------------------------------
+def arm_stats(db: Database, exp: Experiment) -> tuple[stats.ArmStats, stats.ArmStats]:
+    """(candidate, incumbent): answers served in the segment since the start (until the end),
+    thumbs on them, and how many of them the user regenerated. Requests that pinned a version by
+    name were not assigned by the split and are left out."""
+    served = col(Completion.adapter_version)
+    where = [
+        Completion.segment == exp.segment,
+        Completion.created_at >= exp.started_at,
+        Completion.status == "succeeded",
+        # A pinned request (model = a version id) chose its arm itself.
+        or_(served.is_(None), Completion.model != Completion.adapter_version),
+        served.is_(None) if exp.incumbent is None else served == exp.incumbent,
+    ]
+    where[-1] = or_(where[-1], served == exp.candidate)
+    if exp.ended_at is not None:
+        where.append(Completion.created_at <= exp.ended_at)
+    later = aliased(Completion)
+    regenerated = select(later.id).where(later.regenerated_from == Completion.id).exists()
+    with Session(db) as s:
+        rows = s.exec(
+            select(served, func.count(), func.sum(case((regenerated, 1), else_=0)))
+            .where(*where)
+            .group_by(served)
+        ).all()
+        votes = s.exec(
+            select(served, Feedback.value, func.count())
+            .join(Feedback, col(Feedback.completion_id) == Completion.id)
+            .where(*where, Feedback.kind == "thumbs", Feedback.author_role == "user")
+            .group_by(served, Feedback.value)
+        ).all()
+    answers = {v: (n, int(r or 0)) for v, n, r in rows}
+
+    def arm(version: str | None) -> stats.ArmStats:
+        n, regen = answers.get(version, (0, 0))
+        up = sum(c for v, value, c in votes if v == version and value > 0)
+        down = sum(c for v, value, c in votes if v == version and value < 0)
+        return stats.ArmStats(answers=n, up=up, down=down, regenerated=regen)
+
+    return arm(exp.candidate), arm(exp.incumbent)
+
+
+def snapshot(
+    cand: stats.ArmStats, inc: stats.ArmStats, decision: stats.Decision, hours: float
+) -> dict[str, Any]:
+    """What one look saw, kept with the experiment (JSON)."""
+    return {
+        "candidate": dataclasses.asdict(cand),
+        "incumbent": dataclasses.asdict(inc),
+        "action": decision.action,
+        "reason": decision.reason,
+        "candidate_rate": decision.candidate_rate,
+        "incumbent_rate": decision.incumbent_rate,
+        "difference": decision.difference,
+        "interval": list(decision.interval),
+        "outcomes": list(decision.outcomes),
+        "elapsed_hours": round(hours, 4),
+        "at": utcnow().isoformat(),
+    }
+
+
+def look(db: Database, exp: Experiment) -> tuple[stats.Decision, dict[str, Any]]:
+    """The test's verdict on the experiment's counts now (nothing is acted on or stored)."""
+    cand, inc = arm_stats(db, exp)
+    hours = elapsed_hours(exp)
+    decision = stats.decide(cand, inc, policy_of(exp), hours)
+    return decision, snapshot(cand, inc, decision, hours)
+
+
+# --- deciding ----------------------------------------------------------------------------------
+def decide_once(
+    db: Database, registry: Registry, experiment_id: str, *, actor: str = "canary"
+) -> Experiment:
+    """One look at a running experiment, acted on. Safe to run in every replica at once."""
+    exp = get(db, experiment_id)
+    if exp.status != RUNNING:
+        return exp
+    fence = _fence(registry, exp)
+    if fence is not None:  # the comparison no longer means anything: end without a decision
+        return _end(db, registry, exp, "stop", fence, exp.snapshot, actor)
+    decision, snap = look(db, exp)
+    if decision.action == "continue":
+        with session_scope(db) as s:
+            s.exec(
+                update(Experiment)
+                .where(col(Experiment.id) == exp.id, col(Experiment.status) == RUNNING)
+                .values(snapshot=snap, reason=decision.reason, decided_at=utcnow())
+            )
+        return get(db, exp.id)
+    return _end(db, registry, exp, decision.action, decision.reason, snap, actor)
+
+
+def _fence(registry: Registry, exp: Experiment) -> str | None:
+    """Why the experiment can no longer decide (its incumbent or candidate changed), or None."""
+    active = registry.active().get(exp.segment)
+    current = active.id if active is not None else None
+    if current != exp.incumbent:
+        return (
+            f"the incumbent changed: {exp.segment!r} is now served by "
+            f"{current or 'the base model'}, not {exp.incumbent or 'the base model'}, which "
+            f"{exp.candidate} was compared with; not promoted"
+        )
+    status = registry.get(exp.candidate).status
+    if status != APPROVED:
+        return f"{exp.candidate} became {status} outside the experiment"
+    return None
+
+
+def decide_all(db: Database, registry: Registry, *, actor: str = "canary") -> list[Experiment]:
+    """`decide_once` for every running experiment (the live watch's loop calls it)."""
+    results = []
+    for exp in running(db):
+        try:
+            results.append(decide_once(db, registry, exp.id, actor=actor))
+        except Exception:  # noqa: BLE001 - one broken experiment must not stall the others
+            log.exception("canary %s: the look failed", exp.id)
+    return results
+
+
+def _end(
+    db: Database,
+    registry: Registry,
+    exp: Experiment,
+    action: str,
+    reason: str,
+    snap: dict[str, Any] | None,
+    actor: str,
+) -> Experiment:
+    """Claim the experiment (only one process can), act through the registry, record it."""
+    now = utcnow()
+    with session_scope(db) as s:
+        claimed = s.exec(
+            update(Experiment)
+            .where(col(Experiment.id) == exp.id, col(Experiment.status) == RUNNING)
+            .values(
+                status=STOPPED,
+                reason=f"deciding ({action}): {reason}",
+                snapshot=snap,
+                ended_at=now,
+                ended_by=actor,
+                decided_at=now,
+            )
+        ).rowcount
+    if claimed != 1:
+        raise ConflictError(f"experiment {exp.id} already ended", code="experiment_ended")
+    status, outcome = ENDED_BY_ACTION[action], reason
+    try:
+        if action == "promote":
+            registry.promote(
+                exp.candidate,
+                actor=actor,
+                reason=f"canary {exp.id}: {reason}",
+                expect_active=exp.incumbent,
+            )
+        elif action == "rollback":
+            registry.transition(
+                exp.candidate, REJECTED, actor=actor, reason=f"canary {exp.id}: {reason}"
+            )
+    except RegistryError as exc:  # fenced: the incumbent (or the candidate) changed meanwhile
+        status, outcome = STOPPED, f"not {ENDED_BY_ACTION[action].replace('_', ' ')}: {exc}"
+    with session_scope(db) as s:
+        row = s.get(Experiment, exp.id)
+        row.status, row.reason = status, outcome
+        s.add(row)
+        s.add(_audit(actor, action, row, {"status": status, "reason": outcome}))
+    log.warning("canary %s ended %s by %s: %s", exp.id, status, actor, outcome)
+    return get(db, exp.id)
+
+
+# --- operators ---------------------------------------------------------------------------------
+def act(
+    db: Database,
+    registry: Registry,
+    experiment_id: str,
+    action: str,
+    *,
+    actor: str,
+    reason: str | None = None,
+) -> Experiment:
+    """An operator ends a running experiment: stop (the incumbent stays), promote the candidate
+    now (fenced on the incumbent), or roll it back (reject it). 409 once it has ended."""
+    if action not in ENDED_BY_ACTION:
+        raise InvalidRequestError(f"unknown action {action!r}", param="action")
+    exp = get(db, experiment_id)
+    if exp.status != RUNNING:
+        raise ConflictError(
+            f"experiment {exp.id} already ended ({exp.status}): {exp.reason}",
+            code="experiment_ended",
+        )
+    if action == "promote" and (fence := _fence(registry, exp)) is not None:
+        raise ConflictError(fence, code="incumbent_changed")
+    _, snap = look(db, exp)
+    why = f"{action} by {actor}" + (f": {reason}" if reason else "")
+    ended = _end(db, registry, exp, action, why, {**snap, "by_hand": True}, actor)
+    if ended.status != ENDED_BY_ACTION[action]:
+        raise ConflictError(ended.reason or "not done", code="concurrent_change")
+    return ended
+
+
+def elapsed_hours(exp: Experiment, now: datetime | None = None) -> float:
+    end = as_utc(exp.ended_at) or now or utcnow()
+    return (end - as_utc(exp.started_at)).total_seconds() / 3600
