@@ -16,7 +16,17 @@ from adapters.registry import Registry
 from service.api.deps import reject_unknown_query
 from service.api.middleware import BodyLimit, JsonBody, KeyCors
 from service.api.protocol import V1_ERRORS, error_responses
-from service.api.routes import adapters, chat, feedback, health, models, operator, runs, web
+from service.api.routes import (
+    adapters,
+    chat,
+    experiments,
+    feedback,
+    health,
+    models,
+    operator,
+    runs,
+    web,
+)
 from service.auth import KeyStore, RateLimiter, VisitorIds, visitor_secret
 from service.core.config import Settings, get_settings
 from service.core.db import GroupCommit, init_db, make_engine
@@ -271,7 +281,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     install_error_handlers(app)
     app.add_middleware(RequestMiddleware)  # request ids, HTTP metrics (service/observability.py)
     app.include_router(health.router, responses=error_responses(503))
-    for api in (models, chat, feedback, operator, adapters, runs):
+    for api in (models, chat, feedback, operator, adapters, runs, experiments):
         app.include_router(
             api.router, responses=V1_ERRORS, dependencies=[Depends(reject_unknown_query)]
         )

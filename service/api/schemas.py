@@ -261,6 +261,94 @@ class RollbackRequest(BaseModel):
     reason: str | None = Field(default=None, max_length=2000)
 
 
+# --- live canaries (experiments) --------------------------------------------------------------
+
+
+class StartExperiment(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    candidate: str = Field(max_length=128, description="An approved version id, e.g. default@v4.")
+    share: float | None = Field(
+        default=None,
+        gt=0.0,
+        lt=1.0,
+        description="The share of the segment's end users served the candidate (sticky per "
+        "user). Default: PREFLOOP_CANARY_SHARE.",
+    )
+    policy: dict[str, float] | None = Field(
+        default=None,
+        description="Overrides of the test's policy (PREFLOOP_CANARY__*): margin, alpha, "
+        "min_outcomes, max_outcomes, max_hours.",
+    )
+    expect_incumbent: str | None = Field(
+        default=None,
+        max_length=128,
+        description='The version you expect the candidate to compete with ("base": the base '
+        "model). If another is active, nothing starts and the answer is 409.",
+    )
+
+
+class ExperimentAction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str | None = Field(default=None, max_length=2000)
+
+
+class ExperimentPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    tenant: str
+    segment: str
+    candidate: str
+    incumbent: str | None = Field(description="None: the base model.")
+    share: float
+    policy: dict[str, Any]
+    status: Literal["running", "promoted", "rolled_back", "stopped"]
+    reason: str | None = Field(description="Why it ended; while running, the last look's word.")
+    snapshot: dict[str, Any] | None = Field(description="The last look's counts and interval.")
+    created_by: str
+    ended_by: str | None
+    started_at: datetime
+    decided_at: datetime | None
+    ended_at: datetime | None
+
+
+class ExperimentList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ExperimentPublic]
+
+
+class ArmPublic(BaseModel):
+    arm: Literal["candidate", "incumbent"]
+    version: str | None = Field(description="None: the base model.")
+    answers: int
+    up: int
+    down: int
+    regenerated: int
+    rate: float = Field(description="The rate the test compares (see `decision.outcomes`).")
+
+
+class DecisionPublic(BaseModel):
+    action: Literal["continue", "promote", "rollback", "stop"]
+    reason: str
+    candidate_rate: float
+    incumbent_rate: float
+    difference: float
+    interval: tuple[float, float] = Field(
+        description="Always-valid confidence interval of candidate - incumbent."
+    )
+    outcomes: tuple[int, int]
+
+
+class ExperimentDetail(ExperimentPublic):
+    arms: list[ArmPublic]
+    decision: DecisionPublic = Field(
+        description="The test on the counts now (up to the end for an ended experiment)."
+    )
+    elapsed_hours: float
+
+
 class RollbackResult(BaseModel):
     segment: str
     active: str | None = Field(description="The version now active; null: the base model.")
