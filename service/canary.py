@@ -113,6 +113,11 @@ def start(
     """Start serving `candidate` (approved by the gate) to `share` of its segment's users beside
     the active version. `expect_incumbent` (a version id, None for the base model): the
     version the caller compared it with; another active one is a conflict."""
+    if share is None and not settings.canary_share:
+        raise InvalidRequestError(
+            "name the share of users to serve the candidate (PREFLOOP_CANARY_SHARE is 0)",
+            param="share",
+        )
     share = settings.canary_share if share is None else share
     if not 0.0 < share < 1.0:
         raise InvalidRequestError(f"share must lie between 0 and 1, not {share}", param="share")

@@ -102,15 +102,19 @@ class AdapterRouter:
         if (
             split is not None
             and subject
-            and adapter == self.routes.get(segment)  # not a pinned version
-            and adapter == split.incumbent
-            and model not in (split.incumbent, split.candidate)
+            and adapter == split.incumbent  # the route it split: no promotion since
+            and not self._pinned(model)
             and canary.assign(split.experiment, subject, split.share)
         ):
             adapter = split.candidate
         if adapter is not None:
             self._inflight[adapter] += 1
         return Lease(self, adapter, segment)
+
+    def _pinned(self, model: str | None) -> bool:
+        """Does ``model`` name a version (not the base model's or a segment's name)?"""
+        named = (None, "", self.engine.model_name, *self.segments, *self.routes)
+        return model not in named
 
     def resolve(self, model: str | None) -> tuple[str | None, str]:
         """(the adapter to use, its segment) for a request's ``model``."""
