@@ -44,7 +44,8 @@ bound that holds for both directions and any monitoring schedule.
 Caveats stated, not hidden: the guarantee is as good as the normal approximation (hence
 `min_outcomes`; rates near 0 or 1 use Laplace-smoothed rates in V so that V is never 0), and it
 treats outcomes as independent. Several answers from the same person are not: pass each arm's
-per-subject counts (`combine`) and V becomes cluster-robust (never below the binomial V).
+per-subject counts (`combine`) and V becomes cluster-robust (the delta-method variance of a
+ratio estimator over end users, never below the binomial V).
 """
 
 from __future__ import annotations
@@ -57,6 +58,17 @@ from typing import Literal
 
 
 @dataclass(frozen=True)
+class Clusters:
+    """Sums over an arm's end users of their (successes s, trials n): what cluster-robust V
+    needs, in O(1) space. `combine` builds it; the service may also sum it in SQL."""
+
+    subjects: int  # end users with at least one outcome
+    ss: int  # sum of s^2
+    sn: int  # sum of s * n
+    nn: int  # sum of n^2
+
+
+@dataclass(frozen=True)
 class ArmStats:
     """One arm's live signals since the experiment started."""
 
@@ -64,8 +76,7 @@ class ArmStats:
     up: int  # thumbs up on them
     down: int  # thumbs down on them
     regenerated: int  # of them, answers whose prompt the user asked to regenerate
-    # Optional: (successes, trials) of each end user, from `combine`; makes V cluster-robust.
-    subjects: tuple[tuple[int, int], ...] = ()
+    clusters: Clusters | None = None  # optional, from `combine`: makes V cluster-robust
 
 
 @dataclass(frozen=True)
@@ -114,12 +125,18 @@ def outcomes(arm: ArmStats) -> tuple[int, int]:
 def combine(per_subject: Iterable[ArmStats]) -> ArmStats:
     """One arm's stats from each end user's own stats, keeping what cluster-robust V needs."""
     rows = list(per_subject)
+    pairs = [outcomes(r) for r in rows]
     return ArmStats(
         answers=sum(r.answers for r in rows),
         up=sum(r.up for r in rows),
         down=sum(r.down for r in rows),
         regenerated=sum(r.regenerated for r in rows),
-        subjects=tuple(outcomes(r) for r in rows if outcomes(r)[1]),
+        clusters=Clusters(
+            subjects=sum(1 for _, n in pairs if n),
+            ss=sum(s * s for s, _ in pairs),
+            sn=sum(s * n for s, n in pairs),
+            nn=sum(n * n for _, n in pairs),
+        ),
     )
 
 
@@ -131,12 +148,12 @@ def variance(arm: ArmStats) -> float:
         return math.inf
     p = (s + 1) / (n + 2)
     binomial = p * (1 - p) / n
-    k = len(arm.subjects)
-    if k < 2:
+    c = arm.clusters
+    if c is None or c.subjects < 2:
         return binomial
     rate = s / n
-    squares = sum((si - rate * ni) ** 2 for si, ni in arm.subjects)
-    return max(binomial, squares * k / (k - 1) / n**2)
+    squares = c.ss - 2 * rate * c.sn + rate * rate * c.nn  # sum of (s_u - rate * n_u)^2
+    return max(binomial, squares * c.subjects / (c.subjects - 1) / n**2)
 
 
 def half_width(v: float, tau: float, alpha: float) -> float:

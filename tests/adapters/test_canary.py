@@ -18,6 +18,7 @@ import pytest
 from adapters.canary import (
     ArmStats,
     CanaryPolicy,
+    Clusters,
     assign,
     combine,
     decide,
@@ -202,7 +203,8 @@ def test_per_subject_counts_widen_the_interval_when_users_are_consistent() -> No
     information of about 20 people. The cluster-robust interval is far wider than the binomial."""
     likes, dislikes = arm(20, 0), arm(0, 20)
     clustered = combine([likes] * 10 + [dislikes] * 10)
-    assert (clustered.up, clustered.down, len(clustered.subjects)) == (200, 200, 20)
+    assert (clustered.up, clustered.down) == (200, 200)
+    assert clustered.clusters == Clusters(subjects=20, ss=4000, sn=4000, nn=8000)
     flat = arm(200, 200)
     low_flat, _ = interval(flat, flat, CanaryPolicy())
     low_clustered, _ = interval(clustered, clustered, CanaryPolicy())
