@@ -186,6 +186,7 @@ def decide(
     if min(cn, in_) < policy.min_outcomes:
         action = "stop" if timed_out else "continue"
         why = f"{counts}; waiting for {policy.min_outcomes} outcomes per arm"
+        why += f" at the limit of {policy.max_hours:g} h; the incumbent stays" if timed_out else ""
     elif low > -policy.margin:
         action, why = "promote", f"{counts}: lower bound > {0.0 - policy.margin:+.3f}"
     elif high < 0:

@@ -108,7 +108,8 @@ def test_edge_cases_no_data_all_successes_and_the_limits() -> None:
     empty = decide(arm(0, 0), arm(0, 0), policy, elapsed_hours=1)
     assert empty.action == "continue" and empty.interval == (-1.0, 1.0)
     assert "waiting for 20 outcomes per arm" in empty.reason
-    assert decide(arm(0, 0), arm(0, 0), policy, elapsed_hours=24).action == "stop"
+    starved = decide(arm(0, 0), arm(0, 0), policy, elapsed_hours=24)
+    assert starved.action == "stop" and starved.reason.endswith("24 h; the incumbent stays")
     # Lopsided but below min_outcomes on one arm: no decision yet.
     assert decide(arm(19, 0), arm(0, 40), policy, elapsed_hours=1).action == "continue"
     # All successes against all failures: finite interval (smoothed variance), clear promotion.
