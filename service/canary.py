@@ -28,7 +28,7 @@ import logging
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import case, func, or_, update
+from sqlalchemy import and_, case, func, or_, update
 from sqlalchemy.engine import Engine as Database
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import aliased
@@ -95,7 +95,10 @@ def resolve_policy(settings: Settings, overrides: dict[str, Any] | None) -> stat
             f"unknown policy field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}",
             param="policy",
         )
-    return dataclasses.replace(settings.canary, **(overrides or {}))
+    try:
+        return dataclasses.replace(settings.canary, **(overrides or {}))
+    except (TypeError, ValueError) as exc:
+        raise InvalidRequestError(f"invalid policy: {exc}", param="policy") from exc
 
 
 # --- starting ----------------------------------------------------------------------------------
@@ -172,45 +175,68 @@ def _audit(actor: str, action: str, exp: Experiment, detail: dict[str, Any]) -> 
 
 
 # --- the arms' signals -------------------------------------------------------------------------
-def arm_stats(db: Database, exp: Experiment) -> tuple[stats.ArmStats, stats.ArmStats]:
-    """(candidate, incumbent): answers served in the segment since the start (until the end),
-    thumbs on them, and how many of them the user regenerated. Requests that pinned a version by
-    name were not assigned by the split and are left out."""
+def _scope(exp: Experiment) -> list[Any]:
+    """The completions an experiment counts: its segment's, answered by one of its arms between
+    its start and end. Requests that pinned a version by name chose their arm themselves."""
     served = col(Completion.adapter_version)
+    incumbent = served.is_(None) if exp.incumbent is None else served == exp.incumbent
     where = [
         Completion.segment == exp.segment,
         Completion.created_at >= exp.started_at,
         Completion.status == "succeeded",
-        # A pinned request (model = a version id) chose its arm itself.
         or_(served.is_(None), Completion.model != Completion.adapter_version),
-        served.is_(None) if exp.incumbent is None else served == exp.incumbent,
+        or_(incumbent, served == exp.candidate),
     ]
-    where[-1] = or_(where[-1], served == exp.candidate)
     if exp.ended_at is not None:
         where.append(Completion.created_at <= exp.ended_at)
+    return where
+
+
+def arm_stats(db: Database, exp: Experiment) -> tuple[stats.ArmStats, stats.ArmStats]:
+    """(candidate, incumbent): each arm's answers, the end users' thumbs on them, and how many
+    of them were regenerated (counted only without a thumbs down: both say the same thing).
+
+    Summed per end user first (`adapters.canary.combine`): several answers from one person are
+    not independent outcomes, and the per-user sums make the test's variance cluster-robust.
+    The subject is the one the split used (the completion's user, else its key); an answer with
+    neither is its own subject."""
+    thumbs = (
+        select(
+            Feedback.completion_id.label("cid"),
+            func.sum(case((Feedback.value > 0, 1), else_=0)).label("up"),
+            func.sum(case((Feedback.value < 0, 1), else_=0)).label("down"),
+        )
+        .where(Feedback.kind == "thumbs", Feedback.author_role == "user")
+        .group_by(Feedback.completion_id)
+        .subquery()
+    )
     later = aliased(Completion)
     regenerated = select(later.id).where(later.regenerated_from == Completion.id).exists()
+    up, down = func.coalesce(thumbs.c.up, 0), func.coalesce(thumbs.c.down, 0)
+    subject = func.coalesce(Completion.user_id, Completion.key_id, Completion.id)
+    q = (
+        select(
+            Completion.adapter_version,
+            func.count(),
+            func.sum(up),
+            func.sum(down),
+            func.sum(case((and_(regenerated, down == 0), 1), else_=0)),
+        )
+        .select_from(Completion)
+        .outerjoin(thumbs, thumbs.c.cid == Completion.id)
+        .where(*_scope(exp))
+        .group_by(Completion.adapter_version, subject)
+    )
     with Session(db) as s:
-        rows = s.exec(
-            select(served, func.count(), func.sum(case((regenerated, 1), else_=0)))
-            .where(*where)
-            .group_by(served)
-        ).all()
-        votes = s.exec(
-            select(served, Feedback.value, func.count())
-            .join(Feedback, col(Feedback.completion_id) == Completion.id)
-            .where(*where, Feedback.kind == "thumbs", Feedback.author_role == "user")
-            .group_by(served, Feedback.value)
-        ).all()
-    answers = {v: (n, int(r or 0)) for v, n, r in rows}
+        rows = s.exec(q).all()
+    per_arm: dict[str | None, list[stats.ArmStats]] = {exp.candidate: [], exp.incumbent: []}
+    for version, n, n_up, n_down, n_regen in rows:
+        per_arm[version].append(stats.ArmStats(n, int(n_up), int(n_down), int(n_regen)))
+    return stats.combine(per_arm[exp.candidate]), stats.combine(per_arm[exp.incumbent])
 
-    def arm(version: str | None) -> stats.ArmStats:
-        n, regen = answers.get(version, (0, 0))
-        up = sum(c for v, value, c in votes if v == version and value > 0)
-        down = sum(c for v, value, c in votes if v == version and value < 0)
-        return stats.ArmStats(answers=n, up=up, down=down, regenerated=regen)
 
-    return arm(exp.candidate), arm(exp.incumbent)
+def _counts(arm: stats.ArmStats) -> dict[str, int]:
+    return {k: getattr(arm, k) for k in ("answers", "up", "down", "regenerated")}
 
 
 def snapshot(
@@ -218,8 +244,8 @@ def snapshot(
 ) -> dict[str, Any]:
     """What one look saw, kept with the experiment (JSON)."""
     return {
-        "candidate": dataclasses.asdict(cand),
-        "incumbent": dataclasses.asdict(inc),
+        "candidate": _counts(cand),
+        "incumbent": _counts(inc),
         "action": decision.action,
         "reason": decision.reason,
         "candidate_rate": decision.candidate_rate,

@@ -179,7 +179,8 @@ def test_the_decision_loop_acts_on_live_feedback(
     wait_until(lambda: experiment(live, exp_id)["status"] != "running")
     detail = experiment(live, exp_id)
     assert detail["status"] == ("promoted" if better else "rolled_back"), detail
-    assert detail["ended_by"] == "canary" and detail["snapshot"]["action"] in detail["status"]
+    assert detail["ended_by"] == "canary"
+    assert detail["snapshot"]["action"] == ("promote" if better else "rollback")
     lo, hi = detail["snapshot"]["interval"]
     assert (lo > 0) if better else (hi < 0)
     assert registry.get(candidate).status == ("active" if better else "rejected")
@@ -271,10 +272,10 @@ def test_a_restarted_app_continues_the_experiment(
     candidate = approved(registry, lora[0])
     exp = canary.start(db, registry, settings, candidate=candidate, actor="t", share=0.5)
     user = next(f"u{i}" for i in range(100) if assign(exp.id, f"u{i}", 0.5))
+    body = {"messages": HELLO, "max_tokens": 3, "user": user}
     for _ in range(2):  # the same database, a new app each time: the split is the same
         with serve_thread(create_app(settings, engine=tiny_engine)) as url:
             with httpx.Client(base_url=url, timeout=30) as http:
-                body = {"messages": HELLO, "max_tokens": 3, "user": user}
 
                 def version() -> str | None:
                     return http.post("/v1/chat/completions", json=body).json()["adapter_version"]
