@@ -185,7 +185,7 @@ class TrainingRun(SQLModel, table=True):
     actor: str = "system"
     # queued|running|succeeded|skipped|failed|cancelled; `outcome` says what a success did.
     status: str = Field(default="queued", index=True)
-    outcome: str | None = None  # promoted|approved|rejected
+    outcome: str | None = None  # promoted|canary|approved|rejected
     stage: str | None = None
     steps: list[dict[str, Any]] = Field(
         default_factory=list, sa_column=Column(JSON, nullable=False)

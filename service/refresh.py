@@ -40,8 +40,9 @@ from sqlalchemy.engine import Engine as Database
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from adapters.registry import APPROVED, Registry, as_utc
+from adapters.registry import APPROVED, AdapterVersion, Registry, as_utc
 from service.core.config import Settings
+from service.core.errors import ConflictError
 from service.lifecycle import base_model_path, canary_for, golden_for, judge
 from service.models import Lease, PreferencePair, TrainingRun, utcnow
 from service.pairs import compile_and_store, to_trainer
@@ -636,6 +637,8 @@ def _refresh(
         return "rejected"
     if not settings.refresh_auto_promote:
         return "approved"
+    if settings.canary_share > 0:
+        return _start_canary(settings, db, registry, run, rec, version.id, active, on_promote)
     with rec.step("promote") as d:
         if not renew_lease(db, rec.holder, settings.refresh_lease_seconds):
             rec.lease_lost.set()
@@ -652,6 +655,40 @@ def _refresh(
         if on_promote is not None:
             on_promote()
     return "promoted"
+
+
+def _start_canary(
+    settings: Settings,
+    db: Database,
+    registry: Registry,
+    run: TrainingRun,
+    rec: Any,
+    candidate: str,
+    active: AdapterVersion | None,
+    on_promote: Callable[[], None] | None,
+) -> str:
+    """PREFLOOP_CANARY_SHARE > 0: prove the approved candidate on live traffic first; the
+    canary's decision loop promotes or rejects it later (`service.canary`). Fenced like a
+    promotion: on the incumbent it was gated against."""
+    from service.canary import start
+
+    with rec.step("canary") as d:
+        try:
+            exp = start(
+                db,
+                registry,
+                settings,
+                candidate=candidate,
+                actor=f"refresh {run.id}",
+                expect_incumbent=active.id if active else None,
+            )
+        except ConflictError as exc:  # another canary runs, or the incumbent changed
+            d.update(started=False, reason=exc.message)
+            return "approved"
+        d.update(started=True, experiment=exp.id, share=exp.share, incumbent=exp.incumbent)
+    if on_promote is not None:
+        on_promote()  # the router loads the candidate and splits now
+    return "canary"
 
 
 def _approved(db: Database, segment: str, tenant: str) -> list[PreferencePair]:

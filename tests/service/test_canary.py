@@ -29,6 +29,7 @@ from service.models import Experiment, OperatorAction
 from tests.conftest import BOTH_DATABASES, make_adapter
 from tests.servers import serve_thread
 from tests.service.conftest import Live
+from tests.service.test_refresh import FAST, picks, wait_run
 
 OPS = {"X-Operator": "olga"}
 HELLO = [{"role": "user", "content": "Help me, please."}]
@@ -314,3 +315,25 @@ def test_operators_see_their_tenants_experiments_only(
     listed = live.http.get("/v1/operator/experiments", headers=acme).json()["data"]
     assert [e["id"] for e in listed] == [exp_id]
     assert live.http.post(f"/v1/operator/experiments/{exp_id}/stop", headers=acme).is_success
+
+
+@pytest.mark.slow  # trains
+@pytest.mark.parametrize("settings_overrides", [{**FAST, "canary_share": 0.5}])
+def test_a_refresh_with_a_canary_share_starts_a_canary_instead_of_promoting(live: Live) -> None:
+    picks(live, 12)
+    r = live.http.post("/v1/operator/runs", json={"segment": "default"}, headers=OPS)
+    run = wait_run(live, r.json()["id"])
+    assert (run["status"], run["outcome"]) == ("succeeded", "canary"), run["error"]
+    assert [s["name"] for s in run["steps"]][-2:] == ["gate", "canary"]
+    step = run["steps"][-1]["detail"]
+    listed = live.http.get("/v1/operator/experiments", headers=OPS).json()["data"]
+    assert [(e["id"], e["status"], e["candidate"], e["incumbent"], e["share"]) for e in listed] == [
+        (step["experiment"], "running", "default@v1", None, 0.5)
+    ]
+    assert listed[0]["created_by"] == f"refresh {run['id']}"
+    version = live.http.get("/v1/operator/adapters/default@v1", headers=OPS).json()
+    assert version["status"] == "approved"  # not promoted: the canary decides
+    on_candidate = next(f"u{i}" for i in range(100) if assign(step["experiment"], f"u{i}", 0.5))
+    wait_until(lambda: served(live, on_candidate) == "default@v1")
+    on_base = next(f"u{i}" for i in range(100) if not assign(step["experiment"], f"u{i}", 0.5))
+    assert served(live, on_base) is None  # the others keep the base model
