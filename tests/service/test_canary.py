@@ -6,6 +6,10 @@ fleet-wide, a restarted app continuing the experiment, tenancy and the 4xx answe
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -337,3 +341,29 @@ def test_a_refresh_with_a_canary_share_starts_a_canary_instead_of_promoting(live
     wait_until(lambda: served(live, on_candidate) == "default@v1")
     on_base = next(f"u{i}" for i in range(100) if not assign(step["experiment"], f"u{i}", 0.5))
     assert served(live, on_base) is None  # the others keep the base model
+
+
+@pytest.mark.slow
+def test_the_cli_runs_the_same_functions(tmp_path: Path, db_url: str, lora: list[Path]) -> None:
+    env = {**os.environ, "PREFLOOP_DATABASE_URL": db_url, "PREFLOOP_HOME": str(tmp_path)}
+
+    def prefloop(*args: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "service", "canary", "--actor", "carla", *args]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+
+    db = make_engine(Settings(database_url=db_url))
+    init_db(db)
+    candidate = approved(Registry(db, tmp_path / "adapters"), lora[0])
+    out = prefloop("start", candidate, "--share", "0.25", "--expect-incumbent", "base")
+    assert out.returncode == 0 and "running" in out.stdout, out.stderr
+    exp_id = out.stdout.split()[0]
+    assert prefloop("start", candidate, "--share", "0.25").returncode == 1  # one per segment
+    assert exp_id in prefloop("list", "--status", "running").stdout
+    shown = json.loads(prefloop("show", exp_id).stdout)
+    assert shown["now"]["candidate"]["answers"] == 0 and shown["share"] == 0.25
+    out = prefloop("rollback", exp_id, "--reason", "a bad feeling")
+    assert out.returncode == 0 and "rolled_back" in out.stdout, out.stderr
+    ended = canary.get(db, exp_id)
+    assert (ended.ended_by, ended.reason) == ("carla", "rollback by carla: a bad feeling")
+    assert "already ended" in prefloop("stop", exp_id).stderr
+    db.dispose()
