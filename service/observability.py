@@ -217,6 +217,8 @@ class DatabaseCollector(Collector):
                 col(AdapterVersion.verdict).is_not(None)
             )
         ):
+            if not verdict:  # approved by hand: no gate ran (a JSON null is not SQL NULL)
+                continue
             key = (segment, "approved" if verdict.get("approved") else "rejected")
             counts[key] = counts.get(key, 0) + 1
         for key, n in counts.items():

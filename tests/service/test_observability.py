@@ -68,6 +68,9 @@ def test_metrics_move_with_traffic(live: Live, tmp_path: Path) -> None:
     registry.record_eval(version.id, {"pairs": {}}, {"approved": True, "reasons": []})
     registry.transition(version.id, APPROVED, actor="t")
     registry.promote(version.id, actor="t")
+    # Approved by hand (POST /adapters/{id}/approve): no gate verdict, which the gauges skip.
+    by_hand = registry.register(make_adapter(live.model_dir, tmp_path / "a2", seed=2), actor="t")
+    registry.transition(by_hand.id, APPROVED, actor="t")
     from sqlmodel import Session
 
     with Session(db) as s:
