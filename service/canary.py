@@ -35,7 +35,7 @@ from sqlalchemy.orm import aliased
 from sqlmodel import Session, col, select
 
 from adapters import canary as stats
-from adapters.registry import APPROVED, REJECTED, Registry, RegistryError, as_utc
+from adapters.registry import APPROVED, REJECTED, AdapterVersion, Registry, RegistryError, as_utc
 from service.core.config import Settings
 from service.core.db import session_scope
 from service.core.errors import ConflictError, InvalidRequestError, NotFoundError
@@ -116,29 +116,10 @@ def start(
     """Start serving `candidate` (approved by the gate) to `share` of its segment's users beside
     the active version. `expect_incumbent` (a version id, None for the base model): the
     version the caller compared it with; another active one is a conflict."""
-    if share is None and not settings.canary_share:
-        raise InvalidRequestError(
-            "name the share of users to serve the candidate (PREFLOOP_CANARY_SHARE is 0)",
-            param="share",
-        )
-    share = settings.canary_share if share is None else share
-    if not 0.0 < share < 1.0:
-        raise InvalidRequestError(f"share must lie between 0 and 1, not {share}", param="share")
+    share = _share(settings, share)
     resolved = resolve_policy(settings, policy)
     row = registry.get(candidate)
-    if row.status != APPROVED:
-        raise ConflictError(
-            f"{candidate} is {row.status}; only a version the gate approved can be canaried",
-            code="candidate_not_approved",
-        )
-    active = registry.active().get(row.segment)
-    incumbent = active.id if active is not None else None
-    if expect_incumbent is not ... and expect_incumbent != incumbent:
-        raise ConflictError(
-            f"{row.segment!r} is served by {incumbent or 'the base model'}, not "
-            f"{expect_incumbent or 'the base model'}",
-            code="incumbent_changed",
-        )
+    incumbent = _incumbent(registry, row, expect_incumbent)
     experiment = Experiment(
         tenant=settings.tenant_of(row.segment),
         segment=row.segment,
@@ -163,6 +144,40 @@ def start(
         ) from exc
     log.info("canary %s: %s on %.0f%% of %s", experiment.id, candidate, share * 100, row.segment)
     return experiment
+
+
+def _share(settings: Settings, share: float | None) -> float:
+    """The share asked for, else the configured one; a clear 400 when neither is usable."""
+    if share is None and not settings.canary_share:
+        raise InvalidRequestError(
+            "name the share of users to serve the candidate (PREFLOOP_CANARY_SHARE is 0)",
+            param="share",
+        )
+    share = settings.canary_share if share is None else share
+    if not 0.0 < share < 1.0:
+        raise InvalidRequestError(f"share must lie between 0 and 1, not {share}", param="share")
+    return share
+
+
+def _incumbent(
+    registry: Registry, row: AdapterVersion, expect_incumbent: str | None | object
+) -> str | None:
+    """The version `row` would be compared with (None: the base model), checked: the candidate
+    passed the gate, and the active version is the one the caller expects."""
+    if row.status != APPROVED:
+        raise ConflictError(
+            f"{row.id} is {row.status}; only a version the gate approved can be canaried",
+            code="candidate_not_approved",
+        )
+    active = registry.active().get(row.segment)
+    incumbent = active.id if active is not None else None
+    if expect_incumbent is not ... and expect_incumbent != incumbent:
+        raise ConflictError(
+            f"{row.segment!r} is served by {incumbent or 'the base model'}, not "
+            f"{expect_incumbent or 'the base model'}",
+            code="incumbent_changed",
+        )
+    return incumbent
 
 
 def _audit(actor: str, action: str, exp: Experiment, detail: dict[str, Any]) -> OperatorAction:
