@@ -18,10 +18,14 @@ $(SERVE_STAMP): pyproject.toml Makefile
 	# docs/deployment.md for a CUDA install.
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e .
+	# xgrammar (response_format) pulls in triton: GPU kernels only, ~1 GB, and once installed
+	# torch imports it in every process. The CPU build needs none of it.
+	$(BIN)/python -m pip uninstall --quiet --yes triton
 	touch $(SERVE_STAMP)
 
 $(STAMP): $(SERVE_STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip uninstall --quiet --yes triton  # as above: pip put it back
 	touch $(STAMP)
 
 install: $(STAMP)
