@@ -130,8 +130,8 @@ export function rateChart(label, days, series) {
    and −margin (a left end above it promotes). `tone`: "promote", "rollback" or "open". */
 export function intervalBar({ low, high, difference, margin, tone, label }) {
   const w = 640;
-  const h = 84;
-  const pad = 28;
+  const h = 100;
+  const pad = 44;
   // Wide enough for the interval and both thresholds, with room on both sides.
   const span = Math.min(1, 1.15 * Math.max(0.05, Math.abs(low), Math.abs(high), 1.5 * margin));
   const x = (v) => pad + ((v + span) / (2 * span)) * (w - 2 * pad);
@@ -142,8 +142,12 @@ export function intervalBar({ low, high, difference, margin, tone, label }) {
   root.append(svg("line", { x1: pad, x2: w - pad, y1: axisY, y2: axisY, class: "axis" }));
   for (const v of [-span, -span / 2, span / 2, span]) {
     root.append(svg("line", { x1: x(v), x2: x(v), y1: axisY, y2: axisY + 4, class: "axis" }),
-      svg("text", { x: x(v), y: axisY + 16, "text-anchor": "middle", class: "tick" }, `${pts(v)} pts`));
+      svg("text", { x: x(v), y: axisY + 16, "text-anchor": "middle", class: "tick" },
+        `${pts(v).replace(/\.0$/, "")} pts`));
   }
+  root.append(
+    svg("text", { x: pad, y: h - 4, class: "tick" }, "\u2190 candidate worse"),
+    svg("text", { x: w - pad, y: h - 4, "text-anchor": "end", class: "tick" }, "candidate better \u2192"));
   const mark = (v, cls, text, y) => root.append(
     svg("line", { x1: x(v), x2: x(v), y1: 16, y2: axisY + 4, class: cls }),
     svg("text", { x: x(v), y, "text-anchor": v < 0 ? "end" : "start", dx: v < 0 ? -4 : 4,

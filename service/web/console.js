@@ -647,7 +647,7 @@ function policyFacts(exp) {
   const elapsed = el("progress", { max: p.max_hours, value: Math.min(exp.elapsed_hours, p.max_hours),
     "aria-label": "Elapsed time of the longest allowed" });
   return el("dl", { class: "policy" },
-    ...fact("Margin", `${pts(p.margin)} (promote if worse by less)`),
+    ...fact("Margin", `${(p.margin * 100).toFixed(1)} points (promote if worse by less)`),
     ...fact("Alpha", `${p.alpha} (the interval holds with ${pct(1 - p.alpha)}, however often it looks)`),
     ...fact("Outcomes per arm", `at least ${p.min_outcomes} before deciding, at most ${p.max_outcomes}`),
     ...fact("Elapsed", el("span", {}, `${hours(exp.elapsed_hours)} of at most ${hours(p.max_hours)} `, elapsed)));
@@ -670,7 +670,9 @@ function experimentCard(exp) {
     label: `Always-valid interval of candidate minus incumbent: ${pts(d.interval[0])} to ${pts(d.interval[1])}` });
   const ended = exp.status !== "running";
   const verdict = ended
-    ? el("p", { class: "exp-ended" }, el("strong", {}, `Ended ${when(exp.ended_at)}, ${statusText} by ${exp.ended_by}: `), exp.reason || "")
+    ? el("p", { class: "exp-ended" }, el("strong", {}, `Ended ${when(exp.ended_at)}, ${statusText}` +
+      // a hand-made end's reason names the operator already ("stop by olga: ...")
+      `${(exp.reason || "").includes(`by ${exp.ended_by}`) ? "" : ` by ${exp.ended_by}`}: `), exp.reason || "")
     : el("p", { class: "exp-decision" }, el("strong", {}, "Decision so far: "), decisionWords(exp));
   return el("article", { class: `exp-card exp-${exp.status}`, "data-id": exp.id },
     el("header", { class: "exp-head" },
@@ -870,9 +872,9 @@ function overviewRun(o) {
 /* One small line per running canary, with a link to its live view; no card when none runs. */
 function overviewCanary(running) {
   $("#ov-canary").hidden = !running.length;
+  $("#ov-canary-status").replaceChildren(icon("clock"), running.length > 1 ? `${running.length} running` : "running");
   $("#ov-canary-lines").replaceChildren(...running.map((e) => el("p", { class: "ov-canary-line", "data-id": e.id },
-    el("span", { class: "exp-status exp-status-running" }, icon("clock")),
-    ` ${e.candidate} vs ${versionName(e.incumbent)} on ${pct(e.share)} of ${e.segment}, since ${when(e.started_at)}. `,
+    `${e.candidate} vs ${versionName(e.incumbent)} on ${pct(e.share)} of ${e.segment}, since ${when(e.started_at)}. `,
     el("a", { href: "#experiments", on: (ev) => { ev.preventDefault(); openExperiment(e.id); } }, "Show the experiment"))));
 }
 

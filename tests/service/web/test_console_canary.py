@@ -145,7 +145,7 @@ def test_a_canary_from_start_to_stop(
     expect(card.locator("h2")).to_have_text(f"Canary on default: {v2} vs {v1}")
     expect(card.locator(".exp-status")).to_have_text("running")
     expect(card).to_contain_text("50% of the segment's users get the candidate")
-    expect(card.locator("dl.policy")).to_contain_text("+2.0 points (promote if worse by less)")
+    expect(card.locator("dl.policy")).to_contain_text("2.0 points (promote if worse by less)")
     expect(card.locator("dl.policy")).to_contain_text("at least 3 before deciding, at most 5000")
     expect(card.locator("dl.policy")).to_contain_text("of at most 168 h")
     expect(card.locator(".exp-decision")).to_contain_text("Waiting for evidence")
@@ -177,6 +177,7 @@ def test_a_canary_from_start_to_stop(
     # The Overview's line, and its link back here.
     page.get_by_role("tab", name="Overview").click()
     line = page.locator(f'#ov-canary p[data-id="{exp["id"]}"]')
+    expect(page.locator("#ov-canary-status")).to_have_text("running")
     expect(line).to_contain_text(f"{v2} vs {v1} on 50% of default, since ")
     page.shots("overview")
     line.get_by_role("link", name="Show the experiment").click()
@@ -196,9 +197,7 @@ def test_a_canary_from_start_to_stop(
     dialog.get_by_role("button", name="Confirm").click()
     expect(page.get_by_role("status")).to_contain_text(f"{exp['id']} ended: stopped.")
     expect(card.locator(".exp-status")).to_have_text("stopped")
-    expect(card.locator(".exp-ended")).to_contain_text(
-        "stopped by olga: stop by olga: holiday traffic"
-    )
+    expect(card.locator(".exp-ended")).to_contain_text(", stopped: stop by olga: holiday traffic")
     for name in ("Stop", "Promote now", "Roll back"):
         expect(card.get_by_role("button", name=name)).to_be_disabled()
     expect(page.locator(f'#exp-rows tr[data-id="{exp["id"]}"]')).to_contain_text("stopped")
@@ -217,3 +216,42 @@ def test_a_canary_from_start_to_stop(
     page.get_by_role("tab", name="Overview").click()
     expect(page.locator("#ov-feedback-total")).to_have_text("40")
     expect(page.locator("#ov-canary")).to_be_hidden()  # none runs now
+
+
+def test_promote_now_is_refused_when_the_incumbent_changed_and_roll_back_rejects(
+    live: Live, page: Page, registry: Registry, lora: list[Path]
+) -> None:
+    v1, v2 = approved(registry, lora[0]), approved(registry, lora[1])
+    body = {"candidate": v1, "share": 0.3, "expect_incumbent": "base"}
+    r = live.http.post("/v1/operator/experiments", json=body, headers=OPS)
+    assert r.status_code == 201, r.text
+    exp_id = r.json()["id"]
+
+    page.goto(f"{live.base_url}/console")
+    page.get_by_label("Operator", exact=True).fill("rui")
+    page.get_by_role("button", name="Save").click()
+    page.get_by_role("tab", name="Experiments").click()
+    card = page.locator(f'#exp-cards article[data-id="{exp_id}"]')
+    expect(card.locator("h2")).to_have_text(f"Canary on default: {v1} vs the base model")
+    expect(card.locator('tr[data-arm="incumbent"] td').nth(1)).to_have_text("the base model")
+    expect(card.locator("svg.interval text.threshold-zero")).to_have_text("0 = −margin")
+
+    # Another operator promotes a version meanwhile: promoting the canary now would compare
+    # the wrong pair, and the service refuses; the console says why and nothing changes.
+    registry.promote(v2, actor="another operator")
+    card.get_by_role("button", name="Promote now").click()
+    page.get_by_role("dialog").get_by_role("button", name="Confirm").click()
+    expect(page.get_by_role("alert")).to_contain_text(
+        f"the incumbent changed: 'default' is now served by {v2}"
+    )
+    expect(card.locator(".exp-status")).to_have_text("running")
+
+    card.get_by_role("button", name="Roll back").click()
+    dialog = page.get_by_role("dialog")
+    expect(dialog).to_contain_text("the candidate is rejected")
+    dialog.get_by_role("button", name="Confirm").click()  # no reason: optional
+    expect(card.locator(".exp-status")).to_have_text("rolled back")
+    expect(card.locator(".exp-ended")).to_contain_text(", rolled back: rollback by rui")
+    expect(card.get_by_role("button", name="Roll back")).to_be_disabled()
+    assert registry.get(v1).status == "rejected"
+    page.shots("rolled-back")
