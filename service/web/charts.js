@@ -127,7 +127,8 @@ export function rateChart(label, days, series) {
 
 /* The always-valid interval of candidate − incumbent as a bar on a line of differences, beside
    the two thresholds the canary's rule compares it with: 0 (a right end below it rolls back)
-   and −margin (a left end above it promotes). `tone`: "promote", "rollback" or "open". */
+   and −margin (a left end above it promotes). `tone`: "promote", "rollback" or "open";
+   `difference` null: no point (an arm has no outcomes yet). */
 export function intervalBar({ low, high, difference, margin, tone, label }) {
   const w = 640;
   const h = 100;
@@ -158,7 +159,7 @@ export function intervalBar({ low, high, difference, margin, tone, label }) {
   root.append(
     svg("rect", { x: x(low), width: Math.max(2, x(high) - x(low)), y: barY, height: 14, rx: 3,
       class: `bar tone-${tone}`, "data-low": low, "data-high": high }),
-    svg("circle", { cx: x(difference), cy: barY + 7, r: 5, class: "point" },
+    difference === null ? "" : svg("circle", { cx: x(difference), cy: barY + 7, r: 5, class: "point" },
       title(`difference now ${pts(difference)} points`)),
     svg("text", { x: x(low), y: barY - 4, "text-anchor": "end", class: "tick end" }, pts(low)),
     svg("text", { x: x(high), y: barY - 4, "text-anchor": "start", class: "tick end" }, pts(high)));

@@ -647,7 +647,8 @@ function policyFacts(exp) {
   const elapsed = el("progress", { max: p.max_hours, value: Math.min(exp.elapsed_hours, p.max_hours),
     "aria-label": "Elapsed time of the longest allowed" });
   return el("dl", { class: "policy" },
-    ...fact("Margin", `${(p.margin * 100).toFixed(1)} points (promote if worse by less)`),
+    ...fact("Margin", p.margin ? `${(p.margin * 100).toFixed(1)} points (promote if worse by less)`
+      : "0 (promote only when the candidate is better)"),
     ...fact("Alpha", `${p.alpha} (the interval holds with ${pct(1 - p.alpha)}, however often it looks)`),
     ...fact("Outcomes per arm", `at least ${p.min_outcomes} before deciding, at most ${p.max_outcomes}`),
     ...fact("Elapsed", el("span", {}, `${hours(exp.elapsed_hours)} of at most ${hours(p.max_hours)} `, elapsed)));
@@ -665,7 +666,8 @@ function experimentCard(exp) {
   const [iconName, statusText] = EXP_STATUS[exp.status];
   const d = exp.decision;
   const tone = d.action === "promote" ? "promote" : d.action === "rollback" ? "rollback" : "open";
-  const bar = intervalBar({ low: d.interval[0], high: d.interval[1], difference: d.difference,
+  const measured = Math.min(...d.outcomes) > 0; // a rate needs outcomes on both arms
+  const bar = intervalBar({ low: d.interval[0], high: d.interval[1], difference: measured ? d.difference : null,
     margin: exp.policy.margin, tone,
     label: `Always-valid interval of candidate minus incumbent: ${pts(d.interval[0])} to ${pts(d.interval[1])}` });
   const ended = exp.status !== "running";
@@ -682,8 +684,9 @@ function experimentCard(exp) {
       `candidate \u00b7 started ${when(exp.started_at)} by ${exp.created_by}`),
     el("div", { class: "cols" }, el("div", {}, el("h3", {}, "Per arm"), armTable(exp)),
       el("div", {}, el("h3", {}, "Difference in rate (candidate \u2212 incumbent)"), bar,
-        el("p", { class: "legend" }, `now ${pts(d.difference)}: candidate ${pct(d.candidate_rate)}, ` +
-          `incumbent ${pct(d.incumbent_rate)}`))),
+        el("p", { class: "legend" }, measured ? `now ${pts(d.difference)}: candidate ` +
+          `${pct(d.candidate_rate)}, incumbent ${pct(d.incumbent_rate)}`
+          : "No difference yet: each arm needs rated or regenerated answers."))),
     verdict,
     ended ? el("p", { class: "legend" }, `The test on the counts up to the end: ${d.reason}`)
       : el("p", { class: "legend" }, `The test's words: ${d.reason}`),

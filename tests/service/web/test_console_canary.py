@@ -235,6 +235,11 @@ def test_promote_now_is_refused_when_the_incumbent_changed_and_roll_back_rejects
     expect(card.locator("h2")).to_have_text(f"Canary on default: {v1} vs the base model")
     expect(card.locator('tr[data-arm="incumbent"] td').nth(1)).to_have_text("the base model")
     expect(card.locator("svg.interval text.threshold-zero")).to_have_text("0 = −margin")
+    expect(card).to_contain_text("No difference yet: each arm needs rated or regenerated answers.")
+    expect(card.locator("svg.interval circle")).to_have_count(0)  # no rates, no point
+    expect(card.locator("dl.policy")).to_contain_text(
+        "0 (promote only when the candidate is better)"
+    )
 
     # Another operator promotes a version meanwhile: promoting the canary now would compare
     # the wrong pair, and the service refuses; the console says why and nothing changes.
