@@ -620,17 +620,18 @@ function decisionWords(exp) {
       `(thumbs or regenerations); the candidate has ${nc}, the incumbent ${ni}.`;
   }
   const range = `the interval of the difference runs from ${pts(lo)} to ${pts(hi)}`;
+  const next = " The decision loop acts on it at its next look.";
   if (d.action === "promote") {
     return `Promote: ${range}; its lower end is above \u2212margin (${pts(-p.margin)}), so the ` +
-      "candidate is at least as good as the incumbent, within the margin.";
+      `candidate is at least as good as the incumbent, within the margin.${next}`;
   }
   if (d.action === "rollback") {
-    return `Roll back: ${range}; its upper end is below 0, so the candidate is worse.`;
+    return `Roll back: ${range}; its upper end is below 0, so the candidate is worse.${next}`;
   }
-  if (d.action === "stop") return `Stop without a decision: ${range}, and a limit was reached; the incumbent stays.`;
-  return `Still running: ${range}, so it still reaches below \u2212margin (${pts(-p.margin)}) and ` +
-    "above 0. It promotes when the lower end rises above \u2212margin, and rolls back when the " +
-    "upper end falls below 0; more feedback narrows it.";
+  if (d.action === "stop") return `Stop without a decision: ${range}, and a limit was reached; the incumbent stays.${next}`;
+  const reach = p.margin ? `below \u2212margin (${pts(-p.margin)}) and above 0` : "both below and above 0";
+  return `Still running: ${range}, so it still reaches ${reach}. It promotes when the lower ` +
+    "end rises above \u2212margin, and rolls back when the upper end falls below 0; more feedback narrows it.";
 }
 
 function armTable(exp) {
