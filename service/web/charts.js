@@ -124,3 +124,44 @@ export function rateChart(label, days, series) {
   dayLabels(root, days, xOf);
   return root;
 }
+
+/* The always-valid interval of candidate − incumbent as a bar on a line of differences, beside
+   the two thresholds the canary's rule compares it with: 0 (a right end below it rolls back)
+   and −margin (a left end above it promotes). `tone`: "promote", "rollback" or "open";
+   `difference` null: no point (an arm has no outcomes yet). */
+export function intervalBar({ low, high, difference, margin, tone, label }) {
+  const w = 640;
+  const h = 100;
+  const pad = 44;
+  // Wide enough for the interval and both thresholds, with room on both sides.
+  const span = Math.min(1, 1.15 * Math.max(0.05, Math.abs(low), Math.abs(high), 1.5 * margin));
+  const x = (v) => pad + ((v + span) / (2 * span)) * (w - 2 * pad);
+  const pts = (v) => `${v > 0 ? "+" : v < 0 ? "\u2212" : ""}${Math.abs(v * 100).toFixed(1)}`;
+  const root = svg("svg", { viewBox: `0 0 ${w} ${h}`, role: "img", "aria-label": label,
+    class: "svgchart interval", preserveAspectRatio: "xMidYMid meet" }, title(label));
+  const axisY = 60;
+  root.append(svg("line", { x1: pad, x2: w - pad, y1: axisY, y2: axisY, class: "axis" }));
+  for (const v of [-span, -span / 2, span / 2, span]) {
+    root.append(svg("line", { x1: x(v), x2: x(v), y1: axisY, y2: axisY + 4, class: "axis" }),
+      svg("text", { x: x(v), y: axisY + 16, "text-anchor": "middle", class: "tick" },
+        `${pts(v).replace(/\.0$/, "")} pts`));
+  }
+  root.append(
+    svg("text", { x: pad, y: h - 4, class: "tick" }, "\u2190 candidate worse"),
+    svg("text", { x: w - pad, y: h - 4, "text-anchor": "end", class: "tick" }, "candidate better \u2192"));
+  const mark = (v, cls, text, y) => root.append(
+    svg("line", { x1: x(v), x2: x(v), y1: 16, y2: axisY + 4, class: cls }),
+    svg("text", { x: x(v), y, "text-anchor": v < 0 ? "end" : "start", dx: v < 0 ? -4 : 4,
+      class: `tick ${cls}` }, text));
+  if (margin > 0) mark(-margin, "threshold-margin", `\u2212margin (${pts(-margin)})`, 12);
+  mark(0, "threshold-zero", margin > 0 ? "0" : "0 = \u2212margin", 12);
+  const barY = 32;
+  root.append(
+    svg("rect", { x: x(low), width: Math.max(2, x(high) - x(low)), y: barY, height: 14, rx: 3,
+      class: `bar tone-${tone}`, "data-low": low, "data-high": high }),
+    difference === null ? "" : svg("circle", { cx: x(difference), cy: barY + 7, r: 5, class: "point" },
+      title(`difference now ${pts(difference)} points`)),
+    svg("text", { x: x(low), y: barY - 4, "text-anchor": "end", class: "tick end" }, pts(low)),
+    svg("text", { x: x(high), y: barY - 4, "text-anchor": "start", class: "tick end" }, pts(high)));
+  return root;
+}

@@ -4,7 +4,7 @@
 // (vendored in /web/vendor, loaded as a global by console.html) for the live training and rate
 // plots; the overview's charts and the icons are inline SVG (charts.js).
 
-import { barChart, icon, rateChart } from "/web/charts.js";
+import { barChart, icon, intervalBar, rateChart } from "/web/charts.js";
 
 const $ = (sel, root = document) => root.querySelector(sel);
 const store = sessionStorage;
@@ -495,6 +495,7 @@ loaders.adapters = async () => {
   clearTimeout(adapterTimer);
   // Live: a promotion reaches serving once the replica has loaded the version.
   adapterTimer = setTimeout(() => { if (current === "adapters") act(loaders.adapters); }, 2000);
+  if ($("#adapter-rows .canary-form")) return; // a half-filled form is never redrawn away
   const list = await api("/v1/operator/adapters?limit=200");
   const serving = Object.entries(list.serving || {});
   $("#serving").textContent = `Serving: ${serving.length ? serving.map(([s, v]) => `${s} \u2192 ${v}`).join(", ") : "the base model"}` +
@@ -506,6 +507,7 @@ loaders.adapters = async () => {
     if (a.status === "candidate" || a.status === "approved") {
       btn("Reject", () => confirmAndDo(`Reject ${a.id}? It can never be promoted afterwards.`, () => transition(a.id, "reject")));
     }
+    if (a.status === "approved") btn("Start canary", () => canaryForm(a, list.data, actions));
     if (a.status === "approved" || a.status === "retired") {
       btn("Promote", () => confirmAndDo(`Promote ${a.id}? Every replica serves it within a second.`,
         () => transition(a.id, "promote", { reason: "promoted from the console" })));
@@ -531,6 +533,37 @@ loaders.adapters = async () => {
   }
   $("#adapter-count").textContent = `${list.data.length} version(s).`;
 };
+/* The "Start canary" form, in a full-width row under the version: the share of users and the
+   margin, against the active version shown (sent as expect_incumbent: if another version
+   became active meanwhile, the service refuses with a 409 instead of comparing the wrong pair). */
+function canaryForm(a, versions, cell) {
+  const row = cell.parentElement;
+  if (row.nextElementSibling?.classList.contains("editor")) row.nextElementSibling.remove();
+  const active = versions.find((v) => v.segment === a.segment && v.status === "active");
+  const incumbent = active ? active.id : "base";
+  const share = el("input", { type: "number", name: "share", min: 1, max: 99, step: 1, value: 10, required: true });
+  const margin = el("input", { type: "number", name: "margin", min: 0, max: 99, step: 0.5, placeholder: "the service's default" });
+  const form = el("form", { class: "filters canary-form", "aria-label": `Start a canary of ${a.id}` },
+    el("label", {}, "Share of users (%)", share),
+    el("label", {}, "Margin (points it may be worse by)", margin),
+    el("span", { class: "count" }, `${a.id} against ${active ? `${active.id}, the active version` : "the base model (no active version)"}`),
+    el("button", { type: "submit", class: "primary" }, "Start canary"),
+    el("button", { type: "button", on: () => editor.remove() }, "Cancel"));
+  const editor = el("tr", { class: "editor" }, el("td", { colspan: row.children.length }, form));
+  form.addEventListener("submit", (e) => {
+    e.preventDefault();
+    act(async () => {
+      const body = { candidate: a.id, share: Number(share.value) / 100, expect_incumbent: incumbent };
+      if (margin.value !== "") body.policy = { margin: Number(margin.value) / 100 };
+      const exp = await api("/v1/operator/experiments", { method: "POST", body });
+      say(`Canary ${exp.id} started: ${exp.candidate} on ${pct(exp.share)} of ${exp.segment}'s users.`);
+      editor.remove();
+      openExperiment(exp.id);
+    });
+  });
+  row.after(editor);
+  share.focus();
+}
 async function showAdapter(id) {
   const a = await api(`/v1/operator/adapters/${encodeURIComponent(id)}`);
   $("#adapter-detail").hidden = false;
@@ -539,6 +572,186 @@ async function showAdapter(id) {
     ? reportTable({ ...a.eval_report, candidate_version: a.id }, a.verdict) : el("p", {}, "Not evaluated."));
   $("#adapter-events").replaceChildren(...a.events.map((e) => el("li", {},
     `${when(e.created_at)}: ${e.from_status || "new"} \u2192 ${e.to_status} by ${e.actor}${e.reason ? ` (${e.reason})` : ""}`)));
+}
+
+// --- live canary experiments ----------------------------------------------------------------
+
+/* A confirmation dialog with an optional reason: resolves to the reason ("" when none), or null
+   when the operator cancels. */
+function ask(question, detail) {
+  const dialog = $("#confirm");
+  $("#confirm-question").textContent = question;
+  $("#confirm-detail").textContent = detail;
+  $("#confirm-reason").value = "";
+  dialog.returnValue = "";
+  dialog.showModal();
+  return new Promise((resolve) => {
+    dialog.addEventListener("close", () => {
+      resolve(dialog.returnValue === "ok" ? $("#confirm-reason").value.trim() : null);
+    }, { once: true });
+  });
+}
+
+const pct = (x) => `${Math.round(x * 1000) / 10}%`;
+const pts = (x) => `${x > 0 ? "+" : x < 0 ? "\u2212" : ""}${Math.abs(x * 100).toFixed(1)} points`;
+const versionName = (v) => v || "the base model";
+function hours(h) {
+  if (h < 1) return `${Math.round(h * 60)} min`;
+  return `${h < 10 ? h.toFixed(1) : Math.round(h)} h`;
+}
+const EXP_STATUS = {
+  running: ["clock", "running"], promoted: ["check", "promoted"],
+  rolled_back: ["cross", "rolled back"], stopped: ["skip", "stopped"],
+};
+const ENDS = {
+  stop: ["Stop", "the incumbent keeps serving everyone; the candidate stays approved, not promoted."],
+  promote: ["Promote now", "the candidate serves everyone in the segment from now on, whatever the test says so far."],
+  rollback: ["Roll back", "the candidate is rejected (it can never be promoted) and the incumbent serves everyone."],
+};
+
+/* The decision so far in words: what the interval says, against which threshold. */
+function decisionWords(exp) {
+  const d = exp.decision;
+  const p = exp.policy;
+  const [lo, hi] = d.interval;
+  const [nc, ni] = d.outcomes;
+  if (Math.min(nc, ni) < p.min_outcomes && d.action === "continue") {
+    return `Waiting for evidence: the test decides once each arm has ${p.min_outcomes} outcomes ` +
+      `(thumbs or regenerations); the candidate has ${nc}, the incumbent ${ni}.`;
+  }
+  const range = `the interval of the difference runs from ${pts(lo)} to ${pts(hi)}`;
+  const next = " The decision loop acts on it at its next look.";
+  if (d.action === "promote") {
+    return `Promote: ${range}; its lower end is above \u2212margin (${pts(-p.margin)}), so the ` +
+      `candidate is at least as good as the incumbent, within the margin.${next}`;
+  }
+  if (d.action === "rollback") {
+    return `Roll back: ${range}; its upper end is below 0, so the candidate is worse.${next}`;
+  }
+  if (d.action === "stop") return `Stop without a decision: ${range}, and a limit was reached; the incumbent stays.${next}`;
+  const reach = p.margin ? `below \u2212margin (${pts(-p.margin)}) and above 0` : "both below and above 0";
+  return `Still running: ${range}, so it still reaches ${reach}. It promotes when the lower ` +
+    "end rises above \u2212margin, and rolls back when the upper end falls below 0; more feedback narrows it.";
+}
+
+function armTable(exp) {
+  const head = ["Arm", "Version", "Answers", "Thumbs up", "Thumbs down", "Regenerated", "Rate"];
+  return el("table", { class: "grid arms" }, el("thead", {}, el("tr", {}, ...head.map((h) => el("th", {}, h)))),
+    el("tbody", {}, ...exp.arms.map((a) => el("tr", { "data-arm": a.arm }, td(a.arm),
+      td(versionName(a.version)), td(a.answers, "num"), td(a.up, "num"), td(a.down, "num"),
+      td(a.regenerated, "num"), td(a.up + a.down + a.regenerated ? pct(a.rate) : "\u2014", "num")))));
+}
+
+function policyFacts(exp) {
+  const p = exp.policy;
+  const fact = (name, value) => [el("dt", {}, name), el("dd", {}, value)];
+  const elapsed = el("progress", { max: p.max_hours, value: Math.min(exp.elapsed_hours, p.max_hours),
+    "aria-label": "Elapsed time of the longest allowed" });
+  return el("dl", { class: "policy" },
+    ...fact("Margin", p.margin ? `${(p.margin * 100).toFixed(1)} points (promote if worse by less)`
+      : "0 (promote only when the candidate is better)"),
+    ...fact("Alpha", `${p.alpha} (the interval holds with ${pct(1 - p.alpha)}, however often it looks)`),
+    ...fact("Outcomes per arm", `at least ${p.min_outcomes} before deciding, at most ${p.max_outcomes}`),
+    ...fact("Elapsed", el("span", {}, `${hours(exp.elapsed_hours)} of at most ${hours(p.max_hours)} `, elapsed)));
+}
+
+function endButtons(exp) {
+  const ended = exp.status !== "running";
+  return el("p", { class: "buttons exp-actions" }, ...Object.entries(ENDS).flatMap(([action, [label, what]]) => [
+    el("button", { type: "button", disabled: ended, "data-action": action,
+      title: ended ? "This experiment has ended." : undefined,
+      on: () => endExperiment(exp, action, label, what) }, label), " "]));
+}
+
+function experimentCard(exp) {
+  const [iconName, statusText] = EXP_STATUS[exp.status];
+  const d = exp.decision;
+  const tone = d.action === "promote" ? "promote" : d.action === "rollback" ? "rollback" : "open";
+  const measured = Math.min(...d.outcomes) > 0; // a rate needs outcomes on both arms
+  const bar = intervalBar({ low: d.interval[0], high: d.interval[1], difference: measured ? d.difference : null,
+    margin: exp.policy.margin, tone,
+    label: `Always-valid interval of candidate minus incumbent: ${pts(d.interval[0])} to ${pts(d.interval[1])}` });
+  const ended = exp.status !== "running";
+  const verdict = ended
+    ? el("p", { class: "exp-ended" }, el("strong", {}, `Ended ${when(exp.ended_at)}, ${statusText}` +
+      // a hand-made end's reason names the operator already ("stop by olga: ...")
+      `${(exp.reason || "").includes(`by ${exp.ended_by}`) ? "" : ` by ${exp.ended_by}`}: `), exp.reason || "")
+    : el("p", { class: "exp-decision" }, el("strong", {}, "Decision so far: "), decisionWords(exp));
+  return el("article", { class: `exp-card exp-${exp.status}`, "data-id": exp.id },
+    el("header", { class: "exp-head" },
+      el("h2", {}, `Canary on ${exp.segment}: ${exp.candidate} vs ${versionName(exp.incumbent)}`),
+      el("span", { class: `exp-status exp-status-${exp.status}` }, icon(iconName), statusText)),
+    el("p", { class: "count" }, `${exp.id} \u00b7 ${pct(exp.share)} of the segment's users get the ` +
+      `candidate \u00b7 started ${when(exp.started_at)} by ${exp.created_by}`),
+    el("div", { class: "cols" }, el("div", {}, el("h3", {}, "Per arm"), armTable(exp)),
+      el("div", {}, el("h3", {}, "Difference in rate (candidate \u2212 incumbent)"), bar,
+        el("p", { class: "legend" }, measured ? `now ${pts(d.difference)}: candidate ` +
+          `${pct(d.candidate_rate)}, incumbent ${pct(d.incumbent_rate)}`
+          : "No difference yet: each arm needs rated or regenerated answers."))),
+    verdict,
+    ended ? el("p", { class: "legend" }, `The test on the counts up to the end: ${d.reason}`)
+      : el("p", { class: "legend" }, `The test's words: ${d.reason}`),
+    policyFacts(exp), endButtons(exp));
+}
+
+let openExp = null; // an ended experiment the operator asked to see
+let expTimer = null;
+const EXP_POLL_MS = 3000;
+async function endExperiment(exp, action, label, what) {
+  const reason = await ask(`${label}: ${exp.candidate} on ${exp.segment}?`, `If you confirm, ${what}`);
+  if (reason === null) { say("Cancelled."); return; }
+  await act(async () => {
+    const ended = await api(`/v1/operator/experiments/${encodeURIComponent(exp.id)}/${action}`,
+      { method: "POST", body: reason ? { reason } : {} });
+    say(`${ended.id} ended: ${EXP_STATUS[ended.status][1]}.`);
+    openExp = ended.id;
+    await loaders.experiments();
+  });
+}
+
+function expRow(e) {
+  return el("tr", { "data-id": e.id }, td(e.id), td(e.segment),
+    td(`${e.candidate} vs ${versionName(e.incumbent)}`), td(pct(e.share)),
+    td(el("span", { class: `exp-status exp-status-${e.status}` }, icon(EXP_STATUS[e.status][0]), EXP_STATUS[e.status][1])),
+    td(when(e.started_at)), td(when(e.ended_at)),
+    td(el("button", { on: () => { openExp = e.id; act(loaders.experiments); } }, "Show")));
+}
+
+const CANARY_HELP = "A canary proves an approved adapter version on live traffic before it " +
+  "serves everyone: a sticky share of a segment's users get the candidate, the rest keep the " +
+  "active version, and a sequential test on their thumbs and regenerations promotes it, rolls " +
+  "it back, or stops. Start one with the \u201cStart canary\u201d button on an approved version " +
+  "in the Adapters tab, or set PREFLOOP_CANARY_SHARE (e.g. 0.1) so that each refresh whose " +
+  "candidate passes the gate starts one instead of promoting it.";
+
+loaders.experiments = async () => {
+  clearTimeout(expTimer);
+  const list = await api("/v1/operator/experiments?limit=50");
+  const shown = list.data.filter((e) => e.status === "running" || e.id === openExp);
+  // The running ones first; then the one the operator opened.
+  const details = await Promise.all(shown.map((e) => api(`/v1/operator/experiments/${encodeURIComponent(e.id)}`)));
+  if (!$("#confirm").open) { // never swap the buttons under an open dialog
+    $("#exp-cards").replaceChildren(...details.map(experimentCard));
+    if (!list.data.length) {
+      $("#exp-cards").replaceChildren(el("div", { class: "panel exp-empty" },
+        el("h3", {}, "No canary experiment yet"), el("p", {}, CANARY_HELP)));
+    } else if (!details.length) {
+      $("#exp-cards").replaceChildren(emptyNote("No canary is running now. Press \u201cShow\u201d " +
+        "below to see how an earlier one ended, or start one on an approved version in the Adapters tab."));
+    }
+    $("#exp-rows").replaceChildren(...list.data.map(expRow));
+    if (!list.data.length) emptyRow($("#exp-rows"), 8, "No experiments yet: each canary you start is listed here, running or ended.");
+  }
+  const running = list.data.some((e) => e.status === "running");
+  $("#exp-refreshed").textContent = `Updated ${new Date().toLocaleTimeString()}` +
+    (running ? `; refreshing every ${EXP_POLL_MS / 1000} s while one runs.` : ".");
+  // Live: the arms' counts, the interval and the decision move while one runs.
+  expTimer = setTimeout(() => { if (current === "experiments") act(loaders.experiments); },
+    running ? EXP_POLL_MS : 10000);
+};
+function openExperiment(id) {
+  openExp = id;
+  show("experiments");
 }
 
 // --- thumbs-up rate per version over time ------------------------------------------------------
@@ -660,15 +873,26 @@ function overviewRun(o) {
   $("#ov-run-open").onclick = () => { show("runs"); act(() => showRun(r.id)); };
 }
 
+/* One small line per running canary, with a link to its live view; no card when none runs. */
+function overviewCanary(running) {
+  $("#ov-canary").hidden = !running.length;
+  $("#ov-canary-status").replaceChildren(icon("clock"), running.length > 1 ? `${running.length} running` : "running");
+  $("#ov-canary-lines").replaceChildren(...running.map((e) => el("p", { class: "ov-canary-line", "data-id": e.id },
+    `${e.candidate} vs ${versionName(e.incumbent)} on ${pct(e.share)} of ${e.segment}, since ${when(e.started_at)}. `,
+    el("a", { href: "#experiments", on: (ev) => { ev.preventDefault(); openExperiment(e.id); } }, "Show the experiment"))));
+}
+
 let overviewTimer = null;
 loaders.overview = async () => {
   clearTimeout(overviewTimer);
   // Live: new votes and a finishing refresh show up while the page is open.
   overviewTimer = setTimeout(() => { if (current === "overview") act(loaders.overview); }, 10000);
-  const o = await api(`/v1/operator/overview?days=${OVERVIEW_DAYS}`);
+  const [o, canaries] = await Promise.all([api(`/v1/operator/overview?days=${OVERVIEW_DAYS}`),
+    api("/v1/operator/experiments?status=running&limit=20")]);
   overviewFeedback(o);
   overviewPending(o);
   overviewRun(o);
+  overviewCanary(canaries.data);
   $("#ov-refreshed").textContent = `Updated ${new Date().toLocaleTimeString()}; the last ` +
     `${o.days} days (UTC).`;
 };
