@@ -327,7 +327,7 @@ class ArmPublic(BaseModel):
     down: int
     regenerated: int
     won: int = Field(0, description="Head-to-head picks of this arm's answer over the other's.")
-    lost: int = Field(0, description="Head-to-head picks of the other arm's answer over this one's.")
+    lost: int = Field(0, description="Head-to-head picks of the other arm's answer over this.")
     rate: float = Field(description="The rate the test compares (see `decision.outcomes`).")
 
 
