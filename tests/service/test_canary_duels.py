@@ -170,6 +170,14 @@ def test_a_duel_answers_from_both_arms_and_its_pick_is_one_win_and_one_loss(
         [(exp.candidate, exp.incumbent)] * 2 + [(exp.incumbent, exp.candidate)]
     ), [p.provenance for p in pairs]
 
+    # Once the experiment ends, a comparison is two answers of the one version again.
+    r = live.http.post(f"/v1/operator/experiments/{exp.id}/stop", headers=exp.ops)
+    assert r.status_code == 200, r.text
+    wait_until(lambda: exp.candidate not in exp.models())
+    completion, messages = stored(live, compare(ann, seed=99)["id"])
+    assert completion.experiment_id is None and completion.adapter_version == exp.incumbent
+    assert [m.adapter_version for m in messages] == [exp.incumbent] * 2
+
 
 @pytest.mark.parametrize("settings_overrides", [KEYS_ON])
 def test_with_the_share_at_0_no_turn_is_a_duel(
