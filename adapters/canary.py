@@ -46,6 +46,13 @@ Caveats stated, not hidden: the guarantee is as good as the normal approximation
 treats outcomes as independent. Several answers from the same person are not: pass each arm's
 per-subject counts (`combine`) and V becomes cluster-robust (the delta-method variance of a
 ratio estimator over end users, never below the binomial V).
+
+Head-to-head picks (a "which is better?" turn answered once by each arm): the picked arm gets a
+success (`won`) and the other a failure (`lost`). The two arms' rates are then no longer
+independent (one pick moves both, in opposite directions), so V of the difference is
+V_c + V_i - 2 Cov; `covariance` estimates Cov from the people counted in both arms, and with
+picks alone V is about 4 p (1 - p) / n, twice what two independent arms would give. A positive
+estimate is ignored (that only makes the interval wider, never wrongly narrow).
 """
 
 from __future__ import annotations
@@ -77,6 +84,8 @@ class ArmStats:
     down: int  # thumbs down on them
     regenerated: int  # of them, answers whose prompt the user asked to regenerate
     clusters: Clusters | None = None  # optional, from `combine`: makes V cluster-robust
+    won: int = 0  # head-to-head picks of this arm's answer over the other arm's
+    lost: int = 0  # head-to-head picks of the other arm's answer over this arm's
 
 
 @dataclass(frozen=True)
@@ -113,13 +122,14 @@ class Decision:
 
 
 def outcomes(arm: ArmStats) -> tuple[int, int]:
-    """(successes, trials) the test uses: thumbs up succeed; thumbs down and regenerations fail.
+    """(successes, trials) the test uses: thumbs up and head-to-head wins succeed; thumbs down,
+    regenerations and head-to-head losses fail.
 
     The one place the outcome rule lives (see the module docstring for why silence is left out).
     The service should count `regenerated` on answers without a thumbs down, or such an answer
     counts as two failures (both signals say the same thing, so that only weights it).
     """
-    return arm.up, arm.up + arm.down + arm.regenerated
+    return arm.up + arm.won, arm.up + arm.down + arm.regenerated + arm.won + arm.lost
 
 
 def combine(per_subject: Iterable[ArmStats]) -> ArmStats:
@@ -131,6 +141,8 @@ def combine(per_subject: Iterable[ArmStats]) -> ArmStats:
         up=sum(r.up for r in rows),
         down=sum(r.down for r in rows),
         regenerated=sum(r.regenerated for r in rows),
+        won=sum(r.won for r in rows),
+        lost=sum(r.lost for r in rows),
         clusters=Clusters(
             subjects=sum(1 for _, n in pairs if n),
             ss=sum(s * s for s, _ in pairs),
@@ -156,6 +168,21 @@ def variance(arm: ArmStats) -> float:
     return max(binomial, squares * c.subjects / (c.subjects - 1) / n**2)
 
 
+def covariance(per_subject: Iterable[tuple[ArmStats, ArmStats]]) -> float:
+    """Cluster-robust covariance of the (candidate, incumbent) rates from each end user's pair of
+    stats (a person served by one arm only has zeros for the other). Only people counted in both
+    arms add to it: in practice through head-to-head picks, where it is negative."""
+    rows = [(outcomes(c), outcomes(i)) for c, i in per_subject]
+    sc, nc = sum(c[0] for c, _ in rows), sum(c[1] for c, _ in rows)
+    si, ni = sum(i[0] for _, i in rows), sum(i[1] for _, i in rows)
+    subjects = sum(1 for c, i in rows if c[1] or i[1])
+    if not nc or not ni or subjects < 2:
+        return 0.0
+    rc, ri = sc / nc, si / ni
+    cross = sum((c[0] - rc * c[1]) * (i[0] - ri * i[1]) for c, i in rows)
+    return cross * subjects / (subjects - 1) / (nc * ni)
+
+
 def half_width(v: float, tau: float, alpha: float) -> float:
     """Half-width of the mSPRT confidence sequence at estimator variance v (see the docstring)."""
     if math.isinf(v):
@@ -164,19 +191,28 @@ def half_width(v: float, tau: float, alpha: float) -> float:
     return math.sqrt(v * (v + t2) / t2 * (2 * math.log(1 / alpha) + math.log((v + t2) / v)))
 
 
-def interval(candidate: ArmStats, incumbent: ArmStats, policy: CanaryPolicy) -> tuple[float, float]:
-    """The always-valid (1 - alpha) interval of candidate rate - incumbent rate, within [-1, 1]."""
-    h = half_width(variance(candidate) + variance(incumbent), policy.tau, policy.alpha)
+def interval(
+    candidate: ArmStats, incumbent: ArmStats, policy: CanaryPolicy, cov: float = 0.0
+) -> tuple[float, float]:
+    """The always-valid (1 - alpha) interval of candidate rate - incumbent rate, within [-1, 1].
+    `cov`: the rates' covariance (`covariance`); only a negative one is used."""
+    v = variance(candidate) + variance(incumbent) - 2 * min(cov, 0.0)
+    h = half_width(v, policy.tau, policy.alpha)
     d = _rate(candidate) - _rate(incumbent)
     return max(-1.0, d - h), min(1.0, d + h)
 
 
 def decide(
-    candidate: ArmStats, incumbent: ArmStats, policy: CanaryPolicy, elapsed_hours: float
+    candidate: ArmStats,
+    incumbent: ArmStats,
+    policy: CanaryPolicy,
+    elapsed_hours: float,
+    cov: float = 0.0,
 ) -> Decision:
-    """Promote, roll back, stop or continue; safe to call after every new outcome."""
+    """Promote, roll back, stop or continue; safe to call after every new outcome. `cov`: the
+    rates' covariance when some people are counted in both arms (head-to-head picks)."""
     (cs, cn), (is_, in_) = outcomes(candidate), outcomes(incumbent)
-    low, high = interval(candidate, incumbent, policy)
+    low, high = interval(candidate, incumbent, policy, cov)
     counts = (
         f"candidate {_rate(candidate):.3f} ({cs}/{cn}) vs incumbent {_rate(incumbent):.3f} "
         f"({is_}/{in_}), {1 - policy.alpha:.0%} always-valid interval of the difference "

@@ -3,8 +3,11 @@
 An experiment (`service.models.Experiment`) serves a sticky `share` of a segment's end users
 the candidate version and the rest the incumbent (the segment's active version, or the base
 model); `service.routing` splits the requests, so each stored completion's `adapter_version`
-says which arm answered. Every look (`decide_once`, run by the live watch's loop) counts each
-arm's answers, thumbs and regenerations since the start and asks `adapters.canary.decide`:
+says which arm answered. A share of the widget's "which is better?" turns
+(`PREFLOOP_CANARY_DUEL_SHARE`) is a head-to-head instead: one answer from each arm, each
+message's `adapter_version` saying which, and the user's pick is a direct vote. Every look
+(`decide_once`, run by the live watch's loop) counts each arm's answers, thumbs, regenerations
+and head-to-head picks since the start and asks `adapters.canary.decide`:
 
     continue   keep going (the snapshot records what the look saw)
     promote    the registry promotes the candidate, fenced on the incumbent: if another version
@@ -26,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import and_, case, func, or_, update
 from sqlalchemy.engine import Engine as Database
@@ -39,7 +42,7 @@ from adapters.registry import APPROVED, REJECTED, AdapterVersion, Registry, Regi
 from service.core.config import Settings
 from service.core.db import session_scope
 from service.core.errors import ConflictError, InvalidRequestError, NotFoundError
-from service.models import Completion, Experiment, Feedback, OperatorAction, utcnow
+from service.models import Completion, Experiment, Feedback, Message, OperatorAction, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -190,15 +193,21 @@ def _audit(actor: str, action: str, exp: Experiment, detail: dict[str, Any]) -> 
 
 
 # --- the arms' signals -------------------------------------------------------------------------
+# The end user a split assigned (the completion's user, else its key; else its own subject).
+_SUBJECT = func.coalesce(Completion.user_id, Completion.key_id, Completion.id)
+
+
 def _scope(exp: Experiment) -> list[Any]:
     """The completions an experiment counts: its segment's, answered by one of its arms between
-    its start and end. Requests that pinned a version by name chose their arm themselves."""
+    its start and end. Requests that pinned a version by name chose their arm themselves;
+    head-to-head turns (any experiment's) count only through their pick."""
     served = col(Completion.adapter_version)
     incumbent = served.is_(None) if exp.incumbent is None else served == exp.incumbent
     where = [
         Completion.segment == exp.segment,
         Completion.created_at >= exp.started_at,
         Completion.status == "succeeded",
+        col(Completion.experiment_id).is_(None),
         or_(served.is_(None), Completion.model != Completion.adapter_version),
         or_(incumbent, served == exp.candidate),
     ]
@@ -207,14 +216,50 @@ def _scope(exp: Experiment) -> list[Any]:
     return where
 
 
-def arm_stats(db: Database, exp: Experiment) -> tuple[stats.ArmStats, stats.ArmStats]:
-    """(candidate, incumbent): each arm's answers, the end users' thumbs on them, and how many
-    of them were regenerated (counted only without a thumbs down: both say the same thing).
+class Arms(NamedTuple):
+    candidate: stats.ArmStats
+    incumbent: stats.ArmStats
+    covariance: float  # of the two rates, through people counted in both (head-to-head picks)
+
+
+def arm_stats(db: Database, exp: Experiment) -> Arms:
+    """Each arm's answers, the end users' thumbs on them, how many of them were regenerated
+    (counted only without a thumbs down: both say the same thing), and its head-to-head wins
+    and losses (a pick between one answer from each arm: a success for the picked arm, a
+    failure for the other; those turns count only through their pick).
 
     Summed per end user first (`adapters.canary.combine`): several answers from one person are
     not independent outcomes, and the per-user sums make the test's variance cluster-robust.
     The subject is the one the split used (the completion's user, else its key); an answer with
     neither is its own subject."""
+    per_subject: dict[Any, list[stats.ArmStats]] = {}
+    zero = stats.ArmStats(0, 0, 0, 0)
+
+    def add(subject: Any, arm: int, **counts: int) -> None:
+        row = per_subject.setdefault(subject, [zero, zero])
+        row[arm] = dataclasses.replace(
+            row[arm], **{k: getattr(row[arm], k) + v for k, v in counts.items()}
+        )
+
+    with Session(db) as s:
+        answers, duels = s.exec(_answers_query(exp)).all(), s.exec(_duels_query(exp)).all()
+    for version, subject, n, n_up, n_down, n_regen in answers:
+        arm = 0 if version == exp.candidate else 1
+        add(subject, arm, answers=n, up=int(n_up), down=int(n_down), regenerated=int(n_regen))
+    for version, subject, n in duels:
+        winner = 0 if version == exp.candidate else 1
+        add(subject, winner, won=n)
+        add(subject, 1 - winner, lost=n)
+    rows = list(per_subject.values())
+    return Arms(
+        stats.combine(r[0] for r in rows),
+        stats.combine(r[1] for r in rows),
+        stats.covariance((r[0], r[1]) for r in rows),
+    )
+
+
+def _answers_query(exp: Experiment) -> Any:
+    """Per (arm, subject): answers, thumbs up, thumbs down, regenerated without a thumbs down."""
     thumbs = (
         select(
             Feedback.completion_id.label("cid"),
@@ -228,10 +273,10 @@ def arm_stats(db: Database, exp: Experiment) -> tuple[stats.ArmStats, stats.ArmS
     later = aliased(Completion)
     regenerated = select(later.id).where(later.regenerated_from == Completion.id).exists()
     up, down = func.coalesce(thumbs.c.up, 0), func.coalesce(thumbs.c.down, 0)
-    subject = func.coalesce(Completion.user_id, Completion.key_id, Completion.id)
-    q = (
+    return (
         select(
             Completion.adapter_version,
+            _SUBJECT,
             func.count(),
             func.sum(up),
             func.sum(down),
@@ -240,18 +285,31 @@ def arm_stats(db: Database, exp: Experiment) -> tuple[stats.ArmStats, stats.ArmS
         .select_from(Completion)
         .outerjoin(thumbs, thumbs.c.cid == Completion.id)
         .where(*_scope(exp))
-        .group_by(Completion.adapter_version, subject)
+        .group_by(Completion.adapter_version, _SUBJECT)
     )
-    with Session(db) as s:
-        rows = s.exec(q).all()
-    per_arm: dict[str | None, list[stats.ArmStats]] = {exp.candidate: [], exp.incumbent: []}
-    for version, n, n_up, n_down, n_regen in rows:
-        per_arm[version].append(stats.ArmStats(n, int(n_up), int(n_down), int(n_regen)))
-    return stats.combine(per_arm[exp.candidate]), stats.combine(per_arm[exp.incumbent])
+
+
+def _duels_query(exp: Experiment) -> Any:
+    """Per (picked arm, subject): the end users' picks on the experiment's head-to-head turns
+    (one per user and turn: a later pick replaces the earlier)."""
+    picked = aliased(Message)
+    return (
+        select(picked.adapter_version, _SUBJECT, func.count())
+        .select_from(Feedback)
+        .join(Completion, col(Completion.id) == Feedback.completion_id)
+        .join(picked, col(picked.id) == Feedback.message_id)
+        .where(
+            Feedback.kind == "pick",
+            Feedback.author_role == "user",
+            Completion.experiment_id == exp.id,
+            Completion.status == "succeeded",
+        )
+        .group_by(picked.adapter_version, _SUBJECT)
+    )
 
 
 def _counts(arm: stats.ArmStats) -> dict[str, int]:
-    return {k: getattr(arm, k) for k in ("answers", "up", "down", "regenerated")}
+    return {k: getattr(arm, k) for k in ("answers", "up", "down", "regenerated", "won", "lost")}
 
 
 def snapshot(
@@ -275,9 +333,9 @@ def snapshot(
 
 def look(db: Database, exp: Experiment) -> tuple[stats.Decision, dict[str, Any]]:
     """The test's verdict on the experiment's counts now (nothing is acted on or stored)."""
-    cand, inc = arm_stats(db, exp)
+    cand, inc, cov = arm_stats(db, exp)
     hours = elapsed_hours(exp)
-    decision = stats.decide(cand, inc, policy_of(exp), hours)
+    decision = stats.decide(cand, inc, policy_of(exp), hours, cov)
     return decision, snapshot(cand, inc, decision, hours)
 
 

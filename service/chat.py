@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, replace
@@ -53,6 +54,15 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class Duel:
+    """A head-to-head turn: choice i is answered by `adapters[i]`, one choice from each arm of a
+    live canary, in an order drawn per turn (the client is not told which is which)."""
+
+    experiment: str
+    adapters: tuple[str | None, str | None]
+
+
+@dataclass(frozen=True)
 class ChatPlan:
     model: str  # the name the client used, echoed back
     adapter: str | None
@@ -62,6 +72,11 @@ class ChatPlan:
     include_usage: bool
     tools: list[dict[str, Any]] | None = None  # offered to the model, stored with the prompt
     tool_choice: Any = None
+    duel: Duel | None = None
+
+    def choice_adapters(self) -> list[str | None]:
+        """The adapter that answers each choice."""
+        return list(self.duel.adapters) if self.duel else [self.adapter] * self.params.n
 
     def tools_record(self) -> dict[str, Any] | None:
         if self.tools is None and self.tool_choice is None:
@@ -151,6 +166,25 @@ def plan_chat(
     )
 
 
+def wants_duel(body: ChatCompletionRequest, caller: Principal, settings: Settings) -> bool:
+    """Is this a widget's "which is better?" turn (a visitor's n=2 that is no regeneration)
+    drawn for a head-to-head, if its segment runs a canary? API clients asking for n=2 want
+    two samples of one model, so only the widget's turns are ever drawn."""
+    return (
+        caller.visitor_user is not None
+        and body.n == 2
+        and body.regenerate is None
+        and random.random() < settings.canary_duel_share
+    )
+
+
+def as_duel(plan: ChatPlan, experiment: str, rival: str | None) -> ChatPlan:
+    """`plan` answered once by its own adapter and once by the canary's other arm, in random
+    order: the pick then maps to an arm through each stored answer's adapter version."""
+    pair = (plan.adapter, rival) if random.random() < 0.5 else (rival, plan.adapter)
+    return replace(plan, duel=Duel(experiment, pair))
+
+
 def _check_tools_and_logprobs(body: ChatCompletionRequest, engine: Engine) -> None:
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidRequestError("top_logprobs needs logprobs: true", param="top_logprobs")
@@ -182,6 +216,7 @@ def _start_turn(
             stream=body.stream,
             regenerate=body.regenerate,
             tools=plan.tools_record(),
+            experiment_id=plan.duel.experiment if plan.duel else None,
         )
         # Counted here, before commit, so a prompt that cannot fit stores nothing.
         prompt_tokens = engine.count_prompt_tokens(turn.prompt)
@@ -265,17 +300,78 @@ async def _begin(
         tool_choice=(turn.completion.tools or {}).get("tool_choice"),
     )
     try:
-        stream = await engine.generate(request)
+        stream = await _generate(engine, plan, request)
     except PrefloopError as exc:
         await _store_failure(db, turn.completion.id, exc, None, started)
         raise
     return turn, stream, started
 
 
+async def _generate(engine: Engine, plan: ChatPlan, request: GenerationRequest) -> GenerationStream:
+    """The engine's stream; a head-to-head turn is two one-answer requests, one per arm (any
+    engine runs them side by side), merged into one stream of choices 0 and 1."""
+    if plan.duel is None:
+        return await engine.generate(request)
+    one = replace(request.params, n=1)
+    streams: list[GenerationStream] = []
+    try:
+        for adapter in plan.duel.adapters:
+            streams.append(await engine.generate(replace(request, params=one, adapter=adapter)))
+    except BaseException:
+        for s in streams:  # the first one's slot is given back
+            s.cancel()
+        raise
+    return DuelStream(streams)
+
+
+class DuelStream:
+    """Several one-answer streams as one: stream i's deltas become choice i's."""
+
+    def __init__(self, streams: list[GenerationStream]):
+        self.streams = streams
+
+    @property
+    def prompt_tokens(self) -> int:  # the same prompt for each
+        return self.streams[0].prompt_tokens
+
+    def cancel(self) -> None:
+        for s in self.streams:
+            s.cancel()
+
+    async def __aiter__(self) -> AsyncIterator[base.ChoiceDelta]:
+        queue: asyncio.Queue[base.ChoiceDelta | Exception | None] = asyncio.Queue()
+
+        async def pump(index: int, stream: GenerationStream) -> None:
+            try:
+                async for d in stream:
+                    await queue.put(replace(d, index=index))
+                await queue.put(None)
+            except Exception as exc:  # noqa: BLE001 - handed to the reader, which raises it
+                await queue.put(exc)
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(self.streams)]
+        try:
+            running = len(tasks)
+            while running:
+                item = await queue.get()
+                if item is None:
+                    running -= 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    yield item
+        finally:  # an error, or the client left: stop both (cancel is idempotent)
+            for t in tasks:
+                t.cancel()
+            self.cancel()
+
+
 class _Collector:
     """Accumulates deltas into one record per choice."""
 
-    def __init__(self, n: int):
+    def __init__(self, adapters: list[str | None]):
+        n = len(adapters)
+        self.adapters = adapters
         self.ids = [new_id("msg") for _ in range(n)]
         self.texts: list[list[str]] = [[] for _ in range(n)]
         self.finish: list[str | None] = [None] * n
@@ -309,7 +405,13 @@ class _Collector:
     def records(self) -> list[crud.ChoiceRecord]:
         return [
             crud.ChoiceRecord(
-                self.ids[i], i, "".join(t), self.finish[i], self.tokens[i], self.tool_calls(i)
+                self.ids[i],
+                i,
+                "".join(t),
+                self.finish[i],
+                self.tokens[i],
+                self.tool_calls(i),
+                self.adapters[i],
             )
             for i, t in enumerate(self.texts)
         ]
@@ -325,7 +427,7 @@ async def complete_chat(
     db: Database, engine: Engine, plan: ChatPlan, body: ChatCompletionRequest, caller: Principal
 ) -> ChatCompletionResponse:
     turn, stream, started = await _begin(db, engine, plan, body, caller)
-    acc = _Collector(plan.params.n)
+    acc = _Collector(plan.choice_adapters())
     try:
         async for d in stream:
             acc.add(d)
@@ -405,7 +507,7 @@ async def _sse(
     started: float,
 ) -> AsyncIterator[str]:
     cid, created = turn.completion.id, int(time.time())
-    acc = _Collector(plan.params.n)
+    acc = _Collector(plan.choice_adapters())
 
     def chunk(choices: list[StreamChoice], usage: Usage | None = None, **extra: Any) -> str:
         body = ChatCompletionChunk(

@@ -36,6 +36,7 @@ class ChoiceRecord:
     finish_reason: str | None
     completion_tokens: int
     tool_calls: list[dict[str, Any]] | None = None
+    adapter_version: str | None = None  # what wrote it (None: the base model)
 
 
 def as_prompt(m: Message) -> dict[str, Any]:
@@ -120,6 +121,7 @@ def start_completion(
     stream: bool,
     regenerate: str | None = None,
     tools: dict[str, Any] | None = None,
+    experiment_id: str | None = None,
 ) -> StartedTurn:
     """Store the request's new messages and a running completion; return the prompt to answer.
 
@@ -129,7 +131,8 @@ def start_completion(
 
     `regenerate` names an earlier completion whose prompt is answered again: nothing new is
     stored but the completion, under the same parent message, so its answers become siblings of
-    the earlier ones.
+    the earlier ones. `experiment_id`: a head-to-head turn of that live canary (never a
+    regeneration).
     """
     if regenerate is not None:
         return _start_regeneration(
@@ -205,6 +208,7 @@ def start_completion(
         params=params,
         tools=tools,
         stream=stream,
+        experiment_id=experiment_id,
     )
     session.add(completion)
     session.flush()
@@ -315,6 +319,7 @@ def finish_completion(
                 finish_reason=c.finish_reason,
                 completion_tokens=c.completion_tokens,
                 tool_calls=c.tool_calls,
+                adapter_version=c.adapter_version,
             )
         )
     completion.status = status

@@ -132,11 +132,12 @@ def judge(
 
 def thumbs_tally(session: Session, version: str | None, since: datetime | None = None) -> Tally:
     """Thumbs on answers produced by ``version`` (None: the base model), optionally only on
-    answers produced since a time (the version's promotion)."""
+    answers produced since a time (the version's promotion). Head-to-head turns are left out:
+    their two answers come from two versions, and their signal is the pick."""
     q = (
         select(Feedback.value, func.count())
         .join(Completion, col(Feedback.completion_id) == Completion.id)
-        .where(Feedback.kind == "thumbs")
+        .where(Feedback.kind == "thumbs", col(Completion.experiment_id).is_(None))
         .group_by(Feedback.value)
     )
     if version is None:

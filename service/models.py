@@ -59,6 +59,10 @@ class Message(SQLModel, table=True):
         ),
     )
     choice_index: int | None = None
+    # The adapter version that wrote it (None: the base model, or a row from before this was
+    # recorded: then its completion's). Differs from the completion's only in a head-to-head
+    # turn, whose two choices come from a canary's two arms.
+    adapter_version: str | None = None
     finish_reason: str | None = None
     completion_tokens: int | None = None
     # Assistant messages: set when a later request continued the conversation from this answer
@@ -92,6 +96,9 @@ class Completion(SQLModel, table=True):
     latency_ms: float | None = None
     # A regeneration: the completion whose prompt this one answered again (same parent message).
     regenerated_from: str | None = Field(default=None, foreign_key="completion.id", index=True)
+    # A head-to-head turn of this live canary: choice 0 and 1 came from its two arms (each
+    # message's `adapter_version` says which); it counts in the canary only through its pick.
+    experiment_id: str | None = Field(default=None, index=True)
     created_at: datetime = Field(default_factory=utcnow, index=True)
     finished_at: datetime | None = None
 

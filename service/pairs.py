@@ -112,6 +112,12 @@ def _chunks(ids: Sequence[str], size: int = 500) -> Iterable[Sequence[str]]:
         yield ids[i : i + size]
 
 
+def _served_by(message: Message, completion: Completion) -> str | None:
+    """The version that wrote an answer: a head-to-head turn's choices come from two (each
+    message says which); any other turn's from its completion's."""
+    return message.adapter_version if completion.experiment_id else completion.adapter_version
+
+
 def load_signals(session: Session) -> tuple[list[tp.Answer], list[tp.Feedback]]:
     """Every feedback row, and every answer that shares a parent with a rated, picked, edited or
     kept answer (its siblings are what the signal is relative to). Deleted users' signals are
@@ -165,7 +171,7 @@ def load_signals(session: Session) -> tuple[list[tp.Answer], list[tp.Feedback]]:
                 user_id=completion.user_id or "anonymous",
                 created_at=as_utc(message.created_at),
                 choice_index=message.choice_index or 0,
-                adapter_version=completion.adapter_version or "",
+                adapter_version=_served_by(message, completion) or "",
                 sampling=completion.params,
                 kept=message.kept_at is not None,
                 regenerated_from=completion.regenerated_from,

@@ -23,7 +23,8 @@ Live canaries (`service.canary`): while a segment runs an experiment, its candid
 loaded too (and unloaded once the experiment ends and no request holds it), and requests that
 name the segment are split per end user: `adapters.canary.assign(experiment, subject, share)`
 sends a sticky share of subjects to the candidate, the rest to the incumbent. A request without
-a subject, or one that pins a version by name, is not split.
+a subject, or one that pins a version by name, is not split. A head-to-head turn (`rival`)
+holds a second lease, on the arm the subject is not assigned to, for its other answer.
 """
 
 from __future__ import annotations
@@ -110,6 +111,20 @@ class AdapterRouter:
         if adapter is not None:
             self._inflight[adapter] += 1
         return Lease(self, adapter, segment)
+
+    def rival(self, model: str | None, lease: Lease) -> tuple[str, Lease] | None:
+        """(experiment id, a lease on the other arm) when `lease` is one arm of its segment's
+        running canary (a head-to-head turn answers once from each); else None."""
+        split = self.splits.get(lease.segment)
+        if split is None or self._pinned(model):
+            return None
+        arms = (split.candidate, split.incumbent)
+        if self.resolve(model)[0] != split.incumbent or lease.adapter not in arms:
+            return None  # the route changed (a promotion) since the split was made
+        other = arms[1] if lease.adapter == split.candidate else arms[0]
+        if other is not None:
+            self._inflight[other] += 1
+        return split.experiment, Lease(self, other, lease.segment)
 
     def _pinned(self, model: str | None) -> bool:
         """Does ``model`` name a version (not the base model's or a segment's name)?"""

@@ -326,6 +326,8 @@ class ArmPublic(BaseModel):
     up: int
     down: int
     regenerated: int
+    won: int = Field(0, description="Head-to-head picks of this arm's answer over the other's.")
+    lost: int = Field(0, description="Head-to-head picks of the other arm's answer over this.")
     rate: float = Field(description="The rate the test compares (see `decision.outcomes`).")
 
 

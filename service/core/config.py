@@ -260,6 +260,14 @@ class Settings(BaseSettings):
         description="Every Nth user turn in the widget is answered twice (n=2) with a "
         '"which is better?" pick; 0: never.',
     )
+    canary_duel_share: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description='Of the widget\'s "which is better?" turns in a segment that runs a live '
+        "canary, this share is a head-to-head: one answer from each arm, in random order, and "
+        "the pick is a vote in the experiment; 0: never.",
+    )
 
     # --- trust and safety: keys, limits, poisoning defences, privacy (issue 8)
     auth: Literal["keys", "off"] = Field(

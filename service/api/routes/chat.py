@@ -10,7 +10,15 @@ from fastapi.responses import StreamingResponse
 from service.api.deps import CallerDep, DbDep, EngineDep, RouterDep, SettingsDep
 from service.api.protocol import ChatCompletionRequest, ChatCompletionResponse, StoredCompletion
 from service.auth import Principal
-from service.chat import ChatPlan, complete_chat, plan_chat, read_completion, stream_chat
+from service.chat import (
+    ChatPlan,
+    as_duel,
+    complete_chat,
+    plan_chat,
+    read_completion,
+    stream_chat,
+    wants_duel,
+)
 from service.core.config import Settings
 from service.core.errors import ModelNotFoundError, RateLimitError
 from service.routing import Lease
@@ -23,13 +31,17 @@ def _plan(
     body: ChatCompletionRequest,
     settings: Settings,
     engine: EngineDep,
-    lease: Lease,
+    leases: list[Lease],
     principal: Principal,
+    experiment: str | None,
 ) -> ChatPlan:
+    lease = leases[0]
     if not principal.sees_tenant(settings.tenant_of(lease.segment)):
         # Another tenant's segment (or a version of it) does not exist for this caller.
         raise ModelNotFoundError(f"the model {body.model!r} does not exist", param="model")
     plan = plan_chat(body, settings, engine, lease.adapter, lease.segment)
+    if experiment is not None:  # a head-to-head turn: one answer from each arm
+        plan = as_duel(plan, experiment, leases[1].adapter)
     if principal.key_id is not None:
         cost = plan.params.max_tokens * plan.params.n
         wait = request.app.state.token_limiter.take(principal.key_id, cost)
@@ -62,32 +74,41 @@ async def create_chat_completion(
     # A running canary splits the segment per end user: the widget's server-issued visitor,
     # else the caller's `user`, else the key (see service.routing).
     subject = principal.visitor_user or body.user or principal.key_id
-    lease = adapters.lease(body.model, subject)
+    leases = [adapters.lease(body.model, subject)]
+    # A widget's "which is better?" turn may be a head-to-head: a lease on each arm.
+    rival = adapters.rival(body.model, leases[0]) if wants_duel(body, principal, settings) else None
+    experiment = rival[0] if rival else None
+    leases += [rival[1]] if rival else []
     if not body.stream:
         try:
-            plan = _plan(request, body, settings, engine, lease, principal)
+            plan = _plan(request, body, settings, engine, leases, principal, experiment)
             return await complete_chat(db, engine, plan, body, principal)
         finally:
-            lease.release()
+            _release(leases)
     try:
-        plan = _plan(request, body, settings, engine, lease, principal)
+        plan = _plan(request, body, settings, engine, leases, principal, experiment)
         events = await stream_chat(db, engine, plan, body, principal)
     except BaseException:
-        lease.release()
+        _release(leases)
         raise
     return StreamingResponse(
-        _holding(lease, events),
+        _holding(leases, events),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
-async def _holding(lease: Lease, events: AsyncIterator[str]) -> AsyncIterator[str]:
+def _release(leases: list[Lease]) -> None:
+    for lease in leases:
+        lease.release()
+
+
+async def _holding(leases: list[Lease], events: AsyncIterator[str]) -> AsyncIterator[str]:
     try:
         async for event in events:
             yield event
     finally:
-        lease.release()
+        _release(leases)
 
 
 @router.get("/chat/completions/{completion_id}", response_model=StoredCompletion)

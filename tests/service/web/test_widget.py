@@ -8,15 +8,22 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from playwright.sync_api import Page, expect
 from sqlmodel import col, select
 
+from adapters.registry import Registry
+from service.core.config import Settings
+from service.core.db import make_engine
 from service.models import Completion, Feedback, Message
+from tests.conftest import make_adapter
 from tests.servers import free_port
 from tests.service.conftest import Live
+from tests.service.test_canary_duels import KEYS_ON, Canary
 
 # A real Chromium: seconds per test.
 pytestmark = pytest.mark.slow
@@ -395,3 +402,64 @@ def test_too_many_messages_is_said_in_plain_words(live: Live, page: Page) -> Non
     expect(alert).to_have_attribute("title", re.compile(r"^HTTP 429: too many requests"))
     expect(box).to_have_value("Second, at once")  # kept, to send again later
     page.shots("rate-limited")
+
+
+@pytest.fixture
+def canary(live: Live, tiny_llama_dir: Path, tmp_path: Path) -> Iterator[Canary]:
+    """A running experiment: one real LoRA adapter active, another as its candidate."""
+    db = make_engine(Settings(database_url=live.db_url))
+    lora = [make_adapter(tiny_llama_dir, tmp_path / f"lora{i}", seed=500 + i) for i in range(2)]
+    yield Canary(live, Registry(db, tmp_path / "adapters"), lora)
+    db.dispose()
+
+
+@pytest.mark.parametrize(
+    "settings_overrides",
+    [
+        {
+            **KEYS_ON,
+            "default_max_tokens": 8,
+            "widget_compare_every": 1,  # every turn asks "which is better?"
+            "canary_duel_share": 1.0,
+        }
+    ],
+)
+def test_the_compare_flow_works_unchanged_against_a_head_to_head(
+    live: Live, page: Page, canary: Canary
+) -> None:
+    """While a canary runs, the server makes the widget's comparison a head-to-head (one answer
+    from each arm); the widget shows and picks it as any comparison, without knowing which arm
+    is which, and the pick is a win for one arm and a loss for the other."""
+    from sqlalchemy import create_engine
+
+    from service.auth import create_key
+
+    exp = canary
+    _row, secret = create_key(
+        create_engine(live.db_url), name="site", public=True, origins=[live.base_url]
+    )
+    page.goto(f"{live.base_url}/demo?key={secret}")
+    page.get_by_role("button", name="Open chat").click()
+    page.get_by_label("Your message").fill("Which one?")
+    page.get_by_label("Your message").press("Enter")
+    expect(page.get_by_role("button", name="Answer B is better (message 1)")).to_be_visible()
+    page.shots("head-to-head")
+    assert exp.candidate not in page.locator("[data-prefloop-widget]").inner_html()
+    page.get_by_role("button", name="Answer B is better (message 1)").click()
+    expect(page.get_by_text("Thanks — you picked B.")).to_be_visible()
+    [pick] = wait_for(lambda: feedback(live, kind="pick"), "the pick")
+    [duel] = completions(live)
+    assert duel.experiment_id == exp.id and pick.completion_id == duel.id and duel.stream
+    with live.session() as s:
+        b = s.exec(
+            select(Message).where(Message.completion_id == duel.id, Message.choice_index == 1)
+        ).one()
+        a = s.exec(
+            select(Message).where(Message.completion_id == duel.id, Message.choice_index == 0)
+        ).one()
+    assert {a.adapter_version, b.adapter_version} == {exp.candidate, exp.incumbent}
+    arms = exp.arms()
+    winner = "candidate" if b.adapter_version == exp.candidate else "incumbent"
+    loser = {"candidate": "incumbent", "incumbent": "candidate"}[winner]
+    assert (arms[winner]["won"], arms[winner]["lost"]) == (1, 0)
+    assert (arms[loser]["won"], arms[loser]["lost"]) == (0, 1)
