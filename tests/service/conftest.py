@@ -14,8 +14,11 @@ import pytest
 from sqlalchemy import create_engine
 from sqlmodel import Session
 
+from adapters.registry import APPROVED, Registry
 from service.core.config import Settings
+from service.core.db import make_engine
 from service.main import create_app
+from tests.conftest import make_adapter
 from tests.servers import serve_thread
 
 
@@ -84,3 +87,26 @@ def live(
     with serve_thread(create_app(settings, engine=tiny_engine)) as base_url:
         with httpx.Client(base_url=base_url, timeout=30) as http:
             yield Live(base_url=base_url, db_url=db_url, http=http, model_dir=tiny_llama_dir)
+
+
+# --- adapter versions beside a live gateway (canary tests) ----------------------------------
+@pytest.fixture(scope="module")
+def lora(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Three real LoRA adapters of the tiny model, different weights each."""
+    root = tmp_path_factory.mktemp("adapters")
+    return [make_adapter(tiny_llama_dir, root / f"a{i}", seed=300 + i) for i in range(3)]
+
+
+@pytest.fixture
+def registry(live: Live, tmp_path: Path) -> Iterator[Registry]:
+    """The registry as another process (the CLI) sees it: the live app's database and files."""
+    db = make_engine(Settings(database_url=live.db_url))
+    yield Registry(db, tmp_path / "adapters")
+    db.dispose()
+
+
+def approved(registry: Registry, path: Path, segment: str = "default") -> str:
+    """Register `path` and approve it as the gate would: a version a canary may start with."""
+    vid = registry.register(path, segment=segment).id
+    registry.transition(vid, APPROVED, actor="gate", reason="passed the gate")
+    return vid

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +29,9 @@ from service.core.db import init_db, make_engine
 from service.core.errors import ConflictError
 from service.main import create_app
 from service.models import Experiment, OperatorAction
-from tests.conftest import BOTH_DATABASES, make_adapter
+from tests.conftest import BOTH_DATABASES
 from tests.servers import serve_thread
-from tests.service.conftest import Live
+from tests.service.conftest import Live, approved
 from tests.service.test_refresh import FAST, picks, wait_run
 
 OPS = {"X-Operator": "olga"}
@@ -67,26 +66,6 @@ def test_one_running_experiment_per_segment(db_url: str) -> None:
 
 
 # --- through the service, on a tiny model -------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def lora(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    root = tmp_path_factory.mktemp("canary-adapters")
-    return [make_adapter(tiny_llama_dir, root / f"a{i}", seed=300 + i) for i in range(3)]
-
-
-@pytest.fixture
-def registry(live: Live, tmp_path: Path) -> Iterator[Registry]:
-    """The registry as another process (the CLI) sees it: same database, same files."""
-    db = make_engine(Settings(database_url=live.db_url))
-    yield Registry(db, tmp_path / "adapters")
-    db.dispose()
-
-
-def approved(registry: Registry, path: Path, segment: str = "default") -> str:
-    vid = registry.register(path, segment=segment).id
-    registry.transition(vid, APPROVED, actor="gate", reason="passed the gate")
-    return vid
 
 
 def start(live: Live, candidate: str, headers: dict[str, str] = OPS, **body: Any) -> httpx.Response:

@@ -7,7 +7,6 @@ duel's answers are not counted again), and the pick compiles into a pair as pick
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +15,10 @@ from sqlmodel import Session, col, select
 
 from adapters.registry import Registry
 from service.core.config import Settings
-from service.core.db import make_engine
 from service.models import Completion, Message, PreferencePair
-from tests.conftest import make_adapter
-from tests.service.conftest import Live
+from tests.service.conftest import Live, approved
 from tests.service.test_auth import SHOP, Keys
-from tests.service.test_canary import approved, wait_until
+from tests.service.test_canary import wait_until
 from tests.service.test_visitors import Visitor
 
 pytestmark = pytest.mark.slow
@@ -34,19 +31,6 @@ KEYS_ON = {
     "new_visitors_per_address_per_hour": 1_000,
     "watch_interval_seconds": 0.0,  # no decision loop: the test reads the counts
 }
-
-
-@pytest.fixture(scope="module")
-def lora(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    root = tmp_path_factory.mktemp("duel-adapters")
-    return [make_adapter(tiny_llama_dir, root / f"a{i}", seed=400 + i) for i in range(2)]
-
-
-@pytest.fixture
-def registry(live: Live, tmp_path: Path) -> Iterator[Registry]:
-    db = make_engine(Settings(database_url=live.db_url))
-    yield Registry(db, tmp_path / "adapters")
-    db.dispose()
 
 
 class Canary:

@@ -8,7 +8,6 @@ reason, audited. Real LoRA adapters on the tiny random Llama, as in tests/servic
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +17,8 @@ from sqlmodel import select
 
 from adapters.canary import assign
 from adapters.registry import APPROVED, Registry
-from service.core.config import Settings
-from service.core.db import make_engine
 from service.models import OperatorAction
-from tests.conftest import make_adapter
-from tests.service.conftest import Live
+from tests.service.conftest import Live, approved
 
 pytestmark = pytest.mark.slow  # a real Chromium: seconds per test
 
@@ -35,26 +31,6 @@ def settings_overrides() -> dict[str, Any]:
     # No decision loop: the test, not a background look, ends the experiment. A low minimum
     # so that a handful of votes already gives the test an interval to draw.
     return {"watch_interval_seconds": 0, "canary": {"min_outcomes": 3}}
-
-
-@pytest.fixture(scope="module")
-def lora(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    root = tmp_path_factory.mktemp("console-canary-adapters")
-    return [make_adapter(tiny_llama_dir, root / f"a{i}", seed=400 + i) for i in range(2)]
-
-
-@pytest.fixture
-def registry(live: Live, tmp_path: Path) -> Iterator[Registry]:
-    """The registry as another process sees it: the same database and files."""
-    db = make_engine(Settings(database_url=live.db_url))
-    yield Registry(db, tmp_path / "adapters")
-    db.dispose()
-
-
-def approved(registry: Registry, path: Path) -> str:
-    vid = registry.register(path, segment="default").id
-    registry.transition(vid, APPROVED, actor="gate", reason="passed the gate")
-    return vid
 
 
 def wait_until(check: Any, timeout: float = 15.0) -> None:
