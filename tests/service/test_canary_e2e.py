@@ -47,7 +47,13 @@ QUESTIONS = [
 # users' 80/20 preference below decides in about 15 to 25 outcomes per arm (adapters/canary.py).
 POLICY = {"min_outcomes": 10, "tau": 0.3}
 # A few optimizer steps on short sequences: enough to make a real adapter version.
-TRAIN = {"lr": 5e-4, "epochs": 1, "batch_size": 8, "max_length": 64, "eval_fraction": 0.0}
+TRAIN = {"lr": 5e-4, "epochs": 1, "batch_size": 8, "micro_batch_size": 4, "max_length": 48,
+         "eval_fraction": 0.0}  # fmt: skip
+# The tiny-model tests' lenient gate, and lone thumbs' AUC check skipped too: a few steps on a
+# few dozen thumbs rank the held-out ones by chance.
+GATE = {**LENIENT_GATE, "min_thumbs": 1000}
+# The gate's drift prompts (the operator's file replaces the shipped 16): fewer, for time.
+DRIFT_PROMPTS = ["What is the capital of Japan?", "Write a haiku about rain.", "Say hello."]
 MAX_VOTERS = 150
 
 
@@ -64,7 +70,7 @@ def env_for(model_dir: Path, home: Path) -> dict[str, str]:
         "PREFLOOP_REFRESH_TRAIN": json.dumps(TRAIN),
         "PREFLOOP_EVAL_MAX_NEW_TOKENS": "8",
         "PREFLOOP_GOLDEN_INCLUDE_SHIPPED": "false",  # 113 items x 3 models: minutes on 2 cores
-        "PREFLOOP_GATE": json.dumps(LENIENT_GATE),
+        "PREFLOOP_GATE": json.dumps(GATE),
     }
 
 
@@ -77,8 +83,9 @@ def picks(live: Live, questions: list[str], users: int = 4) -> None:
         assert r.status_code == 201, r.text
 
 
-def refresh_into_canary(live: Live) -> dict[str, Any]:
-    """POST /v1/operator/runs, wait; the approved candidate is canaried: the running experiment."""
+def refresh_into_canary(live: Live) -> tuple[dict[str, Any], dict[str, Any]]:
+    """POST /v1/operator/runs, wait; the approved candidate is canaried: (the run, the running
+    experiment)."""
     r = live.http.post("/v1/operator/runs", json={"segment": "default"}, headers=OPS)
     assert r.status_code == 202, r.text
     run = wait_run(live, r.json()["id"], timeout=300)
@@ -90,7 +97,12 @@ def refresh_into_canary(live: Live) -> dict[str, Any]:
     assert exp["id"] == run["steps"][-1]["detail"]["experiment"]
     assert exp["share"] == 0.5 and exp["policy"]["min_outcomes"] == 10
     assert adapter(live, exp["candidate"])["status"] == "approved"  # the canary decides
-    return exp
+    # The split starts once this replica has loaded the candidate (until then everyone gets
+    # the incumbent, each answer counted for the version that gave it).
+    probe = next(f"probe-{i}" for i in range(100) if assign(exp["id"], f"probe-{i}", 0.5))
+    wait_until(lambda: served(live, probe) == exp["candidate"])
+    print("refresh", run["counts"], {s["name"]: s.get("seconds") for s in run["steps"]})
+    return run, exp
 
 
 def adapter(live: Live, version: str) -> dict[str, Any]:
@@ -150,6 +162,9 @@ def ended(live: Live, exp: dict[str, Any]) -> dict[str, Any]:
 def test_a_refresh_is_canaried_then_promoted_and_the_next_one_rolled_back(
     smollm2_dir: Path, tmp_path: Path
 ) -> None:
+    drift = "".join(json.dumps({"messages": [{"role": "user", "content": p}]}) + "\n"
+                    for p in DRIFT_PROMPTS)  # fmt: skip
+    (tmp_path / "canary.jsonl").write_text(drift)
     with (
         serve_subprocess(env_for(smollm2_dir, tmp_path), tmp_path) as server,
         httpx.Client(base_url=server.base_url, timeout=120) as http,
@@ -158,8 +173,9 @@ def test_a_refresh_is_canaried_then_promoted_and_the_next_one_rolled_back(
 
         # 1. Users' picks train a candidate; the gate approves it; it goes to half the users.
         picks(live, QUESTIONS)
-        exp = refresh_into_canary(live)
+        run, exp = refresh_into_canary(live)
         v1 = exp["candidate"]
+        assert run["counts"]["pairs"] >= 2 and run["counts"]["thumbs_up"] == 0  # the picks
         assert (v1, exp["incumbent"]) == ("default@v1", None)  # against the base model
         users = users_vote(live, exp, "early", likes_candidate=True)
         detail = ended(live, exp)
@@ -171,10 +187,10 @@ def test_a_refresh_is_canaried_then_promoted_and_the_next_one_rolled_back(
         models = [m["id"] for m in http.get("/v1/models").json()["data"]]
         assert v1 in models
 
-        # 2. The next refresh (on the first canary's thumbs and new picks), warm-started from
-        # v1: a candidate the users dislike. Rolled back; v1 serves throughout.
-        picks(live, [f"{q} Answer briefly." for q in QUESTIONS[:8]])
-        exp = refresh_into_canary(live)
+        # 2. The next refresh trains on the first canary's thumbs, warm-started from v1: a
+        # candidate the users dislike. Rolled back; v1 serves throughout.
+        run, exp = refresh_into_canary(live)
+        assert run["counts"]["thumbs_up"] and run["counts"]["thumbs_down"], run["counts"]
         v2 = exp["candidate"]
         assert (v2, exp["incumbent"]) == ("default@v2", v1)
         assert adapter(live, v2)["parent"] == v1
