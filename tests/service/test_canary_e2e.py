@@ -182,8 +182,10 @@ def test_a_refresh_is_canaried_then_promoted_and_the_next_one_rolled_back(
         assert detail["status"] == "promoted", detail["reason"]
         assert detail["snapshot"]["interval"][0] > 0  # proven better
         assert adapter(live, v1)["status"] == "active"
-        everyone = [f"early-{i}" for i in range(min(users, 8))]  # from both arms
-        wait_until(lambda: all(served(live, u) == v1 for u in everyone))
+        voters = [f"early-{i}" for i in range(users)]
+        on_v1 = [u for u in voters if assign(exp["id"], u, 0.5)]
+        everyone = on_v1[:3] + [u for u in voters if u not in on_v1][:3]  # from both arms
+        wait_until(lambda: [served(live, u) for u in everyone] == [v1] * 6)
         models = [m["id"] for m in http.get("/v1/models").json()["data"]]
         assert v1 in models
 
