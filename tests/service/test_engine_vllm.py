@@ -509,6 +509,52 @@ def test_promotion_reaches_every_replica_before_the_flip_with_no_failed_request(
     wait_for(lambda: all(old not in fleet.loaded(s) for s in fleet.servers), what="unload")
 
 
+def test_a_canary_splits_users_between_two_versions_on_every_replica(
+    gateway: Gateway, fleet: Fleet, smollm2_dir: Path, tmp_path: Path
+) -> None:
+    """A live canary on vLLM: the candidate is loaded on every replica beside the incumbent,
+    each user is always served the arm the split gives them, and stopping the experiment
+    unloads the candidate everywhere and serves everyone the incumbent."""
+    from adapters.canary import assign
+
+    active = gateway.registry.active().get("default")
+    incumbent = active.id if active else None
+    row = gateway.registry.register(make_adapter(smollm2_dir, tmp_path / "cand", seed=31))
+    gateway.registry.transition(row.id, APPROVED, actor="test")
+    r = gateway.http.post(
+        "/v1/operator/experiments",
+        json={"candidate": row.id, "share": 0.5, "expect_incumbent": incumbent or "base"},
+    )
+    assert r.status_code == 201, r.text
+    exp = r.json()["id"]
+    wait_for(
+        lambda: all(upstream_name(row.id) in fleet.loaded(s) for s in fleet.servers),
+        what="the candidate loaded on every replica",
+    )
+    # Three users on each side, chosen through the split itself: the test does not depend on
+    # how the experiment's random id happens to divide a fixed list.
+    names = [f"user-{i}" for i in range(200)]
+    side = {u: assign(exp, u, 0.5) for u in names}
+    users = [u for u in names if side[u]][:3] + [u for u in names if not side[u]][:3]
+
+    def served(user: str) -> str | None:
+        reply = gateway.chat(SOMETHING, user=user, max_tokens=2)
+        assert reply.status_code == 200, reply.text
+        return reply.json()["adapter_version"]
+
+    wait_for(lambda: served(users[0]) == row.id, what="the split in place")
+    for user in users:
+        want = row.id if side[user] else incumbent
+        assert [served(user) for _ in range(2)] == [want, want], user
+    r = gateway.http.post(f"/v1/operator/experiments/{exp}/stop", json={"reason": "test over"})
+    assert r.status_code == 200 and r.json()["status"] == "stopped", r.text
+    wait_for(
+        lambda: all(upstream_name(row.id) not in fleet.loaded(s) for s in fleet.servers),
+        what="the candidate unloaded everywhere",
+    )
+    assert {served(user) for user in users} == {incumbent}
+
+
 def test_replica_killed_mid_stream_then_restarted_is_reconciled(
     gateway: Gateway, fleet: Fleet
 ) -> None:
