@@ -63,7 +63,7 @@ ID_FIELDS = {
     "completion_id": "completions", "regenerate": "completions", "version_id": "versions",
     "to": "versions", "pair_id": "pairs", "run_id": "runs", "item_id": "golden",
     "user_id": "users", "conversation_id": "conversations", "parent_id": "messages",
-    "model_id": "models",
+    "model_id": "models", "experiment_id": "experiments", "candidate": "versions",
 }  # fmt: skip
 
 
@@ -100,6 +100,10 @@ def seed(live: Live, auth: dict[str, str], tmp: Path) -> dict[str, list[str]]:
     for vid in ids["versions"][:2]:
         http.post(f"/v1/operator/adapters/{vid}/approve", headers=auth).raise_for_status()
     http.post(f"/v1/operator/adapters/{ids['versions'][0]}/promote", headers=auth)
+    canary = {"candidate": ids["versions"][1], "share": 0.5}  # a live canary against the first
+    r = http.post("/v1/operator/experiments", json=canary, headers=auth)
+    assert r.status_code == 201, r.text
+    ids["experiments"].append(r.json()["id"])
     for i in range(2):
         item = {"prompt": f"Say {i}.", "checks": {"contains": [str(i)]}}
         assert http.put(f"/v1/operator/golden/g{i}", json=item, headers=auth).status_code == 200
@@ -126,6 +130,10 @@ def made_real(case: Any, ids: dict[str, list[Any]], k: int) -> Any:
             case.body["ids"] = ids["pairs"][: 1 + k % 3]
         if case.operation.path == "/v1/chat/completions":
             mend_chat(case.body)
+        if case.operation.path == "/v1/operator/experiments":  # the service's own policy, and
+            case.body.pop("policy", None)  # a share (none is configured here)
+            case.body.pop("expect_incumbent", None)
+            case.body["share"] = case.body.get("share") or 0.5
         if "checks" in case.body:  # a golden item: one prompt, one check the gate knows
             case.body.update(checks={"contains": ["a"]}, prompt="Say a.")
             case.body.pop("messages", None)
