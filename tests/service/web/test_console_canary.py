@@ -19,6 +19,8 @@ from adapters.canary import assign
 from adapters.registry import APPROVED, Registry
 from service.models import OperatorAction
 from tests.service.conftest import Live, approved
+from tests.service.test_canary import experiment as detail
+from tests.service.test_canary import wait_until
 
 pytestmark = pytest.mark.slow  # a real Chromium: seconds per test
 
@@ -31,19 +33,6 @@ def settings_overrides() -> dict[str, Any]:
     # No decision loop: the test, not a background look, ends the experiment. A low minimum
     # so that a handful of votes already gives the test an interval to draw.
     return {"watch_interval_seconds": 0, "canary": {"min_outcomes": 3}}
-
-
-def wait_until(check: Any, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
-def detail(live: Live, exp_id: str) -> dict[str, Any]:
-    r = live.http.get(f"/v1/operator/experiments/{exp_id}", headers=OPS)
-    assert r.status_code == 200, r.text
-    return r.json()
 
 
 def vote(live: Live, exp_id: str, candidate: str) -> dict[str, list[int]]:
@@ -78,7 +67,7 @@ def test_a_canary_from_start_to_stop(
 ) -> None:
     v1, v2 = approved(registry, lora[0]), approved(registry, lora[1])
     registry.promote(v1, actor="test")
-    wait_until(lambda: live.chat(HELLO, user="anyone")["adapter_version"] == v1)
+    wait_until(lambda: live.chat(HELLO, user="anyone")["adapter_version"] == v1, timeout=15.0)
 
     page.goto(f"{live.base_url}/console")
     page.get_by_label("Operator", exact=True).fill("olga")
