@@ -26,7 +26,7 @@ from bench import pct  # noqa: E402
 from service.core.config import Settings  # noqa: E402
 from service.engines.base import GenerationRequest, SamplingParams  # noqa: E402
 from service.engines.local import LocalEngine  # noqa: E402
-from service.modelprep import prepare_default_model  # noqa: E402
+from service.engines.modelprep import prepare_default_model  # noqa: E402
 
 SUBJECTS = ["the moon", "bread", "rivers", "bicycles", "owls", "tea", "volcanoes", "chess"]
 

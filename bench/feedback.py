@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import pct  # noqa: E402
-from service.modelprep import prepare_default_model  # noqa: E402
+from service.engines.modelprep import prepare_default_model  # noqa: E402
 from tests.servers import free_port, wait_ready  # noqa: E402
 
 TARGET = 1000  # durable writes/s (issue #3)

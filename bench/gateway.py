@@ -35,7 +35,7 @@ from bench import pct  # noqa: E402
 from service.core.config import Settings  # noqa: E402
 from service.engines.base import GenerationRequest, SamplingParams  # noqa: E402
 from service.engines.local import LocalEngine  # noqa: E402
-from service.modelprep import prepare_default_model  # noqa: E402
+from service.engines.modelprep import prepare_default_model  # noqa: E402
 
 PROMPTS = [
     "What is the capital of France?",
@@ -217,7 +217,7 @@ async def main() -> None:
 
 
 def start_vllm(model_dir: Path, settings: Settings, tmp: Path):
-    from service.vllm_dev import ServerSpec, VLLMServer, install_venv
+    from service.engines.vllm_dev import ServerSpec, VLLMServer, install_venv
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

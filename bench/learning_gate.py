@@ -202,7 +202,7 @@ def _failed(side: dict[str, Any]) -> set[str]:
 
 def _model_dir() -> Path:
     from service.core.config import Settings
-    from service.modelprep import prepare_default_model
+    from service.engines.modelprep import prepare_default_model
 
     return prepare_default_model(Settings().models_dir)
 

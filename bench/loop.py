@@ -31,7 +31,7 @@ def main() -> int:
     args = p.parse_args()
 
     from service.core.config import Settings
-    from service.modelprep import prepare_default_model
+    from service.engines.modelprep import prepare_default_model
     from tests.servers import serve_subprocess
 
     home = Path(tempfile.mkdtemp(prefix="prefloop-loop-"))

@@ -220,7 +220,7 @@ def main() -> int:
     from service.auth import create_key
     from service.core.config import Settings
     from service.core.db import init_db
-    from service.modelprep import prepare_default_model
+    from service.engines.modelprep import prepare_default_model
     from tests.servers import serve_subprocess
 
     home = Path(tempfile.mkdtemp(prefix="prefloop-poison-"))

@@ -482,7 +482,7 @@ def main() -> int:
         "PREFLOOP_GATE_SEGMENTS": json.dumps({segment: json.loads(args.gate)}),
     }
     from service.core.config import Settings
-    from service.modelprep import prepare_default_model
+    from service.engines.modelprep import prepare_default_model
 
     env["PREFLOOP_MODEL"] = str(prepare_default_model(Settings().models_dir))
     with serve_subprocess(env, home) as server:

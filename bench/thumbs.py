@@ -109,7 +109,7 @@ def compiled(events: list[dict[str, Any]], *, shuffle: bool, seed: int) -> list[
     gate), as stored rows: pairs and lone-thumbs (KTO) rows. ``shuffle``: the labels permuted
     among the visitors (the control)."""
     from service.core.config import Settings
-    from service.pairs import gate_config
+    from service.loop.compile import gate_config
     from trainer.pairs import Answer, Feedback, compile_pairs
 
     labels = [e["label"] for e in events]
@@ -157,7 +157,7 @@ def run_thumbs(
     and the held-out behaviour."""
     from adapters.gate import decide
     from service.core.config import Settings
-    from service.refresh import training_sets
+    from service.loop.refresh import training_sets
     from trainer.data import read_rows
     from trainer.dpo import TrainConfig, train
     from trainer.evaluate import evaluate

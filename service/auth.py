@@ -33,7 +33,7 @@ from sqlalchemy.engine import Engine as Database
 from sqlmodel import Session, col, select
 
 from service.core.db import session_scope
-from service.models import ApiKey, utcnow
+from service.storage.models import ApiKey, utcnow
 
 SECRET_PREFIX = "pfk_"
 

@@ -21,7 +21,7 @@ from typing import Any
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.engine import Engine as Database
 
-from service import crud, observability
+from service import observability
 from service.api.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -48,7 +48,8 @@ from service.core.errors import (
 )
 from service.engines import base
 from service.engines.base import Engine, GenerationRequest, GenerationStream, SamplingParams
-from service.models import new_id
+from service.storage import crud
+from service.storage.models import new_id
 
 log = logging.getLogger(__name__)
 

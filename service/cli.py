@@ -29,8 +29,8 @@ def _port_taken(host: str, port: int) -> str | None:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from service.engines.modelprep import prepare_default_model
     from service.main import create_app
-    from service.modelprep import prepare_default_model
 
     settings = get_settings()
     updates = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
@@ -68,7 +68,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _prepare(_args: argparse.Namespace) -> int:
-    from service.modelprep import ModelPrepareError, prepare_default_model
+    from service.engines.modelprep import ModelPrepareError, prepare_default_model
 
     settings = get_settings()
     if not settings.uses_default_model:
@@ -90,7 +90,7 @@ def _train(args: argparse.Namespace) -> int:
 
     rest = list(args.trainer_args)
     if not any(a == "--base" or a.startswith("--base=") for a in rest) and "-h" not in rest:
-        from service.modelprep import prepare_default_model
+        from service.engines.modelprep import prepare_default_model
 
         settings = get_settings()
         base = settings.model or str(prepare_default_model(settings.models_dir))
@@ -100,7 +100,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _pairs_export(args: argparse.Namespace) -> int:
     from service.core.db import init_db, make_engine
-    from service.pairs import compile_and_store, export_pairs
+    from service.loop.compile import compile_and_store, export_pairs
 
     settings = get_settings()  # the same settings `prefloop serve` reads
     db = make_engine(settings)
@@ -152,7 +152,7 @@ def _adapters(args: argparse.Namespace) -> int:
             )
             print(f"{row.id} {row.status} {row.path}")
         elif cmd == "gate":
-            from service.lifecycle import gate_version
+            from service.loop.lifecycle import gate_version
 
             heldout = None
             if args.pairs:
@@ -196,9 +196,9 @@ def _canary(args: argparse.Namespace) -> int:
     import json
 
     from adapters.registry import Registry, RegistryError, expected
-    from service import canary
     from service.core.db import init_db, make_engine
     from service.core.errors import PrefloopError
+    from service.loop import canary
 
     settings = get_settings()
     db = make_engine(settings)
@@ -256,7 +256,7 @@ def _refresh(args: argparse.Namespace) -> int:
 
     from adapters.registry import Registry
     from service.core.db import init_db, make_engine
-    from service.refresh import create_run, get_run, run_refresh
+    from service.loop.refresh import create_run, get_run, run_refresh
 
     settings = get_settings()
     db = make_engine(settings)
@@ -317,7 +317,7 @@ def _worker(_args: argparse.Namespace) -> int:
 
     from adapters.registry import Registry
     from service.core.db import init_db, make_engine
-    from service.scheduler import Refresher
+    from service.loop.scheduler import Refresher
 
     settings = get_settings()
     db = make_engine(settings)
@@ -341,8 +341,14 @@ def _dev_vllm(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from service.modelprep import prepare_default_model
-    from service.vllm_dev import ServerSpec, VLLMDevError, VLLMServer, install_venv, thread_binds
+    from service.engines.modelprep import prepare_default_model
+    from service.engines.vllm_dev import (
+        ServerSpec,
+        VLLMDevError,
+        VLLMServer,
+        install_venv,
+        thread_binds,
+    )
 
     settings = get_settings()
     try:

@@ -16,12 +16,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from adapters.registry import as_utc
-from service import crud, observability
+from service import observability
 from service.api.deps import Author
 from service.api.schemas import EditFeedback, FeedbackPublic, PickFeedback, ThumbsFeedback
 from service.core.db import GroupCommit
 from service.core.errors import NotFoundError
-from service.models import Feedback
+from service.storage import crud
+from service.storage.models import Feedback
 
 
 def public(row: Feedback | Row) -> FeedbackPublic:

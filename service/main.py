@@ -32,15 +32,15 @@ from service.core.config import Settings, get_settings
 from service.core.db import GroupCommit, init_db, make_engine
 from service.core.errors import install_error_handlers
 from service.engines.base import Engine
+from service.engines.routing import AdapterRouter
+from service.loop.scheduler import Refresher
 from service.observability import RequestMiddleware, build_registry
-from service.routing import AdapterRouter
-from service.scheduler import Refresher
 
 log = logging.getLogger(__name__)
 
 
 def build_engine(settings: Settings) -> Engine:
-    from service.modelprep import default_model_dir
+    from service.engines.modelprep import default_model_dir
 
     if settings.engine == "vllm":
         from service.engines.vllm import VLLMEngine
@@ -79,8 +79,8 @@ async def _watch(app: FastAPI, settings: Settings) -> None:
     """The live watch: roll back a promoted version whose thumbs-up rate dropped; then one look
     at every running canary (promote, roll back, stop or continue). Every replica runs it: the
     registry's fences and the experiments' conditional updates let one of them act."""
-    from service.canary import RUNNING, decide_all
-    from service.lifecycle import watch_once
+    from service.loop.canary import RUNNING, decide_all
+    from service.loop.lifecycle import watch_once
 
     state = app.state
     while True:
@@ -96,7 +96,7 @@ async def _watch(app: FastAPI, settings: Settings) -> None:
 
 
 async def _start_engine(app: FastAPI, settings: Settings) -> None:
-    from service.modelprep import prepare_default_model
+    from service.engines.modelprep import prepare_default_model
 
     engine = app.state.engine
     try:
@@ -167,9 +167,9 @@ def _sweep_interrupted(db: Any, settings: Settings) -> None:
     """What a crash (SIGKILL, power cut) left unfinished: refresh runs and answers."""
     from datetime import timedelta
 
-    from service.crud import sweep_interrupted_completions
-    from service.models import utcnow
-    from service.refresh import sweep_interrupted
+    from service.loop.refresh import sweep_interrupted
+    from service.storage.crud import sweep_interrupted_completions
+    from service.storage.models import utcnow
 
     sweep_interrupted(db, settings.refresh_lease_seconds)
     with Session(db) as session:

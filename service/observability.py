@@ -149,7 +149,7 @@ class DatabaseCollector(Collector):
 
     def _collect(self, s: Session) -> Iterator[Metric]:
         from adapters.registry import ACTIVE, AdapterVersion, as_utc
-        from service.models import Completion, Feedback, PreferencePair, TrainingRun
+        from service.storage.models import Completion, Feedback, PreferencePair, TrainingRun
 
         pairs = GaugeMetricFamily(
             "prefloop_pairs",

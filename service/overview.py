@@ -14,7 +14,7 @@ from sqlmodel import Session, col, select
 
 from adapters.registry import as_utc
 from service.api.schemas import DayCount, Overview, RatePoint, RateSeries, RunPublic
-from service.models import Completion, Conversation, Feedback, PreferencePair, TrainingRun
+from service.storage.models import Completion, Conversation, Feedback, PreferencePair, TrainingRun
 
 DAY = timedelta(days=1)
 

@@ -17,7 +17,7 @@ from sqlmodel import Session, col, select
 
 from service.core.config import Settings
 from service.core.db import session_scope
-from service.models import (
+from service.storage.models import (
     Completion,
     Conversation,
     Feedback,

@@ -20,7 +20,7 @@ TEST_HOME = Path(os.environ.get("PREFLOOP_TEST_HOME", "~/.cache/prefloop")).expa
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The real SmolLM2-135M-Instruct as a safetensors HF directory."""
-    from service.modelprep import prepare_default_model
+    from service.engines.modelprep import prepare_default_model
 
     return prepare_default_model(TEST_HOME / "models", progress=False)
 

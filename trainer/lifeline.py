@@ -27,7 +27,7 @@ def die_with_parent(expected_parent: int | None = None) -> None:
         return
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
-        return  # not permitted here: the process group kill in service.refresh still applies
+        return  # not permitted here: the process group kill in service.loop.refresh still applies
     parent = os.getppid()
     if (expected_parent is not None and parent != expected_parent) or parent == 1:
         os._exit(1)

@@ -27,7 +27,7 @@ from service.core.errors import (
     RateLimitError,
 )
 from service.engines.base import Engine
-from service.routing import AdapterRouter
+from service.engines.routing import AdapterRouter
 
 
 async def get_settings(request: Request) -> Settings:

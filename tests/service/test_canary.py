@@ -22,13 +22,13 @@ from sqlmodel import Session, select
 
 from adapters.canary import assign
 from adapters.registry import APPROVED, Registry
-from service import canary
 from service.auth import create_key
 from service.core.config import Settings
 from service.core.db import init_db, make_engine
 from service.core.errors import ConflictError
+from service.loop import canary
 from service.main import create_app
-from service.models import Experiment, OperatorAction
+from service.storage.models import Experiment, OperatorAction
 from tests.conftest import BOTH_DATABASES
 from tests.servers import serve_thread
 from tests.service.conftest import Live, approved

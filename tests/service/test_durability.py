@@ -23,9 +23,9 @@ from sqlalchemy import create_engine, text
 from sqlmodel import col, update
 
 from service.core.config import Settings
+from service.loop.refresh import LEASE
 from service.main import create_app
-from service.models import Lease, utcnow
-from service.refresh import LEASE
+from service.storage.models import Lease, utcnow
 from tests.conftest import make_adapter
 from tests.servers import free_port, serve_thread, wait_ready
 from tests.service.conftest import Live

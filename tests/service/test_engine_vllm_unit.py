@@ -16,7 +16,7 @@ from service.core.config import Settings
 from service.core.errors import BadGatewayError, InvalidRequestError, UpstreamUnavailableError
 from service.engines.base import GenerationRequest, SamplingParams
 from service.engines.vllm import VLLMEngine, upstream_name
-from service.vllm_dev import thread_binds
+from service.engines.vllm_dev import thread_binds
 
 MODELS = {"data": [{"id": "base", "parent": None, "max_model_len": 512}]}
 HI = [{"role": "user", "content": "Hi"}]

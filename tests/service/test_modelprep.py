@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from service.modelprep import default_model_dir, is_prepared, prepare_default_model
+from service.engines.modelprep import default_model_dir, is_prepared, prepare_default_model
 from tests.conftest import TEST_HOME
 
 

@@ -13,11 +13,11 @@ import pytest
 from sqlalchemy import create_engine
 from sqlmodel import Session, select
 
-from service import crud
 from service.auth import Principal, Role
 from service.core.config import Settings
-from service.models import PreferencePair
-from service.pairs import gate_config, load_signals
+from service.loop.compile import gate_config, load_signals
+from service.storage import crud
+from service.storage.models import PreferencePair
 from tests.service.conftest import Live
 from trainer import pairs as tp
 

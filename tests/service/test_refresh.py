@@ -14,9 +14,9 @@ from sqlmodel import Session, select
 from adapters.registry import Registry
 from service.core.config import Settings
 from service.core.db import init_db, make_engine
-from service.models import OperatorAction, PreferencePair, TrainingRun
-from service.refresh import acquire_lease, create_run, release_lease, renew_lease, run_refresh
-from service.scheduler import Refresher
+from service.loop.refresh import acquire_lease, create_run, release_lease, renew_lease, run_refresh
+from service.loop.scheduler import Refresher
+from service.storage.models import OperatorAction, PreferencePair, TrainingRun
 from tests.conftest import BOTH_DATABASES
 from tests.service.conftest import Live
 from trainer.dpo import REHEARSAL_PROMPTS

@@ -12,9 +12,9 @@ import json
 
 from sqlmodel import select
 
-from service import crud
 from service.auth import Principal, Role
-from service.models import Message, PreferencePair
+from service.storage import crud
+from service.storage.models import Message, PreferencePair
 from tests.conftest import BOTH_DATABASES
 from tests.service.conftest import Live
 

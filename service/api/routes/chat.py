@@ -21,7 +21,7 @@ from service.chat import (
 )
 from service.core.config import Settings
 from service.core.errors import ModelNotFoundError, RateLimitError
-from service.routing import Lease
+from service.engines.routing import Lease
 
 router = APIRouter(prefix="/v1", tags=["chat"])
 
@@ -70,9 +70,9 @@ async def create_chat_completion(
     principal: CallerDep,
 ) -> ChatCompletionResponse | StreamingResponse:
     # The lease keeps the adapter loaded until this request's generation is over, even if a
-    # promotion flips the route meanwhile (see service.routing).
+    # promotion flips the route meanwhile (see service.engines.routing).
     # A running canary splits the segment per end user: the widget's server-issued visitor,
-    # else the caller's `user`, else the key (see service.routing).
+    # else the caller's `user`, else the key (see service.engines.routing).
     subject = principal.visitor_user or body.user or principal.key_id
     leases = [adapters.lease(body.model, subject)]
     # A widget's "which is better?" turn may be a head-to-head: a lease on each arm.

@@ -1,4 +1,4 @@
-"""Operator API for live canaries (`service.canary`): start one, watch its arms and the test,
+"""Operator API for live canaries (`service.loop.canary`): start one, watch its arms and the test,
 stop, promote or roll back by hand. An operator sees its tenant's experiments only: another
 tenant's are 404s, like its segments and versions."""
 
@@ -11,7 +11,6 @@ from fastapi.concurrency import run_in_threadpool
 
 from adapters import canary as stats
 from adapters.registry import expected
-from service import canary
 from service.api.deps import DbDep, OperatorDep, RouterDep, SettingsDep, actor
 from service.api.schemas import (
     ArmPublic,
@@ -24,7 +23,8 @@ from service.api.schemas import (
 )
 from service.auth import Principal
 from service.core.errors import NotFoundError
-from service.models import Experiment
+from service.loop import canary
+from service.storage.models import Experiment
 
 router = APIRouter(prefix="/v1/operator", tags=["experiments"])
 

@@ -10,7 +10,7 @@ from service.auth import Principal
 from service.core.config import Settings
 from service.core.errors import ModelNotFoundError
 from service.engines.base import Engine
-from service.routing import AdapterRouter
+from service.engines.routing import AdapterRouter
 
 router = APIRouter(prefix="/v1", tags=["models"])
 

@@ -25,10 +25,10 @@ from service.api.schemas import (
     UserDeleted,
 )
 from service.core.errors import InvalidRequestError, NotFoundError
-from service.operator import act_on_pairs, list_feedback, list_pairs, thumbs_rate
+from service.loop.compile import compile_and_store
 from service.overview import overview
-from service.pairs import compile_and_store
 from service.privacy import delete_user
+from service.review import act_on_pairs, list_feedback, list_pairs, thumbs_rate
 
 router = APIRouter(prefix="/v1/operator", tags=["operator"])
 

@@ -13,9 +13,9 @@ from service.api.deps import DbDep, OperatorDep, actor
 from service.api.schemas import RunDetail, RunList, RunPublic, StartRun
 from service.auth import Principal
 from service.core.errors import ConflictError, NotFoundError
-from service.models import TrainingRun
+from service.loop.refresh import FINISHED, get_run, request_cancel
 from service.overview import run_scope
-from service.refresh import FINISHED, get_run, request_cancel
+from service.storage.models import TrainingRun
 
 router = APIRouter(prefix="/v1/operator", tags=["runs"])
 STATUSES = ("queued", "running", *FINISHED)

@@ -19,7 +19,7 @@ active version (the base model itself while there is none); a segment's name ser
 segment's active version; a version id (``default@v3``) or a static adapter from
 ``PREFLOOP_LORA_ADAPTERS`` pins it, while it is loaded.
 
-Live canaries (`service.canary`): while a segment runs an experiment, its candidate version is
+Live canaries (`service.loop.canary`): while a segment runs an experiment, its candidate version is
 loaded too (and unloaded once the experiment ends and no request holds it), and requests that
 name the segment are split per end user: `adapters.canary.assign(experiment, subject, share)`
 sends a sticky share of subjects to the candidate, the rest to the incumbent. A request without
@@ -36,10 +36,10 @@ from dataclasses import dataclass
 
 from adapters import canary
 from adapters.registry import DEFAULT_SEGMENT, AdapterVersion, Registry
-from service.canary import running as running_experiments
 from service.core.errors import ModelNotFoundError
 from service.engines.base import Engine
-from service.models import Experiment
+from service.loop.canary import running as running_experiments
+from service.storage.models import Experiment
 
 log = logging.getLogger(__name__)
 

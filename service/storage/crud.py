@@ -19,7 +19,7 @@ from sqlmodel import Session, col, select
 
 from service.auth import Principal
 from service.core.errors import ConflictError, InvalidRequestError, NotFoundError
-from service.models import Completion, Conversation, Feedback, Message, new_id, utcnow
+from service.storage.models import Completion, Conversation, Feedback, Message, new_id, utcnow
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,9 @@ from service.api.schemas import CompileSummary
 from service.core.config import Settings
 from service.core.db import session_scope
 from service.core.errors import ConflictError
-from service.crud import path_to
-from service.models import (
+from service.privacy import tombstoned
+from service.storage.crud import path_to
+from service.storage.models import (
     Completion,
     Conversation,
     Feedback,
@@ -36,7 +37,6 @@ from service.models import (
     PreferencePair,
     utcnow,
 )
-from service.privacy import tombstoned
 from trainer import pairs as tp
 
 

@@ -28,13 +28,13 @@ from adapters.registry import (
 )
 from adapters.watch import Tally, WatchVerdict, compare
 from service.core.config import Settings
-from service.models import Completion, Feedback
+from service.storage.models import Completion, Feedback
 
 log = logging.getLogger(__name__)
 
 
 def base_model_path(settings: Settings) -> Path:
-    from service.modelprep import prepare_default_model
+    from service.engines.modelprep import prepare_default_model
 
     if settings.model:
         return Path(settings.model)

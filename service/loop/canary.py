@@ -1,8 +1,8 @@
 """Live canaries: prove an approved adapter version on real traffic before it serves everyone.
 
-An experiment (`service.models.Experiment`) serves a sticky `share` of a segment's end users
+An experiment (`service.storage.models.Experiment`) serves a sticky `share` of a segment's end users
 the candidate version and the rest the incumbent (the segment's active version, or the base
-model); `service.routing` splits the requests, so each stored completion's `adapter_version`
+model); `service.engines.routing` splits the requests, so each stored completion's `adapter_version`
 says which arm answered. A share of the widget's "which is better?" turns
 (`PREFLOOP_CANARY_DUEL_SHARE`) is a head-to-head instead: one answer from each arm, each
 message's `adapter_version` saying which, and the user's pick is a direct vote. Every look
@@ -42,7 +42,7 @@ from adapters.registry import APPROVED, REJECTED, AdapterVersion, Registry, Regi
 from service.core.config import Settings
 from service.core.db import session_scope
 from service.core.errors import ConflictError, InvalidRequestError, NotFoundError
-from service.models import Completion, Experiment, Feedback, Message, OperatorAction, utcnow
+from service.storage.models import Completion, Experiment, Feedback, Message, OperatorAction, utcnow
 
 log = logging.getLogger(__name__)
 

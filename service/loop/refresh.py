@@ -43,9 +43,9 @@ from sqlmodel import Session, col, select
 from adapters.registry import APPROVED, AdapterVersion, Registry, as_utc
 from service.core.config import Settings
 from service.core.errors import ConflictError
-from service.lifecycle import base_model_path, canary_for, golden_for, judge
-from service.models import Lease, PreferencePair, TrainingRun, utcnow
-from service.pairs import compile_and_store, to_trainer
+from service.loop.compile import compile_and_store, to_trainer
+from service.loop.lifecycle import base_model_path, canary_for, golden_for, judge
+from service.storage.models import Lease, PreferencePair, TrainingRun, utcnow
 from trainer import lifeline
 from trainer import pairs as tp
 from trainer.golden import save_golden
@@ -668,9 +668,9 @@ def _start_canary(
     on_promote: Callable[[], None] | None,
 ) -> str:
     """PREFLOOP_CANARY_SHARE > 0: prove the approved candidate on live traffic first; the
-    canary's decision loop promotes or rejects it later (`service.canary`). Fenced like a
+    canary's decision loop promotes or rejects it later (`service.loop.canary`). Fenced like a
     promotion: on the incumbent it was gated against."""
-    from service.canary import start
+    from service.loop.canary import start
 
     with rec.step("canary") as d:
         try:

@@ -25,7 +25,7 @@ from service.api.schemas import (
 from service.core.db import session_scope
 from service.core.errors import ConflictError, InvalidRequestError, NotFoundError
 from service.feedback import public as feedback_public
-from service.models import (
+from service.storage.models import (
     Completion,
     Conversation,
     Feedback,

@@ -1,0 +1,1 @@
+"""What the service stores: the tables and the queries that write and read them."""
