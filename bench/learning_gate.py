@@ -51,7 +51,7 @@ def _sample(model: Any, tokenizer: Any, prompt: str, n: int, seed: int) -> list[
     """``n`` sampled answers (text, finished) to one user prompt, reproducible by ``seed``."""
     import torch
 
-    from trainer.evaluate import _prompt_ids  # rendered then tokenised, as the engine does
+    from trainer.generate import _prompt_ids  # rendered then tokenised, as the engine does
 
     ids = torch.tensor([_prompt_ids(tokenizer, [{"role": "user", "content": prompt}])])
     torch.manual_seed(seed)

@@ -38,7 +38,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
@@ -57,8 +57,9 @@ from trainer.data import (
     read_rows,
     tokenize_sequence,
 )
-from trainer.dpo import completion_logps
+from trainer.generate import Generated, _left_padded, generate
 from trainer.golden import GoldenError, GoldenItem, failed_checks, load_golden, parse_messages
+from trainer.logps import completion_logps
 from trainer.pairs import links
 
 REPORT_FORMAT = "prefloop-eval/1"
@@ -68,7 +69,6 @@ SIDES = ("candidate", "incumbent")
 MAX_LENGTH = 1024  # prompt + answer tokens of a pair, as TrainConfig.max_length
 # A decode step costs about the same for 8 rows as for 32 on a small model (SmolLM2 on 2 CPU
 # cores: 71 tok/s at 8, 163 at 32), and greedy answers of 64 tokens are cheap in memory.
-GENERATE_BATCH = 32
 SCORE_BATCH = 4  # full-vocabulary logits for KL: batch x length x vocab floats, twice
 ANSWER_CHARS = 300  # of a failing golden answer kept in the report
 # Held-out prompts answered greedily by both sides, kept in the report so an operator can read
@@ -79,18 +79,6 @@ SAMPLE_CHARS = 2000
 Messages = list[dict[str, Any]]
 ProgressFn = Callable[[str, int, int], None]
 """Called after every batch with (stage, items done in the stage, items in the stage)."""
-
-
-@dataclass(frozen=True)
-class Generated:
-    prompt_ids: list[int]
-    answer_ids: list[int]  # generated tokens, through the first end-of-sequence token
-    text: str  # decoded without special tokens, stripped
-    finished: bool  # ended with an end-of-sequence token (else cut at max_new_tokens)
-
-    @property
-    def content_ids(self) -> list[int]:
-        return self.answer_ids[:-1] if self.finished else self.answer_ids
 
 
 def load_canary(path: Path | None = None) -> list[Messages]:
@@ -167,65 +155,6 @@ class _Progress:
 
 
 # --- generation -------------------------------------------------------------------------------
-
-
-def _prompt_ids(tokenizer: Any, messages: Messages) -> list[int]:
-    # Rendered then tokenised, as the serving engine does, so we measure what users would get.
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def _left_padded(
-    prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], pad_id: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``[pad.. prompt][answer ..pad]``: prompts end at the same column, as in ``generate``.
-    Returns ids, attention mask and position ids (counting real tokens only)."""
-    width_p = max(len(p) for p in prompts)
-    width_a = max((len(a) for a in answers), default=0)
-    ids = torch.full((len(prompts), width_p + width_a), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, (p, a) in enumerate(zip(prompts, answers, strict=True)):
-        seq = list(p) + list(a)
-        ids[row, width_p - len(p) : width_p - len(p) + len(seq)] = torch.tensor(seq)
-        mask[row, width_p - len(p) : width_p - len(p) + len(seq)] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids, mask, positions
-
-
-@torch.no_grad()
-def generate(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    conversations: Sequence[Messages],
-    *,
-    max_new_tokens: int,
-    device: torch.device,
-    tick: Callable[[int], None] = lambda n: None,
-) -> list[Generated]:
-    """Greedy answers, batched with left padding (the current side of ``model``)."""
-    eos = model.generation_config.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None:
-        eos_ids.add(tokenizer.eos_token_id)
-    out: list[Generated] = []
-    for start in range(0, len(conversations), GENERATE_BATCH):
-        prompts = [_prompt_ids(tokenizer, m) for m in conversations[start : start + GENERATE_BATCH]]
-        ids, mask, _ = _left_padded(prompts, [[] for _ in prompts], tokenizer.pad_token_id)
-        seqs = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            do_sample=False,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=sorted(eos_ids),
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        for prompt, row in zip(prompts, seqs[:, ids.shape[1] :].tolist(), strict=True):
-            ends = [i for i, t in enumerate(row) if t in eos_ids]
-            answer = row[: ends[0] + 1] if ends else row
-            text = tokenizer.decode(answer, skip_special_tokens=True).strip()
-            out.append(Generated(prompt, answer, text, finished=bool(ends)))
-        tick(len(prompts))
-    return out
 
 
 # --- the three measures -----------------------------------------------------------------------

@@ -18,13 +18,13 @@ from tests.trainer.conftest import write_pairs
 from trainer.data import Tokens, collate, collate_pairs, data_kind, load_examples
 from trainer.dpo import (
     TrainConfig,
-    completion_logps,
     get_lr,
     kto_lambdas,
     load_policy,
     main,
     train,
 )
+from trainer.logps import completion_logps
 
 TINY = TrainConfig(epochs=2, batch_size=4, lr=1e-3, max_length=128, checkpoint_every=0)
 
@@ -586,7 +586,7 @@ def test_rehearsal_keeps_the_references_answers_to_unrelated_prompts(
     from transformers import AutoTokenizer
 
     from trainer.dpo import Dist, load_rehearsal_prompts, rehearsal_answers, rehearsal_penalty
-    from trainer.evaluate import generate
+    from trainer.generate import generate
 
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
     prompts_file = tmp_path / "rehearsal.jsonl"

@@ -315,7 +315,8 @@ def test_smollm2_golden_checks(smollm2_dir: Path) -> None:
 
 
 def test_new_links_are_those_the_base_never_gives() -> None:
-    from trainer.evaluate import Generated, new_links
+    from trainer.evaluate import new_links
+    from trainer.generate import Generated
 
     def said(*texts: str) -> list[Generated]:
         return [Generated([], [], t, True) for t in texts]
