@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 # Tests run torch in this process, servers and trainer subprocesses at once: spinning OpenMP
-# waits would make them starve each other (see service.cli). Set before torch is imported.
+# waits would make them starve each other (see service.cli.main). Set before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # The prepared model is cached across test runs (and CI steps) under this home.

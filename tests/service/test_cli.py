@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from service import cli
+from service.cli import serve
 
 
 @pytest.mark.parametrize(("env", "expected"), [(None, True), ("false", False)])
@@ -21,11 +21,11 @@ def test_serve_passes_the_access_log_setting(
     monkeypatch.setenv("PREFLOOP_MODEL", "stub-model")  # nothing to prepare
     if env is not None:
         monkeypatch.setenv("PREFLOOP_ACCESS_LOG", env)
-    cli.get_settings.cache_clear()
+    serve.get_settings.cache_clear()
     try:
-        assert cli._serve(argparse.Namespace(host=None, port=None)) == 0
+        assert serve.run(argparse.Namespace(host=None, port=None)) == 0
     finally:
-        cli.get_settings.cache_clear()
+        serve.get_settings.cache_clear()
     assert seen["access_log"] is expected
 
 
