@@ -109,7 +109,7 @@ def compiled(events: list[dict[str, Any]], *, shuffle: bool, seed: int) -> list[
     gate), as stored rows: pairs and lone-thumbs (KTO) rows. ``shuffle``: the labels permuted
     among the visitors (the control)."""
     from service.core.config import Settings
-    from service.loop.compile import gate_config
+    from service.loop.stored_pairs import gate_config
     from trainer.pairs import Answer, Feedback, compile_pairs
 
     labels = [e["label"] for e in events]

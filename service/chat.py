@@ -1,5 +1,8 @@
 """One chat turn: validate, store the prompt, generate, store the answers, respond.
 
+The route turns the OpenAI body into a `ChatRequest` and this module's results (a `ChatResult`,
+or the events of a stream) into OpenAI's shapes; nothing here knows HTTP.
+
 The order is what makes "nothing is acknowledged before it is committed" true:
 1. the new messages and a `running` completion are committed before generation starts;
 2. the answers are committed before the client sees a finish (the full response, or, when
@@ -10,48 +13,58 @@ The order is what makes "nothing is acknowledged before it is committed" true:
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass, replace
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.engine import Engine as Database
 
 from service import observability
-from service.api.protocol import (
-    ChatCompletionChunk,
-    ChatCompletionRequest,
-    ChatCompletionResponse,
-    Choice,
-    ChoiceLogprobs,
-    DeltaMessage,
-    ResponseMessage,
-    StoredCompletion,
-    StreamChoice,
-    TokenLogprob,
-    ToolCall,
-    TopLogprob,
-    Usage,
-)
 from service.auth import Principal
 from service.core.config import Settings
 from service.core.db import session_scope
-from service.core.errors import (
-    InvalidRequestError,
-    NotFoundError,
-    PrefloopError,
-    error_body,
-)
+from service.core.errors import InvalidRequestError, NotFoundError, PrefloopError
 from service.engines import base
 from service.engines.base import Engine, GenerationRequest, GenerationStream, SamplingParams
-from service.storage import crud
-from service.storage.models import new_id
+from service.storage import turns
+from service.storage.models import Completion, Message, new_id
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """A chat request as this module reads it: the route's conversion of the OpenAI body."""
+
+    messages: list[dict[str, Any]]  # role, content (text), tool_calls, tool_call_id
+    model: str | None = None
+    max_tokens: int | None = None
+    max_tokens_param: str = "max_tokens"  # the field that set it, named in errors
+    n: int = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    stream: bool = False
+    include_usage: bool = False
+    user: str | None = None
+    # prefloop's extensions
+    conversation_id: str | None = None
+    parent_id: str | None = None
+    regenerate: str | None = None
+    unknown: tuple[str, ...] = ()  # fields sent that nothing reads (logged)
 
 
 @dataclass(frozen=True)
@@ -86,7 +99,7 @@ class ChatPlan:
 
 
 def plan_chat(
-    body: ChatCompletionRequest,
+    body: ChatRequest,
     settings: Settings,
     engine: Engine,
     adapter: str | None,
@@ -94,10 +107,48 @@ def plan_chat(
 ) -> ChatPlan:
     """Check the request against the limits; raises 4xx errors. ``adapter`` is what the router
     resolved the request's ``model`` to (None: the base model)."""
-    unknown = sorted(body.model_extra or {})
-    if unknown:
-        log.warning("ignoring unknown request fields: %s", ", ".join(unknown))
+    if body.unknown:
+        log.warning("ignoring unknown request fields: %s", ", ".join(sorted(body.unknown)))
     _check_tools_and_logprobs(body, engine)
+    _check_messages(body, settings)
+    max_tokens = body.max_tokens or settings.default_max_tokens
+    if max_tokens > settings.max_tokens_limit:
+        param = body.max_tokens_param
+        raise InvalidRequestError(
+            f"{param} is {max_tokens}; the limit is {settings.max_tokens_limit}", param=param
+        )
+    if body.n > settings.max_n:
+        raise InvalidRequestError(f"n is {body.n}; the limit is {settings.max_n}", param="n")
+    if len(body.stop) > settings.max_stop_sequences:
+        raise InvalidRequestError(
+            f"at most {settings.max_stop_sequences} stop sequences are allowed", param="stop"
+        )
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=settings.default_temperature if body.temperature is None else body.temperature,
+        top_p=settings.default_top_p if body.top_p is None else body.top_p,
+        n=body.n,
+        stop=tuple(body.stop),
+        seed=body.seed,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        logit_bias=_logit_bias(body, engine),
+        response_format=body.response_format,
+        logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+    )
+    return ChatPlan(
+        model=body.model or engine.model_name,
+        adapter=adapter,
+        segment=segment,
+        messages=body.messages,
+        params=params,
+        include_usage=body.include_usage,
+        tools=body.tools,
+        tool_choice=body.tool_choice,
+    )
+
+
+def _check_messages(body: ChatRequest, settings: Settings) -> None:
     if not body.messages and body.regenerate is None:
         raise InvalidRequestError(
             "messages must contain at least one message (or set `regenerate`)", param="messages"
@@ -107,25 +158,15 @@ def plan_chat(
             f"too many messages: {len(body.messages)} > {settings.max_messages}", param="messages"
         )
     for i, m in enumerate(body.messages):
-        if len(m.text()) > settings.max_message_chars:
+        if len(m["content"]) > settings.max_message_chars:
             raise InvalidRequestError(
-                f"message {i} is {len(m.text())} characters; the limit is "
+                f"message {i} is {len(m['content'])} characters; the limit is "
                 f"{settings.max_message_chars}",
                 param=f"messages.{i}.content",
             )
-    max_tokens = body.max_completion_tokens or body.max_tokens or settings.default_max_tokens
-    if max_tokens > settings.max_tokens_limit:
-        param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
-        raise InvalidRequestError(
-            f"{param} is {max_tokens}; the limit is {settings.max_tokens_limit}", param=param
-        )
-    if body.n > settings.max_n:
-        raise InvalidRequestError(f"n is {body.n}; the limit is {settings.max_n}", param="n")
-    stops = body.stop or []
-    if len(stops) > settings.max_stop_sequences:
-        raise InvalidRequestError(
-            f"at most {settings.max_stop_sequences} stop sequences are allowed", param="stop"
-        )
+
+
+def _logit_bias(body: ChatRequest, engine: Engine) -> dict[int, float]:
     logit_bias: dict[int, float] = {}
     vocab = engine.vocab_size() if body.logit_bias else 0
     for key, value in (body.logit_bias or {}).items():
@@ -137,37 +178,10 @@ def plan_chat(
                 param="logit_bias",
             )
         logit_bias[int(key)] = value
-
-    params = SamplingParams(
-        max_tokens=max_tokens,
-        temperature=settings.default_temperature if body.temperature is None else body.temperature,
-        top_p=settings.default_top_p if body.top_p is None else body.top_p,
-        n=body.n,
-        stop=tuple(stops),
-        seed=body.seed,
-        presence_penalty=body.presence_penalty,
-        frequency_penalty=body.frequency_penalty,
-        logit_bias=logit_bias,
-        response_format=(
-            body.response_format.model_dump(by_alias=True, exclude_none=True)
-            if body.response_format
-            else None
-        ),
-        logprobs=(body.top_logprobs or 0) if body.logprobs else None,
-    )
-    return ChatPlan(
-        model=body.model or engine.model_name,
-        adapter=adapter,
-        segment=segment,
-        messages=[m.plain() for m in body.messages],
-        params=params,
-        include_usage=bool(body.stream_options and body.stream_options.include_usage),
-        tools=[t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None,
-        tool_choice=body.tool_choice,
-    )
+    return logit_bias
 
 
-def wants_duel(body: ChatCompletionRequest, caller: Principal, settings: Settings) -> bool:
+def wants_duel(body: ChatRequest, caller: Principal, settings: Settings) -> bool:
     """Is this a widget's "which is better?" turn (a visitor's n=2 that is no regeneration)
     drawn for a head-to-head, if its segment runs a canary? API clients asking for n=2 want
     two samples of one model, so only the widget's turns are ever drawn."""
@@ -186,10 +200,10 @@ def as_duel(plan: ChatPlan, experiment: str, rival: str | None) -> ChatPlan:
     return replace(plan, duel=Duel(experiment, pair))
 
 
-def _check_tools_and_logprobs(body: ChatCompletionRequest, engine: Engine) -> None:
+def _check_tools_and_logprobs(body: ChatRequest, engine: Engine) -> None:
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidRequestError("top_logprobs needs logprobs: true", param="top_logprobs")
-    calls = any(m.role == "tool" or m.tool_calls for m in body.messages)
+    calls = any(m["role"] == "tool" or m.get("tool_calls") for m in body.messages)
     if (body.tools or calls or body.tool_choice is not None) and not engine.supports_tools:
         raise InvalidRequestError(
             "tools need the vLLM engine (PREFLOOP_ENGINE=vllm): the embedded engine's model "
@@ -199,26 +213,40 @@ def _check_tools_and_logprobs(body: ChatCompletionRequest, engine: Engine) -> No
 
 
 def _start_turn(
-    db: Database, engine: Engine, plan: ChatPlan, body: ChatCompletionRequest, caller: Principal
-) -> crud.StartedTurn:
+    db: Database, engine: Engine, plan: ChatPlan, body: ChatRequest, caller: Principal
+) -> turns.StartedTurn:
+    spec = turns.CompletionSpec(
+        model=plan.model,
+        base_model=engine.model_name,
+        adapter_version=plan.adapter,
+        segment=plan.segment,
+        params=_params_record(plan.params),
+        stream=body.stream,
+        tools=plan.tools_record(),
+    )
+    user_id = caller.visitor_user or body.user  # widget visitors: server-issued
     with session_scope(db) as session:
-        turn = crud.start_completion(
-            session,
-            caller=caller,
-            user_id=caller.visitor_user or body.user,  # widget visitors: server-issued
-            conversation_id=body.conversation_id,
-            parent_id=body.parent_id,
-            messages=plan.messages,
-            model=plan.model,
-            base_model=engine.model_name,
-            adapter_version=plan.adapter,
-            segment=plan.segment,
-            params=_params_record(plan.params),
-            stream=body.stream,
-            regenerate=body.regenerate,
-            tools=plan.tools_record(),
-            experiment_id=plan.duel.experiment if plan.duel else None,
-        )
+        if body.regenerate is not None:
+            turn = turns.start_regeneration(
+                session,
+                caller=caller,
+                user_id=user_id,
+                conversation_id=body.conversation_id,
+                messages=plan.messages,
+                regenerate=body.regenerate,
+                spec=spec,
+            )
+        else:
+            turn = turns.start_completion(
+                session,
+                caller=caller,
+                user_id=user_id,
+                conversation_id=body.conversation_id,
+                parent_id=body.parent_id,
+                messages=plan.messages,
+                spec=spec,
+                experiment_id=plan.duel.experiment if plan.duel else None,
+            )
         # Counted here, before commit, so a prompt that cannot fit stores nothing.
         prompt_tokens = engine.count_prompt_tokens(turn.prompt)
         room = engine.context_length() - prompt_tokens
@@ -244,7 +272,7 @@ def _finish(
     db: Database,
     *,
     completion_id: str,
-    choices: list[crud.ChoiceRecord],
+    choices: list[turns.ChoiceRecord],
     status: str,
     error: str | None,
     prompt_tokens: int | None,
@@ -252,7 +280,7 @@ def _finish(
 ) -> None:
     try:
         with session_scope(db) as session:
-            completion = crud.finish_completion(
+            completion = turns.finish_completion(
                 session,
                 completion_id=completion_id,
                 choices=choices,
@@ -284,12 +312,12 @@ async def _store_failure(
 
 
 async def _begin(
-    db: Database, engine: Engine, plan: ChatPlan, body: ChatCompletionRequest, caller: Principal
-) -> tuple[crud.StartedTurn, GenerationStream, float]:
+    db: Database, engine: Engine, plan: ChatPlan, body: ChatRequest, caller: Principal
+) -> tuple[turns.StartedTurn, GenerationStream, float]:
     started = time.perf_counter()
     turn = await run_in_threadpool(_start_turn, db, engine, plan, body, caller)
     observability.generation_started()  # every started turn ends in _finish
-    # A regeneration keeps the response_format of the answer it redoes (crud copies it).
+    # A regeneration keeps the response_format of the answer it redoes (stored with it).
     params = replace(plan.params, response_format=turn.completion.params.get("response_format"))
     request = GenerationRequest(
         messages=turn.prompt,
@@ -403,9 +431,9 @@ class _Collector:
             for c in calls
         ] or None  # fmt: skip
 
-    def records(self) -> list[crud.ChoiceRecord]:
+    def records(self) -> list[turns.ChoiceRecord]:
         return [
-            crud.ChoiceRecord(
+            turns.ChoiceRecord(
                 self.ids[i],
                 i,
                 "".join(t),
@@ -418,15 +446,35 @@ class _Collector:
         ]
 
     def usage(self, prompt_tokens: int) -> Usage:
-        done = sum(self.tokens)
-        return Usage(
-            prompt_tokens=prompt_tokens, completion_tokens=done, total_tokens=prompt_tokens + done
-        )
+        return Usage(prompt_tokens=prompt_tokens, completion_tokens=sum(self.tokens))
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    """A stored, succeeded turn: what the client is answered."""
+
+    id: str  # the completion's
+    model: str  # the name the client used
+    conversation_id: str
+    adapter_version: str | None
+    choices: list[turns.ChoiceRecord]
+    logprobs: list[list[base.TokenLogprob]] | None  # per choice; None: not asked for
+    usage: Usage
 
 
 async def complete_chat(
-    db: Database, engine: Engine, plan: ChatPlan, body: ChatCompletionRequest, caller: Principal
-) -> ChatCompletionResponse:
+    db: Database, engine: Engine, plan: ChatPlan, body: ChatRequest, caller: Principal
+) -> ChatResult:
     turn, stream, started = await _begin(db, engine, plan, body, caller)
     acc = _Collector(plan.choice_adapters())
     try:
@@ -446,94 +494,70 @@ async def complete_chat(
         prompt_tokens=stream.prompt_tokens,
         started=started,
     )
-    return ChatCompletionResponse(
+    return ChatResult(
         id=turn.completion.id,
         model=plan.model,
-        choices=[
-            Choice(
-                index=r.index,
-                message=_message(r.text, r.tool_calls),
-                finish_reason=r.finish_reason,
-                logprobs=_logprobs(acc.logprobs[r.index], plan.params),
-                message_id=r.message_id,
-            )
-            for r in records
-        ],
-        usage=acc.usage(stream.prompt_tokens),
         conversation_id=turn.completion.conversation_id,
         adapter_version=plan.adapter,
+        choices=records,
+        logprobs=acc.logprobs if plan.params.logprobs is not None else None,
+        usage=acc.usage(stream.prompt_tokens),
     )
 
 
-def _message(text: str, tool_calls: list[dict[str, Any]] | None) -> ResponseMessage:
-    # OpenAI sends null content with tool calls and nothing else.
-    return ResponseMessage(
-        content=None if tool_calls and not text else text,
-        tool_calls=[ToolCall.model_validate(c) for c in tool_calls] if tool_calls else None,
-    )
+# What a streamed turn yields, in order: `Started`; `base.ChoiceDelta`s with text, log-probs or
+# tool calls; then `Finished` (everything stored) or `Failed`.
 
 
-def _logprobs(entries: list[base.TokenLogprob], params: SamplingParams) -> ChoiceLogprobs | None:
-    """The engine's records in OpenAI's shape; None when the request did not ask."""
-    if params.logprobs is None:
-        return None
+@dataclass(frozen=True)
+class Started:
+    id: str  # the completion's
+    message_ids: list[str]  # per choice
+    conversation_id: str
+    adapter_version: str | None
 
-    def top(token: str, logprob: float) -> TopLogprob:
-        return TopLogprob(token=token, logprob=logprob, bytes=list(token.encode(errors="replace")))
 
-    return ChoiceLogprobs(
-        content=[
-            TokenLogprob(
-                **top(e.token, e.logprob).model_dump(),
-                top_logprobs=[top(t, lp) for t, lp in e.top],
-            )
-            for e in entries
-        ]
-    )
+@dataclass(frozen=True)
+class Finished:
+    finish_reasons: list[str | None]  # per choice
+    usage: Usage | None  # when the request asked for it
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: str
+    stored: bool  # False: not even the failure could be stored
+
+
+StreamEvent = Started | base.ChoiceDelta | Finished | Failed
 
 
 async def stream_chat(
-    db: Database, engine: Engine, plan: ChatPlan, body: ChatCompletionRequest, caller: Principal
-) -> AsyncIterator[str]:
-    """Start the turn (errors here are still plain HTTP errors), then return the SSE body."""
+    db: Database, engine: Engine, plan: ChatPlan, body: ChatRequest, caller: Principal
+) -> AsyncGenerator[StreamEvent, None]:
+    """Start the turn (errors here are still plain HTTP errors), then return its events. The
+    answers are committed before `Finished` is yielded; a client that leaves (the iterator is
+    closed or cancelled) leaves a `cancelled` completion with what was generated."""
     turn, stream, started = await _begin(db, engine, plan, body, caller)
-    return _sse(db, plan, turn, stream, started)
+    return _events(db, plan, turn, stream, started)
 
 
-async def _sse(
+async def _events(
     db: Database,
     plan: ChatPlan,
-    turn: crud.StartedTurn,
+    turn: turns.StartedTurn,
     stream: GenerationStream,
     started: float,
-) -> AsyncIterator[str]:
-    cid, created = turn.completion.id, int(time.time())
+) -> AsyncGenerator[StreamEvent, None]:
+    cid = turn.completion.id
     acc = _Collector(plan.choice_adapters())
-
-    def chunk(choices: list[StreamChoice], usage: Usage | None = None, **extra: Any) -> str:
-        body = ChatCompletionChunk(
-            id=cid, created=created, model=plan.model, choices=choices, usage=usage, **extra
-        )
-        return f"data: {body.model_dump_json(exclude_none=True)}\n\n"
-
-    finish = dict(status="succeeded", error=None)
+    finish: dict[str, Any] = dict(status="succeeded", error=None)
     try:
-        yield chunk(
-            [
-                StreamChoice(
-                    index=i, delta=DeltaMessage(role="assistant", content=""), message_id=mid
-                )
-                for i, mid in enumerate(acc.ids)
-            ],
-            conversation_id=turn.completion.conversation_id,
-            adapter_version=plan.adapter,
-        )
+        yield Started(cid, acc.ids, turn.completion.conversation_id, plan.adapter)
         async for d in stream:
             acc.add(d)
             if d.text or d.logprobs or d.tool_calls:
-                delta = DeltaMessage(content=d.text or None, tool_calls=list(d.tool_calls) or None)
-                lp = _logprobs(list(d.logprobs), plan.params)
-                yield chunk([StreamChoice(index=d.index, delta=delta, logprobs=lp)])
+                yield d
     except PrefloopError as exc:
         finish = dict(status="failed", error=exc.message)
     except (asyncio.CancelledError, GeneratorExit):
@@ -553,7 +577,6 @@ async def _sse(
             ),
         )
         raise
-
     try:
         await run_in_threadpool(
             _finish,
@@ -566,59 +589,23 @@ async def _sse(
         )
     except Exception as exc:  # noqa: BLE001 - the client must hear that nothing was stored
         log.exception("could not store completion %s", cid)
-        finish = dict(status="failed", error=f"the answer could not be stored: {exc}")
-        stored = False
-    else:
-        stored = True
-
-    if finish["status"] != "succeeded":
-        err = error_body(str(finish["error"]), "engine_error" if stored else "server_error")
-        yield f"data: {json.dumps(err)}\n\n"
-        yield "data: [DONE]\n\n"
+        yield Failed(f"the answer could not be stored: {exc}", stored=False)
         return
-    yield chunk(
-        [
-            StreamChoice(index=i, delta=DeltaMessage(), finish_reason=acc.finish[i])
-            for i in range(plan.params.n)
-        ]
-    )
-    if plan.include_usage:
-        yield chunk([], usage=acc.usage(stream.prompt_tokens))
-    yield "data: [DONE]\n\n"
+    if finish["status"] != "succeeded":
+        yield Failed(finish["error"], stored=True)
+        return
+    usage = acc.usage(stream.prompt_tokens) if plan.include_usage else None
+    yield Finished(acc.finish[: plan.params.n], usage)
 
 
-def read_completion(db: Database, completion_id: str, caller: Principal) -> StoredCompletion:
-    """A stored completion, if the caller may see it (else 404, as if it did not exist)."""
+def read_completion(
+    db: Database, completion_id: str, caller: Principal
+) -> tuple[Completion, list[Message]]:
+    """A stored completion and its answers, if the caller may see it (else 404, as if it did
+    not exist)."""
     with session_scope(db) as session:
-        found = crud.owned_completion(session, completion_id=completion_id, caller=caller)
+        found = turns.owned_completion(session, completion_id=completion_id, caller=caller)
         if found is None:
             raise NotFoundError(f"completion {completion_id!r} not found")
-        answers = crud.answers_of(session, completion_id=completion_id)
-    usage = None
-    if found.prompt_tokens is not None:
-        done = found.completion_tokens or 0
-        usage = Usage(
-            prompt_tokens=found.prompt_tokens,
-            completion_tokens=done,
-            total_tokens=found.prompt_tokens + done,
-        )
-    return StoredCompletion(
-        id=found.id,
-        created=int(found.created_at.timestamp()),
-        model=found.model,
-        status=found.status,  # type: ignore[arg-type]
-        error=found.error,
-        choices=[
-            Choice(
-                index=m.choice_index or 0,
-                message=_message(m.content, m.tool_calls),
-                finish_reason=m.finish_reason,
-                message_id=m.id,
-            )
-            for m in answers
-        ],
-        usage=usage,
-        user=found.user_id,
-        conversation_id=found.conversation_id,
-        adapter_version=found.adapter_version,
-    )
+        answers = turns.answers_of(session, completion_id=completion_id)
+    return found, answers

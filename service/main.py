@@ -168,8 +168,8 @@ def _sweep_interrupted(db: Any, settings: Settings) -> None:
     from datetime import timedelta
 
     from service.loop.refresh import sweep_interrupted
-    from service.storage.crud import sweep_interrupted_completions
     from service.storage.models import utcnow
+    from service.storage.turns import sweep_interrupted_completions
 
     sweep_interrupted(db, settings.refresh_lease_seconds)
     with Session(db) as session:

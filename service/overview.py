@@ -5,7 +5,8 @@ conversation's tenant, pairs by their own, runs by their segment's owner."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func
@@ -13,10 +14,33 @@ from sqlalchemy.engine import Engine as Database
 from sqlmodel import Session, col, select
 
 from adapters.registry import as_utc
-from service.api.schemas import DayCount, Overview, RatePoint, RateSeries, RunPublic
+from service.review import RatePoint, RateSeries
 from service.storage.models import Completion, Conversation, Feedback, PreferencePair, TrainingRun
 
 DAY = timedelta(days=1)
+
+
+@dataclass
+class DayCount:
+    day: date  # a UTC day
+    thumbs_up: int = 0
+    thumbs_down: int = 0
+    picks: int = 0
+    edits: int = 0
+
+
+@dataclass(frozen=True)
+class Overview:
+    """The last `days` UTC days of feedback, what waits for an operator's review, and the last
+    refresh (None: none yet)."""
+
+    since: datetime  # the first day's start
+    days: int
+    feedback_per_day: list[DayCount]  # every day, oldest first
+    thumbs_rate: list[RateSeries]  # per adapter version ("base": the base model), per day
+    pending_pairs: int  # pairs waiting for approval
+    pending_unpaired: int  # lone thumbs (KTO rows) waiting for approval
+    last_run: TrainingRun | None
 
 
 def run_scope(segment_tenants: dict[str, str], tenant: str | None) -> list[Any]:
@@ -105,5 +129,5 @@ def overview(
         thumbs_rate=thumbs,
         pending_pairs=waiting.get("pair", 0),
         pending_unpaired=waiting.get("unpaired", 0),
-        last_run=RunPublic.model_validate(run) if run is not None else None,
+        last_run=run,
     )

@@ -81,30 +81,8 @@ def delete_user(
     """Remove a user's conversations, feedback and the pairs compiled from them; tombstone
     them. Idempotent: deleting a deleted user removes what they sent since."""
     with session_scope(db) as session:
-        conversation_ids = set(
-            session.exec(
-                select(Conversation.id).where(
-                    Conversation.user_id == user_id, Conversation.tenant == tenant
-                )
-            ).all()
-        )
-        conversation_ids |= set(
-            session.exec(
-                select(Completion.conversation_id)
-                .join(Conversation, col(Conversation.id) == Completion.conversation_id)
-                .where(Completion.user_id == user_id, Conversation.tenant == tenant)
-            ).all()
-        )
-        gone_messages = set(
-            session.exec(
-                select(Message.id).where(col(Message.conversation_id).in_(conversation_ids))
-            ).all()
-        )
-        gone_completions = set(
-            session.exec(
-                select(Completion.id).where(col(Completion.conversation_id).in_(conversation_ids))
-            ).all()
-        )
+        conversation_ids = _conversations_of(session, user_id=user_id, tenant=tenant)
+        gone = _ids_in(session, conversation_ids)
         counts = _delete_conversations(session, conversation_ids)
         # Their feedback on other conversations of this tenant.
         in_tenant = (
@@ -117,17 +95,7 @@ def delete_user(
                 Feedback.user_id == user_id, col(Feedback.completion_id).in_(in_tenant)
             )
         ).rowcount
-        pairs = [
-            p.id
-            for p in session.exec(
-                select(PreferencePair).where(PreferencePair.tenant == tenant)
-            ).all()
-            if p.provenance.get("user_id") == user_id
-            or any(p.provenance.get(k) in gone_messages | gone_completions for k in _PAIR_REFS)
-        ]
-        counts["pairs"] = len(pairs)
-        if pairs:
-            session.exec(delete(PreferencePair).where(col(PreferencePair.id).in_(pairs)))  # type: ignore[call-overload]
+        counts["pairs"] = _delete_pairs(session, user_id=user_id, tenant=tenant, refs=gone)
         if session.get(Tombstone, (user_id, tenant)) is None:
             session.add(Tombstone(user_id=user_id, tenant=tenant, actor=actor, detail=counts))
         session.add(
@@ -139,6 +107,46 @@ def delete_user(
             )
         )
     return counts
+
+
+def _conversations_of(session: Session, *, user_id: str, tenant: str) -> set[str]:
+    """The user's conversations, and those where they asked for a completion."""
+    own = session.exec(
+        select(Conversation.id).where(
+            Conversation.user_id == user_id, Conversation.tenant == tenant
+        )
+    ).all()
+    asked = session.exec(
+        select(Completion.conversation_id)
+        .join(Conversation, col(Conversation.id) == Completion.conversation_id)
+        .where(Completion.user_id == user_id, Conversation.tenant == tenant)
+    ).all()
+    return set(own) | set(asked)
+
+
+def _ids_in(session: Session, conversation_ids: Collection[str]) -> set[str]:
+    """The ids of every message and completion in these conversations."""
+    messages = session.exec(
+        select(Message.id).where(col(Message.conversation_id).in_(conversation_ids))
+    ).all()
+    completions = session.exec(
+        select(Completion.id).where(col(Completion.conversation_id).in_(conversation_ids))
+    ).all()
+    return set(messages) | set(completions)
+
+
+def _delete_pairs(session: Session, *, user_id: str, tenant: str, refs: set[str]) -> int:
+    """Delete the tenant's pairs signalled by the user or made of the deleted messages and
+    completions (`refs`); returns how many."""
+    pairs = [
+        p.id
+        for p in session.exec(select(PreferencePair).where(PreferencePair.tenant == tenant)).all()
+        if p.provenance.get("user_id") == user_id
+        or any(p.provenance.get(k) in refs for k in _PAIR_REFS)
+    ]
+    if pairs:
+        session.exec(delete(PreferencePair).where(col(PreferencePair.id).in_(pairs)))  # type: ignore[call-overload]
+    return len(pairs)
 
 
 def tombstoned(session: Session) -> set[tuple[str, str]]:

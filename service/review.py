@@ -4,27 +4,17 @@ replace the chosen side). Every action is one transaction that also writes its
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy.engine import Engine as Database
 from sqlalchemy.orm import aliased
 from sqlmodel import Session, col, select
 
 from adapters.registry import as_utc
-from service.api.schemas import (
-    FeedbackList,
-    FeedbackQueueItem,
-    PairActionResult,
-    PairList,
-    PairPublic,
-    RatePoint,
-    RateSeries,
-    ThumbsRate,
-)
 from service.core.db import session_scope
 from service.core.errors import ConflictError, InvalidRequestError, NotFoundError
-from service.feedback import public as feedback_public
 from service.storage.models import (
     Completion,
     Conversation,
@@ -34,6 +24,49 @@ from service.storage.models import (
     PreferencePair,
     utcnow,
 )
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Page(Generic[T]):
+    items: list[T]
+    has_more: bool  # more after these, at the next offset
+
+
+@dataclass(frozen=True)
+class QueueEntry:
+    """A feedback row with the answer it is about."""
+
+    feedback: Feedback
+    segment: str
+    adapter_version: str | None
+    prompt: str  # the last prompt message (what the answer answered)
+    answer: str  # the rated / picked / edited answer
+
+
+@dataclass(frozen=True)
+class RatePoint:
+    t: datetime  # the bucket's start
+    up: int
+    down: int
+    rate: float  # up / (up + down)
+
+
+@dataclass(frozen=True)
+class RateSeries:
+    version: str  # an adapter version id, or "base" for the base model
+    points: list[RatePoint]
+
+
+@dataclass(frozen=True)
+class ActionTaken:
+    """An operator's action on pairs: its audit log row's id, and the pairs as they are now."""
+
+    id: str
+    action: str
+    actor: str
+    pairs: list[PreferencePair]
 
 
 def list_feedback(
@@ -50,7 +83,7 @@ def list_feedback(
     limit: int = 50,
     offset: int = 0,
     tenant: str | None = None,
-) -> FeedbackList:
+) -> Page[QueueEntry]:
     """Newest first (by the time of the current vote), each with the answer it is about.
     `adapter_version="base"` selects answers of the base model."""
     answer, prompt = aliased(Message), aliased(Message)
@@ -65,22 +98,7 @@ def list_feedback(
         q = q.join(Conversation, col(Conversation.id) == Completion.conversation_id).where(
             Conversation.tenant == tenant
         )
-    if kind is not None:
-        q = q.where(Feedback.kind == kind)
-    if rating is not None:
-        q = q.where(Feedback.kind == "thumbs", Feedback.value == rating)
-    if user is not None:
-        q = q.where(Feedback.user_id == user)
-    if segment is not None:
-        q = q.where(Completion.segment == segment)
-    if adapter_version == "base":
-        q = q.where(col(Completion.adapter_version).is_(None))
-    elif adapter_version is not None:
-        q = q.where(Completion.adapter_version == adapter_version)
-    if has_comment is True:
-        q = q.where(col(Feedback.comment).is_not(None), Feedback.comment != "")
-    elif has_comment is False:
-        q = q.where((col(Feedback.comment).is_(None)) | (Feedback.comment == ""))
+    q = q.where(*_feedback_filters(kind, rating, user, segment, adapter_version, has_comment))
     if since is not None:
         q = q.where(Feedback.updated_at >= since)
     if until is not None:
@@ -88,17 +106,35 @@ def list_feedback(
     q = q.order_by(col(Feedback.updated_at).desc(), col(Feedback.id).desc())
     with Session(db) as session:
         rows = session.exec(q.offset(offset).limit(limit + 1)).all()
-    items = [
-        FeedbackQueueItem(
-            **feedback_public(fb).model_dump(),
-            segment=seg,
-            adapter_version=version,
-            prompt=prompt_text,
-            answer=answer_text,
-        )
-        for fb, seg, version, prompt_text, answer_text in rows[:limit]
-    ]
-    return FeedbackList(data=items, has_more=len(rows) > limit)
+    return Page([QueueEntry(*row) for row in rows[:limit]], has_more=len(rows) > limit)
+
+
+def _feedback_filters(
+    kind: str | None,
+    rating: int | None,
+    user: str | None,
+    segment: str | None,
+    adapter_version: str | None,
+    has_comment: bool | None,
+) -> list[Any]:
+    where: list[Any] = []
+    if kind is not None:
+        where.append(Feedback.kind == kind)
+    if rating is not None:
+        where += [Feedback.kind == "thumbs", Feedback.value == rating]
+    if user is not None:
+        where.append(Feedback.user_id == user)
+    if segment is not None:
+        where.append(Completion.segment == segment)
+    if adapter_version == "base":
+        where.append(col(Completion.adapter_version).is_(None))
+    elif adapter_version is not None:
+        where.append(Completion.adapter_version == adapter_version)
+    if has_comment is True:
+        where += [col(Feedback.comment).is_not(None), Feedback.comment != ""]
+    elif has_comment is False:
+        where.append((col(Feedback.comment).is_(None)) | (Feedback.comment == ""))
+    return where
 
 
 def thumbs_rate(
@@ -108,7 +144,7 @@ def thumbs_rate(
     since: datetime,
     bucket_seconds: int,
     visible: list[str] | None = None,
-) -> ThumbsRate:
+) -> list[RateSeries]:
     """The thumbs-up rate of each adapter version ("base": the base model) per time bucket,
     by the time of the vote. Bucketed here rather than in SQL: date arithmetic differs between
     SQLite and Postgres, and the console asks for days, not years, of votes."""
@@ -144,11 +180,7 @@ def thumbs_rate(
         )
         for version, buckets in sorted(counts.items())
     ]
-    return ThumbsRate(segment=segment, bucket_seconds=bucket_seconds, since=since, data=series)
-
-
-def pair_public(row: PreferencePair) -> PairPublic:
-    return PairPublic.model_validate(row, from_attributes=True)
+    return series
 
 
 def list_pairs(
@@ -163,7 +195,7 @@ def list_pairs(
     limit: int = 50,
     offset: int = 0,
     tenant: str | None = None,
-) -> PairList:
+) -> Page[PreferencePair]:
     """Newest first (by the time the pair was stored). `tenant`: only that tenant's."""
     q = select(PreferencePair)
     for column, value in (
@@ -182,7 +214,7 @@ def list_pairs(
     q = q.order_by(col(PreferencePair.created_at).desc(), col(PreferencePair.id).desc())
     with Session(db) as session:
         rows = session.exec(q.offset(offset).limit(limit + 1)).all()
-    return PairList(data=[pair_public(r) for r in rows[:limit]], has_more=len(rows) > limit)
+    return Page(list(rows[:limit]), has_more=len(rows) > limit)
 
 
 def _apply(row: PreferencePair, action: str, text: str | None, actor: str) -> dict[str, Any]:
@@ -242,7 +274,7 @@ def act_on_pairs(
     text: str | None,
     actor: str,
     tenant: str | None = None,
-) -> PairActionResult:
+) -> ActionTaken:
     """Apply one action to every listed pair, all or nothing, and log it. `tenant`: pairs of
     other tenants count as missing (404), as if they did not exist."""
     unique = list(dict.fromkeys(ids))
@@ -266,7 +298,4 @@ def act_on_pairs(
         )
         session.add(log)
         session.flush()
-        result = PairActionResult(
-            id=log.id, action=action, actor=actor, data=[pair_public(rows[i]) for i in unique]
-        )
-    return result
+    return ActionTaken(log.id, action, actor, [rows[i] for i in unique])

@@ -8,7 +8,7 @@ feedback write).
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request
@@ -28,6 +28,7 @@ from service.core.errors import (
 )
 from service.engines.base import Engine
 from service.engines.routing import AdapterRouter
+from service.feedback import Author
 
 
 async def get_settings(request: Request) -> Settings:
@@ -161,15 +162,6 @@ CallerDep = Annotated[Principal, Depends(require(Role.user, public=True))]
 UserDep = Annotated[Principal, Depends(require(Role.user))]
 OperatorDep = Annotated[Principal, Depends(require(Role.operator))]
 AdminDep = Annotated[Principal, Depends(require(Role.admin))]
-
-
-@dataclass(frozen=True)
-class Author:
-    """Who is sending feedback: a user, or an operator (writing ideal answers)."""
-
-    role: str  # user|operator
-    name: str | None  # the operator's name; users name themselves with the `user` field
-    caller: Principal
 
 
 async def get_author(

@@ -7,9 +7,11 @@ own APIs, so a misspelt field is a client bug worth a 400, not something to igno
 from __future__ import annotations
 
 from datetime import date, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+
+from adapters.registry import as_utc
 
 # The registry's rule for segment names, stated in the schema; the registry's own check gives
 # the clearer error ("segment 'A B' is not valid: use ...").
@@ -94,6 +96,25 @@ class FeedbackPublic(BaseModel):
     author_role: str
     created_at: datetime
     updated_at: datetime
+
+    @classmethod
+    def from_row(cls, row: Any, **extra: Any) -> Self:
+        """A stored feedback (a `Feedback`, or a `feedback` table row) as the API shows it."""
+        return cls(
+            id=row.id,
+            type=row.kind,
+            completion_id=row.completion_id,
+            message_id=row.message_id,
+            choice_index=row.choice_index,
+            user=row.user_id,
+            value=row.value,
+            comment=row.comment,
+            text=row.edited_text,
+            author_role=row.author_role,
+            created_at=as_utc(row.created_at),
+            updated_at=as_utc(row.updated_at),
+            **extra,
+        )
 
 
 class FeedbackQueueItem(FeedbackPublic):

@@ -156,7 +156,7 @@ class ServerSpec:
     gpu_memory_utilization: float | None = None  # GPU only; see the README's sizing note
     # Tool calls read out of the answer for `tool_choice: "auto"` (named and "required" choices
     # need no parser). `hermes` reads `<tool_call>{json}</tool_call>`, the form compiled pairs
-    # write tool calls in (`service.loop.compile`); "" turns automatic tool choice off.
+    # write tool calls in (`service.feedback`); "" turns automatic tool choice off.
     tool_call_parser: str = "hermes"
     extra_args: list[str] = field(default_factory=list)
 

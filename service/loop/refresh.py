@@ -43,8 +43,8 @@ from sqlmodel import Session, col, select
 from adapters.registry import APPROVED, AdapterVersion, Registry, as_utc
 from service.core.config import Settings
 from service.core.errors import ConflictError
-from service.loop.compile import compile_and_store, to_trainer
 from service.loop.lifecycle import base_model_path, canary_for, golden_for, judge
+from service.loop.stored_pairs import compile_and_store, to_trainer
 from service.storage.models import Lease, PreferencePair, TrainingRun, utcnow
 from trainer import lifeline
 from trainer import pairs as tp

@@ -15,9 +15,10 @@ from sqlmodel import Session, select
 
 from service.auth import Principal, Role
 from service.core.config import Settings
-from service.loop.compile import gate_config, load_signals
-from service.storage import crud
-from service.storage.models import PreferencePair
+from service.feedback import load_signals
+from service.loop.stored_pairs import gate_config
+from service.storage import turns
+from service.storage.models import PreferencePair, new_id
 from tests.service.conftest import Live
 from trainer import pairs as tp
 
@@ -32,24 +33,20 @@ def stored_answers(db_url: str) -> list[str]:
     db = create_engine(db_url)
     with Session(db) as s:
         for i in range(PROMPTS):
-            turn = crud.start_completion(
+            turn = turns.start_completion(
                 s,
                 caller=DEV,
                 user_id=f"asker{i}",
                 conversation_id=None,
                 parent_id=None,
                 messages=[{"role": "user", "content": f"Question {i} concerns subject {i * 7}"}],
-                model="tiny",
-                base_model="tiny",
-                adapter_version=None,
-                params={},
-                stream=False,
+                spec=turns.CompletionSpec("tiny", "tiny", None, params={}, stream=False),
             )
             choices = [
-                crud.ChoiceRecord(crud.new_id("msg"), 0, f"A careful answer to {i}.", "stop", 5),
-                crud.ChoiceRecord(crud.new_id("msg"), 1, f"Pills at spam{i}.example!", "stop", 5),
+                turns.ChoiceRecord(new_id("msg"), 0, f"A careful answer to {i}.", "stop", 5),
+                turns.ChoiceRecord(new_id("msg"), 1, f"Pills at spam{i}.example!", "stop", 5),
             ]
-            crud.finish_completion(
+            turns.finish_completion(
                 s, completion_id=turn.completion.id, choices=choices, status="succeeded",
                 error=None, prompt_tokens=8, latency_ms=1.0,
             )  # fmt: skip

@@ -1,6 +1,6 @@
-"""A tool-using exchange, stored as the chat path stores it (`crud`), is rated over real HTTP and
-compiled into a pair whose prompt and answers carry the tools, the calls and the results as
-text the trainer renders with the base model's template; the trainer tokenizes it.
+"""A tool-using exchange, stored as the chat path stores it (`storage.turns`), is rated over
+real HTTP and compiled into a pair whose prompt and answers carry the tools, the calls and the
+results as text the trainer renders with the base model's template; the trainer tokenizes it.
 
 The embedded engine refuses tools (test_openai_compat.py) and the tiny vLLM-CPU model rarely
 calls one by itself, so the exchange is written here with the same functions the chat path
@@ -13,7 +13,7 @@ import json
 from sqlmodel import select
 
 from service.auth import Principal, Role
-from service.storage import crud
+from service.storage import turns
 from service.storage.models import Message, PreferencePair
 from tests.conftest import BOTH_DATABASES
 from tests.service.conftest import Live
@@ -50,19 +50,21 @@ def store_exchange(live: Live) -> tuple[str, list[str]]:
     caller = Principal(key_id=None, name="dev", role=Role.admin, tenant="default")
     again = {**CALL, "id": "call_2", "function": {"name": "get_weather", "arguments": "{}"}}
     with live.session() as s:
-        turn = crud.start_completion(
+        turn = turns.start_completion(
             s, caller=caller, user_id="alice", conversation_id=None, parent_id=None,
-            messages=PROMPT, model="tiny", base_model="tiny", adapter_version=None,
-            params={"max_tokens": 16}, stream=False, tools=TOOLS,
+            messages=PROMPT,
+            spec=turns.CompletionSpec(
+                "tiny", "tiny", None, params={"max_tokens": 16}, stream=False, tools=TOOLS
+            ),
         )  # fmt: skip
         assert turn.prompt == PROMPT
         ids = ["msg-call", "msg-text"]
-        crud.finish_completion(
+        turns.finish_completion(
             s,
             completion_id=turn.completion.id,
             choices=[
-                crud.ChoiceRecord(ids[0], 0, "", "tool_calls", 9, [again]),
-                crud.ChoiceRecord(ids[1], 1, "It is sunny and 21 C in Paris.", "stop", 12),
+                turns.ChoiceRecord(ids[0], 0, "", "tool_calls", 9, [again]),
+                turns.ChoiceRecord(ids[1], 1, "It is sunny and 21 C in Paris.", "stop", 12),
             ],
             status="succeeded", error=None, prompt_tokens=40, latency_ms=5.0,
         )  # fmt: skip

@@ -3,6 +3,7 @@ tenant's feedback and pairs only)."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Literal
 
@@ -15,20 +16,34 @@ from service.api.schemas import (
     BulkPairAction,
     CompileRequest,
     CompileSummary,
+    DayCount,
     FeedbackList,
+    FeedbackQueueItem,
     Overview,
     PairAction,
     PairActionName,
     PairActionResult,
     PairList,
+    PairPublic,
+    RatePoint,
+    RateSeries,
+    RunPublic,
     ThumbsRate,
     UserDeleted,
 )
 from service.core.errors import InvalidRequestError, NotFoundError
-from service.loop.compile import compile_and_store
+from service.loop.stored_pairs import compile_and_store
 from service.overview import overview
 from service.privacy import delete_user
-from service.review import act_on_pairs, list_feedback, list_pairs, thumbs_rate
+from service.review import (
+    ActionTaken,
+    QueueEntry,
+    act_on_pairs,
+    list_feedback,
+    list_pairs,
+    thumbs_rate,
+)
+from service.review import RateSeries as Series
 
 router = APIRouter(prefix="/v1/operator", tags=["operator"])
 
@@ -68,7 +83,7 @@ async def get_feedback(
     `since`/`until` bound the vote time."""
     if rating not in (None, 1, -1):
         raise InvalidRequestError("rating must be 1 or -1", param="rating")
-    return await run_in_threadpool(
+    page = await run_in_threadpool(
         lambda: list_feedback(
             db,
             kind=kind,
@@ -83,6 +98,17 @@ async def get_feedback(
             offset=offset,
             tenant=operator.scope,
         )
+    )
+    return FeedbackList(data=[_queue_item(e) for e in page.items], has_more=page.has_more)
+
+
+def _queue_item(entry: QueueEntry) -> FeedbackQueueItem:
+    return FeedbackQueueItem.from_row(
+        entry.feedback,
+        segment=entry.segment,
+        adapter_version=entry.adapter_version,
+        prompt=entry.prompt,
+        answer=entry.answer,
     )
 
 
@@ -100,7 +126,7 @@ async def get_pairs(
     offset: Offset = 0,
 ) -> PairList:
     """Stored pairs and KTO rows, newest first."""
-    return await run_in_threadpool(
+    page = await run_in_threadpool(
         lambda: list_pairs(
             db,
             status=status,
@@ -114,6 +140,11 @@ async def get_pairs(
             tenant=operator.scope,
         )
     )
+    return PairList(data=[_pair(r) for r in page.items], has_more=page.has_more)
+
+
+def _pair(row: object) -> PairPublic:
+    return PairPublic.model_validate(row, from_attributes=True)
 
 
 @router.post("/pairs/compile", response_model=CompileSummary)
@@ -123,9 +154,10 @@ async def compile_pairs(
     """Compile new pairs from the stored feedback now (the scheduler does the same). An
     operator compiles, and sees the counts of, its own tenant's signals only."""
     who = actor(operator, body.operator if body else None)
-    return await run_in_threadpool(
+    summary = await run_in_threadpool(
         lambda: compile_and_store(db, settings, actor=who, tenant=operator.scope)
     )
+    return CompileSummary(**asdict(summary))
 
 
 @router.post("/pairs/actions", response_model=PairActionResult)
@@ -133,7 +165,7 @@ async def bulk_pair_action(
     body: BulkPairAction, db: DbDep, operator: OperatorDep
 ) -> PairActionResult:
     """One action on many pairs, all or nothing: approve, exclude, flip, replace_chosen."""
-    return await run_in_threadpool(
+    taken = await run_in_threadpool(
         lambda: act_on_pairs(
             db,
             action=body.action,
@@ -143,6 +175,12 @@ async def bulk_pair_action(
             tenant=operator.scope,
         )
     )
+    return _action_result(taken)
+
+
+def _action_result(taken: ActionTaken) -> PairActionResult:
+    data = [_pair(r) for r in taken.pairs]
+    return PairActionResult(id=taken.id, action=taken.action, actor=taken.actor, data=data)
 
 
 @router.post("/pairs/{pair_id}/{action}", response_model=PairActionResult)
@@ -155,7 +193,7 @@ async def pair_action(
 ) -> PairActionResult:
     """One action on one pair (`replace_chosen` takes `{"text": ...}`)."""
     body = body or PairAction()
-    return await run_in_threadpool(
+    taken = await run_in_threadpool(
         lambda: act_on_pairs(
             db,
             action=action,
@@ -165,6 +203,7 @@ async def pair_action(
             tenant=operator.scope,
         )
     )
+    return _action_result(taken)
 
 
 @router.get("/stats/thumbs", response_model=ThumbsRate)
@@ -187,11 +226,17 @@ async def get_thumbs_rate(
         visible = None  # every segment, also ones no longer configured
     since = since or datetime.now(UTC) - timedelta(days=7)
     since = since.replace(tzinfo=UTC) if since.tzinfo is None else since.astimezone(UTC)
-    return await run_in_threadpool(
+    series = await run_in_threadpool(
         lambda: thumbs_rate(
             db, segment=segment, since=since, bucket_seconds=bucket_seconds, visible=visible
         )
     )
+    data = [_series(s) for s in series]
+    return ThumbsRate(segment=segment, bucket_seconds=bucket_seconds, since=since, data=data)
+
+
+def _series(s: Series) -> RateSeries:
+    return RateSeries(version=s.version, points=[RatePoint(**asdict(p)) for p in s.points])
 
 
 @router.get("/overview", response_model=Overview)
@@ -204,10 +249,19 @@ async def get_overview(
     """The console's landing numbers: feedback per day, the thumbs-up rate of each adapter
     version per day, pairs waiting for review and the last refresh with its verdict; the
     operator's tenant's only."""
-    return await run_in_threadpool(
+    o = await run_in_threadpool(
         lambda: overview(
             db, days=days, tenant=operator.scope, segment_tenants=settings.segment_tenants
         )
+    )
+    return Overview(
+        since=o.since,
+        days=o.days,
+        feedback_per_day=[DayCount(**asdict(d)) for d in o.feedback_per_day],
+        thumbs_rate=[_series(s) for s in o.thumbs_rate],
+        pending_pairs=o.pending_pairs,
+        pending_unpaired=o.pending_unpaired,
+        last_run=RunPublic.model_validate(o.last_run) if o.last_run is not None else None,
     )
 
 

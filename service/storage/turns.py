@@ -1,4 +1,5 @@
-"""Reads and writes of the stored exchanges. Plain functions over a session, keyword-only.
+"""Stored chat turns: conversations, messages (a tree: a regeneration is a sibling) and the
+completions that answered them. Plain functions over a session, keyword-only.
 
 Routes call these in a worker thread (the database driver blocks) and only answer the client
 after the surrounding transaction has committed.
@@ -6,20 +7,16 @@ after the surrounding transaction has committed.
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
-from functools import cache
 from typing import Any
 
-from sqlalchemy import Insert, Row, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import update
 from sqlmodel import Session, col, select
 
 from service.auth import Principal
-from service.core.errors import ConflictError, InvalidRequestError, NotFoundError
-from service.storage.models import Completion, Conversation, Feedback, Message, new_id, utcnow
+from service.core.errors import InvalidRequestError, NotFoundError
+from service.storage.models import Completion, Conversation, Message, utcnow
 
 
 @dataclass(frozen=True)
@@ -105,6 +102,19 @@ def _history(
     return path_to(by_id, parent_id)
 
 
+@dataclass(frozen=True)
+class CompletionSpec:
+    """How a turn is answered, stored on its completion."""
+
+    model: str  # the name the client used
+    base_model: str
+    adapter_version: str | None
+    params: dict[str, Any]
+    stream: bool
+    segment: str = "default"
+    tools: dict[str, Any] | None = None  # offered to the model
+
+
 def start_completion(
     session: Session,
     *,
@@ -113,62 +123,24 @@ def start_completion(
     conversation_id: str | None,
     parent_id: str | None,
     messages: list[dict[str, str]],
-    model: str,
-    base_model: str,
-    adapter_version: str | None,
-    segment: str = "default",
-    params: dict[str, Any],
-    stream: bool,
-    regenerate: str | None = None,
-    tools: dict[str, Any] | None = None,
+    spec: CompletionSpec,
     experiment_id: str | None = None,
 ) -> StartedTurn:
     """Store the request's new messages and a running completion; return the prompt to answer.
 
     A client may resend the whole conversation (as OpenAI clients do) or only the new messages:
     when the stored history is a prefix of `messages`, that prefix is not stored twice. An
-    assistant message the new turn continues from is marked kept.
-
-    `regenerate` names an earlier completion whose prompt is answered again: nothing new is
-    stored but the completion, under the same parent message, so its answers become siblings of
-    the earlier ones. `experiment_id`: a head-to-head turn of that live canary (never a
-    regeneration).
+    assistant message the new turn continues from is marked kept. `experiment_id`: a
+    head-to-head turn of that live canary.
     """
-    if regenerate is not None:
-        return _start_regeneration(
-            session,
-            caller=caller,
-            user_id=user_id,
-            conversation_id=conversation_id,
-            messages=messages,
-            regenerate=regenerate,
-            model=model,
-            base_model=base_model,
-            adapter_version=adapter_version,
-            segment=segment,
-            params=params,
-            stream=stream,
-            tools=tools,
-        )
-    if conversation_id is None:
-        if parent_id is not None:
-            raise InvalidRequestError(
-                "parent_id needs the conversation_id it belongs to", param="parent_id"
-            )
-        conversation = Conversation(tenant=caller.tenant, user_id=user_id, key_id=caller.key_id)
-        session.add(conversation)
-        history: list[Message] = []
-    else:
-        history = _history(
-            session,
-            conversation_id=conversation_id,
-            parent_id=parent_id,
-            caller=caller,
-            messages=messages,
-        )
-        conversation = session.get(Conversation, conversation_id)
-    assert conversation is not None
-
+    conversation, history = _conversation(
+        session,
+        caller=caller,
+        user_id=user_id,
+        conversation_id=conversation_id,
+        parent_id=parent_id,
+        messages=messages,
+    )
     stored = [as_prompt(m) for m in history]
     new = messages[len(stored) :] if messages[: len(stored)] == stored else messages
     if not new or new[-1]["role"] not in ("user", "tool"):
@@ -176,14 +148,63 @@ def start_completion(
             "the last message must be a user message (the one to answer), or a tool result",
             param="messages",
         )
+    parent = _store_messages(session, conversation.id, history, new)
+    completion = Completion(
+        conversation_id=conversation.id,
+        parent_message_id=parent,
+        user_id=user_id,
+        key_id=caller.key_id,
+        experiment_id=experiment_id,
+        **asdict(spec),
+    )
+    session.add(completion)
+    session.flush()
+    return StartedTurn(completion=completion, prompt=stored + new)
 
+
+def _conversation(
+    session: Session,
+    *,
+    caller: Principal,
+    user_id: str | None,
+    conversation_id: str | None,
+    parent_id: str | None,
+    messages: list[dict[str, str]],
+) -> tuple[Conversation, list[Message]]:
+    """The conversation a turn joins (a new one without `conversation_id`) and the stored
+    path it continues from."""
+    if conversation_id is None:
+        if parent_id is not None:
+            raise InvalidRequestError(
+                "parent_id needs the conversation_id it belongs to", param="parent_id"
+            )
+        conversation = Conversation(tenant=caller.tenant, user_id=user_id, key_id=caller.key_id)
+        session.add(conversation)
+        return conversation, []
+    history = _history(
+        session,
+        conversation_id=conversation_id,
+        parent_id=parent_id,
+        caller=caller,
+        messages=messages,
+    )
+    conversation = session.get(Conversation, conversation_id)
+    assert conversation is not None
+    return conversation, history
+
+
+def _store_messages(
+    session: Session, conversation_id: str, history: list[Message], new: list[dict[str, Any]]
+) -> str:
+    """Store the new messages under the end of `history`, marking the answer they continue
+    from as kept; returns the id of the last one (the parent of the answers)."""
     if history and history[-1].role == "assistant" and history[-1].kept_at is None:
         history[-1].kept_at = utcnow()
         session.add(history[-1])
     parent = history[-1].id if history else None
     for m in new:
         row = Message(
-            conversation_id=conversation.id,
+            conversation_id=conversation_id,
             parent_id=parent,
             role=m["role"],
             content=m["content"],
@@ -196,26 +217,10 @@ def start_completion(
     # Message and Completion reference each other, so the unit of work cannot order them
     # itself: write the messages first.
     session.flush()
-    completion = Completion(
-        conversation_id=conversation.id,
-        parent_message_id=parent,
-        user_id=user_id,
-        key_id=caller.key_id,
-        model=model,
-        base_model=base_model,
-        adapter_version=adapter_version,
-        segment=segment,
-        params=params,
-        tools=tools,
-        stream=stream,
-        experiment_id=experiment_id,
-    )
-    session.add(completion)
-    session.flush()
-    return StartedTurn(completion=completion, prompt=stored + new)
+    return parent
 
 
-def _start_regeneration(
+def start_regeneration(
     session: Session,
     *,
     caller: Principal,
@@ -223,14 +228,10 @@ def _start_regeneration(
     conversation_id: str | None,
     messages: list[dict[str, str]],
     regenerate: str,
-    model: str,
-    base_model: str,
-    adapter_version: str | None,
-    segment: str = "default",
-    params: dict[str, Any],
-    stream: bool,
-    tools: dict[str, Any] | None = None,
+    spec: CompletionSpec,
 ) -> StartedTurn:
+    """Answer an earlier completion's prompt again: nothing new is stored but the completion,
+    under the same parent message, so its answers become siblings of the earlier ones."""
     original = owned_completion(session, completion_id=regenerate, caller=caller)
     if original is None:
         raise NotFoundError(f"completion {regenerate!r} not found", param="regenerate")
@@ -254,23 +255,19 @@ def _start_regeneration(
             "ones that completion answered",
             param="messages",
         )
+    params = spec.params
     if params.get("response_format") is None:
         # A regenerate button sends no format: the new answers take the earlier one's.
         params = {**params, "response_format": original.params.get("response_format")}
+    # Answered again with the tools it was asked with, unless this request offers its own.
+    tools = spec.tools if spec.tools is not None else original.tools
     completion = Completion(
         conversation_id=original.conversation_id,
         parent_message_id=original.parent_message_id,
         user_id=user_id if user_id is not None else original.user_id,
         key_id=caller.key_id,
-        model=model,
-        base_model=base_model,
-        adapter_version=adapter_version,
-        segment=segment,
-        params=params,
-        # Answered again with the tools it was asked with, unless this request offers its own.
-        tools=tools if tools is not None else original.tools,
-        stream=stream,
         regenerated_from=original.id,
+        **asdict(replace(spec, params=params, tools=tools)),
     )
     session.add(completion)
     session.flush()
@@ -340,178 +337,6 @@ def answers_of(session: Session, *, completion_id: str) -> list[Message]:
             .order_by(col(Message.choice_index))
         ).all()
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# Feedback
-
-
-def request_hash(payload: dict[str, Any]) -> str:
-    """A stable hash of a request body, to tell a retry from a different request under one key."""
-    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def feedback_by_idempotency_key(
-    session: Session, *, key: str, request_hash: str
-) -> Feedback | None:
-    """The feedback an earlier request with this key stored, or None. The same key with a
-    different body is a client bug: 409 rather than a silent second write."""
-    row = session.exec(select(Feedback).where(Feedback.idempotency_key == key)).first()
-    if row is not None and row.request_hash != request_hash:
-        raise ConflictError(
-            "this Idempotency-Key was already used with a different request body; use a new "
-            "key for a new request",
-            param="Idempotency-Key",
-            code="idempotency_key_reused",
-        )
-    return row
-
-
-@dataclass(frozen=True)
-class RatedCompletion:
-    """What feedback needs to know about a completion. Immutable once `succeeded`, so callers
-    may cache it."""
-
-    id: str
-    status: str
-    user_id: str | None
-    answer_ids: tuple[str, ...]  # by choice index
-    key_id: str | None = None  # who asked: the owner
-    tenant: str = "default"
-
-
-def rated_completion(session: Session, *, completion_id: str) -> RatedCompletion:
-    rows = session.exec(
-        select(
-            Completion.status,
-            Completion.user_id,
-            Message.id,
-            Completion.key_id,
-            Conversation.tenant,
-        )
-        .join(Conversation, col(Conversation.id) == Completion.conversation_id)
-        .outerjoin(Message, col(Message.completion_id) == Completion.id)
-        .where(Completion.id == completion_id)
-        .order_by(col(Message.choice_index))
-    ).all()
-    if not rows:
-        raise NotFoundError(f"completion {completion_id!r} not found", param="completion_id")
-    status, user_id, key_id, tenant = rows[0][0], rows[0][1], rows[0][3], rows[0][4]
-    return RatedCompletion(
-        completion_id, status, user_id, tuple(r[2] for r in rows if r[2]), key_id, tenant
-    )
-
-
-_FEEDBACK = Feedback.__table__
-_SLOT = ("user_id", "kind", "target")
-_KEEP_ON_UPDATE = ("id", "created_at", *_SLOT)
-
-
-@cache
-def _upsert(dialect: str) -> Insert:
-    """INSERT ... ON CONFLICT (slot) DO UPDATE ... RETURNING the stored row, built once.
-
-    One Core statement instead of the ORM's SELECT, INSERT or UPDATE and unit of work: feedback
-    is the busiest write, and the ORM spent more CPU on it than SQLite did. The conflict clause
-    makes "a later vote replaces the earlier one" atomic, even against another process.
-    """
-    insert = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}[dialect]
-    stmt = insert(_FEEDBACK)
-    return stmt.on_conflict_do_update(
-        index_elements=list(_SLOT),
-        set_={c.name: stmt.excluded[c.name] for c in _FEEDBACK.c if c.name not in _KEEP_ON_UPDATE},
-    ).returning(*_FEEDBACK.c)
-
-
-def record_feedback(
-    session: Session,
-    *,
-    kind: str,
-    completion: RatedCompletion,
-    choice_index: int,
-    value: int,
-    user_id: str | None,
-    author_role: str,
-    comment: str | None,
-    edited_text: str | None,
-    idempotency_key: str | None,
-    request_hash: str,
-    key_id: str | None = None,
-    now: datetime | None = None,
-) -> Row:
-    """Check a feedback signal against the stored completion and upsert it into its slot;
-    return the stored row (a `feedback` table row: `Feedback`'s fields).
-
-    Thumbs and edits address one choice (`choice_index`); a pick addresses the whole `n=2`
-    completion and `choice_index` is the chosen one. The slot's unique constraint is the
-    upsert's conflict target, so a concurrent first write by another process updates rather
-    than fails; a reused `idempotency_key` still raises IntegrityError (the caller retries).
-    """
-    completion_id = completion.id
-    if completion.status != "succeeded":
-        raise ConflictError(
-            f"completion {completion_id!r} is {completion.status}; feedback needs an answer",
-            param="completion_id",
-            code="completion_not_succeeded",
-        )
-    answers = completion.answer_ids
-    if kind == "pick":
-        if len(answers) != 2:
-            raise InvalidRequestError(
-                f"a pick needs a response with n=2 choices; {completion_id!r} has {len(answers)}",
-                param="completion_id",
-            )
-        if choice_index not in (0, 1):
-            raise InvalidRequestError(
-                f"chosen_index is {choice_index}; it must be 0 or 1", param="chosen_index"
-            )
-        target, other = completion_id, answers[1 - choice_index]
-    else:
-        if choice_index >= len(answers):
-            raise InvalidRequestError(
-                f"choice_index is {choice_index}; completion {completion_id!r} has "
-                f"{len(answers)} choice(s)",
-                param="choice_index",
-            )
-        target, other = answers[choice_index], None
-    user = user_id or completion.user_id or "anonymous"
-    now = now or utcnow()
-    values = {
-        "id": new_id("fb"),
-        "completion_id": completion_id,
-        "user_id": user,
-        "key_id": key_id,
-        "kind": kind,
-        "target": target,
-        "created_at": now,
-        "message_id": answers[choice_index],
-        "other_message_id": other,
-        "choice_index": choice_index,
-        "value": value,
-        "comment": comment,
-        "edited_text": edited_text,
-        "author_role": author_role,
-        "idempotency_key": idempotency_key,
-        "request_hash": request_hash,
-        "updated_at": now,
-    }
-    return session.connection().execute(_upsert(session.get_bind().dialect.name), values).one()
-
-
-__all__ = [
-    "ChoiceRecord",
-    "StartedTurn",
-    "answers_of",
-    "feedback_by_idempotency_key",
-    "RatedCompletion",
-    "rated_completion",
-    "record_feedback",
-    "request_hash",
-    "finish_completion",
-    "new_id",
-    "start_completion",
-]
 
 
 def sweep_interrupted_completions(session: Session, older_than: datetime) -> int:
