@@ -93,14 +93,15 @@ _CAUSE = re.compile(r"(?:^|\] )((?:[\w.]*(?:Error|Exception)|error): .*)")
 def cause(lines: Sequence[str]) -> str | None:
     """Why a process failed, from its log: the last error line that is not torchrun's own
     summary (which says only that a worker failed)."""
-    for line in reversed(lines):
+    for line in reversed(list(lines)):  # a copy: a reader thread may still append
         if (m := _CAUSE.search(line)) and "ChildFailedError" not in line:
             return m[1]
     return None
 
 
 def describe(cmd: Sequence[str]) -> str:
-    """ "trainer train" / "trainer evaluate", also under torchrun, for the failure messages."""
+    """A command's name in failure messages: `trainer train`, `trainer evaluate`, also under
+    torchrun."""
     return " ".join(cmd[cmd.index("trainer") :][:2]) if "trainer" in cmd else cmd[0]
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -35,7 +36,7 @@ from typing import Any
 import yaml
 
 from service.core.config import Settings
-from service.loop.launch import Process, cause
+from service.loop.launch import Process, _signal_group, cause
 
 TEMPLATE = Path("deploy") / "k8s" / "train-job.yaml"
 LABEL = "prefloop.io/train-job"  # on the pods: the Service selects them, kubectl finds them
@@ -176,25 +177,25 @@ class LocalJob:
             self.pods.append(Process(cmd, log_lines, env=pod_env, prefix=f"[pod {index}] "))
 
     def poll(self) -> bool:
-        if not self.failed:
+        if not self.failed and any(p.poll() and p.error() for p in self.pods):
+            failed = [i for i, p in enumerate(self.pods) if p.poll() and p.error()]
+            self.close()  # the others stopped; every pod's output read to its end
             self.failed = [
-                f"pod {self.name}-{i} {p.error()}" + _because(p.lines)
-                for i, p in enumerate(self.pods)
-                if p.poll() and p.error()
+                f"pod {self.name}-{i} {self.pods[i].error()}" + _because(self.pods[i].lines)
+                for i in failed
             ]
-            if self.failed:
-                for p in self.pods:
-                    p.close()
         return bool(self.failed) or all(p.poll() for p in self.pods)
 
     def error(self) -> str | None:
         return "failed: " + "; ".join(self.failed) if self.failed else None
 
     def stop(self) -> None:
-        for p in self.pods:
-            p.stop()
+        self.close()
 
     def close(self) -> None:
+        for p in self.pods:  # all told first, so they stop together
+            if not p.poll():
+                _signal_group(p.proc, signal.SIGTERM)
         for p in self.pods:
             p.close()
 
@@ -244,9 +245,11 @@ class KubernetesJob:
             raise RuntimeError(f"kubectl apply failed: {out.stderr.strip()[-1000:]}")
 
     def _kubectl(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            ["kubectl", *args], input=input, capture_output=True, text=True, timeout=60
-        )
+        cmd = ["kubectl", *args]
+        try:
+            return subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=60)
+        except subprocess.TimeoutExpired:  # an unreachable API server: a failed call
+            return subprocess.CompletedProcess(cmd, 1, "", "kubectl: no answer in 60 s")
 
     def _get(self, *what: str) -> dict[str, Any] | None:
         out = self._kubectl("get", *what, "-n", self.ns, "-o", "json")
