@@ -38,6 +38,8 @@ COPY pyproject.toml README.md ./
 COPY service ./service
 COPY trainer ./trainer
 COPY adapters ./adapters
+# The base of a refresh's training Job (PREFLOOP_REFRESH_LAUNCHER=kubernetes), found from /app.
+COPY deploy/k8s/train-job.yaml ./deploy/k8s/train-job.yaml
 # xgrammar (response_format) pulls in triton, GPU kernels only: ~1 GB for nothing in the CPU
 # image. CUDA torch depends on triton itself, so the CUDA image keeps it.
 RUN pip install . \

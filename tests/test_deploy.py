@@ -100,7 +100,10 @@ def test_kubernetes_manifests_follow_the_api_schemas() -> None:
     )
     assert out.returncode == 0 and "passed" in out.stdout, out.stdout + out.stderr
     listed = yaml.safe_load((ROOT / "deploy" / "k8s" / "kustomization.yaml").read_text())
-    assert set(listed["resources"]) == {p.name for p in manifests} - {"secret.example.yaml"}
+    # Not applied with the rest: the example secret, and the training Job's base, which each
+    # refresh renders and applies itself (PREFLOOP_REFRESH_LAUNCHER=kubernetes).
+    optional = {"secret.example.yaml", "train-job.yaml"}
+    assert set(listed["resources"]) == {p.name for p in manifests} - optional
 
     [gateway] = [d for d in _k8s("Deployment") if d["metadata"]["name"] == "prefloop-gateway"]
     pod = gateway["spec"]["template"]
@@ -174,3 +177,41 @@ def _accepts(var: str, value: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def test_the_rendered_training_job_follows_the_api_schemas(tmp_path: Path) -> None:
+    """What a refresh applies with PREFLOOP_REFRESH_LAUNCHER=kubernetes: deploy/k8s/train-job.yaml
+    rendered for a run on two nodes of four GPUs, its files on the shared volumes."""
+    from service.loop.trainjob import render_job
+
+    settings = Settings(
+        _env_file=None,
+        refresh_launcher="kubernetes",
+        refresh_job_nodes=2,
+        refresh_job_gpus_per_node=4,
+        refresh_job_volumes={
+            "prefloop-home": "/data/prefloop",
+            "prefloop-adapters": "/data/adapters",
+        },
+        refresh_job_service_account="prefloop-refresh",
+    )
+    run = "/data/prefloop/runs/run-0123"
+    args = ["train", "--pairs", f"{run}/train.jsonl", "--base", "/data/prefloop/models/m",
+            "--out", f"{run}/adapter", "--init-adapter", "/data/adapters/default/v3"]  # fmt: skip
+    manifest = render_job(settings, "prefloop-run-0123", args)
+    path = tmp_path / "train-job.yaml"
+    path.write_text(yaml.safe_dump_all(manifest))
+    out = subprocess.run(
+        [str(BIN / "kubernetes-validate"), "--strict", "-k", "1.30", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0 and out.stdout.count("passed") == 2, out.stdout + out.stderr
+    assert [d["kind"] for d in manifest] == ["Service", "Job"]
+    pod = manifest[1]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "prefloop-refresh"
+    assert "--init-adapter" in pod["containers"][0]["command"]
+    referenced = set(re.findall(r"\bPREFLOOP_[A-Z0-9_]+", path.read_text()))
+    assert not {v for v in referenced if not _setting_exists(v)}
+    env = {e["name"] for e in pod["containers"][0]["env"]}
+    assert env == {"PYTHONUNBUFFERED", "HF_TOKEN"}, "the trainer reads flags, not settings"

@@ -440,12 +440,62 @@ class Settings(BaseSettings):
         "`torchrun --nproc-per-node N` (DDP).",
     )
 
+    # --- a refresh's training on a Kubernetes cluster (docs/cluster.md)
+    refresh_launcher: Literal["local", "kubernetes", "local-job"] = Field(
+        default="local",
+        description="Where a refresh trains. `local`: a subprocess here (`python -m trainer`, or "
+        "torchrun with PREFLOOP_REFRESH_TRAIN_NPROC). `kubernetes`: an indexed Job of "
+        "PREFLOOP_REFRESH_JOB_NODES pods running torchrun, rendered from "
+        "deploy/k8s/train-job.yaml and submitted with kubectl; its files on "
+        "PREFLOOP_REFRESH_JOB_VOLUMES. `local-job`: that same Job's pods run here as processes "
+        "(to try the path without a cluster).",
+    )
+    refresh_job_template: str = Field(
+        default="",
+        description="The training Job's base manifest (a copy of deploy/k8s/train-job.yaml with "
+        "your resources, node selection, tolerations). Empty: the shipped one.",
+    )
+    refresh_job_image: str = Field(
+        default="prefloop:cuda",
+        description="The training pods' image: the Dockerfile built with a CUDA base.",
+    )
+    refresh_job_namespace: str = Field(
+        default="prefloop", description="The namespace the training Job runs in."
+    )
+    refresh_job_nodes: int = Field(
+        default=1,
+        ge=1,
+        description="Pods (one per node) of the training Job; torchrun's --nnodes.",
+    )
+    refresh_job_gpus_per_node: int = Field(
+        default=1,
+        ge=0,
+        description="GPUs (nvidia.com/gpu) each training pod asks for, and processes it starts "
+        "(torchrun's --nproc-per-node); 0: one CPU process per pod.",
+    )
+    refresh_job_volumes: dict[str, str] = Field(
+        default_factory=dict,
+        description='Shared volumes of the training Job, JSON {"claim": "/mount/path"}: each '
+        "PersistentVolumeClaim (ReadWriteMany) is mounted in the pods at the path where this "
+        "process sees the same storage. The run's files (PREFLOOP_HOME/runs), the base model "
+        "and the adapter store must lie on them. Needed for `kubernetes`.",
+    )
+    refresh_job_service_account: str = Field(
+        default="",
+        description="The training pods' service account. Empty: the namespace's default.",
+    )
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.default_max_tokens > self.max_tokens_limit:
             raise ValueError("default_max_tokens must not exceed max_tokens_limit")
         if self.pairs_min_answer_chars > self.pairs_max_answer_chars:
             raise ValueError("pairs_min_answer_chars must not exceed pairs_max_answer_chars")
+        if self.refresh_launcher == "kubernetes" and not self.refresh_job_volumes:
+            raise ValueError(
+                "refresh_launcher kubernetes needs refresh_job_volumes: the shared volumes "
+                "through which the training pods read the run's inputs and write the adapter"
+            )
         known = {f.name for f in dataclasses.fields(GateThresholds)}
         for segment, overrides in self.gate_segments.items():
             if unknown := sorted(set(overrides) - known):
