@@ -21,12 +21,9 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from trainer import lifeline
-
-if TYPE_CHECKING:
-    from service.core.config import Settings
 
 
 class RefreshCancelled(Exception):
@@ -240,41 +237,6 @@ def run_subprocess(
         launch,
         rec,
         what=describe(cmd),
-        log_lines=log_lines,
-        progress_files=progress_files,
-        timeout=timeout,
-    )
-
-
-def run_training(
-    settings: Settings,
-    rec: Watcher,
-    args: list[str],
-    *,
-    name: str,
-    log_lines: deque[str],
-    progress_files: list[Path],
-) -> None:
-    """`trainer train ARGS` where PREFLOOP_REFRESH_LAUNCHER says: a subprocess here, or the
-    Job `name` rendered from the template, run here (`local-job`) or on the cluster."""
-    timeout = settings.refresh_train_timeout_minutes * 60
-    if settings.refresh_launcher == "local":
-        cmd = [*trainer_launcher(settings.refresh_train_nproc), *args]
-        run_subprocess(
-            cmd, rec, log_lines=log_lines, progress_files=progress_files, timeout=timeout
-        )
-        return
-    from service.loop import trainjob
-
-    manifest = trainjob.render_job(settings, name, args)
-    if settings.refresh_launcher == "kubernetes":
-        launch: Launch = trainjob.KubernetesJob(manifest, log_lines)
-    else:
-        launch = trainjob.LocalJob(manifest, log_lines)
-    wait_for(
-        launch,
-        rec,
-        what=describe(["trainer", *args]),
         log_lines=log_lines,
         progress_files=progress_files,
         timeout=timeout,

@@ -41,9 +41,10 @@ from sqlmodel import Session, col, select
 from adapters.registry import APPROVED, AdapterVersion, Registry, as_utc
 from service.core.config import Settings
 from service.core.errors import ConflictError
-from service.loop.launch import RefreshCancelled, _train_flags, run_subprocess, run_training
+from service.loop.launch import RefreshCancelled, _train_flags, run_subprocess
 from service.loop.lifecycle import base_model_path, canary_for, golden_for, judge
 from service.loop.stored_pairs import compile_and_store, to_trainer
+from service.loop.trainjob import run_training
 from service.storage.models import Lease, PreferencePair, TrainingRun, utcnow
 from trainer import pairs as tp
 from trainer.golden import save_golden

@@ -36,7 +36,17 @@ from typing import Any
 import yaml
 
 from service.core.config import Settings
-from service.loop.launch import Process, _signal_group, cause
+from service.loop.launch import (
+    Launch,
+    Process,
+    Watcher,
+    _signal_group,
+    cause,
+    describe,
+    run_subprocess,
+    trainer_launcher,
+    wait_for,
+)
 
 TEMPLATE = Path("deploy") / "k8s" / "train-job.yaml"
 LABEL = "prefloop.io/train-job"  # on the pods: the Service selects them, kubectl finds them
@@ -326,3 +336,36 @@ class KubernetesJob:
         self.log_lines.append(f"$ kubectl delete job/{self.name} service/{self.name}")
         self._logs = [line[:500] for line in logs.stdout.splitlines()]
         self.log_lines.extend(self._logs)
+
+
+def run_training(
+    settings: Settings,
+    rec: Watcher,
+    args: list[str],
+    *,
+    name: str,
+    log_lines: deque[str],
+    progress_files: list[Path],
+) -> None:
+    """`trainer train ARGS` where PREFLOOP_REFRESH_LAUNCHER says: a subprocess here, or the
+    Job `name` rendered from the template, run here (`local-job`) or on the cluster."""
+    timeout = settings.refresh_train_timeout_minutes * 60
+    if settings.refresh_launcher == "local":
+        cmd = [*trainer_launcher(settings.refresh_train_nproc), *args]
+        run_subprocess(
+            cmd, rec, log_lines=log_lines, progress_files=progress_files, timeout=timeout
+        )
+        return
+    manifest = render_job(settings, name, args)
+    if settings.refresh_launcher == "kubernetes":
+        launch: Launch = KubernetesJob(manifest, log_lines)
+    else:
+        launch = LocalJob(manifest, log_lines)
+    wait_for(
+        launch,
+        rec,
+        what=describe(["trainer", *args]),
+        log_lines=log_lines,
+        progress_files=progress_files,
+        timeout=timeout,
+    )
