@@ -98,7 +98,7 @@ def make_data(model_dir: Path, out: Path = DATA) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.pairs import write_jsonl
+    from trainer.records import write_jsonl
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
@@ -143,7 +143,7 @@ def run_gate(
     from trainer.data import read_rows
     from trainer.dpo import TrainConfig, train
     from trainer.evaluate import evaluate
-    from trainer.pairs import write_jsonl
+    from trainer.records import write_jsonl
 
     settings = Settings()
     rows = read_rows(data / "train.jsonl")

@@ -60,7 +60,7 @@ from trainer.data import (
 from trainer.generate import Generated, _left_padded, generate
 from trainer.golden import GoldenError, GoldenItem, failed_checks, load_golden, parse_messages
 from trainer.logps import completion_logps
-from trainer.pairs import links
+from trainer.quality import links
 
 REPORT_FORMAT = "prefloop-eval/1"
 # 2: answers generated 32 at a time (batch composition can move a greedy tie by rounding).

@@ -2,9 +2,10 @@
 
 `compile_and_store` is the compile step the operator API, the CLI and (later) the scheduler call:
 it loads the answers that have signals (feedback, or a kept regeneration) together with their
-siblings, turns the rows into `trainer.pairs` records, runs the compiler with every stored key as
-`known_keys`, and stores what comes back — accepted items as approved/pending, gate-excluded ones
-as excluded, so their keys stay known. Re-running it stores nothing twice.
+siblings, turns the rows into the compiler's records (`trainer.records`), runs the compiler
+(`trainer.compiler`) with every stored key as `known_keys`, and stores what comes back — accepted
+items as approved/pending, gate-excluded ones as excluded, so their keys stay known. Re-running
+it stores nothing twice.
 """
 
 from __future__ import annotations
@@ -37,11 +38,11 @@ from service.storage.models import (
     PreferencePair,
     utcnow,
 )
-from trainer import pairs as tp
+from trainer import compiler, quality, records
 
 
-def gate_config(settings: Settings) -> tp.GateConfig:
-    return tp.GateConfig(
+def gate_config(settings: Settings) -> quality.GateConfig:
+    return quality.GateConfig(
         max_user_share=settings.pairs_max_user_share,
         min_batch_for_cap=settings.pairs_min_batch_for_cap,
         require_approval=settings.pairs_require_approval,
@@ -118,7 +119,7 @@ def _served_by(message: Message, completion: Completion) -> str | None:
     return message.adapter_version if completion.experiment_id else completion.adapter_version
 
 
-def load_signals(session: Session) -> tuple[list[tp.Answer], list[tp.Feedback]]:
+def load_signals(session: Session) -> tuple[list[records.Answer], list[records.Feedback]]:
     """Every feedback row, and every answer that shares a parent with a rated, picked, edited or
     kept answer (its siblings are what the signal is relative to). Deleted users' signals are
     left out (`service.privacy`): their later feedback and kept answers never train a model."""
@@ -160,7 +161,7 @@ def load_signals(session: Session) -> tuple[list[tp.Answer], list[tp.Feedback]]:
         by_id = tree[completion.conversation_id]
         prompt = prompt_messages(path_to(by_id, completion.parent_message_id), completion.tools)
         answers.append(
-            tp.Answer(
+            records.Answer(
                 message_id=message.id,
                 completion_id=completion.id,
                 parent_id=completion.parent_message_id,
@@ -179,7 +180,7 @@ def load_signals(session: Session) -> tuple[list[tp.Answer], list[tp.Feedback]]:
             )
         )
     feedback = [
-        tp.Feedback(
+        records.Feedback(
             id=f.id,
             message_id=f.message_id,
             user_id=f.user_id,
@@ -203,7 +204,7 @@ def load_signals(session: Session) -> tuple[list[tp.Answer], list[tp.Feedback]]:
     return answers, feedback
 
 
-def _row(item: tp.PreferencePair | tp.UnpairedExample, now: datetime) -> PreferencePair:
+def _row(item: records.PreferencePair | records.UnpairedExample, now: datetime) -> PreferencePair:
     common = dict(
         key=item.key,
         tenant=item.tenant,
@@ -223,7 +224,7 @@ def _row(item: tp.PreferencePair | tp.UnpairedExample, now: datetime) -> Prefere
         "signal_at": item.created_at.isoformat(),
         "feedback_ids": list(item.feedback_ids),
     }
-    if isinstance(item, tp.UnpairedExample):
+    if isinstance(item, records.UnpairedExample):
         return PreferencePair(
             kind="unpaired",
             chosen=item.completion,
@@ -274,7 +275,7 @@ def compile_and_store(
         answers = [a for a in answers if a.tenant == tenant]
         mine = {a.message_id for a in answers}
         feedback = [f for f in feedback if f.message_id in mine]
-    result = tp.compile_pairs(answers, feedback, gate_config(settings), known_keys=known)
+    result = compiler.compile_pairs(answers, feedback, gate_config(settings), known_keys=known)
 
     now = utcnow()
     items = [*result.pairs, *result.unpaired, *result.excluded]
@@ -309,12 +310,12 @@ def compile_and_store(
     return summary
 
 
-def to_trainer(row: PreferencePair) -> tp.PreferencePair | tp.UnpairedExample:
-    """A stored row back as the compiler's record (for `trainer.pairs.dpo_row` / `kto_row`)."""
+def to_trainer(row: PreferencePair) -> records.PreferencePair | records.UnpairedExample:
+    """A stored row back as the compiler's record (for `trainer.records.dpo_row` / `kto_row`)."""
     p = row.provenance
     common = dict(
         key=row.key,
-        prompt=tp.as_messages(row.prompt),
+        prompt=records.as_messages(row.prompt),
         weight=row.weight,
         status=row.status,
         tenant=row.tenant,
@@ -329,7 +330,7 @@ def to_trainer(row: PreferencePair) -> tp.PreferencePair | tp.UnpairedExample:
         source=row.source,
     )
     if row.kind == "unpaired":
-        return tp.UnpairedExample(
+        return records.UnpairedExample(
             completion=row.chosen,
             label=bool(row.label),
             message_id=p.get("message_id", ""),
@@ -339,7 +340,7 @@ def to_trainer(row: PreferencePair) -> tp.PreferencePair | tp.UnpairedExample:
             parent_id=p.get("parent_id", ""),
             **common,
         )
-    return tp.PreferencePair(
+    return records.PreferencePair(
         chosen=row.chosen,
         rejected=row.rejected or "",
         chosen_message_id=p.get("chosen_message_id"),
@@ -370,5 +371,5 @@ def export_pairs(
             .where(PreferencePair.kind == kind, col(PreferencePair.status).in_(list(statuses)))
             .order_by(col(PreferencePair.created_at), col(PreferencePair.key))
         ).all()
-    to_row = tp.dpo_row if fmt == "dpo" else tp.kto_row
-    return tp.write_jsonl((to_row(to_trainer(r)) for r in rows), out)  # type: ignore[arg-type]
+    to_row = records.dpo_row if fmt == "dpo" else records.kto_row
+    return records.write_jsonl((to_row(to_trainer(r)) for r in rows), out)  # type: ignore[arg-type]
