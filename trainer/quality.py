@@ -179,6 +179,7 @@ def _redacted(item: Item, counts: Counter[str]) -> Item:
 
 
 def normalise_ws(text: str) -> str:
+    """Runs of whitespace as one space: "a  b" and "a b " say the same."""
     return " ".join(text.split())
 
 

@@ -65,6 +65,8 @@ _SOURCE_PRIORITY: dict[str, int] = {"pick": 0, "thumbs": 1, "regenerate": 2, "ma
 
 @dataclass(frozen=True)
 class _Voter:
+    """Who stands behind a vote, and when."""
+
     user_id: str
     at: datetime
     role: Role
@@ -74,6 +76,8 @@ class _Voter:
 
 @dataclass(frozen=True)
 class _Label:
+    """An answer's settled thumbs: the winning side and the users on it."""
+
     value: int  # +1 / -1
     voters: tuple[_Voter, ...]
 
