@@ -12,7 +12,7 @@ same one, as on a real site), gets one answer sampled as the service samples (te
 short enough to read at a glance (a finished answer of 40 to `UP_CHARS` characters) gets a
 thumbs up, anything else a thumbs down; `NOISE` of the visitors rate carelessly (the opposite).
 
-`run` compiles the events with the service's own compiler (`trainer.pairs.compile_pairs`: lone
+`run` compiles the events with the service's own compiler (`trainer.compiler.compile_pairs`: lone
 thumbs become KTO rows, an up and a down on the same prompt from different visitors become a
 matched pair), trains the refresh recipe for a segment with thumbs, evaluates as a refresh does
 (held-out thumbs by implied-reward AUC, the golden set, the shipped canary prompts), applies
@@ -82,7 +82,7 @@ def make_data(model_dir: Path, out: Path = DATA) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.pairs import write_jsonl
+    from trainer.records import write_jsonl
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
@@ -110,7 +110,8 @@ def compiled(events: list[dict[str, Any]], *, shuffle: bool, seed: int) -> list[
     among the visitors (the control)."""
     from service.core.config import Settings
     from service.loop.stored_pairs import gate_config
-    from trainer.pairs import Answer, Feedback, compile_pairs
+    from trainer.compiler import compile_pairs
+    from trainer.records import Answer, Feedback
 
     labels = [e["label"] for e in events]
     if shuffle:
@@ -161,7 +162,7 @@ def run_thumbs(
     from trainer.data import read_rows
     from trainer.dpo import TrainConfig, train
     from trainer.evaluate import evaluate
-    from trainer.pairs import write_jsonl
+    from trainer.records import write_jsonl
 
     settings = Settings() if match else Settings(refresh_match_window_hours=None)
     rows = read_rows(data / "events.jsonl")[:events]

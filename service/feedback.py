@@ -6,7 +6,7 @@ after the commit. Each signal is one write in a shared transaction: look up the 
 key, check the completion, upsert the user's slot (`service.storage.feedback`).
 
 `load_signals` is the way back: the stored answers that have signals (feedback, or a kept
-regeneration) together with their siblings, as `trainer.pairs` records.
+regeneration) together with their siblings, as `trainer.records` records.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from service.privacy import tombstoned
 from service.storage import feedback as stored
 from service.storage.models import Completion, Feedback, Message
 from service.storage.turns import path_to
-from trainer import pairs as tp
+from trainer import records
 
 
 @dataclass(frozen=True)
@@ -196,7 +196,7 @@ def prompt_messages(path: list[Message], tools: dict[str, Any] | None) -> list[d
     return out
 
 
-def load_signals(session: Session) -> tuple[list[tp.Answer], list[tp.Feedback]]:
+def load_signals(session: Session) -> tuple[list[records.Answer], list[records.Feedback]]:
     """Every feedback row, and every answer that shares a parent with a rated, picked, edited or
     kept answer (its siblings are what the signal is relative to). Deleted users' signals are
     left out (`service.privacy`): their later feedback and kept answers never train a model."""
@@ -226,9 +226,9 @@ def _answer(
     completion: Completion,
     tenants: dict[str, str],
     trees: dict[str, dict[str, Message]],
-) -> tp.Answer:
+) -> records.Answer:
     path = path_to(trees[completion.conversation_id], completion.parent_message_id)
-    return tp.Answer(
+    return records.Answer(
         message_id=message.id,
         completion_id=completion.id,
         parent_id=completion.parent_message_id,
@@ -247,8 +247,8 @@ def _answer(
     )
 
 
-def _vote(f: Feedback) -> tp.Feedback:
-    return tp.Feedback(
+def _vote(f: Feedback) -> records.Feedback:
+    return records.Feedback(
         id=f.id,
         message_id=f.message_id,
         user_id=f.user_id,

@@ -13,7 +13,7 @@ Unpaired (KTO) rows::
 
 A file may hold both kinds: a refresh trains a segment's pairs and its lone thumbs in one run.
 Plain strings are accepted too and read as one user turn and one assistant turn, since prefloop
-only trains chat models. Other columns (provenance from ``trainer.pairs``) are ignored.
+only trains chat models. Other columns (provenance from ``trainer.records``) are ignored.
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
@@ -60,7 +60,7 @@ from trainer.data import (
 from trainer.generate import Generated, _left_padded, generate
 from trainer.golden import GoldenError, GoldenItem, failed_checks, load_golden, parse_messages
 from trainer.logps import completion_logps
-from trainer.pairs import links
+from trainer.quality import links
 
 REPORT_FORMAT = "prefloop-eval/1"
 # 2: answers generated 32 at a time (batch composition can move a greedy tie by rounding).
@@ -152,9 +152,6 @@ class _Progress:
                 self.callback(name, done, total)
 
         return tick
-
-
-# --- generation -------------------------------------------------------------------------------
 
 
 # --- the three measures -----------------------------------------------------------------------
@@ -446,13 +443,25 @@ def _cache_write(path: Path | None, entry: dict[str, Any]) -> None:
     os.replace(tmp, path)  # concurrent evaluations write whole entries or none
 
 
+def _cache_file(
+    cache_dir: Path | None,
+    lm: _Model,
+    paths: dict[str, Path | None],
+    key: str | None,
+    data: _Heldout,
+) -> Path | None:
+    """Where side ``key``'s answers are kept (None: no cache)."""
+    if cache_dir is None:
+        return None
+    adapter = paths[key] if key is not None else None
+    prompts = {"golden": [item.messages for item in data.golden], "canary": data.canary}
+    digest = _cache_key(
+        lm.path, None if adapter is None else Path(adapter), prompts, lm.max_new_tokens, lm.device
+    )
+    return Path(cache_dir) / f"{digest}.json"
+
+
 # --- the whole evaluation ---------------------------------------------------------------------
-
-
-def _device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def evaluate(
@@ -475,135 +484,224 @@ def evaluate(
     ``unpaired`` rows, the ``golden`` items and the ``canary`` prompts (None: the shipped set);
     a JSON-ready report.
     ``cache_dir``: where each side's greedy answers are kept between evaluations."""
-    from transformers import AutoTokenizer
-
     t_start = time.perf_counter()
-    dev = _device(device)
     paths = {"candidate": candidate, "incumbent": incumbent}
-    canary = load_canary() if canary is None else canary
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    pad_id = tokenizer.pad_token_id
-    examples = _pair_examples(pairs or [], tokenizer)
-    singles, labels = _unpaired_examples(unpaired or [], tokenizer)
-    model = _load(Path(base), {s: Path(p) for s, p in paths.items() if p is not None}, dev)
-
+    dev = _device(device)
+    tokenizer = _tokenizer(Path(base))
+    data = _Heldout.tokenize(pairs, unpaired, golden, canary, tokenizer)
+    lm = _Model.load(Path(base), paths, tokenizer, dev, max_new_tokens)
     # The base side (None) is always measured: its log-probs are the reference, its canary
     # answers the length yardstick and its golden answers the floor no chain of promotions may
     # sink below (the gate's golden rule). Greedy answers are deterministic, so each side's run
     # once, or never where the cache has them.
     keys = [None] + [s for s in SIDES if paths[s] is not None]
-    prompts = {"golden": [item.messages for item in golden], "canary": canary}
-    entries: dict[str | None, tuple[Path | None, dict[str, Any]]] = {}
-    for key in keys:
-        file = None
-        if cache_dir is not None:
-            adapter = Path(paths[key]) if key is not None else None
-            digest = _cache_key(Path(base), adapter, prompts, max_new_tokens, dev)
-            file = Path(cache_dir) / f"{digest}.json"
-        entries[key] = (file, _cache_read(file))
-
-    total = 0
-    for key in keys:
-        hit = entries[key][1]
-        total += len(examples) + len(singles)
-        total += len(golden) * (hit.get("golden") is None)
-        total += len(canary) * ("drift" not in hit)
-        total += len(canary) * (key is not None and hit.get("kl") is None)
+    files = {key: _cache_file(cache_dir, lm, paths, key, data) for key in keys}
+    hits = {key: _cache_read(files[key]) for key in keys}
     samples = sample_prompts(pairs or [], unpaired or [])
     sample_keys = {side: side if paths[side] is not None else None for side in SIDES}
-    total += len(samples) * len(set(sample_keys.values()))
-    bar = _Progress(total, progress, on_progress)
+    work = sum(_work(data, key, hits[key]) for key in keys)
+    bar = _Progress(work + len(samples) * len(set(sample_keys.values())), progress, on_progress)
 
-    results: dict[str | None, dict[str, Any]] = {}
-    cached = []
-    for key in keys:
-        name = key or "base"
-        file, hit = entries[key]
-        fresh = False  # anything generated or scored here, not read from the cache
-        with _side(model, key):
-            logps = pair_logps(
-                model, examples, pad_id, dev, bar.stage(f"{name} pairs", len(examples))
-            )
-            thumbs = sequence_logps(
-                model, singles, pad_id, dev, bar.stage(f"{name} thumbs", len(singles))
-            )
-            answers = hit.get("golden")
-            if answers is None:
-                fresh = True
-                answers = generate(
-                    model,
-                    tokenizer,
-                    [list(item.messages) for item in golden],
-                    max_new_tokens=max_new_tokens,
-                    device=dev,
-                    tick=bar.stage(f"{name} golden", len(golden)),
-                )
-            drift = hit.get("drift")
-            if drift is None:
-                fresh = True
-                drift = generate(
-                    model,
-                    tokenizer,
-                    canary,
-                    max_new_tokens=max_new_tokens,
-                    device=dev,
-                    tick=bar.stage(f"{name} canary", len(canary)),
-                )
-        kl = hit.get("kl")
-        if kl is None:
-            fresh = True
-            kl = [0.0] * len(drift)
-            if key is not None:
-                kl = answer_kl(model, key, drift, pad_id, dev, bar.stage(f"{name} kl", len(drift)))
-        entry = {"golden": answers, "drift": drift, "kl": kl}
-        if fresh:
-            _cache_write(file, entry)
-        else:
-            cached.append(name)
-        results[key] = {"logps": logps, "thumbs": thumbs, **entry}
-
-    def answer(key: str | None, conversations: list[Messages]) -> list[Generated]:
-        tick = bar.stage(f"{key or 'base'} samples", len(conversations))
-        return generate(
-            model, tokenizer, conversations, max_new_tokens=max_new_tokens, device=dev, tick=tick
-        )
-
-    samples = side_by_side(model, samples, sample_keys, answer)
+    results, cached = _measure_sides(lm, data, files, hits, bar)
+    samples = side_by_side(lm.model, samples, sample_keys, lm.answerer(bar))
     bar.bar.close()
-
-    ref = results[None]
-    report_sides = {}
-    for side in SIDES:
-        r = results[side if paths[side] is not None else None]
-        report_sides[side] = {
-            "path": str(paths[side]) if paths[side] is not None else None,
-            "pairs": pair_metrics(r["logps"], ref["logps"], beta),
-            "thumbs": thumbs_metrics(r["thumbs"], ref["thumbs"], labels, beta),
-            "golden": golden_metrics(golden, r["golden"]),
-            "drift": drift_metrics(r["drift"], ref["drift"], r["kl"]),
-            "links": new_links([*r["golden"], *r["drift"]], [*ref["golden"], *ref["drift"]]),
-        }
     return {
         "format": REPORT_FORMAT,
         "created_at": datetime.now(UTC).isoformat(),
         "base": str(base),
-        **report_sides,
-        "base_model": {"golden": golden_metrics(golden, ref["golden"])},
+        **_sides_report(paths, results, data, beta),
+        "base_model": {"golden": golden_metrics(data.golden, results[None]["golden"])},
         "samples": samples,
-        "settings": {
-            "beta": beta,
-            "max_new_tokens": max_new_tokens,
-            "n_pairs": len(examples),
-            "n_unpaired": len(singles),
-            "n_golden": len(golden),
-            "n_canary": len(canary),
-        },
+        "settings": {"beta": beta, "max_new_tokens": max_new_tokens, **data.counts()},
         "cached": cached,  # sides whose answers came from the cache
         "seconds": time.perf_counter() - t_start,
     }
+
+
+def _device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _tokenizer(base: Path) -> Any:
+    """The base model's tokenizer, padding on the left: generation appends on the right."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+@dataclass(frozen=True)
+class _Model:
+    """The base model with every adapter loaded, its tokenizer, and how it answers."""
+
+    path: Path
+    model: torch.nn.Module
+    tokenizer: Any
+    device: torch.device
+    max_new_tokens: int
+
+    @classmethod
+    def load(
+        cls,
+        base: Path,
+        paths: dict[str, Path | None],
+        tokenizer: Any,
+        device: torch.device,
+        max_new_tokens: int,
+    ) -> _Model:
+        model = _load(base, {s: Path(p) for s, p in paths.items() if p is not None}, device)
+        return cls(base, model, tokenizer, device, max_new_tokens)
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    def answer(self, conversations: list[Messages], tick: Callable[[int], None]) -> list[Generated]:
+        """Greedy answers of the current side."""
+        return generate(
+            self.model,
+            self.tokenizer,
+            conversations,
+            max_new_tokens=self.max_new_tokens,
+            device=self.device,
+            tick=tick,
+        )
+
+    def answerer(self, bar: _Progress) -> Callable[[str | None, list[Messages]], list[Generated]]:
+        """`answer` for `side_by_side`, with each side's own progress stage."""
+
+        def answer(key: str | None, conversations: list[Messages]) -> list[Generated]:
+            return self.answer(
+                conversations, bar.stage(f"{key or 'base'} samples", len(conversations))
+            )
+
+        return answer
+
+
+@dataclass(frozen=True)
+class _Heldout:
+    """What every side is measured on: the tokenised pairs and thumbs rows, the golden items and
+    the canary prompts."""
+
+    examples: list[PairExample]
+    singles: list[Tokens]
+    labels: list[bool]
+    golden: list[GoldenItem]
+    canary: list[Messages]
+
+    @classmethod
+    def tokenize(
+        cls,
+        pairs: list[dict] | None,
+        unpaired: list[dict] | None,
+        golden: list[GoldenItem],
+        canary: list[Messages] | None,
+        tokenizer: Any,
+    ) -> _Heldout:
+        canary = load_canary() if canary is None else canary
+        examples = _pair_examples(pairs or [], tokenizer)
+        singles, labels = _unpaired_examples(unpaired or [], tokenizer)
+        return cls(examples, singles, labels, golden, canary)
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "n_pairs": len(self.examples),
+            "n_unpaired": len(self.singles),
+            "n_golden": len(self.golden),
+            "n_canary": len(self.canary),
+        }
+
+
+def _work(data: _Heldout, key: str | None, hit: dict[str, Any]) -> int:
+    """Items one side will score or generate (what the cache holds is not redone)."""
+    total = len(data.examples) + len(data.singles)
+    total += len(data.golden) * (hit.get("golden") is None)
+    total += len(data.canary) * ("drift" not in hit)
+    total += len(data.canary) * (key is not None and hit.get("kl") is None)
+    return total
+
+
+def _measure(
+    lm: _Model, key: str | None, data: _Heldout, hit: dict[str, Any], bar: _Progress
+) -> tuple[dict[str, Any], bool]:
+    """One side (``key``: an adapter name, None for the base): log-probs of the held-out rows,
+    greedy golden and canary answers and their KL from the base, the answers and KL read from
+    the cache ``hit`` where it has them. True with it where anything was computed afresh."""
+    name = key or "base"
+    fresh = False
+    with _side(lm.model, key):
+        examples, singles = data.examples, data.singles
+        logps = pair_logps(
+            lm.model, examples, lm.pad_id, lm.device, bar.stage(f"{name} pairs", len(examples))
+        )
+        thumbs = sequence_logps(
+            lm.model, singles, lm.pad_id, lm.device, bar.stage(f"{name} thumbs", len(singles))
+        )
+        answers = hit.get("golden")
+        if answers is None:
+            fresh = True
+            conversations = [list(item.messages) for item in data.golden]
+            answers = lm.answer(conversations, bar.stage(f"{name} golden", len(data.golden)))
+        drift = hit.get("drift")
+        if drift is None:
+            fresh = True
+            drift = lm.answer(data.canary, bar.stage(f"{name} canary", len(data.canary)))
+    kl = hit.get("kl")
+    if kl is None:
+        fresh = True
+        kl = [0.0] * len(drift)  # the base against itself
+        if key is not None:
+            tick = bar.stage(f"{name} kl", len(drift))
+            kl = answer_kl(lm.model, key, drift, lm.pad_id, lm.device, tick)
+    return {"logps": logps, "thumbs": thumbs, "golden": answers, "drift": drift, "kl": kl}, fresh
+
+
+def _measure_sides(
+    lm: _Model,
+    data: _Heldout,
+    files: dict[str | None, Path | None],
+    hits: dict[str | None, dict[str, Any]],
+    bar: _Progress,
+) -> tuple[dict[str | None, dict[str, Any]], list[str]]:
+    """Every side's measures, base first (``files`` and ``hits``: per side to measure, its cache
+    file and what that held), and the names of the sides measured from the cache alone. Fresh
+    answers go into the cache."""
+    results: dict[str | None, dict[str, Any]] = {}
+    cached = []
+    for key in files:
+        results[key], fresh = _measure(lm, key, data, hits[key], bar)
+        if fresh:
+            _cache_write(files[key], {k: results[key][k] for k in ("golden", "drift", "kl")})
+        else:
+            cached.append(key or "base")
+    return results, cached
+
+
+def _sides_report(
+    paths: dict[str, Path | None],
+    results: dict[str | None, dict[str, Any]],
+    data: _Heldout,
+    beta: float,
+) -> dict[str, Any]:
+    """The candidate's and the incumbent's measures, each against the base's."""
+    ref = results[None]
+    report = {}
+    for side in SIDES:
+        r = results[side if paths[side] is not None else None]
+        report[side] = {
+            "path": str(paths[side]) if paths[side] is not None else None,
+            "pairs": pair_metrics(r["logps"], ref["logps"], beta),
+            "thumbs": thumbs_metrics(r["thumbs"], ref["thumbs"], data.labels, beta),
+            "golden": golden_metrics(data.golden, r["golden"]),
+            "drift": drift_metrics(r["drift"], ref["drift"], r["kl"]),
+            "links": new_links([*r["golden"], *r["drift"]], [*ref["golden"], *ref["drift"]]),
+        }
+    return report
 
 
 # --- command line -----------------------------------------------------------------------------

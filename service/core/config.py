@@ -99,7 +99,7 @@ class Settings(BaseSettings):
         default=32, ge=1, description="Generation requests waiting or running before 503."
     )
 
-    # --- feedback → training pairs (the quality gate of `trainer.pairs`)
+    # --- feedback → training pairs (the quality gate of `trainer.quality`)
     pairs_max_user_share: float = Field(
         default=0.2, gt=0.0, le=1.0, description="Most of a compiled batch one user may own."
     )

@@ -46,7 +46,7 @@ from service.loop.lifecycle import base_model_path, canary_for, golden_for, judg
 from service.loop.stored_pairs import compile_and_store, to_trainer
 from service.loop.trainjob import run_training
 from service.storage.models import Lease, PreferencePair, TrainingRun, utcnow
-from trainer import pairs as tp
+from trainer import records, votes
 from trainer.golden import save_golden
 
 log = logging.getLogger(__name__)
@@ -276,7 +276,7 @@ class TrainingSets:
 
 
 def training_sets(
-    items: Sequence[tp.PreferencePair | tp.UnpairedExample], settings: Settings
+    items: Sequence[records.PreferencePair | records.UnpairedExample], settings: Settings
 ) -> TrainingSets:
     """Split a segment's approved items (a seeded share held out for the gate, stable across
     refreshes), then, on each side, join lone thumbs into matched pairs (`match_thumbs`).
@@ -286,12 +286,12 @@ def training_sets(
     counts: dict[str, int] = {}
     for held in (False, True):
         mine = [x for x in items if _heldout(x.key, fraction) == held]
-        pairs = [x for x in mine if isinstance(x, tp.PreferencePair)]
-        singles = [x for x in mine if isinstance(x, tp.UnpairedExample)]
-        matched, rest = tp.match_thumbs(singles, window)
+        pairs = [x for x in mine if isinstance(x, records.PreferencePair)]
+        singles = [x for x in mine if isinstance(x, records.UnpairedExample)]
+        matched, rest = votes.match_thumbs(singles, window)
         sides[held] = (
-            [tp.dpo_row(x) for x in pairs + matched],
-            [tp.kto_row(x) for x in rest],
+            [records.dpo_row(x) for x in pairs + matched],
+            [records.kto_row(x) for x in rest],
         )
         prefix = "heldout_" if held else ""
         counts |= {
@@ -393,9 +393,9 @@ def _refresh(
                 f"({_describe(sets.counts)}); a refresh needs {settings.refresh_min_pairs} "
                 "(PREFLOOP_REFRESH_MIN_PAIRS)"
             )
-        tp.write_jsonl(sets.train, work / "train.jsonl")
-        tp.write_jsonl(sets.heldout_pairs, work / "heldout.jsonl")
-        tp.write_jsonl(sets.heldout_unpaired, work / "heldout_unpaired.jsonl")
+        records.write_jsonl(sets.train, work / "train.jsonl")
+        records.write_jsonl(sets.heldout_pairs, work / "heldout.jsonl")
+        records.write_jsonl(sets.heldout_unpaired, work / "heldout_unpaired.jsonl")
 
     active = registry.active().get(segment)
     base = base_model_path(settings)

@@ -1,7 +1,7 @@
 """Stored preference pairs: compiled from stored feedback, read back, exported as training files.
 
 `compile_and_store` is the compile step the operator API, the CLI and the scheduler call: it
-reads every stored signal as `trainer.pairs` records (`service.feedback.load_signals`), runs the
+reads every stored signal as `trainer.records` records (`service.feedback.load_signals`), runs the
 compiler with every stored key as `known_keys`, and stores what comes back — accepted items as
 approved/pending, gate-excluded ones as excluded, so their keys stay known. Re-running it stores
 nothing twice.
@@ -26,7 +26,7 @@ from service.core.db import session_scope
 from service.core.errors import ConflictError
 from service.feedback import load_signals
 from service.storage.models import OperatorAction, PreferencePair, utcnow
-from trainer import pairs as tp
+from trainer import compiler, quality, records
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,8 @@ class CompileSummary:
     feedback: int  # feedback rows considered
 
 
-def gate_config(settings: Settings) -> tp.GateConfig:
-    return tp.GateConfig(
+def gate_config(settings: Settings) -> quality.GateConfig:
+    return quality.GateConfig(
         max_user_share=settings.pairs_max_user_share,
         min_batch_for_cap=settings.pairs_min_batch_for_cap,
         require_approval=settings.pairs_require_approval,
@@ -59,7 +59,7 @@ def gate_config(settings: Settings) -> tp.GateConfig:
     )
 
 
-def _row(item: tp.PreferencePair | tp.UnpairedExample, now: datetime) -> PreferencePair:
+def _row(item: records.PreferencePair | records.UnpairedExample, now: datetime) -> PreferencePair:
     common = dict(
         key=item.key,
         tenant=item.tenant,
@@ -79,7 +79,7 @@ def _row(item: tp.PreferencePair | tp.UnpairedExample, now: datetime) -> Prefere
         "signal_at": item.created_at.isoformat(),
         "feedback_ids": list(item.feedback_ids),
     }
-    if isinstance(item, tp.UnpairedExample):
+    if isinstance(item, records.UnpairedExample):
         return PreferencePair(
             kind="unpaired",
             chosen=item.completion,
@@ -130,7 +130,7 @@ def compile_and_store(
         answers = [a for a in answers if a.tenant == tenant]
         mine = {a.message_id for a in answers}
         feedback = [f for f in feedback if f.message_id in mine]
-    result = tp.compile_pairs(answers, feedback, gate_config(settings), known_keys=known)
+    result = compiler.compile_pairs(answers, feedback, gate_config(settings), known_keys=known)
 
     now = utcnow()
     items = [*result.pairs, *result.unpaired, *result.excluded]
@@ -165,12 +165,12 @@ def compile_and_store(
     return summary
 
 
-def to_trainer(row: PreferencePair) -> tp.PreferencePair | tp.UnpairedExample:
-    """A stored row back as the compiler's record (for `trainer.pairs.dpo_row` / `kto_row`)."""
+def to_trainer(row: PreferencePair) -> records.PreferencePair | records.UnpairedExample:
+    """A stored row back as the compiler's record (for `trainer.records.dpo_row` / `kto_row`)."""
     p = row.provenance
     common = dict(
         key=row.key,
-        prompt=tp.as_messages(row.prompt),
+        prompt=records.as_messages(row.prompt),
         weight=row.weight,
         status=row.status,
         tenant=row.tenant,
@@ -185,7 +185,7 @@ def to_trainer(row: PreferencePair) -> tp.PreferencePair | tp.UnpairedExample:
         source=row.source,
     )
     if row.kind == "unpaired":
-        return tp.UnpairedExample(
+        return records.UnpairedExample(
             completion=row.chosen,
             label=bool(row.label),
             message_id=p.get("message_id", ""),
@@ -195,7 +195,7 @@ def to_trainer(row: PreferencePair) -> tp.PreferencePair | tp.UnpairedExample:
             parent_id=p.get("parent_id", ""),
             **common,
         )
-    return tp.PreferencePair(
+    return records.PreferencePair(
         chosen=row.chosen,
         rejected=row.rejected or "",
         chosen_message_id=p.get("chosen_message_id"),
@@ -226,5 +226,5 @@ def export_pairs(
             .where(PreferencePair.kind == kind, col(PreferencePair.status).in_(list(statuses)))
             .order_by(col(PreferencePair.created_at), col(PreferencePair.key))
         ).all()
-    to_row = tp.dpo_row if fmt == "dpo" else tp.kto_row
-    return tp.write_jsonl((to_row(to_trainer(r)) for r in rows), out)  # type: ignore[arg-type]
+    to_row = records.dpo_row if fmt == "dpo" else records.kto_row
+    return records.write_jsonl((to_row(to_trainer(r)) for r in rows), out)  # type: ignore[arg-type]

@@ -142,9 +142,10 @@ class PreferencePair(SQLModel, table=True):
 
     One table for both, because operators review, filter and count them together and they share
     every column but the answer side: an unpaired row keeps its completion in `chosen`, has no
-    `rejected`, and carries its thumbs `label`. `key` is `trainer.pairs`' content key, so
-    re-compiling never stores an item twice. `provenance` holds the message, completion, adapter
-    and feedback ids the item came from (and the operator edits made to it).
+    `rejected`, and carries its thumbs `label`. `key` is the compiler's content key
+    (`trainer.records`), so re-compiling never stores an item twice. `provenance` holds the
+    message, completion, adapter and feedback ids the item came from (and the operator edits made
+    to it).
     """
 
     id: str = Field(default_factory=lambda: new_id("pair"), primary_key=True)

@@ -20,7 +20,7 @@ from service.loop.stored_pairs import gate_config
 from service.storage import turns
 from service.storage.models import PreferencePair, new_id
 from tests.service.conftest import Live
-from trainer import pairs as tp
+from trainer.compiler import compile_pairs
 
 PROMPTS = 500  # the first half contested (two honest users vote too), the rest Mallory's alone
 DEV = Principal(key_id=None, name="test", role=Role.admin, tenant="default")
@@ -103,7 +103,7 @@ def test_a_flood_by_one_user_is_capped_and_distrusted(live: Live) -> None:
     settings = Settings(database_url=live.db_url, pairs_rater_trust=False)
     with live.session() as s:
         answers, feedback = load_signals(s)
-    result = tp.compile_pairs(answers, feedback, gate_config(settings))
+    result = compile_pairs(answers, feedback, gate_config(settings))
     owners = Counter(p.user_id for p in result.pairs)
     share = owners["mallory"] / len(result.pairs)
     print(f"\nflood: {len(flood)} votes by one user; share with the cap alone {share:.3f}")
@@ -125,6 +125,6 @@ def test_without_the_defences_the_flood_would_own_the_batch(live: Live) -> None:
     settings = Settings(database_url=live.db_url, pairs_max_user_share=1.0)
     with live.session() as s:
         answers, feedback = load_signals(s)
-    result = tp.compile_pairs(answers, feedback, gate_config(settings))
+    result = compile_pairs(answers, feedback, gate_config(settings))
     owners = Counter(p.user_id for p in result.pairs)
     assert owners["mallory"] / len(result.pairs) >= 0.5

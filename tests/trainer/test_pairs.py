@@ -14,24 +14,23 @@ from typing import Any
 
 import pytest
 
-from trainer.pairs import (
+from trainer.compiler import compile_pairs
+from trainer.quality import GateConfig, prompt_tokens
+from trainer.records import (
     Answer,
     ChatMessage,
     CompileResult,
     DropReason,
     Feedback,
-    GateConfig,
     PreferencePair,
-    compile_pairs,
     dpo_pair_key,
     dpo_row,
     edit_pair_key,
     kto_key,
     kto_row,
-    match_thumbs,
-    prompt_tokens,
     write_jsonl,
 )
+from trainer.votes import match_thumbs
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 SYSTEM = {"role": "system", "content": "You are a helpful cooking assistant."}

@@ -8,14 +8,10 @@ from typing import Any
 
 import pytest
 
-from trainer.pairs import (
-    Answer,
-    CompileResult,
-    Feedback,
-    GateConfig,
-    compile_pairs,
-    rater_trust,
-)
+from trainer.compiler import compile_pairs
+from trainer.quality import GateConfig
+from trainer.records import Answer, CompileResult, Feedback
+from trainer.votes import rater_trust
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings  # noqa: E402
