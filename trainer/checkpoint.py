@@ -13,7 +13,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from trainer.data import file_sha256
-from trainer.model import trainable
+from trainer.distributed import (
+    Dist,
+    full_trainable_state,
+    load_optimizer_state,
+    load_trainable_state_,
+    optimizer_state,
+)
 
 if TYPE_CHECKING:
     from trainer.dpo import TrainConfig
@@ -29,16 +35,20 @@ def save_checkpoint(
     ref: torch.Tensor,
     cfg: TrainConfig,
     data_sha256: str,
+    d: Dist,
 ) -> None:
+    """Every process calls it (under FSDP2 the state is gathered); the main one writes."""
     state = {
         "step": step,
         "config": asdict(cfg),
         "data_sha256": data_sha256,
-        "trainable": {n: p.detach().cpu() for n, p in trainable(model)},
-        "optimizer": optimizer.state_dict(),
+        "trainable": full_trainable_state(model),
+        "optimizer": optimizer_state(model, optimizer, d),
         "reference_logps": ref,
         "rng": torch.get_rng_state(),
     }
+    if not d.main:
+        return
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)  # a crash mid-save leaves the previous checkpoint intact
@@ -50,6 +60,7 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     cfg: TrainConfig,
     data_sha256: str,
+    d: Dist,
 ) -> tuple[int, torch.Tensor]:
     # weights_only: a checkpoint is tensors, numbers and strings; never unpickle code from disk.
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -57,12 +68,8 @@ def load_checkpoint(
     saved["lora_targets"] = tuple(saved["lora_targets"])
     assert saved == asdict(cfg), "resuming needs the same TrainConfig as the interrupted run"
     assert state["data_sha256"] == data_sha256, "resuming needs the same training data"
-    params = dict(trainable(model))
-    assert params.keys() == state["trainable"].keys(), "checkpoint is for another adapter shape"
-    with torch.no_grad():
-        for name, value in state["trainable"].items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
+    load_trainable_state_(model, state["trainable"])
+    load_optimizer_state(model, optimizer, state["optimizer"], d)
     torch.set_rng_state(state["rng"])
     return state["step"], state["reference_logps"]
 
@@ -91,10 +98,18 @@ def last_eval(log_path: Path) -> dict[str, float]:
     return {"before": evals[0], "after": evals[-1]}
 
 
-def save_adapter(model: torch.nn.Module, work: Path, out: Path, manifest: dict[str, Any]) -> Path:
-    """Write the adapter and its manifest into ``work``, then rename it to ``out`` (atomic on
-    one filesystem). ``manifest`` gets the format, the time, versions and the weights' hash."""
-    model.save_pretrained(work)
+def save_adapter(
+    model: torch.nn.Module,
+    lora: dict[str, torch.Tensor],
+    work: Path,
+    out: Path,
+    manifest: dict[str, Any],
+) -> Path:
+    """Write the adapter (``lora``: the whole trainable state, ``full_trainable_state``) and
+    its manifest into ``work``, then rename it to ``out`` (atomic on one filesystem).
+    ``manifest`` gets the format, the time, versions and the weights' hash. The file is the
+    same fp32 PEFT adapter whatever the base precision or sharding was."""
+    model.save_pretrained(work, state_dict=lora)
     manifest = {
         "format": MANIFEST_FORMAT,
         "created_at": datetime.now(UTC).isoformat(),

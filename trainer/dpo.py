@@ -67,9 +67,19 @@ from trainer.data import (
     load_examples,
     split_heldout,
 )
-from trainer.distributed import Dist, all_reduce_mean_, all_reduce_sum_, barrier, setup_distributed
+from trainer.distributed import (
+    DISTRIBUTED,
+    Dist,
+    all_reduce_mean_,
+    all_reduce_sum_,
+    barrier,
+    full_tensor,
+    full_trainable_state,
+    setup_distributed,
+    shard_fsdp2,
+)
 from trainer.logps import check_logits_path, completion_logps, per_sequence, token_logps
-from trainer.model import LORA_TARGETS, autocast, load_policy, trainable
+from trainer.model import BASE_DTYPES, LORA_TARGETS, QUANTIZE, autocast, load_policy, trainable
 from trainer.rehearsal import prepare_rehearsal, rehearsal_batch, rehearsal_penalty
 
 ProgressFn = Callable[[int, int, dict[str, float]], None]
@@ -129,6 +139,13 @@ class TrainConfig:
     checkpoint_every: int = 50  # optimizer steps; 0 disables checkpoints
     bf16: bool = True  # autocast, on GPU only
     gradient_checkpointing: bool = True  # on GPU only: on 2 CPU cores compute, not memory, binds
+    # Precision of the frozen base (trainer.model): fp32 | bf16, and nf4 (QLoRA) for the
+    # decoder's linear weights. LoRA and its optimizer state are fp32 in every mode.
+    base_dtype: str = "fp32"
+    quantize: str = "none"
+    # Under torchrun: ddp (every process holds the whole model, gradients averaged) or fsdp2
+    # (each decoder layer, the rest and LoRA sharded across processes; trainer.distributed).
+    distributed: str = "ddp"
 
     def __post_init__(self) -> None:
         assert self.loss in losses.LOSS_NAMES, f"loss must be one of {losses.LOSS_NAMES}"
@@ -139,6 +156,9 @@ class TrainConfig:
         assert self.rehearsal_batch >= 1 and self.rehearsal_tokens >= 1
         assert self.rpo_span in ("chosen", "diverged"), "rpo_span must be chosen or diverged"
         assert self.batch_size >= 1 and self.micro_batch_size >= 1 and self.epochs >= 1
+        assert self.base_dtype in BASE_DTYPES, f"base_dtype must be one of {tuple(BASE_DTYPES)}"
+        assert self.quantize in QUANTIZE, f"quantize must be one of {QUANTIZE}"
+        assert self.distributed in DISTRIBUTED, f"distributed must be one of {DISTRIBUTED}"
 
 
 @dataclass
@@ -324,12 +344,14 @@ def reference_logps(
 
     The reference is the policy as it starts: with a fresh LoRA that is the base model (adapter
     disabled, which also skips the LoRA matmuls); warm-started, it is the parent adapter. Each
-    process scores its share and the shares are summed into one table.
+    process scores its share and the shares are summed into one table; under FSDP2, where
+    every forward is a collective, every process scores every example.
     """
     width = max((_n_shared(e) for e in examples), default=0) if cfg.anchor else 0
     table = torch.zeros(len(examples), 2 + width)
     model.eval()  # the reference has no dropout
-    mine = list(range(d.rank, len(examples), d.world))
+    share = (0, 1) if d.fsdp else (d.rank, d.world)
+    mine = list(range(share[0], len(examples), share[1]))
     # Pairs, then unpaired rows (a micro-batch of one kind collates pairs with the prompt once),
     # longest first within each, so batches pad little.
     mine.sort(key=lambda i: (not isinstance(examples[i], PairExample), -examples[i].length))
@@ -349,7 +371,8 @@ def reference_logps(
                 parts = shared.split([_n_shared(examples[i]) for i in idx])
                 for i, part in zip(idx, parts, strict=True):
                     table[i, 2 : 2 + len(part)] = part
-    all_reduce_sum_(table, d)  # each row was filled by exactly one process
+    if not d.fsdp:
+        all_reduce_sum_(table, d)  # each row was filled by exactly one process
     return table
 
 
@@ -458,7 +481,7 @@ def train(
     from transformers import AutoTokenizer
 
     t_start = time.perf_counter()
-    d = setup_distributed()
+    d = setup_distributed(cfg.distributed)
     out, base, pairs = Path(out), Path(base), Path(pairs)
     if out.exists():
         raise FileExistsError(f"{out} exists; adapter directories are never overwritten")
@@ -481,9 +504,16 @@ def train(
     counts["kto_lambdas"] = list(lambdas)
     train_idx, heldout_idx = split_heldout(len(examples), cfg.eval_fraction, cfg.seed)
     data_sha256 = file_sha256(pairs)
+    if d.fsdp and kind == "mixed":
+        raise ValueError(
+            "distributed fsdp2 trains one kind of row per run, pairs or thumbs (every process "
+            "must run the same forwards); this file mixes both: use --distributed ddp"
+        )
 
     # 2. Model, optimizer.
-    model = load_policy(base, init_adapter, cfg, d.device)
+    model = load_policy(base, init_adapter, cfg, d.device, place=not d.fsdp)
+    if d.fsdp:
+        shard_fsdp2(model, d)
     check_logits_path(model, d.device)
     params = [p for _, p in trainable(model)]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -491,7 +521,7 @@ def train(
     # 3. Reference log-probs, once (or from the checkpoint when resuming).
     step, seconds_reference = 0, 0.0
     if resume:
-        step, ref = load_checkpoint(checkpoint, model, optimizer, cfg, data_sha256)
+        step, ref = load_checkpoint(checkpoint, model, optimizer, cfg, data_sha256, d)
         if d.main:
             truncate_log(log_path, step)
     else:
@@ -531,27 +561,29 @@ def train(
             lr = get_lr(step, total, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            mine = batches[step_in_epoch * d.world + d.rank]  # sorted by length already
+            step_batches = batches[step_in_epoch * d.world : (step_in_epoch + 1) * d.world]
+            mine = step_batches[d.rank]  # sorted by length already
             stats = torch.zeros(N_STATS, device=d.device)
-            for start in range(0, len(mine), cfg.micro_batch_size):
-                idx = mine[start : start + cfg.micro_batch_size]
+            for idx, counted in _micro_batches(mine, step_batches, cfg, d):
                 with autocast(d.device, cfg):
                     per_example, rewards = batch_losses(
                         model, [examples[i] for i in idx], ref[idx], cfg, d, pad_id, lambdas
                     )
                 weights = torch.tensor([examples[i].weight for i in idx], device=d.device)
                 # Callers reduce: weighted sum over the batch, divided by its size.
-                ((weights * per_example).sum() / len(mine)).backward()
-                stats += _stats(per_example, rewards)
-                tokens_seen += sum(len(s.ids) for i in idx for s in _halves(examples[i]))
+                ((counted * weights * per_example).sum() / len(mine)).backward()
+                if counted:
+                    stats += _stats(per_example, rewards)
+                    tokens_seen += sum(len(s.ids) for i in idx for s in _halves(examples[i]))
             drift = None
             if rehearsal is not None:
                 rows = rehearsal_batch(len(rehearsal.seqs), step, cfg, d)
                 with autocast(d.device, cfg):
                     drift = rehearsal_penalty(model, rehearsal, rows, cfg, d, pad_id)
                 (cfg.rehearsal * drift).backward()
-            all_reduce_mean_([p.grad for p in params if p.grad is not None], d)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            if not d.fsdp:  # FSDP2 averaged the gradients as it reduce-scattered them
+                all_reduce_mean_([p.grad for p in params if p.grad is not None], d)
+            grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -569,8 +601,8 @@ def train(
                 bar.set_postfix(loss=f"{last['loss']:.4f}", margin=f"{last['margin']:.3f}")
                 if on_progress is not None:
                     on_progress(step, total, last)
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
-                    save_checkpoint(checkpoint, step, model, optimizer, ref, cfg, data_sha256)
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
+                save_checkpoint(checkpoint, step, model, optimizer, ref, cfg, data_sha256, d)
             barrier(d)  # nobody runs ahead of a checkpoint being written
         if heldout:
             eval_metrics = evaluate(model, heldout, ref[heldout_idx], cfg, d, pad_id, lambdas)
@@ -593,11 +625,11 @@ def train(
             "total": time.perf_counter() - t_start,
         },
     }
-    result_path = None
+    result_path, lora = None, full_trainable_state(model)  # gathered on every process
     if d.main:
         checkpoint.unlink(missing_ok=True)
         rehearsal_path.unlink(missing_ok=True)
-        result_path = save_adapter(model, work, out, {
+        result_path = save_adapter(model, lora, work, out, {
             "base_model": str(base),
             "parent": str(init_adapter) if init_adapter is not None else None,
             "config": asdict(cfg),
@@ -607,6 +639,20 @@ def train(
         })  # fmt: skip
     barrier(d)
     return TrainResult(result_path, summary, model)
+
+
+def _micro_batches(
+    mine: list[int], step_batches: list[list[int]], cfg: TrainConfig, d: Dist
+) -> list[tuple[list[int], float]]:
+    """This process's micro-batches of one step, each with 1.0 (counted) or 0.0. Under FSDP2
+    every process must run as many forward/backward passes as the others: one whose batch is
+    shorter repeats its last micro-batch with weight 0 (a batch is never empty)."""
+    size = cfg.micro_batch_size
+    parts = [(mine[s : s + size], 1.0) for s in range(0, len(mine), size)]
+    if d.fsdp:
+        most = max(math.ceil(len(b) / size) for b in step_batches)
+        parts += [(parts[-1][0], 0.0)] * (most - len(parts))
+    return parts
 
 
 def _counts(examples: Sequence[Example]) -> dict[str, Any]:
@@ -620,12 +666,21 @@ def _counts(examples: Sequence[Example]) -> dict[str, Any]:
 # --- command line -----------------------------------------------------------------------------
 
 
+CHOICES = {
+    "loss": losses.LOSS_NAMES,
+    "rpo_span": ("chosen", "diverged"),
+    "base_dtype": tuple(BASE_DTYPES),
+    "quantize": QUANTIZE,
+    "distributed": DISTRIBUTED,
+}
+
+
 def _config_arguments(parser: argparse.ArgumentParser) -> None:
     """One ``--flag`` per TrainConfig field, so the CLI can never drift from the config."""
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        if f.name == "loss":
-            parser.add_argument(flag, choices=losses.LOSS_NAMES, default=f.default)
+        if f.name in CHOICES:
+            parser.add_argument(flag, choices=CHOICES[f.name], default=f.default)
         elif isinstance(f.default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
         elif isinstance(f.default, tuple):
