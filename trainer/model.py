@@ -33,15 +33,15 @@ def load_policy(
     place: bool = True,
 ) -> torch.nn.Module:  # fmt: skip
     """The base model in ``cfg.base_dtype`` (NF4 linears with ``cfg.quantize``) with a trainable
-    fp32 LoRA: fresh from ``cfg``, or the parent adapter's weights and LoRA shape. ``place``
-    False leaves the unquantized weights on the CPU: FSDP2 moves each shard to the device."""
+    fp32 LoRA: fresh from ``cfg``, or the parent adapter's weights and LoRA shape, on ``device``.
+    ``place`` False leaves the unquantized weights on the CPU: FSDP2 moves each shard there."""
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    # Built on the CPU, moved at the end: an NF4 base is quantized layer by layer on the device
+    # first, so the bf16 model never has to fit there (70B: 141 GB in bf16, 40 GB in NF4).
     model = AutoModelForCausalLM.from_pretrained(base, dtype=BASE_DTYPES[cfg.base_dtype])
     model.config.use_cache = False
-    if place:
-        model.to(device)
     torch.manual_seed(cfg.seed)  # LoRA's A matrices: same seed, same start on every rank
     if init_adapter is not None:
         model = PeftModel.from_pretrained(model, init_adapter, is_trainable=True)
@@ -58,6 +58,8 @@ def load_policy(
         p.data = p.data.float()
     if cfg.quantize == "nf4":
         quantize_nf4_(model, device)
+    if place:
+        model.to(device)
     if device.type == "cuda" and cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
