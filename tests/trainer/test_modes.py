@@ -212,3 +212,67 @@ def test_fsdp2_refuses_a_mix_of_pairs_and_thumbs(tiny_llama_dir: Path, tmp_path:
     assert run.returncode != 0
     assert "use --distributed ddp" in run.stderr
     assert not (tmp_path / "v1").exists()
+
+
+def _checkpoint_worker(rank: int, port: int, base: str, tmp: str) -> None:
+    """Under FSDP2: a step, a checkpoint, a fresh sharded model and optimizer loaded from it,
+    then one more step on each: the two must stay identical (weights and AdamW moments)."""
+    from trainer.checkpoint import load_checkpoint, save_checkpoint
+    from trainer.data import Tokens, collate
+    from trainer.distributed import full_trainable_state, setup_distributed, shard_fsdp2
+    from trainer.logps import completion_logps
+    from trainer.model import load_policy
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2"
+    )
+    torch.set_num_threads(1)
+    cfg = replace(TINY, distributed="fsdp2", quantize="nf4", base_dtype="bf16")
+    d = setup_distributed(cfg.distributed)
+    assert d.fsdp
+    batch = collate([Tokens(tuple(range(5 + rank, 25)), 6)], 0)  # each rank its own data
+
+    def fresh() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        model = load_policy(Path(base), None, cfg, d.device, place=False)
+        shard_fsdp2(model, d)
+        params = [p for p in model.parameters() if p.requires_grad]
+        return model, torch.optim.AdamW(params, lr=1e-2)
+
+    def step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        completion_logps(model, batch)[0].sum().neg().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    path = Path(tmp) / "checkpoint.pt"
+    model, optimizer = fresh()
+    step(model, optimizer)
+    save_checkpoint(path, 1, model, optimizer, torch.zeros(2), cfg, "sha", d)
+    torch.distributed.barrier()
+    again, again_optimizer = fresh()
+    assert load_checkpoint(path, again, again_optimizer, cfg, "sha", d)[0] == 1
+    step(model, optimizer)
+    step(again, again_optimizer)
+    a, b = full_trainable_state(model), full_trainable_state(again)
+    if rank == 0:
+        torch.save({"a": a, "b": b}, Path(tmp) / "states.pt")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow  # two processes
+def test_fsdp2_checkpoints_resume_exactly(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(
+        _checkpoint_worker, args=(port, str(tiny_llama_dir), str(tmp_path)), nprocs=2, join=True
+    )
+    states = torch.load(tmp_path / "states.pt")
+    a, b = states["a"], states["b"]
+    assert a.keys() == b.keys() and a
+    assert any(torch.count_nonzero(v) for k, v in a.items() if "lora_B" in k), "it stepped"
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
