@@ -3,6 +3,11 @@
     python -m trainer train --pairs pairs.jsonl --base MODEL_DIR --out ADAPTER_DIR [--loss dpo]
     torchrun --nproc-per-node 2 -m trainer train ...          # data-parallel, same arguments
 
+Modes (docs/scale.md): ``--base-dtype bf16`` and ``--quantize nf4`` (QLoRA) for the frozen base
+(``trainer.model``), ``--distributed fsdp2`` to shard it across processes
+(``trainer.distributed``). Checkpoints and the adapter directory: ``trainer.checkpoint``;
+rehearsal: ``trainer.rehearsal``.
+
 What happens, in order (``train``):
 
 1. Read and tokenise the rows (``trainer.data``), hold out a seeded fraction for evaluation.
