@@ -218,7 +218,8 @@ def heldout_margin(model, tok, heldout_pairs: Path, cfg) -> dict:
     import torch
 
     from trainer.data import load_examples
-    from trainer.dpo import Dist, evaluate, reference_logps
+    from trainer.distributed import Dist
+    from trainer.dpo import evaluate, reference_logps
 
     d = Dist(0, 1, torch.device("cpu"))
     examples, _ = load_examples(heldout_pairs, tok, kind="pairs", max_length=cfg.max_length)

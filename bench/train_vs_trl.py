@@ -85,7 +85,7 @@ def peak_memory_mb() -> float:
 def lora_config(args: argparse.Namespace):
     from peft import LoraConfig
 
-    from trainer.dpo import LORA_TARGETS
+    from trainer.model import LORA_TARGETS
 
     return LoraConfig(
         r=args.lora_r,
@@ -203,7 +203,8 @@ def loss_check(args: argparse.Namespace) -> dict:
     from trl import DPOTrainer
 
     from trainer.data import load_examples
-    from trainer.dpo import Dist, batch_losses, reference_logps
+    from trainer.distributed import Dist
+    from trainer.dpo import batch_losses, reference_logps
 
     tok = AutoTokenizer.from_pretrained(args.model)
     base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)

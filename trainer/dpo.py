@@ -3,6 +3,11 @@
     python -m trainer train --pairs pairs.jsonl --base MODEL_DIR --out ADAPTER_DIR [--loss dpo]
     torchrun --nproc-per-node 2 -m trainer train ...          # data-parallel, same arguments
 
+Modes (docs/scale.md): ``--base-dtype bf16`` and ``--quantize nf4`` (QLoRA) for the frozen base
+(``trainer.model``), ``--distributed fsdp2`` to shard it across processes
+(``trainer.distributed``). Checkpoints and the adapter directory: ``trainer.checkpoint``;
+rehearsal: ``trainer.rehearsal``.
+
 What happens, in order (``train``):
 
 1. Read and tokenise the rows (``trainer.data``), hold out a seeded fraction for evaluation.
@@ -31,14 +36,12 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +50,14 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from trainer import losses
+from trainer.checkpoint import (
+    last_eval,
+    load_checkpoint,
+    log,
+    save_adapter,
+    save_checkpoint,
+    truncate_log,
+)
 from trainer.data import (
     Batch,
     Example,
@@ -61,14 +72,23 @@ from trainer.data import (
     load_examples,
     split_heldout,
 )
-from trainer.generate import generate
+from trainer.distributed import (
+    DISTRIBUTED,
+    Dist,
+    all_reduce_mean_,
+    all_reduce_sum_,
+    barrier,
+    full_tensor,
+    full_trainable_state,
+    setup_distributed,
+    shard_fsdp2,
+)
 from trainer.logps import check_logits_path, completion_logps, per_sequence, token_logps
+from trainer.model import BASE_DTYPES, LORA_TARGETS, QUANTIZE, autocast, load_policy, trainable
+from trainer.rehearsal import prepare_rehearsal, rehearsal_batch, rehearsal_penalty
 
 ProgressFn = Callable[[int, int, dict[str, float]], None]
 """Called after every optimizer step with (step, total steps, metrics)."""
-
-MANIFEST_FORMAT = "prefloop-adapter/1"
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -124,6 +144,13 @@ class TrainConfig:
     checkpoint_every: int = 50  # optimizer steps; 0 disables checkpoints
     bf16: bool = True  # autocast, on GPU only
     gradient_checkpointing: bool = True  # on GPU only: on 2 CPU cores compute, not memory, binds
+    # Precision of the frozen base (trainer.model): fp32 | bf16, and nf4 (QLoRA) for the
+    # decoder's linear weights. LoRA and its optimizer state are fp32 in every mode.
+    base_dtype: str = "fp32"
+    quantize: str = "none"
+    # Under torchrun: ddp (every process holds the whole model, gradients averaged) or fsdp2
+    # (each decoder layer, the rest and LoRA sharded across processes; trainer.distributed).
+    distributed: str = "ddp"
 
     def __post_init__(self) -> None:
         assert self.loss in losses.LOSS_NAMES, f"loss must be one of {losses.LOSS_NAMES}"
@@ -134,6 +161,9 @@ class TrainConfig:
         assert self.rehearsal_batch >= 1 and self.rehearsal_tokens >= 1
         assert self.rpo_span in ("chosen", "diverged"), "rpo_span must be chosen or diverged"
         assert self.batch_size >= 1 and self.micro_batch_size >= 1 and self.epochs >= 1
+        assert self.base_dtype in BASE_DTYPES, f"base_dtype must be one of {tuple(BASE_DTYPES)}"
+        assert self.quantize in QUANTIZE, f"quantize must be one of {QUANTIZE}"
+        assert self.distributed in DISTRIBUTED, f"distributed must be one of {DISTRIBUTED}"
 
 
 @dataclass
@@ -141,84 +171,6 @@ class TrainResult:
     out: Path | None  # None on ranks other than 0, which write nothing
     metrics: dict[str, Any]
     model: torch.nn.Module = field(repr=False)
-
-
-# --- processes and devices --------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Dist:
-    rank: int
-    world: int
-    device: torch.device
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed() -> Dist:
-    """One process per device; torchrun's environment says how many (WORLD_SIZE, RANK)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank = dist.get_rank() if world > 1 else 0
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    return Dist(rank, world, device)
-
-
-def _all_reduce_mean_(tensors: Sequence[torch.Tensor], d: Dist) -> None:
-    """Average in place across processes, as one flat buffer (one collective, not hundreds)."""
-    if d.world == 1 or not tensors:
-        return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat)
-    flat /= d.world
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset : offset + t.numel()].view_as(t))
-        offset += t.numel()
-
-
-# --- model ------------------------------------------------------------------------------------
-
-
-def load_policy(
-    base: Path, init_adapter: Path | None, cfg: TrainConfig, device: torch.device
-) -> torch.nn.Module:
-    """The base model in fp32 (master weights; bf16 only through autocast) with a trainable
-    LoRA: fresh from ``cfg``, or the parent adapter's weights and LoRA shape."""
-    from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    model.config.use_cache = False
-    model.to(device)
-    torch.manual_seed(cfg.seed)  # LoRA's A matrices: same seed, same start on every rank
-    if init_adapter is not None:
-        model = PeftModel.from_pretrained(model, init_adapter, is_trainable=True)
-    else:
-        lora = LoraConfig(
-            r=cfg.lora_r,
-            lora_alpha=cfg.lora_alpha,
-            lora_dropout=cfg.lora_dropout,
-            target_modules=list(cfg.lora_targets),
-            task_type="CAUSAL_LM",
-        )
-        model = get_peft_model(model, lora)
-    if device.type == "cuda" and cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model
-
-
-def _autocast(device: torch.device, cfg: TrainConfig) -> Any:
-    if device.type == "cuda" and cfg.bf16:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
 
 
 # --- losses over a batch ----------------------------------------------------------------------
@@ -397,12 +349,14 @@ def reference_logps(
 
     The reference is the policy as it starts: with a fresh LoRA that is the base model (adapter
     disabled, which also skips the LoRA matmuls); warm-started, it is the parent adapter. Each
-    process scores its share and the shares are summed into one table.
+    process scores its share and the shares are summed into one table; under FSDP2, where
+    every forward is a collective, every process scores every example.
     """
     width = max((_n_shared(e) for e in examples), default=0) if cfg.anchor else 0
     table = torch.zeros(len(examples), 2 + width)
     model.eval()  # the reference has no dropout
-    mine = list(range(d.rank, len(examples), d.world))
+    share = (0, 1) if d.fsdp else (d.rank, d.world)
+    mine = list(range(share[0], len(examples), share[1]))
     # Pairs, then unpaired rows (a micro-batch of one kind collates pairs with the prompt once),
     # longest first within each, so batches pad little.
     mine.sort(key=lambda i: (not isinstance(examples[i], PairExample), -examples[i].length))
@@ -411,7 +365,7 @@ def reference_logps(
         for start in range(0, len(mine), cfg.micro_batch_size)
     ]
     chunks = [part for idx in chunks for part in _by_kind(idx, examples)]
-    with model.disable_adapter() if fresh_lora else nullcontext(), _autocast(d.device, cfg):
+    with model.disable_adapter() if fresh_lora else nullcontext(), autocast(d.device, cfg):
         for idx in chunks:
             batch = _collate_halves([examples[i] for i in idx], pad_id).to(d.device)
             tokens = token_logps(model, batch, cfg.logits_chunk).float()
@@ -422,8 +376,8 @@ def reference_logps(
                 parts = shared.split([_n_shared(examples[i]) for i in idx])
                 for i, part in zip(idx, parts, strict=True):
                     table[i, 2 : 2 + len(part)] = part
-    if d.world > 1:
-        dist.all_reduce(table)  # each row was filled by exactly one process
+    if not d.fsdp:
+        all_reduce_sum_(table, d)  # each row was filled by exactly one process
     return table
 
 
@@ -432,82 +386,6 @@ def _by_kind(idx: list[int], examples: Sequence[Example]) -> list[list[int]]:
     pairs = [i for i in idx if isinstance(examples[i], PairExample)]
     singles = [i for i in idx if not isinstance(examples[i], PairExample)]
     return [part for part in (pairs, singles) if part]
-
-
-REHEARSAL_PROMPTS = Path(__file__).with_name("rehearsal.jsonl")
-
-
-@dataclass(frozen=True)
-class Rehearsal:
-    """The reference's greedy answers to the rehearsal prompts and their per-token log-probs
-    (in ``collate``'s scoring order, one tensor per answer)."""
-
-    seqs: list[Tokens]
-    ref: list[torch.Tensor]
-
-
-def load_rehearsal_prompts(path: Path) -> list[list[dict[str, Any]]]:
-    """JSONL rows ``{"prompt": "..."}`` or ``{"prompt": [messages]}``."""
-    prompts = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            prompt = row["prompt"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f'{path}:{n}: expected {{"prompt": ...}} ({e})') from e
-        prompts.append([{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt)
-    if not prompts:
-        raise ValueError(f"{path}: no rehearsal prompts")
-    return prompts
-
-
-@torch.no_grad()
-def rehearsal_answers(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    prompts: Sequence[list[dict[str, Any]]],
-    cfg: TrainConfig,
-    d: Dist,
-    pad_id: int,
-    *,
-    fresh_lora: bool,
-) -> Rehearsal:
-    """Generate and score the rehearsal answers with the reference (as ``reference_logps``)."""
-    model.eval()
-    with model.disable_adapter() if fresh_lora else nullcontext():
-        answers = generate(
-            model, tokenizer, prompts, max_new_tokens=cfg.rehearsal_tokens, device=d.device
-        )
-        # The end-of-answer token is kept: where the reference stops is behaviour too.
-        seqs = [Tokens(tuple(a.prompt_ids + a.answer_ids), len(a.prompt_ids)) for a in answers]
-        ref = []
-        with _autocast(d.device, cfg):
-            for start in range(0, len(seqs), cfg.micro_batch_size):
-                part = seqs[start : start + cfg.micro_batch_size]
-                tokens = token_logps(model, collate(part, pad_id).to(d.device), cfg.logits_chunk)
-                ref += list(tokens.float().cpu().split([s.completion_len for s in part]))
-    return Rehearsal(seqs, ref)
-
-
-def rehearsal_penalty(
-    model: torch.nn.Module, rehearsal: Rehearsal, idx: Sequence[int], cfg: TrainConfig, d: Dist,
-    pad_id: int,
-) -> torch.Tensor:  # fmt: skip
-    """Mean over the answers ``idx`` of the per-token (log pi - log pi_ref)^2."""
-    batch = collate([rehearsal.seqs[i] for i in idx], pad_id).to(d.device)
-    tokens = token_logps(model, batch, cfg.logits_chunk)
-    ref = torch.cat([rehearsal.ref[i] for i in idx]).to(d.device)
-    sums, counts = per_sequence(batch, (tokens - ref).square())
-    return (sums / counts.clamp(min=1)).mean()
-
-
-def _rehearsal_batch(n: int, step: int, cfg: TrainConfig, d: Dist) -> list[int]:
-    """This process's rehearsal answers for ``step``: a seeded order, cycled (so resumable)."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-    first = (step * d.world + d.rank) * cfg.rehearsal_batch
-    return [order[(first + k) % n] for k in range(min(cfg.rehearsal_batch, n))]
 
 
 @torch.no_grad()
@@ -527,7 +405,7 @@ def evaluate(
     stats = torch.zeros(N_STATS, device=d.device)
     for start in range(0, len(examples), cfg.micro_batch_size):
         sl = slice(start, start + cfg.micro_batch_size)
-        with _autocast(d.device, cfg):
+        with autocast(d.device, cfg):
             per_example, rewards = batch_losses(
                 model, examples[sl], ref[sl], cfg, d, pad_id, lambdas
             )
@@ -587,81 +465,6 @@ def get_lr(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine)
 
 
-def _trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-
-def _save_checkpoint(
-    path: Path,
-    step: int,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    ref: torch.Tensor,
-    cfg: TrainConfig,
-    data_sha256: str,
-) -> None:
-    state = {
-        "step": step,
-        "config": asdict(cfg),
-        "data_sha256": data_sha256,
-        "trainable": {n: p.detach().cpu() for n, p in _trainable(model)},
-        "optimizer": optimizer.state_dict(),
-        "reference_logps": ref,
-        "rng": torch.get_rng_state(),
-    }
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a crash mid-save leaves the previous checkpoint intact
-
-
-def _load_checkpoint(
-    path: Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    cfg: TrainConfig,
-    data_sha256: str,
-) -> tuple[int, torch.Tensor]:
-    # weights_only: a checkpoint is tensors, numbers and strings; never unpickle code from disk.
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    saved = state["config"]
-    saved["lora_targets"] = tuple(saved["lora_targets"])
-    assert saved == asdict(cfg), "resuming needs the same TrainConfig as the interrupted run"
-    assert state["data_sha256"] == data_sha256, "resuming needs the same training data"
-    params = dict(_trainable(model))
-    assert params.keys() == state["trainable"].keys(), "checkpoint is for another adapter shape"
-    with torch.no_grad():
-        for name, value in state["trainable"].items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"])
-    return state["step"], state["reference_logps"]
-
-
-def _log(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _truncate_log(path: Path, last_step: int) -> None:
-    """Drop records written after the checkpoint we resume from: they will be written again."""
-    if not path.exists():
-        return
-    lines = path.read_text(encoding="utf-8").splitlines()
-    kept = [line for line in lines if json.loads(line)["step"] <= last_step]
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-
-
-def _versions() -> dict[str, str]:
-    import peft
-    import transformers
-
-    return {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-    }
-
-
 # --- the loop ---------------------------------------------------------------------------------
 
 
@@ -683,7 +486,7 @@ def train(
     from transformers import AutoTokenizer
 
     t_start = time.perf_counter()
-    d = setup_distributed()
+    d = setup_distributed(cfg.distributed)
     out, base, pairs = Path(out), Path(base), Path(pairs)
     if out.exists():
         raise FileExistsError(f"{out} exists; adapter directories are never overwritten")
@@ -693,8 +496,7 @@ def train(
     if d.main and not resume:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-    if d.world > 1:
-        dist.barrier()
+    barrier(d)
 
     # 1. Data.
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -707,48 +509,42 @@ def train(
     counts["kto_lambdas"] = list(lambdas)
     train_idx, heldout_idx = split_heldout(len(examples), cfg.eval_fraction, cfg.seed)
     data_sha256 = file_sha256(pairs)
+    if d.fsdp and kind == "mixed":
+        raise ValueError(
+            "distributed fsdp2 trains one kind of row per run, pairs or thumbs (every process "
+            "must run the same forwards); this file mixes both: use --distributed ddp"
+        )
 
     # 2. Model, optimizer.
-    model = load_policy(base, init_adapter, cfg, d.device)
+    model = load_policy(base, init_adapter, cfg, d.device, place=not d.fsdp)
+    if d.fsdp:
+        shard_fsdp2(model, d)
     check_logits_path(model, d.device)
-    params = [p for _, p in _trainable(model)]
+    params = [p for _, p in trainable(model)]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     # 3. Reference log-probs, once (or from the checkpoint when resuming).
     step, seconds_reference = 0, 0.0
     if resume:
-        step, ref = _load_checkpoint(checkpoint, model, optimizer, cfg, data_sha256)
+        step, ref = load_checkpoint(checkpoint, model, optimizer, cfg, data_sha256, d)
         if d.main:
-            _truncate_log(log_path, step)
+            truncate_log(log_path, step)
     else:
         t_ref = time.perf_counter()
         ref = reference_logps(model, examples, cfg, d, pad_id, fresh_lora=init_adapter is None)
         seconds_reference = time.perf_counter() - t_ref
-    rehearsal, rehearsal_path = None, work / "rehearsal.pt"
-    if cfg.rehearsal and resume and rehearsal_path.exists():
-        saved = torch.load(rehearsal_path, weights_only=True)
-        pieces = zip(saved["ids"], saved["prompt_lens"], strict=True)
-        seqs = [Tokens(tuple(ids), p) for ids, p in pieces]
-        rehearsal = Rehearsal(seqs, saved["ref"])
-    elif cfg.rehearsal:
-        t_ref = time.perf_counter()
-        prompts = load_rehearsal_prompts(rehearsal_prompts or REHEARSAL_PROMPTS)
-        rehearsal = rehearsal_answers(
-            model, tokenizer, prompts, cfg, d, pad_id, fresh_lora=init_adapter is None
-        )
-        seconds_reference += time.perf_counter() - t_ref
-        if d.main:  # a resumed run's reference may be gone (warm start): keep the answers
-            seqs = rehearsal.seqs
-            saved = {
-                "ids": [list(t.ids) for t in seqs],
-                "prompt_lens": [t.prompt_len for t in seqs],
-            }
-            torch.save(saved | {"ref": rehearsal.ref}, rehearsal_path)
+    t_ref = time.perf_counter()
+    rehearsal_path = work / "rehearsal.pt"
+    rehearsal = prepare_rehearsal(
+        model, tokenizer, cfg, d, pad_id, saved=rehearsal_path, prompts=rehearsal_prompts,
+        resume=resume, fresh_lora=init_adapter is None,
+    )  # fmt: skip
+    seconds_reference += time.perf_counter() - t_ref
     heldout = [examples[i] for i in heldout_idx]
     if heldout and not resume:
         eval_before = evaluate(model, heldout, ref[heldout_idx], cfg, d, pad_id, lambdas)
         if d.main:
-            _log(log_path, {"split": "eval", "step": 0, "epoch": 0, **eval_before})
+            log(log_path, {"split": "eval", "step": 0, "epoch": 0, **eval_before})
 
     # 4. Train. Every process sees the same batch list; in each step process r takes batch r.
     n_batches = math.ceil(len(train_idx) / cfg.batch_size)
@@ -770,38 +566,39 @@ def train(
             lr = get_lr(step, total, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            mine = batches[step_in_epoch * d.world + d.rank]  # sorted by length already
+            step_batches = batches[step_in_epoch * d.world : (step_in_epoch + 1) * d.world]
+            mine = step_batches[d.rank]  # sorted by length already
             stats = torch.zeros(N_STATS, device=d.device)
-            for start in range(0, len(mine), cfg.micro_batch_size):
-                idx = mine[start : start + cfg.micro_batch_size]
-                with _autocast(d.device, cfg):
+            for idx, counted in _micro_batches(mine, step_batches, cfg, d):
+                with autocast(d.device, cfg):
                     per_example, rewards = batch_losses(
                         model, [examples[i] for i in idx], ref[idx], cfg, d, pad_id, lambdas
                     )
                 weights = torch.tensor([examples[i].weight for i in idx], device=d.device)
                 # Callers reduce: weighted sum over the batch, divided by its size.
-                ((weights * per_example).sum() / len(mine)).backward()
-                stats += _stats(per_example, rewards)
-                tokens_seen += sum(len(s.ids) for i in idx for s in _halves(examples[i]))
+                ((counted * weights * per_example).sum() / len(mine)).backward()
+                if counted:
+                    stats += _stats(per_example, rewards)
+                    tokens_seen += sum(len(s.ids) for i in idx for s in _halves(examples[i]))
             drift = None
             if rehearsal is not None:
-                rows = _rehearsal_batch(len(rehearsal.seqs), step, cfg, d)
-                with _autocast(d.device, cfg):
+                rows = rehearsal_batch(len(rehearsal.seqs), step, cfg, d)
+                with autocast(d.device, cfg):
                     drift = rehearsal_penalty(model, rehearsal, rows, cfg, d, pad_id)
                 (cfg.rehearsal * drift).backward()
-            _all_reduce_mean_([p.grad for p in params if p.grad is not None], d)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            if not d.fsdp:  # FSDP2 averaged the gradients as it reduce-scattered them
+                all_reduce_mean_([p.grad for p in params if p.grad is not None], d)
+            grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
 
-            if d.world > 1:
-                dist.all_reduce(stats)
+            all_reduce_sum_(stats, d)
             last = _metrics(stats) | {"lr": lr, "grad_norm": float(grad_norm)}
             if drift is not None:  # this process's rehearsal answers: (log pi - log pi_ref)^2
                 last["rehearsal_drift"] = float(drift.detach())
             if d.main:
-                _log(
+                log(
                     log_path,
                     {"split": "train", "step": step, "total": total, "epoch": epoch, **last},
                 )
@@ -809,14 +606,13 @@ def train(
                 bar.set_postfix(loss=f"{last['loss']:.4f}", margin=f"{last['margin']:.3f}")
                 if on_progress is not None:
                     on_progress(step, total, last)
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
-                    _save_checkpoint(checkpoint, step, model, optimizer, ref, cfg, data_sha256)
-            if d.world > 1:
-                dist.barrier()  # nobody runs ahead of a checkpoint being written
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
+                save_checkpoint(checkpoint, step, model, optimizer, ref, cfg, data_sha256, d)
+            barrier(d)  # nobody runs ahead of a checkpoint being written
         if heldout:
             eval_metrics = evaluate(model, heldout, ref[heldout_idx], cfg, d, pad_id, lambdas)
             if d.main:
-                _log(log_path, {"split": "eval", "step": step, "epoch": epoch + 1, **eval_metrics})
+                log(log_path, {"split": "eval", "step": step, "epoch": epoch + 1, **eval_metrics})
     bar.close()
     seconds_loop = time.perf_counter() - t_loop
     model.eval()
@@ -825,7 +621,7 @@ def train(
     summary = {
         "steps": step,
         "train": last,
-        "eval": _last_eval(log_path) if d.main else {},
+        "eval": last_eval(log_path) if d.main else {},
         "examples": {"train": len(train_idx), "heldout": len(heldout_idx), "dropped": dropped},
         "tokens_per_second": tokens_seen / max(seconds_loop, 1e-9),
         "seconds": {
@@ -834,29 +630,34 @@ def train(
             "total": time.perf_counter() - t_start,
         },
     }
-    result_path = None
+    result_path, lora = None, full_trainable_state(model)  # gathered on every process
     if d.main:
         checkpoint.unlink(missing_ok=True)
         rehearsal_path.unlink(missing_ok=True)
-        model.save_pretrained(work)
-        manifest = {
-            "format": MANIFEST_FORMAT,
-            "created_at": datetime.now(UTC).isoformat(),
+        result_path = save_adapter(model, lora, work, out, {
             "base_model": str(base),
             "parent": str(init_adapter) if init_adapter is not None else None,
             "config": asdict(cfg),
             "data": {"path": str(pairs), "sha256": data_sha256, "kind": kind, **counts},
             "metrics": summary,
             "world_size": d.world,
-            "versions": _versions(),
-            "adapter_sha256": file_sha256(work / "adapter_model.safetensors"),
-        }
-        (work / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        os.replace(work, out)
-        result_path = out
-    if d.world > 1:
-        dist.barrier()
+        })  # fmt: skip
+    barrier(d)
     return TrainResult(result_path, summary, model)
+
+
+def _micro_batches(
+    mine: list[int], step_batches: list[list[int]], cfg: TrainConfig, d: Dist
+) -> list[tuple[list[int], float]]:
+    """This process's micro-batches of one step, each with 1.0 (counted) or 0.0. Under FSDP2
+    every process must run as many forward/backward passes as the others: one whose batch is
+    shorter repeats its last micro-batch with weight 0 (a batch is never empty)."""
+    size = cfg.micro_batch_size
+    parts = [(mine[s : s + size], 1.0) for s in range(0, len(mine), size)]
+    if d.fsdp:
+        most = max(math.ceil(len(b) / size) for b in step_batches)
+        parts += [(parts[-1][0], 0.0)] * (most - len(parts))
+    return parts
 
 
 def _counts(examples: Sequence[Example]) -> dict[str, Any]:
@@ -867,25 +668,24 @@ def _counts(examples: Sequence[Example]) -> dict[str, Any]:
             "undesirable": len(single) - ups}  # fmt: skip
 
 
-def _last_eval(log_path: Path) -> dict[str, float]:
-    """Held-out metrics before training (step 0) and after the last epoch."""
-    if not log_path.exists():
-        return {}
-    evals = [json.loads(x) for x in log_path.read_text().splitlines() if '"eval"' in x]
-    if not evals:
-        return {}
-    return {"before": evals[0], "after": evals[-1]}
-
-
 # --- command line -----------------------------------------------------------------------------
+
+
+CHOICES = {
+    "loss": losses.LOSS_NAMES,
+    "rpo_span": ("chosen", "diverged"),
+    "base_dtype": tuple(BASE_DTYPES),
+    "quantize": QUANTIZE,
+    "distributed": DISTRIBUTED,
+}
 
 
 def _config_arguments(parser: argparse.ArgumentParser) -> None:
     """One ``--flag`` per TrainConfig field, so the CLI can never drift from the config."""
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        if f.name == "loss":
-            parser.add_argument(flag, choices=losses.LOSS_NAMES, default=f.default)
+        if f.name in CHOICES:
+            parser.add_argument(flag, choices=CHOICES[f.name], default=f.default)
         elif isinstance(f.default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
         elif isinstance(f.default, tuple):

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from trainer.data import Batch, Tokens, collate
+from trainer.distributed import full_tensor
 
 
 class _SelectedLogProbs(torch.autograd.Function):
@@ -91,8 +92,9 @@ def token_logps(model: torch.nn.Module, batch: Batch, chunk: int = 1024) -> torc
         position_ids=batch.position_ids,
         use_cache=False,
     ).last_hidden_state
+    weight = full_tensor(head.weight)  # FSDP2 shards the head: whole for this pass only
     return _SelectedLogProbs.apply(
-        hidden[batch.score_rows, batch.score_cols], head.weight, batch.score_targets, chunk
+        hidden[batch.score_rows, batch.score_cols], weight, batch.score_targets, chunk
     )
 
 

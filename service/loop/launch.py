@@ -73,7 +73,7 @@ def _train_flags(train: dict[str, Any]) -> list[str]:
 
 def trainer_launcher(nproc: int = 1) -> list[str]:
     """`python -m trainer`, or with several processes (one per GPU) the same under torchrun,
-    which starts them, sets RANK/WORLD_SIZE for `trainer.dpo`'s DDP, and stops them all if one
+    which starts them, sets RANK/WORLD_SIZE for `trainer.distributed`, and stops them all if one
     fails. `--standalone`: a rendezvous on this machine, on a free port."""
     if nproc <= 1:
         return [sys.executable, "-m", "trainer"]

@@ -19,7 +19,7 @@ from service.loop.scheduler import Refresher
 from service.storage.models import OperatorAction, PreferencePair, TrainingRun
 from tests.conftest import BOTH_DATABASES
 from tests.service.conftest import Live
-from trainer.dpo import REHEARSAL_PROMPTS
+from trainer.rehearsal import REHEARSAL_PROMPTS
 
 OPS = {"X-Operator": "olga"}
 LENIENT_GATE = {  # the tiny random model is no judge of quality: let every candidate through

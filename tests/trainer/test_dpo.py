@@ -16,15 +16,16 @@ from torch.testing import assert_close
 
 from tests.trainer.conftest import write_pairs
 from trainer.data import Tokens, collate, collate_pairs, data_kind, load_examples
+from trainer.distributed import Dist
 from trainer.dpo import (
     TrainConfig,
     get_lr,
     kto_lambdas,
-    load_policy,
     main,
     train,
 )
 from trainer.logps import completion_logps
+from trainer.model import load_policy
 
 TINY = TrainConfig(epochs=2, batch_size=4, lr=1e-3, max_length=128, checkpoint_every=0)
 
@@ -267,7 +268,7 @@ def test_rpo_span_diverged_counts_only_what_the_edit_added(
     from transformers import AutoTokenizer
 
     from trainer.data import PairExample
-    from trainer.dpo import Dist, batch_losses
+    from trainer.dpo import batch_losses
 
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
     prompt = [{"role": "user", "content": "How do I reset it?"}]
@@ -331,7 +332,7 @@ def test_anchor_penalises_moving_the_shared_tokens(tiny_llama_dir: Path, tmp_pat
     log-probs closer to the reference while the added line is still learned."""
     from transformers import AutoTokenizer
 
-    from trainer.dpo import Dist, batch_losses, reference_logps
+    from trainer.dpo import batch_losses, reference_logps
 
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
     pairs_file = _edit_pairs(tmp_path / "edits.jsonl", 16)
@@ -585,8 +586,8 @@ def test_rehearsal_keeps_the_references_answers_to_unrelated_prompts(
     still learned."""
     from transformers import AutoTokenizer
 
-    from trainer.dpo import Dist, load_rehearsal_prompts, rehearsal_answers, rehearsal_penalty
     from trainer.generate import generate
+    from trainer.rehearsal import load_rehearsal_prompts, rehearsal_answers, rehearsal_penalty
 
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
     prompts_file = tmp_path / "rehearsal.jsonl"
@@ -678,7 +679,7 @@ def test_a_mixed_micro_batch_scores_each_example_as_its_own_kind(
 ) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.dpo import Dist, batch_losses, reference_logps
+    from trainer.dpo import batch_losses, reference_logps
 
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
     examples, _ = load_examples(_mixed_file(tmp_path / "m.jsonl", 3, 2, 2), tok, max_length=128)
