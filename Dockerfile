@@ -41,8 +41,9 @@ COPY adapters ./adapters
 # The base of a refresh's training Job (PREFLOOP_REFRESH_LAUNCHER=kubernetes), found from /app.
 COPY deploy/k8s/train-job.yaml ./deploy/k8s/train-job.yaml
 # xgrammar (response_format) pulls in triton, GPU kernels only: ~1 GB for nothing in the CPU
-# image. CUDA torch depends on triton itself, so the CUDA image keeps it.
-RUN pip install . \
+# image. CUDA torch depends on triton itself, so the CUDA image keeps it. The CUDA image adds
+# QLoRA (torchao, `--quantize nf4`).
+RUN case "${TORCH_INDEX}" in */cpu) pip install . ;; *) pip install ".[qlora]" ;; esac \
     && case "${TORCH_INDEX}" in */cpu) pip uninstall -y triton ;; esac
 
 # Non-root. Everything it writes lives under /data: the model cache and the default SQLite file

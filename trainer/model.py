@@ -70,7 +70,12 @@ def quantize_nf4_(model: torch.nn.Module, device: torch.device) -> None:
     """Replace every frozen ``nn.Linear`` weight of the decoder (LoRA's base layers and the
     rest) by an NF4 tensor, quantized on ``device`` one weight at a time (a GPU does it in
     seconds; the full-precision model never has to fit there)."""
-    from torchao.quantization import to_nf4
+    try:
+        from torchao.quantization import to_nf4
+    except ImportError as exc:
+        raise RuntimeError(
+            "--quantize nf4 needs torchao: pip install 'prefloop[qlora]' (or torchao>=0.18)"
+        ) from exc
 
     decoder = model.get_base_model().get_decoder()
     for module in decoder.modules():
