@@ -152,7 +152,7 @@ def _adapters(args: argparse.Namespace) -> int:
             )
             print(f"{row.id} {row.status} {row.path}")
         elif cmd == "gate":
-            from service.loop.lifecycle import gate_version
+            from service.loop.refresh import gate_version
 
             heldout = None
             if args.pairs:
@@ -198,7 +198,7 @@ def _canary(args: argparse.Namespace) -> int:
     from adapters.registry import Registry, RegistryError, expected
     from service.core.db import init_db, make_engine
     from service.core.errors import PrefloopError
-    from service.loop import canary
+    from service.loop import live_watch
 
     settings = get_settings()
     db = make_engine(settings)
@@ -208,7 +208,7 @@ def _canary(args: argparse.Namespace) -> int:
         cmd = args.canary_command
         if cmd == "start":
             policy = json.loads(args.policy) if args.policy else None
-            exp = canary.start(
+            exp = live_watch.start(
                 db,
                 registry,
                 settings,
@@ -226,17 +226,17 @@ def _canary(args: argparse.Namespace) -> int:
             )
         elif cmd == "list":
             print(f"{'EXPERIMENT':<38} {'STATUS':<12} {'CANDIDATE':<20} {'SHARE':>5}  REASON")
-            for e in canary.list_experiments(db, segment=args.segment, status=args.status):
+            for e in live_watch.list_experiments(db, segment=args.segment, status=args.status):
                 print(
                     f"{e.id:<38} {e.status:<12} {e.candidate:<20} {e.share:>5.0%}  {e.reason or ''}"
                 )
         elif cmd == "show":
-            exp = canary.get(db, args.experiment)
-            _, snap = canary.look(db, exp)
+            exp = live_watch.get(db, args.experiment)
+            _, snap = live_watch.look(db, exp)
             out = {**exp.model_dump(mode="json"), "now": snap}
             print(json.dumps(out, indent=2))
         else:
-            exp = canary.act(
+            exp = live_watch.act(
                 db, registry, args.experiment, cmd, actor=args.actor, reason=args.reason
             )
             print(f"{exp.id} {exp.status}: {exp.reason}")
@@ -256,7 +256,8 @@ def _refresh(args: argparse.Namespace) -> int:
 
     from adapters.registry import Registry
     from service.core.db import init_db, make_engine
-    from service.loop.refresh import create_run, get_run, run_refresh
+    from service.loop.refresh import run_refresh
+    from service.loop.runs import create_run, get_run
 
     settings = get_settings()
     db = make_engine(settings)

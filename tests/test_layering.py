@@ -52,3 +52,46 @@ def all_modules() -> list[str]:
 @pytest.mark.parametrize("module", all_modules())
 def test_every_module_imports(module: str) -> None:
     importlib.import_module(module)
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module a file imports, at its top or inside a function."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return names
+
+
+LOOP = {f"service.loop.{p.stem}": p for p in (ROOT / "service" / "loop").glob("*.py")}
+
+
+def test_the_loop_knows_no_http() -> None:
+    """service/loop/ sits below the API: it never imports service.api (functions' own imports
+    count too)."""
+    reaching_up = {
+        name: sorted(m for m in imported_modules(path) if m.startswith("service.api"))
+        for name, path in LOOP.items()
+    }
+    assert not {k: v for k, v in reaching_up.items() if v}
+
+
+def test_the_loop_has_no_import_circle() -> None:
+    """The modules of service/loop/ import one another in one direction only."""
+    edges = {name: imported_modules(path) & set(LOOP) - {name} for name, path in LOOP.items()}
+
+    def circle_from(start: str, at: str, seen: tuple[str, ...]) -> tuple[str, ...] | None:
+        for nxt in sorted(edges[at]):
+            if nxt == start:
+                return (*seen, nxt)
+            if nxt not in seen:
+                found = circle_from(start, nxt, (*seen, nxt))
+                if found:
+                    return found
+        return None
+
+    circles = [c for name in sorted(LOOP) if (c := circle_from(name, name, (name,)))]
+    assert not circles, circles
