@@ -134,7 +134,7 @@ def test_the_split_is_sticky_per_user_and_follows_the_share(
             select(OperatorAction).where(OperatorAction.action.startswith("canary"))
         ).all()
     assert [(a.action, a.actor) for a in audit] == [
-        ("live_watch.start", "olga"),
+        ("canary.start", "olga"),
         ("canary.stop", "olga"),
     ]
 
