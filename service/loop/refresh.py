@@ -72,6 +72,155 @@ from trainer.golden import save_golden
 log = logging.getLogger(__name__)
 
 
+# --- subprocesses -----------------------------------------------------------------------------
+
+
+def _train_flags(train: dict[str, Any]) -> list[str]:
+    flags: list[str] = []
+    for key, value in train.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif isinstance(value, list | tuple):
+            flags += [flag, *map(str, value)]
+        else:
+            flags += [flag, str(value)]
+    return flags
+
+
+def trainer_launcher(nproc: int = 1) -> list[str]:
+    """`python -m trainer`, or with several processes (one per GPU) the same under torchrun,
+    which starts them, sets RANK/WORLD_SIZE for `trainer.dpo`'s DDP, and stops them all if one
+    fails. `--standalone`: a rendezvous on this machine, on a free port."""
+    if nproc <= 1:
+        return [sys.executable, "-m", "trainer"]
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        "--nproc-per-node", str(nproc), "-m", "trainer",
+    ]  # fmt: skip
+
+
+def run_subprocess(
+    cmd: list[str],
+    rec: Recorder,
+    *,
+    log_lines: deque[str],
+    progress_files: list[Path] | None = None,
+    cwd: Path | None = None,
+    timeout: float | None = None,
+) -> None:
+    """Run a trainer command, mirroring its progress and log tail into the run; a cancel
+    request terminates it, and so does running past `timeout` seconds (a failure)."""
+    log_lines.append("$ " + " ".join(cmd))
+    # "trainer train" / "trainer evaluate", also under torchrun, for the failure messages.
+    what = " ".join(cmd[cmd.index("trainer") :][:2]) if "trainer" in cmd else cmd[0]
+    proc = subprocess.Popen(
+        lifeline.wrap(cmd),  # dies with this process, even on SIGKILL (trainer.lifeline)
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=cwd,
+        # Passive OpenMP waits: the training shares the CPU with serving (see service.cli).
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_WAIT_POLICY": "PASSIVE"},
+        start_new_session=True,  # its own process group: stopping it stops torchrun's workers
+    )
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log_lines.append(line.rstrip()[:500])
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    last_progress: dict[str, Any] = {}
+    deadline = time.monotonic() + timeout if timeout else None
+
+    def stop() -> None:
+        _signal_group(proc, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            _signal_group(proc, signal.SIGKILL)
+            proc.wait()
+
+    while proc.poll() is None:
+        time.sleep(0.5)
+        if rec.cancelled():
+            stop()
+            raise RefreshCancelled("cancelled by an operator")
+        if rec.lease_lost.is_set():
+            stop()
+            rec.check_lease()
+        if deadline is not None and time.monotonic() > deadline:
+            stop()
+            rec.update(log="\n".join(log_lines))
+            raise RuntimeError(
+                f"{what} ran past its {timeout:.0f} s limit and was stopped "
+                "(PREFLOOP_REFRESH_TRAIN_TIMEOUT_MINUTES)"
+            )
+        progress = _read_progress(progress_files) if progress_files else None
+        if progress and progress != last_progress:
+            last_progress = progress
+            rec.update(progress=progress, log="\n".join(log_lines))
+    reader.join(timeout=5)
+    if progress_files:
+        progress = _read_progress(progress_files)
+        if progress:
+            rec.update(progress=progress)
+    rec.update(log="\n".join(log_lines))
+    if proc.returncode != 0:
+        tail = " | ".join(list(log_lines)[-3:])
+        if proc.returncode < 0:  # killed: the kernel's OOM killer, or someone's SIGKILL
+            raise RuntimeError(
+                f"{what} was killed by signal {-proc.returncode} (out of memory, or stopped "
+                f"from outside): {tail}"
+            )
+        raise RuntimeError(f"{what} exited with {proc.returncode}: {tail}")
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:  # already gone
+        pass
+
+
+HISTORY_POINTS = 500
+
+
+def _read_progress(paths: list[Path]) -> dict[str, Any] | None:
+    """The trainer's latest step from its metrics.jsonl (in `.<out>.partial/` while training
+    runs, inside the output once it is renamed into place)."""
+    path = next((p for p in paths if p.is_file()), None)
+    if path is None:
+        return None
+    rows = []
+    for line in path.read_text().splitlines():
+        if '"split": "train"' in line:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line being written
+                pass
+    if not rows:
+        return None
+    keep = ("step", "total", "epoch", "loss", "margin", "accuracy", "kto_gap", "lr")
+    latest = {k: rows[-1][k] for k in keep if k in rows[-1]}
+    # Every step's loss and reward margin, for the console's plot; thinned to at most
+    # HISTORY_POINTS so a long run's row stays small.
+    stride = -(-len(rows) // HISTORY_POINTS)
+    picked = rows[::stride]
+    if picked[-1] is not rows[-1]:
+        picked.append(rows[-1])
+    # The fourth column, the thumbs reward gap, is None on steps without ups and downs.
+    latest["history"] = [
+        [r.get("step"), r.get("loss"), r.get("margin"), r.get("kto_gap")] for r in picked
+    ]
+    return latest
+
+
+# --- the refresh ------------------------------------------------------------------------------
+
+
 def run_refresh(
     settings: Settings,
     db: Database,
@@ -424,149 +573,3 @@ def serving_paused(settings: Settings) -> AbstractContextManager:
 
         return fleet_asleep(settings.vllm_urls)
     return contextlib.nullcontext()
-
-
-# --- subprocesses -----------------------------------------------------------------------------
-
-
-def _train_flags(train: dict[str, Any]) -> list[str]:
-    flags: list[str] = []
-    for key, value in train.items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            flags.append(flag if value else "--no-" + key.replace("_", "-"))
-        elif isinstance(value, list | tuple):
-            flags += [flag, *map(str, value)]
-        else:
-            flags += [flag, str(value)]
-    return flags
-
-
-def trainer_launcher(nproc: int = 1) -> list[str]:
-    """`python -m trainer`, or with several processes (one per GPU) the same under torchrun,
-    which starts them, sets RANK/WORLD_SIZE for `trainer.dpo`'s DDP, and stops them all if one
-    fails. `--standalone`: a rendezvous on this machine, on a free port."""
-    if nproc <= 1:
-        return [sys.executable, "-m", "trainer"]
-    return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        "--nproc-per-node", str(nproc), "-m", "trainer",
-    ]  # fmt: skip
-
-
-def run_subprocess(
-    cmd: list[str],
-    rec: Recorder,
-    *,
-    log_lines: deque[str],
-    progress_files: list[Path] | None = None,
-    cwd: Path | None = None,
-    timeout: float | None = None,
-) -> None:
-    """Run a trainer command, mirroring its progress and log tail into the run; a cancel
-    request terminates it, and so does running past `timeout` seconds (a failure)."""
-    log_lines.append("$ " + " ".join(cmd))
-    # "trainer train" / "trainer evaluate", also under torchrun, for the failure messages.
-    what = " ".join(cmd[cmd.index("trainer") :][:2]) if "trainer" in cmd else cmd[0]
-    proc = subprocess.Popen(
-        lifeline.wrap(cmd),  # dies with this process, even on SIGKILL (trainer.lifeline)
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=cwd,
-        # Passive OpenMP waits: the training shares the CPU with serving (see service.cli).
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_WAIT_POLICY": "PASSIVE"},
-        start_new_session=True,  # its own process group: stopping it stops torchrun's workers
-    )
-
-    def read() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            log_lines.append(line.rstrip()[:500])
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    last_progress: dict[str, Any] = {}
-    deadline = time.monotonic() + timeout if timeout else None
-
-    def stop() -> None:
-        _signal_group(proc, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            _signal_group(proc, signal.SIGKILL)
-            proc.wait()
-
-    while proc.poll() is None:
-        time.sleep(0.5)
-        if rec.cancelled():
-            stop()
-            raise RefreshCancelled("cancelled by an operator")
-        if rec.lease_lost.is_set():
-            stop()
-            rec.check_lease()
-        if deadline is not None and time.monotonic() > deadline:
-            stop()
-            rec.update(log="\n".join(log_lines))
-            raise RuntimeError(
-                f"{what} ran past its {timeout:.0f} s limit and was stopped "
-                "(PREFLOOP_REFRESH_TRAIN_TIMEOUT_MINUTES)"
-            )
-        progress = _read_progress(progress_files) if progress_files else None
-        if progress and progress != last_progress:
-            last_progress = progress
-            rec.update(progress=progress, log="\n".join(log_lines))
-    reader.join(timeout=5)
-    if progress_files:
-        progress = _read_progress(progress_files)
-        if progress:
-            rec.update(progress=progress)
-    rec.update(log="\n".join(log_lines))
-    if proc.returncode != 0:
-        tail = " | ".join(list(log_lines)[-3:])
-        if proc.returncode < 0:  # killed: the kernel's OOM killer, or someone's SIGKILL
-            raise RuntimeError(
-                f"{what} was killed by signal {-proc.returncode} (out of memory, or stopped "
-                f"from outside): {tail}"
-            )
-        raise RuntimeError(f"{what} exited with {proc.returncode}: {tail}")
-
-
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except ProcessLookupError:  # already gone
-        pass
-
-
-HISTORY_POINTS = 500
-
-
-def _read_progress(paths: list[Path]) -> dict[str, Any] | None:
-    """The trainer's latest step from its metrics.jsonl (in `.<out>.partial/` while training
-    runs, inside the output once it is renamed into place)."""
-    path = next((p for p in paths if p.is_file()), None)
-    if path is None:
-        return None
-    rows = []
-    for line in path.read_text().splitlines():
-        if '"split": "train"' in line:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a line being written
-                pass
-    if not rows:
-        return None
-    keep = ("step", "total", "epoch", "loss", "margin", "accuracy", "kto_gap", "lr")
-    latest = {k: rows[-1][k] for k in keep if k in rows[-1]}
-    # Every step's loss and reward margin, for the console's plot; thinned to at most
-    # HISTORY_POINTS so a long run's row stays small.
-    stride = -(-len(rows) // HISTORY_POINTS)
-    picked = rows[::stride]
-    if picked[-1] is not rows[-1]:
-        picked.append(rows[-1])
-    # The fourth column, the thumbs reward gap, is None on steps without ups and downs.
-    latest["history"] = [
-        [r.get("step"), r.get("loss"), r.get("margin"), r.get("kto_gap")] for r in picked
-    ]
-    return latest
