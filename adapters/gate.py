@@ -71,105 +71,132 @@ def decide(
 ) -> Verdict:
     """``candidate`` and ``incumbent`` are report sides: ``{"pairs", "golden", "drift"}``;
     ``base`` the base model's ``{"golden"}`` (the report's ``base_model``), where the incumbent
-    is an adapter."""
+    is an adapter. Every rule below adds its checks; a failed one is a reason to reject."""
     checks: list[Check] = []
 
     def check(name: str, ok: bool, detail: str) -> None:
         checks.append(Check(name, bool(ok), detail))
 
-    pairs, inc_pairs = candidate.get("pairs") or {}, incumbent.get("pairs") or {}
-    n = int(pairs.get("n", 0))
-    if n < t.min_pairs:
-        check("pairs", True, f"pair checks skipped: {n} held-out pairs < {t.min_pairs}")
-    else:
-        acc = float(pairs["accuracy"])
-        check(
-            "pair_accuracy",
-            acc >= t.min_pair_accuracy,
-            f"held-out pair accuracy {acc:.2f} {_cmp(acc >= t.min_pair_accuracy)} "
-            f"minimum {t.min_pair_accuracy:.2f} ({n} pairs)",
-        )
-        if inc_pairs.get("n"):
-            inc = float(inc_pairs["accuracy"])
-            floor = inc - t.pair_accuracy_tolerance
-            check(
-                "pair_accuracy_vs_incumbent",
-                acc >= floor,
-                f"held-out pair accuracy {acc:.2f} {_cmp(acc >= floor)} incumbent "
-                f"{inc:.2f} - {t.pair_accuracy_tolerance:.2f}",
-            )
-        margin = float(pairs.get("margin", 0.0))
-        check(
-            "pair_margin",
-            margin > 0,
-            f"mean reward margin {margin:+.3f} {'>' if margin > 0 else '<='} 0",
-        )
-
+    _pair_checks(candidate.get("pairs") or {}, incumbent.get("pairs") or {}, t, check)
     _thumbs_checks(candidate.get("thumbs") or {}, incumbent.get("thumbs") or {}, t, check)
-
-    golden, inc_golden = candidate.get("golden") or {}, incumbent.get("golden") or {}
-    base_golden = (base or {}).get("golden") or {}
-    if golden.get("n"):
-        rate = float(golden["pass_rate"])
-        inc_rate = float(inc_golden.get("pass_rate", 0.0)) if inc_golden.get("n") else 0.0
-        # Against the base model too: a tolerance against the incumbent alone lets every
-        # nightly promotion forget a little more, without bound.
-        base_rate = float(base_golden["pass_rate"]) if base_golden.get("n") else inc_rate
-        floor_side, floor_rate = (
-            ("incumbent", inc_rate) if inc_rate >= base_rate else ("base model", base_rate)
-        )
-        floor = max(t.min_golden_pass_rate, floor_rate - t.golden_tolerance)
-        failed = [f["id"] for f in golden.get("failures", [])][:5]
-        check(
-            "golden",
-            rate >= floor - 1e-9,
-            f"golden pass rate {rate:.2f} {_cmp(rate >= floor - 1e-9)} {floor_side} "
-            f"{floor_rate:.2f} - {t.golden_tolerance:.2f}"
-            + (f" (failed: {', '.join(failed)})" if failed else ""),
-        )
-    else:
-        check("golden", True, "golden set is empty: check skipped")
-
-    drift, inc_drift = candidate.get("drift") or {}, incumbent.get("drift") or {}
-    if drift.get("n"):
-        ratio = float(drift["length_ratio"])
-        check(
-            "length_ratio",
-            t.min_length_ratio <= ratio <= t.max_length_ratio,
-            f"canary answer length {ratio:.2f}x the base's "
-            f"(allowed {t.min_length_ratio:.2f}-{t.max_length_ratio:.2f})",
-        )
-        rep = float(drift["repetition"])
-        ceiling = min(
-            t.max_repetition, float(inc_drift.get("repetition", 0.0)) + t.repetition_tolerance
-        )
-        ceiling = max(ceiling, float(inc_drift.get("repetition", 0.0)))  # never stricter than now
-        check(
-            "repetition",
-            rep <= ceiling + 1e-9,
-            f"repeated 3-gram share {rep:.2f} {_cmp(rep <= ceiling + 1e-9, '<=', '>')} "
-            f"allowed {ceiling:.2f}",
-        )
-        kl = float(drift["kl"])
-        check(
-            "kl",
-            kl <= t.max_kl,
-            f"KL from the base {kl:.3f} nats/token {_cmp(kl <= t.max_kl, '<=', '>')} "
-            f"maximum {t.max_kl:.3f}",
-        )
-    else:
-        check("drift", True, "no canary prompts: drift checks skipped")
+    _golden_check(
+        candidate.get("golden") or {},
+        incumbent.get("golden") or {},
+        (base or {}).get("golden") or {},
+        t,
+        check,
+    )
+    _drift_checks(candidate.get("drift") or {}, incumbent.get("drift") or {}, t, check)
     _links_check(candidate, incumbent, t, check)
 
     reasons = [c.detail for c in checks if not c.passed]
     return Verdict(approved=not reasons, reasons=reasons, checks=checks)
 
 
+Checker = Callable[[str, bool, str], None]
+
+
+def _pair_checks(
+    pairs: dict[str, Any], inc_pairs: dict[str, Any], t: GateThresholds, check: Checker
+) -> None:
+    """Held-out pairs: the candidate prefers the chosen answers, and no less than the incumbent."""
+    n = int(pairs.get("n", 0))
+    if n < t.min_pairs:
+        check("pairs", True, f"pair checks skipped: {n} held-out pairs < {t.min_pairs}")
+        return
+    acc = float(pairs["accuracy"])
+    check(
+        "pair_accuracy",
+        acc >= t.min_pair_accuracy,
+        f"held-out pair accuracy {acc:.2f} {_cmp(acc >= t.min_pair_accuracy)} "
+        f"minimum {t.min_pair_accuracy:.2f} ({n} pairs)",
+    )
+    if inc_pairs.get("n"):
+        inc = float(inc_pairs["accuracy"])
+        floor = inc - t.pair_accuracy_tolerance
+        check(
+            "pair_accuracy_vs_incumbent",
+            acc >= floor,
+            f"held-out pair accuracy {acc:.2f} {_cmp(acc >= floor)} incumbent "
+            f"{inc:.2f} - {t.pair_accuracy_tolerance:.2f}",
+        )
+    margin = float(pairs.get("margin", 0.0))
+    check(
+        "pair_margin",
+        margin > 0,
+        f"mean reward margin {margin:+.3f} {'>' if margin > 0 else '<='} 0",
+    )
+
+
+def _golden_check(
+    golden: dict[str, Any],
+    inc_golden: dict[str, Any],
+    base_golden: dict[str, Any],
+    t: GateThresholds,
+    check: Checker,
+) -> None:
+    """The golden set: the candidate forgets nothing the incumbent or the base model knew."""
+    if not golden.get("n"):
+        check("golden", True, "golden set is empty: check skipped")
+        return
+    rate = float(golden["pass_rate"])
+    inc_rate = float(inc_golden.get("pass_rate", 0.0)) if inc_golden.get("n") else 0.0
+    # Against the base model too: a tolerance against the incumbent alone lets every
+    # nightly promotion forget a little more, without bound.
+    base_rate = float(base_golden["pass_rate"]) if base_golden.get("n") else inc_rate
+    floor_side, floor_rate = (
+        ("incumbent", inc_rate) if inc_rate >= base_rate else ("base model", base_rate)
+    )
+    floor = max(t.min_golden_pass_rate, floor_rate - t.golden_tolerance)
+    failed = [f["id"] for f in golden.get("failures", [])][:5]
+    check(
+        "golden",
+        rate >= floor - 1e-9,
+        f"golden pass rate {rate:.2f} {_cmp(rate >= floor - 1e-9)} {floor_side} "
+        f"{floor_rate:.2f} - {t.golden_tolerance:.2f}"
+        + (f" (failed: {', '.join(failed)})" if failed else ""),
+    )
+
+
+def _drift_checks(
+    drift: dict[str, Any], inc_drift: dict[str, Any], t: GateThresholds, check: Checker
+) -> None:
+    """Canary prompts: answer length, repetition and KL from the base stay within bounds."""
+    if not drift.get("n"):
+        check("drift", True, "no canary prompts: drift checks skipped")
+        return
+    ratio = float(drift["length_ratio"])
+    check(
+        "length_ratio",
+        t.min_length_ratio <= ratio <= t.max_length_ratio,
+        f"canary answer length {ratio:.2f}x the base's "
+        f"(allowed {t.min_length_ratio:.2f}-{t.max_length_ratio:.2f})",
+    )
+    rep = float(drift["repetition"])
+    ceiling = min(
+        t.max_repetition, float(inc_drift.get("repetition", 0.0)) + t.repetition_tolerance
+    )
+    ceiling = max(ceiling, float(inc_drift.get("repetition", 0.0)))  # never stricter than now
+    check(
+        "repetition",
+        rep <= ceiling + 1e-9,
+        f"repeated 3-gram share {rep:.2f} {_cmp(rep <= ceiling + 1e-9, '<=', '>')} "
+        f"allowed {ceiling:.2f}",
+    )
+    kl = float(drift["kl"])
+    check(
+        "kl",
+        kl <= t.max_kl,
+        f"KL from the base {kl:.3f} nats/token {_cmp(kl <= t.max_kl, '<=', '>')} "
+        f"maximum {t.max_kl:.3f}",
+    )
+
+
 def _links_check(
     candidate: dict[str, Any],
     incumbent: dict[str, Any],
     t: GateThresholds,
-    check: Callable[[str, bool, str], None],
+    check: Checker,
 ) -> None:
     found = candidate.get("links")
     if found is None:  # a report from before the rule
@@ -187,7 +214,7 @@ def _links_check(
 
 
 def _thumbs_checks(
-    thumbs: dict[str, Any], inc: dict[str, Any], t: GateThresholds, check: Any
+    thumbs: dict[str, Any], inc: dict[str, Any], t: GateThresholds, check: Checker
 ) -> None:
     ups, downs = int(thumbs.get("n_up", 0)), int(thumbs.get("n_down", 0))
     if min(ups, downs) < t.min_thumbs:

@@ -368,14 +368,8 @@ class Registry:
         reason: str | None,
     ) -> AdapterVersion:
         with self._tx() as s:
-            last = s.exec(
-                select(func.max(AdapterVersion.version)).where(AdapterVersion.segment == segment)
-            ).one()
-            number = (last or 0) + 1
+            number, final = self._next_version(s, segment)
             vid = f"{segment}@v{number}"
-            final = self.root / segment / f"v{number}"
-            if final.exists():  # left by a crash between rename and commit: never reuse it
-                final.rename(final.with_name(f".orphan-v{number}-{uuid.uuid4().hex[:8]}"))
             manifest = {
                 **manifest,
                 "registry": {
@@ -418,6 +412,17 @@ class Registry:
                 shutil.rmtree(final, ignore_errors=True)
                 raise
             return row
+
+    def _next_version(self, s: Session, segment: str) -> tuple[int, Path]:
+        """The segment's next version number and its directory, which must not exist yet."""
+        last = s.exec(
+            select(func.max(AdapterVersion.version)).where(AdapterVersion.segment == segment)
+        ).one()
+        number = (last or 0) + 1
+        final = self.root / segment / f"v{number}"
+        if final.exists():  # left by a crash between rename and commit: never reuse it
+            final.rename(final.with_name(f".orphan-v{number}-{uuid.uuid4().hex[:8]}"))
+        return number, final
 
     def record_eval(
         self, version_id: str, report: dict[str, Any], verdict: dict[str, Any] | None

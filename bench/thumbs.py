@@ -158,7 +158,7 @@ def run_thumbs(
     and the held-out behaviour."""
     from adapters.gate import decide
     from service.core.config import Settings
-    from service.loop.refresh import training_sets
+    from service.loop.datasets import training_sets
     from trainer.data import read_rows
     from trainer.dpo import TrainConfig, train
     from trainer.evaluate import evaluate

@@ -148,123 +148,152 @@ class DatabaseCollector(Collector):
         return [*metrics, ok]
 
     def _collect(self, s: Session) -> Iterator[Metric]:
-        from adapters.registry import ACTIVE, AdapterVersion, as_utc
-        from service.storage.models import Completion, Feedback, PreferencePair, TrainingRun
+        yield _pairs(s)
+        yield _runs(s)
+        yield from _run_durations(s)
+        yield _verdicts(s)
+        yield _active_versions(s)
+        yield from _thumbs(s)
 
-        pairs = GaugeMetricFamily(
-            "prefloop_pairs",
-            "Stored training pairs by segment and status.",
-            labels=["segment", "status"],
-        )
-        for segment, status, n in s.exec(
-            select(PreferencePair.segment, PreferencePair.status, func.count()).group_by(
-                PreferencePair.segment, PreferencePair.status
-            )
-        ):
-            pairs.add_metric([segment, status], n)
-        yield pairs
 
-        runs = CounterMetricFamily(
-            "prefloop_refresh_runs",
-            "Refresh runs by segment and status.",
-            labels=["segment", "status"],
-        )
-        for segment, status, n in s.exec(
-            select(TrainingRun.segment, TrainingRun.status, func.count()).group_by(
-                TrainingRun.segment, TrainingRun.status
-            )
-        ):
-            runs.add_metric([segment, status], n)
-        yield runs
+def _pairs(s: Session) -> Metric:
+    from service.storage.models import PreferencePair
 
-        # Durations in Python: datetime arithmetic differs between SQLite and Postgres, and
-        # there are a few runs a day.
-        spans: dict[str, list[float]] = {}
-        last: dict[str, tuple[datetime, float]] = {}
-        for segment, started, finished in s.exec(
-            select(TrainingRun.segment, TrainingRun.started_at, TrainingRun.finished_at).where(
-                col(TrainingRun.started_at).is_not(None), col(TrainingRun.finished_at).is_not(None)
-            )
-        ):
-            seconds = (as_utc(finished) - as_utc(started)).total_seconds()
-            spans.setdefault(segment, []).append(seconds)
-            if segment not in last or as_utc(finished) > last[segment][0]:
-                last[segment] = (as_utc(finished), seconds)
-        durations = SummaryMetricFamily(
-            "prefloop_refresh_duration_seconds",
-            "Wall time of finished refresh runs.",
-            labels=["segment"],
+    pairs = GaugeMetricFamily(
+        "prefloop_pairs",
+        "Stored training pairs by segment and status.",
+        labels=["segment", "status"],
+    )
+    for segment, status, n in s.exec(
+        select(PreferencePair.segment, PreferencePair.status, func.count()).group_by(
+            PreferencePair.segment, PreferencePair.status
         )
-        latest = GaugeMetricFamily(
-            "prefloop_refresh_last_duration_seconds",
-            "Wall time of the latest finished refresh run.",
-            labels=["segment"],
-        )
-        for segment, values in spans.items():
-            durations.add_metric([segment], count_value=len(values), sum_value=sum(values))
-            latest.add_metric([segment], last[segment][1])
-        yield durations
-        yield latest
+    ):
+        pairs.add_metric([segment, status], n)
+    return pairs
 
-        verdicts = CounterMetricFamily(
-            "prefloop_gate_verdicts",
-            "Gate verdicts on adapter versions, by segment and verdict.",
-            labels=["segment", "verdict"],
-        )
-        counts: dict[tuple[str, str], int] = {}
-        for segment, verdict in s.exec(
-            select(AdapterVersion.segment, AdapterVersion.verdict).where(
-                col(AdapterVersion.verdict).is_not(None)
-            )
-        ):
-            if not verdict:  # approved by hand: no gate ran (a JSON null is not SQL NULL)
-                continue
-            key = (segment, "approved" if verdict.get("approved") else "rejected")
-            counts[key] = counts.get(key, 0) + 1
-        for key, n in counts.items():
-            verdicts.add_metric(list(key), n)
-        yield verdicts
 
-        active = GaugeMetricFamily(
-            "prefloop_active_adapter_version",
-            "The version number each segment serves (absent: the base model); the `version` "
-            "label names it.",
-            labels=["segment", "version"],
-        )
-        for segment, vid, number in s.exec(
-            select(AdapterVersion.segment, AdapterVersion.id, AdapterVersion.version).where(
-                AdapterVersion.status == ACTIVE
-            )
-        ):
-            active.add_metric([segment, vid], number)
-        yield active
+def _runs(s: Session) -> Metric:
+    from service.storage.models import TrainingRun
 
-        votes = CounterMetricFamily(
-            "prefloop_thumbs",
-            "Current thumbs votes by the adapter version that wrote the answer and vote.",
-            labels=["adapter_version", "vote"],
+    runs = CounterMetricFamily(
+        "prefloop_refresh_runs",
+        "Refresh runs by segment and status.",
+        labels=["segment", "status"],
+    )
+    for segment, status, n in s.exec(
+        select(TrainingRun.segment, TrainingRun.status, func.count()).group_by(
+            TrainingRun.segment, TrainingRun.status
         )
-        rate = GaugeMetricFamily(
-            "prefloop_thumbs_up_ratio",
-            "Share of thumbs-up among the current votes, per adapter version (`base`: none).",
-            labels=["adapter_version"],
+    ):
+        runs.add_metric([segment, status], n)
+    return runs
+
+
+def _run_durations(s: Session) -> Iterator[Metric]:
+    from adapters.registry import as_utc
+    from service.storage.models import TrainingRun
+
+    # Durations in Python: datetime arithmetic differs between SQLite and Postgres, and
+    # there are a few runs a day.
+    spans: dict[str, list[float]] = {}
+    last: dict[str, tuple[datetime, float]] = {}
+    for segment, started, finished in s.exec(
+        select(TrainingRun.segment, TrainingRun.started_at, TrainingRun.finished_at).where(
+            col(TrainingRun.started_at).is_not(None), col(TrainingRun.finished_at).is_not(None)
         )
-        for version, up, total in s.exec(
-            select(
-                Completion.adapter_version,
-                func.sum(case((col(Feedback.value) > 0, 1), else_=0)),
-                func.count(),
-            )
-            .join(Completion, col(Completion.id) == col(Feedback.completion_id))
-            .where(Feedback.kind == "thumbs")
-            .group_by(Completion.adapter_version)
-        ):
-            name = version or "base"
-            votes.add_metric([name, "up"], int(up))
-            votes.add_metric([name, "down"], int(total) - int(up))
-            rate.add_metric([name], int(up) / int(total))
-        yield votes
-        yield rate
+    ):
+        seconds = (as_utc(finished) - as_utc(started)).total_seconds()
+        spans.setdefault(segment, []).append(seconds)
+        if segment not in last or as_utc(finished) > last[segment][0]:
+            last[segment] = (as_utc(finished), seconds)
+    durations = SummaryMetricFamily(
+        "prefloop_refresh_duration_seconds",
+        "Wall time of finished refresh runs.",
+        labels=["segment"],
+    )
+    latest = GaugeMetricFamily(
+        "prefloop_refresh_last_duration_seconds",
+        "Wall time of the latest finished refresh run.",
+        labels=["segment"],
+    )
+    for segment, values in spans.items():
+        durations.add_metric([segment], count_value=len(values), sum_value=sum(values))
+        latest.add_metric([segment], last[segment][1])
+    yield durations
+    yield latest
+
+
+def _verdicts(s: Session) -> Metric:
+    from adapters.registry import AdapterVersion
+
+    verdicts = CounterMetricFamily(
+        "prefloop_gate_verdicts",
+        "Gate verdicts on adapter versions, by segment and verdict.",
+        labels=["segment", "verdict"],
+    )
+    counts: dict[tuple[str, str], int] = {}
+    for segment, verdict in s.exec(
+        select(AdapterVersion.segment, AdapterVersion.verdict).where(
+            col(AdapterVersion.verdict).is_not(None)
+        )
+    ):
+        if not verdict:  # approved by hand: no gate ran (a JSON null is not SQL NULL)
+            continue
+        key = (segment, "approved" if verdict.get("approved") else "rejected")
+        counts[key] = counts.get(key, 0) + 1
+    for key, n in counts.items():
+        verdicts.add_metric(list(key), n)
+    return verdicts
+
+
+def _active_versions(s: Session) -> Metric:
+    from adapters.registry import ACTIVE, AdapterVersion
+
+    active = GaugeMetricFamily(
+        "prefloop_active_adapter_version",
+        "The version number each segment serves (absent: the base model); the `version` "
+        "label names it.",
+        labels=["segment", "version"],
+    )
+    for segment, vid, number in s.exec(
+        select(AdapterVersion.segment, AdapterVersion.id, AdapterVersion.version).where(
+            AdapterVersion.status == ACTIVE
+        )
+    ):
+        active.add_metric([segment, vid], number)
+    return active
+
+
+def _thumbs(s: Session) -> Iterator[Metric]:
+    from service.storage.models import Completion, Feedback
+
+    votes = CounterMetricFamily(
+        "prefloop_thumbs",
+        "Current thumbs votes by the adapter version that wrote the answer and vote.",
+        labels=["adapter_version", "vote"],
+    )
+    rate = GaugeMetricFamily(
+        "prefloop_thumbs_up_ratio",
+        "Share of thumbs-up among the current votes, per adapter version (`base`: none).",
+        labels=["adapter_version"],
+    )
+    for version, up, total in s.exec(
+        select(
+            Completion.adapter_version,
+            func.sum(case((col(Feedback.value) > 0, 1), else_=0)),
+            func.count(),
+        )
+        .join(Completion, col(Completion.id) == col(Feedback.completion_id))
+        .where(Feedback.kind == "thumbs")
+        .group_by(Completion.adapter_version)
+    ):
+        name = version or "base"
+        votes.add_metric([name, "up"], int(up))
+        votes.add_metric([name, "down"], int(total) - int(up))
+        rate.add_metric([name], int(up) / int(total))
+    yield votes
+    yield rate
 
 
 def build_registry(db: Database, cache_seconds: float = 0.0) -> CollectorRegistry:

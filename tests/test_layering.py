@@ -52,25 +52,3 @@ def all_modules() -> list[str]:
 @pytest.mark.parametrize("module", all_modules())
 def test_every_module_imports(module: str) -> None:
     importlib.import_module(module)
-
-
-def imported_modules(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text(), filename=str(path))
-    names = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
-    return names
-
-
-def test_only_the_api_layer_knows_http_schemas() -> None:
-    """Domain modules take and return plain dataclasses and table models; the routes convert
-    from and to the HTTP schemas. `service/main.py` builds the app, so it mounts the api."""
-    offenders = {
-        str(rel): sorted(n for n in imported_modules(p) if n.startswith("service.api"))
-        for p in (ROOT / "service").rglob("*.py")
-        if (rel := p.relative_to(ROOT)).parts[1] != "api" and str(rel) != "service/main.py"
-    }
-    assert not {k: v for k, v in offenders.items() if v}

@@ -95,7 +95,7 @@ def _register(args: argparse.Namespace, settings: Settings, registry: Registry) 
 
 
 def _gate(args: argparse.Namespace, settings: Settings, registry: Registry) -> None:
-    from service.loop.lifecycle import gate_version
+    from service.loop.refresh import gate_version
 
     heldout = None
     if args.pairs:

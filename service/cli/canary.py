@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from adapters.registry import Registry, RegistryError
     from service.core.db import init_db, make_engine
     from service.core.errors import PrefloopError
-    from service.loop import canary
+    from service.loop import live_watch
 
     settings = get_settings()
     db = make_engine(settings)
@@ -63,17 +63,17 @@ def run(args: argparse.Namespace) -> int:
             _start(args, db, registry, settings)
         elif cmd == "list":
             print(f"{'EXPERIMENT':<38} {'STATUS':<12} {'CANDIDATE':<20} {'SHARE':>5}  REASON")
-            for e in canary.list_experiments(db, segment=args.segment, status=args.status):
+            for e in live_watch.list_experiments(db, segment=args.segment, status=args.status):
                 print(
                     f"{e.id:<38} {e.status:<12} {e.candidate:<20} {e.share:>5.0%}  {e.reason or ''}"
                 )
         elif cmd == "show":
-            exp = canary.get(db, args.experiment)
-            _, snap = canary.look(db, exp)
+            exp = live_watch.get(db, args.experiment)
+            _, snap = live_watch.look(db, exp)
             out = {**exp.model_dump(mode="json"), "now": snap}
             print(json.dumps(out, indent=2))
         else:
-            exp = canary.act(
+            exp = live_watch.act(
                 db, registry, args.experiment, cmd, actor=args.actor, reason=args.reason
             )
             print(f"{exp.id} {exp.status}: {exp.reason}")
@@ -87,10 +87,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _start(args: argparse.Namespace, db: Database, registry: Registry, settings: Settings) -> None:
     from adapters.registry import expected
-    from service.loop import canary
+    from service.loop import live_watch
 
     policy = json.loads(args.policy) if args.policy else None
-    exp = canary.start(
+    exp = live_watch.start(
         db,
         registry,
         settings,

@@ -26,7 +26,8 @@ def run(args: argparse.Namespace) -> int:
     """One refresh now, in the foreground, with its steps and training progress shown."""
     from adapters.registry import Registry
     from service.core.db import init_db, make_engine
-    from service.loop.refresh import create_run, run_refresh
+    from service.loop.refresh import run_refresh
+    from service.loop.runs import create_run
 
     settings = get_settings()
     db = make_engine(settings)
@@ -61,7 +62,7 @@ def _watch(db: Database, run_id: str, done: threading.Event) -> None:
     """Print each step as it starts, and a progress bar while training, until `done`."""
     from tqdm import tqdm
 
-    from service.loop.refresh import get_run
+    from service.loop.runs import get_run
 
     stage, bar = None, None
     while not done.wait(0.5):

@@ -23,11 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from service.loop.runs import RefreshCancelled
 from trainer import lifeline
-
-
-class RefreshCancelled(Exception):
-    pass
 
 
 class Watcher(Protocol):

@@ -1,307 +1,74 @@
-"""One refresh: the loop the service exists for, as one recorded run.
+"""One refresh: the loop the service exists for, as one recorded run. `_refresh` is the recipe,
+one line per step:
 
-    compile new feedback into pairs -> select this segment's approved pairs (a seeded share held
-    out for the gate) -> train a LoRA DPO update in a subprocess, warm-started from the active
-    adapter -> register it -> evaluate it against the active one in a subprocess -> gate ->
-    promote (replicas swap it in) or reject -> mark the pairs used
+    compile   new feedback into pairs (`service.loop.stored_pairs`)
+    select    this segment's approved pairs, a seeded share held out for the gate
+              (`service.loop.datasets`)
+    train     a LoRA DPO update in a subprocess, warm-started from the active adapter
+    register  it as a candidate version (`adapters.registry`)
+    evaluate  it against the active one in a subprocess (`trainer.evaluate`)
+    gate      approve or reject it on that report (`adapters.gate`); its pairs become `used`
+    promote   an approved one: at once, or first a live canary (`service.loop.live_watch`)
 
 Training and evaluation run as subprocesses (`python -m trainer ...`), so a crash or an
 out-of-memory kills that process, not the server, and GPU memory is released when it exits.
 Every step, its timing, the training progress and the subprocesses' log tail are written to the
-`TrainingRun` row as they happen. A database lease keeps one refresh running at a time across
-every replica and worker; the holder renews it while it works, so a crashed holder's lease
-simply expires. Any failure leaves the active adapter as it was and the run `failed` with its
-reason; cancelling (the operator API sets a flag) stops the subprocess at once.
+`TrainingRun` row as they happen (`service.loop.runs`). A database lease
+(`service.loop.lease`) keeps one refresh running at a time across every replica and worker.
+Any failure leaves the active adapter as it was and the run `failed` with its reason;
+cancelling (the operator API sets a flag) stops the subprocess at once.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
-import os
-import signal
-import socket
 import sys
-import threading
-import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import or_, update
 from sqlalchemy.engine import Engine as Database
-from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, col, select
 
-from adapters.registry import APPROVED, AdapterVersion, Registry, as_utc
+from adapters.gate import Verdict, decide
+from adapters.registry import (
+    APPROVED,
+    CANDIDATE,
+    REJECTED,
+    AdapterVersion,
+    PromotionConflict,
+    Registry,
+)
 from service.core.config import Settings
 from service.core.errors import ConflictError
-from service.loop.launch import RefreshCancelled, _train_flags, run_subprocess
-from service.loop.lifecycle import base_model_path, canary_for, golden_for, judge
+from service.loop import live_watch
+from service.loop.datasets import (
+    TrainingSets,
+    approved_items,
+    base_model_path,
+    canary_for,
+    describe,
+    golden_for,
+    mark_used,
+    training_sets,
+    write_sets,
+)
+from service.loop.launch import _train_flags, run_subprocess
+from service.loop.lease import HOLDER, acquire_lease, keep_renewing, release_lease, renew_lease
+from service.loop.runs import Recorder, RefreshCancelled, RefreshSkipped, get_run
 from service.loop.stored_pairs import compile_and_store, to_trainer
 from service.loop.trainjob import run_training
-from service.storage.models import Lease, PreferencePair, TrainingRun, utcnow
-from trainer import records, votes
+from service.storage.models import PreferencePair, TrainingRun, utcnow
 from trainer.golden import save_golden
 
 log = logging.getLogger(__name__)
 
-LEASE = "refresh"
-HOLDER = f"{socket.gethostname()}:{os.getpid()}"
-FINISHED = ("succeeded", "skipped", "failed", "cancelled")
-
-
-class RefreshSkipped(Exception):
-    """Nothing to do (too few pairs, another refresh running): not a failure."""
-
-
-class LeaseLost(RuntimeError):
-    """The refresh lease went to another process: stop before changing anything else."""
-
-
-# --- the lease --------------------------------------------------------------------------------
-
-
-def acquire_lease(db: Database, holder: str, ttl: float, name: str = LEASE) -> str | None:
-    """Take the lease if it is free, expired or already ours; returns None on success, else who
-    holds it.
-
-    Taking an existing row is one conditional UPDATE, so two processes racing for an expired
-    lease cannot both win: on Postgres the second UPDATE waits for the first's row lock, then
-    finds the row no longer expired; on SQLite transactions are serialized (BEGIN IMMEDIATE).
-    Creating the row races on its primary key instead."""
-    now = utcnow()
-    expires = now + timedelta(seconds=ttl)
-    with Session(db) as s:
-        taken = s.exec(
-            update(Lease)
-            .where(
-                col(Lease.name) == name,
-                or_(col(Lease.holder) == holder, col(Lease.expires_at) <= now),
-            )
-            .values(holder=holder, expires_at=expires, acquired_at=now)
-        ).rowcount
-        if taken:
-            s.commit()
-            return None
-        row = s.get(Lease, name)
-        if row is not None:
-            return f"{row.holder} (until {as_utc(row.expires_at).isoformat(timespec='seconds')})"
-        s.add(Lease(name=name, holder=holder, expires_at=expires, acquired_at=now))
-        try:
-            s.commit()
-        except IntegrityError:  # another process inserted it first
-            return "another process"
-    return None
-
-
-def renew_lease(db: Database, holder: str, ttl: float, name: str = LEASE) -> bool:
-    with Session(db) as s:
-        result = s.exec(
-            update(Lease)
-            .where(col(Lease.name) == name, col(Lease.holder) == holder)
-            .values(expires_at=utcnow() + timedelta(seconds=ttl))
-        )
-        s.commit()
-        return result.rowcount == 1
-
-
-def release_lease(db: Database, holder: str, name: str = LEASE) -> None:
-    with Session(db) as s:
-        row = s.get(Lease, name)
-        if row is not None and row.holder == holder:
-            s.delete(row)
-            s.commit()
-
-
-def _dead_holder(holder: str | None) -> bool:
-    """A holder ("host:pid") that is this process just started, or a process of this host that
-    no longer exists."""
-    if holder is None or holder == HOLDER:
-        return True
-    host, _, pid = holder.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, another user's
-        return False
-    return False
-
-
-def sweep_interrupted(db: Database, ttl: float) -> list[str]:
-    """At start-up: runs left `running` or `queued` by a process that died (SIGKILL, a power
-    cut) are marked failed, and a lease such a process of this host held is freed, so the next
-    refresh need not wait for it to expire. A run whose holder still holds a live lease (another
-    replica) is left alone. Returns the swept run ids."""
-    now = utcnow()
-    with Session(db) as s:
-        lease = s.get(Lease, LEASE)
-        live = None
-        if lease is not None and as_utc(lease.expires_at) > now:
-            live = None if _dead_holder(lease.holder) else lease.holder
-            if live is None:
-                s.delete(lease)
-        swept = []
-        stale_queued = now - timedelta(seconds=ttl)
-        for run in s.exec(
-            select(TrainingRun).where(col(TrainingRun.status).in_(["running", "queued"]))
-        ):
-            if run.status == "queued" and as_utc(run.created_at) > stale_queued:
-                continue  # just queued, by a live process: it starts within a moment
-            if run.status == "running" and run.holder is not None and run.holder == live:
-                continue
-            run.status = "failed"
-            run.error = (
-                f"interrupted at {run.stage or 'its start'}: the process running it "
-                f"({run.holder or 'unknown'}) stopped before it finished; found at start-up. "
-                "Nothing it had not committed was kept; start a new run."
-            )
-            run.finished_at = now
-            s.add(run)
-            swept.append(run.id)
-        s.commit()
-    if swept:
-        log.warning("marked %d interrupted refresh run(s) failed: %s", len(swept), swept)
-    return swept
-
-
-# --- run records ------------------------------------------------------------------------------
-
-
-def create_run(db: Database, *, segment: str, trigger: str, actor: str) -> TrainingRun:
-    with Session(db, expire_on_commit=False) as s:
-        run = TrainingRun(segment=segment, trigger=trigger, actor=actor)
-        s.add(run)
-        s.commit()
-        return run
-
-
-def get_run(db: Database, run_id: str) -> TrainingRun | None:
-    with Session(db, expire_on_commit=False) as s:
-        return s.get(TrainingRun, run_id)
-
-
-def request_cancel(db: Database, run_id: str) -> TrainingRun | None:
-    """Ask a run to stop; the process running it notices within a second."""
-    with Session(db, expire_on_commit=False) as s:
-        run = s.get(TrainingRun, run_id)
-        if run is None or run.status in FINISHED:
-            return run
-        run.cancel_requested = True
-        s.add(run)
-        s.commit()
-        return run
-
-
-class Recorder:
-    """Writes a run's progress to its row, one short transaction at a time."""
-
-    def __init__(self, db: Database, run_id: str, holder: str = HOLDER, failpoint: str = ""):
-        self.db, self.run_id, self.holder, self.failpoint = db, run_id, holder, failpoint
-        self.steps: list[dict[str, Any]] = []
-        self._checked, self._cancel = 0.0, False
-        self.lease_lost = threading.Event()  # set by the heartbeat: another process may run
-
-    def check_lease(self) -> None:
-        if self.lease_lost.is_set():
-            raise LeaseLost(
-                "this refresh lost its lease (its renewals failed for "
-                "PREFLOOP_REFRESH_LEASE_SECONDS, so another process may be refreshing); it "
-                "stopped without changing anything further"
-            )
-
-    def update(self, **fields: Any) -> None:
-        with Session(self.db) as s:
-            s.exec(update(TrainingRun).where(col(TrainingRun.id) == self.run_id).values(**fields))
-            s.commit()
-
-    def cancelled(self) -> bool:
-        if not self._cancel and time.monotonic() - self._checked > 0.5:
-            self._checked = time.monotonic()
-            with Session(self.db) as s:
-                self._cancel = bool(
-                    s.exec(
-                        select(TrainingRun.cancel_requested).where(TrainingRun.id == self.run_id)
-                    ).one()
-                )
-        return self._cancel
-
-    @contextmanager
-    def step(self, name: str) -> Iterator[dict[str, Any]]:
-        """Record a step; the caller fills the yielded dict with what it found."""
-        if self.cancelled():
-            raise RefreshCancelled(f"cancelled before {name}")
-        self.check_lease()
-        detail: dict[str, Any] = {}
-        entry = {"name": name, "started_at": utcnow().isoformat(), "seconds": None}
-        self.steps.append(entry)
-        self.update(stage=name, steps=list(self.steps))
-        if self.failpoint == f"refresh:{name}":  # crash tests (PREFLOOP_FAILPOINT)
-            os.kill(os.getpid(), signal.SIGKILL)
-        t0 = time.perf_counter()
-        try:
-            yield detail
-        finally:
-            entry["seconds"] = round(time.perf_counter() - t0, 3)
-            if detail:
-                entry["detail"] = detail
-            self.update(steps=list(self.steps))
-            log.info("refresh %s: %s took %.1f s %s", self.run_id, name, entry["seconds"], detail)
-
 
 # --- the refresh ------------------------------------------------------------------------------
-
-
-def _heldout(key: str, fraction: float) -> bool:
-    """A stable split: a pair is held out (or not) whichever refresh sees it."""
-    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
-
-
-@dataclass
-class TrainingSets:
-    """A refresh's data as trainer rows: what it trains on and what the gate judges it by."""
-
-    train: list[dict[str, Any]]
-    heldout_pairs: list[dict[str, Any]]
-    heldout_unpaired: list[dict[str, Any]]
-    counts: dict[str, int]
-
-
-def training_sets(
-    items: Sequence[records.PreferencePair | records.UnpairedExample], settings: Settings
-) -> TrainingSets:
-    """Split a segment's approved items (a seeded share held out for the gate, stable across
-    refreshes), then, on each side, join lone thumbs into matched pairs (`match_thumbs`).
-    Pairs train with the configured DPO-family loss and the remaining thumbs with KTO."""
-    fraction, window = settings.refresh_heldout_fraction, settings.refresh_match_window_hours
-    sides: dict[bool, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {}
-    counts: dict[str, int] = {}
-    for held in (False, True):
-        mine = [x for x in items if _heldout(x.key, fraction) == held]
-        pairs = [x for x in mine if isinstance(x, records.PreferencePair)]
-        singles = [x for x in mine if isinstance(x, records.UnpairedExample)]
-        matched, rest = votes.match_thumbs(singles, window)
-        sides[held] = (
-            [records.dpo_row(x) for x in pairs + matched],
-            [records.kto_row(x) for x in rest],
-        )
-        prefix = "heldout_" if held else ""
-        counts |= {
-            f"{prefix}pairs": len(pairs),
-            f"{prefix}matched": len(matched),
-            f"{prefix}thumbs_up": sum(x.label for x in rest),
-            f"{prefix}thumbs_down": sum(not x.label for x in rest),
-        }
-    train = sides[False][0] + sides[False][1]
-    return TrainingSets(train, sides[True][0], sides[True][1], counts)
 
 
 def run_refresh(
@@ -329,23 +96,17 @@ def run_refresh(
         )
         return get_run(db, run_id)  # type: ignore[return-value]
 
-    stop = threading.Event()
+    def lost() -> None:
+        log.error("refresh %s lost its lease: stopping it", run_id)
+        rec.lease_lost.set()  # the next step, or the running subprocess, stops
 
-    def heartbeat() -> None:
-        while not stop.wait(ttl / 3):
-            if not renew_lease(db, holder, ttl):
-                log.error("refresh %s lost its lease: stopping it", run_id)
-                rec.lease_lost.set()  # the next step, or the running subprocess, stops
-                return
-
-    beat = threading.Thread(target=heartbeat, name="refresh-lease", daemon=True)
-    beat.start()
+    stop = keep_renewing(db, holder, ttl, lost)
     rec.update(status="running", started_at=utcnow(), holder=holder)
-    log_lines: deque[str] = deque(maxlen=200)
+    work = settings.home_dir / "runs" / run.id
+    job = Job(settings, db, registry, run, rec, deque(maxlen=200), work, on_promote)
     gpu = contextlib.ExitStack()  # what _refresh holds on the GPU; let go of whatever happens
-    guard = gpu_guard or (lambda: serving_paused(settings))
     try:
-        outcome = _refresh(settings, db, registry, run, rec, log_lines, on_promote, (gpu, guard))
+        outcome = _refresh(job, gpu, gpu_guard or (lambda: serving_paused(settings)))
         rec.update(status="succeeded", outcome=outcome, stage=None)
     except RefreshSkipped as exc:
         rec.update(status="skipped", error=str(exc), stage=None)
@@ -358,59 +119,94 @@ def run_refresh(
         gpu.close()
         stop.set()
         release_lease(db, holder)
-        rec.update(finished_at=utcnow(), log="\n".join(log_lines))
+        rec.update(finished_at=utcnow(), log="\n".join(job.log_lines))
     return get_run(db, run_id)  # type: ignore[return-value]
 
 
-def _refresh(
-    settings: Settings,
-    db: Database,
-    registry: Registry,
-    run: TrainingRun,
-    rec: Recorder,
-    log_lines: deque[str],
-    on_promote: Callable[[], None] | None,
-    gpu: tuple[contextlib.ExitStack, Callable[[], AbstractContextManager]],
-) -> str:
-    segment = run.segment
-    work = settings.home_dir / "runs" / run.id
-    work.mkdir(parents=True, exist_ok=True)
+@dataclass
+class Job:
+    """What every step of one refresh works with."""
 
-    with rec.step("compile") as d:
-        summary = compile_and_store(db, settings, actor=f"refresh {run.id}")
+    settings: Settings
+    db: Database
+    registry: Registry
+    run: TrainingRun
+    rec: Recorder
+    log_lines: deque[str]  # the subprocesses' output, its tail kept with the run
+    work: Path  # PREFLOOP_HOME/runs/<run id>: the data files, the adapter, the report
+    on_promote: Callable[[], None] | None  # tells the router to sync now
+
+    @property
+    def segment(self) -> str:
+        return self.run.segment
+
+    @property
+    def actor(self) -> str:
+        return f"refresh {self.run.id}"
+
+
+def _refresh(
+    job: Job, gpu: contextlib.ExitStack, pause_serving: Callable[[], AbstractContextManager]
+) -> str:
+    """The recipe. Returns the outcome: rejected, approved, canary or promoted."""
+    job.work.mkdir(parents=True, exist_ok=True)
+    compile_feedback(job)
+    rows, sets = select_data(job)
+    active = job.registry.active().get(job.segment)  # the incumbent: warm start and yardstick
+    base = base_model_path(job.settings)
+    job.rec.update(parent_version=active.id if active else None)
+    # Training and evaluation may share vLLM's GPU: pause it (PREFLOOP_VLLM_SLEEP_DURING_REFRESH)
+    # until the evaluation is over; run_refresh wakes it if anything fails before then.
+    gpu.enter_context(pause_serving())
+    adapter = train_candidate(job, base, active)
+    version = register_candidate(job, adapter, base, active, sets)
+    report = evaluate_candidate(job, base, version, active, sets)
+    gpu.close()  # serving resumes before the gate and the promotion
+    if not gate_candidate(job, version, report, active, rows):
+        return "rejected"
+    return promote_candidate(job, version, active)
+
+
+# --- the steps --------------------------------------------------------------------------------
+
+
+def compile_feedback(job: Job) -> None:
+    with job.rec.step("compile") as d:
+        summary = compile_and_store(job.db, job.settings, actor=job.actor)
         d.update(new_pairs=summary.pairs, new_unpaired=summary.unpaired, excluded=summary.excluded)
 
-    with rec.step("select") as d:
-        rows = _approved(db, segment, settings.tenant_of(segment))
+
+def select_data(job: Job) -> tuple[list[PreferencePair], TrainingSets]:
+    """The segment's approved items, split and written for the subprocesses; too few: skipped."""
+    settings = job.settings
+    with job.rec.step("select") as d:
+        rows = approved_items(job.db, job.segment, settings.tenant_of(job.segment))
         sets = training_sets([to_trainer(r) for r in rows], settings)
         counts = {"approved": len(rows), "train": len(sets.train), **sets.counts}
         counts["heldout"] = len(sets.heldout_pairs) + len(sets.heldout_unpaired)
         d.update(counts)
-        rec.update(counts=counts)
+        job.rec.update(counts=counts)
         if len(sets.train) < settings.refresh_min_pairs:
             raise RefreshSkipped(
-                f"{len(sets.train)} approved training items in segment {segment!r} "
-                f"({_describe(sets.counts)}); a refresh needs {settings.refresh_min_pairs} "
+                f"{len(sets.train)} approved training items in segment {job.segment!r} "
+                f"({describe(sets.counts)}); a refresh needs {settings.refresh_min_pairs} "
                 "(PREFLOOP_REFRESH_MIN_PAIRS)"
             )
-        records.write_jsonl(sets.train, work / "train.jsonl")
-        records.write_jsonl(sets.heldout_pairs, work / "heldout.jsonl")
-        records.write_jsonl(sets.heldout_unpaired, work / "heldout_unpaired.jsonl")
+        write_sets(sets, job.work)
+    return rows, sets
 
-    active = registry.active().get(segment)
-    base = base_model_path(settings)
-    rec.update(parent_version=active.id if active else None)
-    out = work / "adapter"
-    # Training and evaluation may share vLLM's GPU: pause it (PREFLOOP_VLLM_SLEEP_DURING_REFRESH)
-    # until the evaluation is over; run_refresh wakes it if anything fails before then.
-    gpu[0].enter_context(gpu[1]())
-    with rec.step("train") as d:
+
+def train_candidate(job: Job, base: Path, active: AdapterVersion | None) -> Path:
+    """`trainer train` where PREFLOOP_REFRESH_LAUNCHER says (a subprocess, torchrun, a Job);
+    returns the adapter."""
+    settings, work, out = job.settings, job.work, job.work / "adapter"
+    with job.rec.step("train") as d:
         cmd = [
             "train",
             "--pairs", str(work / "train.jsonl"), "--base", str(base), "--out", str(out),
             "--no-progress",
             *_train_flags(
-                {**settings.refresh_train, **settings.refresh_train_segments.get(segment, {})}
+                {**settings.refresh_train, **settings.refresh_train_segments.get(job.segment, {})}
             ),
         ]  # fmt: skip
         if active is not None:  # warm start: the active adapter is the policy and reference
@@ -422,7 +218,7 @@ def _refresh(
         metrics = [work / ".adapter.partial" / "metrics.jsonl", out / "metrics.jsonl"]
         # A subprocess here, or a Job on the cluster (PREFLOOP_REFRESH_LAUNCHER).
         run_training(
-            settings, rec, cmd, name=f"prefloop-{run.id}", log_lines=log_lines,
+            settings, job.rec, cmd, name=f"prefloop-{job.run.id}", log_lines=job.log_lines,
             progress_files=metrics,
         )  # fmt: skip
         manifest = json.loads((out / "manifest.json").read_text())
@@ -431,20 +227,33 @@ def _refresh(
             seconds=manifest["metrics"]["seconds"]["total"],
             processes=manifest.get("world_size", 1),
         )
+    return out
 
-    with rec.step("register") as d:
-        version = registry.register(
-            out,
-            segment=segment,
+
+def register_candidate(
+    job: Job, adapter: Path, base: Path, active: AdapterVersion | None, sets: TrainingSets
+) -> AdapterVersion:
+    with job.rec.step("register") as d:
+        version = job.registry.register(
+            adapter,
+            segment=job.segment,
             base_model=str(base),
             parent=active.id if active else None,
-            actor=f"refresh {run.id}",
-            reason=f"trained by {run.id} on {_describe(sets.counts)}",
+            actor=job.actor,
+            reason=f"trained by {job.run.id} on {describe(sets.counts)}",
         )
         d.update(version=version.id)
-        rec.update(candidate_version=version.id)
+        job.rec.update(candidate_version=version.id)
+    return version
 
-    with rec.step("evaluate") as d:
+
+def evaluate_candidate(
+    job: Job, base: Path, version: AdapterVersion, active: AdapterVersion | None, sets: TrainingSets
+) -> dict[str, Any]:
+    """`python -m trainer evaluate`: the candidate, the incumbent and the base model on the
+    held-out items, the golden set and the canary prompts; returns its report."""
+    settings, work = job.settings, job.work
+    with job.rec.step("evaluate") as d:
         cmd = [
             sys.executable, "-m", "trainer", "evaluate",
             "--base", str(base), "--candidate", version.path,
@@ -455,111 +264,154 @@ def _refresh(
         ]  # fmt: skip
         if active is not None:
             cmd += ["--incumbent", active.path]
-        golden = golden_for(settings, segment)
+        golden = golden_for(settings, job.segment)
         if golden:
             save_golden(work / "golden.jsonl", golden)
             cmd += ["--golden", str(work / "golden.jsonl")]
-        if (canary := canary_for(settings, segment)) is not None:
+        if (canary := canary_for(settings, job.segment)) is not None:
             cmd += ["--canary", str(canary)]
         if sets.heldout_pairs:
             cmd += ["--pairs", str(work / "heldout.jsonl")]
         if sets.heldout_unpaired:
             cmd += ["--unpaired", str(work / "heldout_unpaired.jsonl")]
         run_subprocess(
-            cmd, rec, log_lines=log_lines, timeout=settings.refresh_train_timeout_minutes * 60
+            cmd,
+            job.rec,
+            log_lines=job.log_lines,
+            timeout=settings.refresh_train_timeout_minutes * 60,
         )
         report = json.loads((work / "report.json").read_text())
         d.update(seconds=report.get("seconds"), cached=report.get("cached", []))
-    gpu[0].close()  # serving resumes before the gate and the promotion
+    return report
 
-    with rec.step("gate") as d:
+
+def gate_candidate(
+    job: Job,
+    version: AdapterVersion,
+    report: dict[str, Any],
+    active: AdapterVersion | None,
+    rows: list[PreferencePair],
+) -> bool:
+    """The offline gate (`judge`): is the candidate approved? Its pairs are `used` either way."""
+    with job.rec.step("gate") as d:
         row, verdict = judge(
-            settings, registry, version.id, report, active, actor=f"refresh {run.id}"
+            job.settings, job.registry, version.id, report, active, actor=job.actor
         )
         d.update(approved=verdict.approved, reasons=verdict.reasons)
-        rec.update(verdict=verdict.to_json())
-        _mark_used([r.id for r in rows], run.id, db)
+        job.rec.update(verdict=verdict.to_json())
+        mark_used([r.id for r in rows], job.run.id, job.db)
+    return row.status == APPROVED
 
-    if row.status != APPROVED:
-        return "rejected"
+
+def promote_candidate(job: Job, version: AdapterVersion, active: AdapterVersion | None) -> str:
+    """An approved candidate serves everyone now, or first a share of users in a live canary
+    (PREFLOOP_CANARY_SHARE > 0), or waits for an operator (PREFLOOP_REFRESH_AUTO_PROMOTE off)."""
+    settings, rec = job.settings, job.rec
     if not settings.refresh_auto_promote:
         return "approved"
     if settings.canary_share > 0:
-        return _start_canary(settings, db, registry, run, rec, version.id, active, on_promote)
+        return _start_canary(job, version.id, active)
     with rec.step("promote") as d:
-        if not renew_lease(db, rec.holder, settings.refresh_lease_seconds):
+        if not renew_lease(job.db, rec.holder, settings.refresh_lease_seconds):
             rec.lease_lost.set()
             rec.check_lease()
         # Fenced twice: the lease is still ours, and the incumbent is the one the candidate
         # was gated against (else PromotionConflict: the run fails, nothing changes).
-        registry.promote(
+        job.registry.promote(
             version.id,
-            actor=f"refresh {run.id}",
+            actor=job.actor,
             reason="passed the gate",
             expect_active=active.id if active else None,
         )
         d.update(version=version.id, replaced=active.id if active else None)
-        if on_promote is not None:
-            on_promote()
+        if job.on_promote is not None:
+            job.on_promote()
     return "promoted"
 
 
-def _start_canary(
-    settings: Settings,
-    db: Database,
-    registry: Registry,
-    run: TrainingRun,
-    rec: Any,
-    candidate: str,
-    active: AdapterVersion | None,
-    on_promote: Callable[[], None] | None,
-) -> str:
-    """PREFLOOP_CANARY_SHARE > 0: prove the approved candidate on live traffic first; the
-    canary's decision loop promotes or rejects it later (`service.loop.canary`). Fenced like a
-    promotion: on the incumbent it was gated against."""
-    from service.loop.canary import start
-
-    with rec.step("canary") as d:
+def _start_canary(job: Job, candidate: str, active: AdapterVersion | None) -> str:
+    """Prove the approved candidate on live traffic first; the live watch promotes or rejects
+    it later (`service.loop.live_watch`). Fenced like a promotion: on the incumbent it was gated
+    against."""
+    with job.rec.step("canary") as d:
         try:
-            exp = start(
-                db,
-                registry,
-                settings,
+            exp = live_watch.start(
+                job.db,
+                job.registry,
+                job.settings,
                 candidate=candidate,
-                actor=f"refresh {run.id}",
+                actor=job.actor,
                 expect_incumbent=active.id if active else None,
             )
         except ConflictError as exc:  # another canary runs, or the incumbent changed
             d.update(started=False, reason=exc.message)
             return "approved"
         d.update(started=True, experiment=exp.id, share=exp.share, incumbent=exp.incumbent)
-    if on_promote is not None:
-        on_promote()  # the router loads the candidate and splits now
+    if job.on_promote is not None:
+        job.on_promote()  # the router loads the candidate and splits now
     return "canary"
 
 
-def _approved(db: Database, segment: str, tenant: str) -> list[PreferencePair]:
-    """The segment's approved pairs and lone thumbs, oldest first. A segment learns only from
-    the tenant that owns it (tenant isolation)."""
-    with Session(db) as s:
-        return list(
-            s.exec(
-                select(PreferencePair)
-                .where(
-                    PreferencePair.status == "approved",
-                    PreferencePair.segment == segment,
-                    PreferencePair.tenant == tenant,
-                )
-                .order_by(col(PreferencePair.created_at), col(PreferencePair.key))
-            ).all()
-        )
+# --- the gate's verdict -----------------------------------------------------------------------
 
 
-def _describe(counts: dict[str, int]) -> str:
-    return (
-        f"{counts['pairs']} pairs, {counts['matched']} matched from thumbs, "
-        f"{counts['thumbs_up']} thumbs up and {counts['thumbs_down']} down alone"
+def judge(
+    settings: Settings,
+    registry: Registry,
+    version_id: str,
+    report: dict[str, Any],
+    incumbent: AdapterVersion | None,
+    *,
+    actor: str = "gate",
+) -> tuple[AdapterVersion, Verdict]:
+    """Decide on an evaluation report (`adapters.gate.decide`, with the segment's thresholds),
+    record it with the version, and approve or reject it."""
+    report["incumbent"]["version"] = incumbent.id if incumbent is not None else None
+    thresholds = settings.gate_for(registry.get(version_id).segment)
+    verdict = decide(
+        report["candidate"], report["incumbent"], thresholds, base=report.get("base_model")
     )
+    registry.record_eval(version_id, report, verdict.to_json())
+    against = incumbent.id if incumbent is not None else "the base model"
+    if verdict.approved:
+        reason = f"passed the gate against {against}"
+    else:
+        reason = f"failed the gate against {against}: " + "; ".join(verdict.reasons)
+    row = registry.transition(
+        version_id, APPROVED if verdict.approved else REJECTED, actor=actor, reason=reason
+    )
+    return row, verdict
+
+
+def gate_version(
+    settings: Settings,
+    registry: Registry,
+    version_id: str,
+    *,
+    heldout: list[dict[str, Any]] | None = None,
+    actor: str = "gate",
+    progress: bool = True,
+) -> tuple[AdapterVersion, Verdict]:
+    """Gate a registered candidate by hand (`prefloop adapters gate`): evaluate it in this
+    process against its segment's active version (or the base model) on the held-out pairs, the
+    golden set and the canary prompts; then `judge` it as a refresh would."""
+    from trainer.evaluate import evaluate, load_canary
+
+    row = registry.get(version_id)
+    if row.status != CANDIDATE:
+        raise PromotionConflict(f"{version_id} is {row.status}; only candidates are gated")
+    incumbent = registry.active().get(row.segment)
+    report = evaluate(
+        base_model_path(settings),
+        Path(row.path),
+        Path(incumbent.path) if incumbent is not None else None,
+        pairs=heldout,
+        golden=golden_for(settings, row.segment),
+        canary=load_canary(canary_for(settings, row.segment)),
+        max_new_tokens=settings.eval_max_new_tokens,
+        progress=progress,
+    )
+    return judge(settings, registry, version_id, report, incumbent, actor=actor)
 
 
 def serving_paused(settings: Settings) -> AbstractContextManager:
@@ -570,15 +422,3 @@ def serving_paused(settings: Settings) -> AbstractContextManager:
 
         return fleet_asleep(settings.vllm_urls)
     return contextlib.nullcontext()
-
-
-def _mark_used(pair_ids: list[str], run_id: str, db: Database) -> None:
-    """Pairs a refresh trained or judged on are `used` (whatever the verdict: a rejected
-    update's pairs go back to operators for review, not into the next refresh unseen)."""
-    with Session(db) as s:
-        for row in s.exec(select(PreferencePair).where(col(PreferencePair.id).in_(pair_ids))):
-            row.status = "used"
-            row.provenance = {**row.provenance, "run_id": run_id}
-            row.updated_at = utcnow()
-            s.add(row)
-        s.commit()

@@ -7,7 +7,7 @@
   at most once per `PREFLOOP_REFRESH_MIN_INTERVAL_MINUTES`;
 - operators start one by hand (`POST /v1/operator/runs`, `prefloop refresh`).
 
-Every replica may run a scheduler: the database lease in `service.loop.refresh` lets one refresh run
+Every replica may run a scheduler: the database lease in `service.loop.lease` lets one refresh run
 at a time fleet-wide, and the others record theirs as skipped.
 """
 
@@ -29,7 +29,8 @@ from sqlmodel import Session, col, select
 from adapters.registry import Registry
 from service.core.config import Settings
 from service.core.errors import ConflictError
-from service.loop.refresh import FINISHED, create_run, request_cancel, run_refresh
+from service.loop.refresh import run_refresh
+from service.loop.runs import FINISHED, create_run, request_cancel
 from service.loop.stored_pairs import compile_and_store
 from service.storage.models import Feedback, Message, PreferencePair, TrainingRun, utcnow
 

@@ -256,7 +256,8 @@ class Tombstone(SQLModel, table=True):
 class Experiment(SQLModel, table=True):
     """A live canary: a sticky `share` of a segment's end users is served the candidate version,
     the rest the incumbent (None: the base model), until a sequential test on their feedback
-    promotes or rolls back the candidate, or it stops without a decision (`service.loop.canary`).
+    promotes or rolls back the candidate, or it stops without a decision
+    (`service.loop.live_watch`).
 
     At most one experiment per segment runs: a partial unique index, like the registry's one
     active version per segment, makes the database refuse a second. `snapshot` is the last

@@ -26,7 +26,7 @@ from service.auth import create_key
 from service.core.config import Settings
 from service.core.db import init_db, make_engine
 from service.core.errors import ConflictError
-from service.loop import canary
+from service.loop import live_watch
 from service.main import create_app
 from service.storage.models import Experiment, OperatorAction
 from tests.conftest import BOTH_DATABASES
@@ -61,7 +61,7 @@ def test_one_running_experiment_per_segment(db_url: str) -> None:
         s.add(row)
         s.commit()
     add("default")  # the first ended: a new one may run
-    assert [e.segment for e in canary.running(db)] == ["default", "other"]
+    assert [e.segment for e in live_watch.running(db)] == ["default", "other"]
     db.dispose()
 
 
@@ -183,7 +183,7 @@ def test_a_changed_incumbent_fences_the_promotion(
     registry.promote(v3, actor="another operator")  # the incumbent changes under the canary
     r = live.http.post(f"/v1/operator/experiments/{exp_id}/promote", headers=OPS)
     assert r.status_code == 409 and r.json()["error"]["code"] == "incumbent_changed", r.text
-    ended = canary.decide_once(registry.db, registry, exp_id)
+    ended = live_watch.decide_once(registry.db, registry, exp_id)
     assert ended.status == "stopped" and ended.reason.startswith("the incumbent changed")
     assert registry.get(v2).status == APPROVED and registry.active()["default"].id == v3
 
@@ -196,7 +196,9 @@ def test_one_process_ends_an_experiment(live: Live, registry: Registry, lora: li
 
     def promote() -> None:
         try:
-            outcomes.append(canary.act(registry.db, registry, exp_id, "promote", actor="r").status)
+            outcomes.append(
+                live_watch.act(registry.db, registry, exp_id, "promote", actor="r").status
+            )
         except ConflictError as exc:
             outcomes.append(exc.code)
 
@@ -254,7 +256,7 @@ def test_a_restarted_app_continues_the_experiment(
     init_db(db)
     registry = Registry(db, settings.adapters_dir)
     candidate = approved(registry, lora[0])
-    exp = canary.start(db, registry, settings, candidate=candidate, actor="t", share=0.5)
+    exp = live_watch.start(db, registry, settings, candidate=candidate, actor="t", share=0.5)
     user = next(f"u{i}" for i in range(100) if assign(exp.id, f"u{i}", 0.5))
     body = {"messages": HELLO, "max_tokens": 3, "user": user}
     for _ in range(2):  # the same database, a new app each time: the split is the same
@@ -267,7 +269,7 @@ def test_a_restarted_app_continues_the_experiment(
                 wait_until(lambda: version() == candidate)
                 assert [version() for _ in range(3)] == [candidate] * 3
         assert candidate not in tiny_engine.adapters()  # the app gave back what it loaded
-    assert canary.arm_stats(db, exp)[0].answers >= 8
+    assert live_watch.arm_stats(db, exp)[0].answers >= 8
     db.dispose()
 
 
@@ -342,7 +344,7 @@ def test_the_cli_runs_the_same_functions(tmp_path: Path, db_url: str, lora: list
     assert shown["now"]["candidate"]["answers"] == 0 and shown["share"] == 0.25
     out = prefloop("rollback", exp_id, "--reason", "a bad feeling")
     assert out.returncode == 0 and "rolled_back" in out.stdout, out.stderr
-    ended = canary.get(db, exp_id)
+    ended = live_watch.get(db, exp_id)
     assert (ended.ended_by, ended.reason) == ("carla", "rollback by carla: a bad feeling")
     assert "already ended" in prefloop("stop", exp_id).stderr
     db.dispose()

@@ -123,7 +123,7 @@ ROUNDS = 12
 def _lease_racer(db_url: str, me: int, barrier, results) -> None:  # noqa: ANN001
     from service.core.config import Settings
     from service.core.db import make_engine
-    from service.loop.refresh import acquire_lease
+    from service.loop.lease import acquire_lease
 
     db = make_engine(Settings(database_url=db_url))
     for round_ in range(ROUNDS):

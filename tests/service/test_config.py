@@ -59,7 +59,7 @@ def test_a_fresh_install_gates_on_the_shipped_golden_set_and_operators_extend_or
 ) -> None:
     import json
 
-    from service.loop.lifecycle import canary_for, golden_for
+    from service.loop.datasets import canary_for, golden_for
     from trainer.golden import SHIPPED_GOLDEN, load_golden
 
     shipped = load_golden(SHIPPED_GOLDEN)

@@ -23,7 +23,7 @@ from sqlalchemy import create_engine, text
 from sqlmodel import col, update
 
 from service.core.config import Settings
-from service.loop.refresh import LEASE
+from service.loop.lease import LEASE
 from service.main import create_app
 from service.storage.models import Lease, utcnow
 from tests.conftest import make_adapter

@@ -29,7 +29,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 from sqlalchemy import create_engine
 
 from service.auth import create_key
-from service.loop.refresh import create_run
+from service.loop.runs import create_run
 from tests.conftest import make_adapter
 from tests.service.conftest import Live
 

@@ -7,7 +7,7 @@ import gc
 from types import SimpleNamespace
 
 from service.core.config import Settings
-from service.main import _start_engine
+from service.engines.startup import start_engine
 
 
 class _Loaded:
@@ -30,7 +30,7 @@ def test_objects_loaded_at_start_are_frozen_out_of_the_collector() -> None:
     app = SimpleNamespace(state=SimpleNamespace(engine=_Loaded(), router=_Router()))
     gc.unfreeze()
     try:
-        asyncio.run(_start_engine(app, Settings(model="stub-model")))  # type: ignore[arg-type]
+        asyncio.run(start_engine(app, Settings(model="stub-model")))  # type: ignore[arg-type]
         assert gc.get_freeze_count() > 1000
     finally:
         gc.unfreeze()

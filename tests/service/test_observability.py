@@ -163,5 +163,5 @@ def test_the_scheduler_runs_quietly_at_info(tiny_llama_dir: Path, tmp_path: Path
             first = now
         assert runs >= 2, "the threshold check never ran"
         log_text = server.log()
-    assert "service.main: ready" in log_text
+    assert "service.engines.startup: ready" in log_text
     assert "apscheduler" not in log_text, log_text[-2000:]

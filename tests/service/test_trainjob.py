@@ -17,8 +17,7 @@ from sqlmodel import Session
 
 from service.core.config import Settings
 from service.core.db import init_db, make_engine
-from service.loop.launch import RefreshCancelled
-from service.loop.refresh import Recorder, create_run, request_cancel
+from service.loop.runs import Recorder, RefreshCancelled, create_run, request_cancel
 from service.loop.trainjob import KubernetesJob, render_job, run_training
 from service.storage.models import TrainingRun
 from tests.service.conftest import Live

@@ -41,7 +41,7 @@ from service.api.schemas import (
 from service.auth import Principal, Role
 from service.core.config import Settings
 from service.core.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
-from service.loop.lifecycle import segment_golden_file
+from service.loop.datasets import segment_golden_file
 
 router = APIRouter(prefix="/v1/operator", tags=["adapters"])
 UPLOAD_PATH = router.prefix + "/adapters/upload"

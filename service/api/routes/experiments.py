@@ -1,5 +1,5 @@
-"""Operator API for live canaries (`service.loop.canary`): start one, watch its arms and the test,
-stop, promote or roll back by hand. An operator sees its tenant's experiments only: another
+"""Operator API for live canaries (`service.loop.live_watch`): start one, watch its arms and the
+test, stop, promote or roll back by hand. An operator sees its tenant's experiments only: another
 tenant's are 404s, like its segments and versions."""
 
 from __future__ import annotations
@@ -23,21 +23,21 @@ from service.api.schemas import (
 )
 from service.auth import Principal
 from service.core.errors import NotFoundError
-from service.loop import canary
+from service.loop import live_watch
 from service.storage.models import Experiment
 
 router = APIRouter(prefix="/v1/operator", tags=["experiments"])
 
 
 async def _visible(db: DbDep, experiment_id: str, operator: Principal) -> Experiment:
-    exp = await run_in_threadpool(canary.get, db, experiment_id)
+    exp = await run_in_threadpool(live_watch.get, db, experiment_id)
     if not operator.sees_tenant(exp.tenant):
         raise NotFoundError(f"no experiment {experiment_id!r}", code="experiment_not_found")
     return exp
 
 
 def _detail(db: DbDep, exp: Experiment) -> ExperimentDetail:
-    decision, snap = canary.look(db, exp)
+    decision, snap = live_watch.look(db, exp)
     arms = []
     for name, version in (("candidate", exp.candidate), ("incumbent", exp.incumbent)):
         arm = stats.ArmStats(**snap[name])
@@ -62,7 +62,7 @@ async def list_experiments(
 ) -> ExperimentList:
     """Experiments, newest first."""
     rows = await run_in_threadpool(
-        lambda: canary.list_experiments(
+        lambda: live_watch.list_experiments(
             db, tenant=operator.scope, segment=segment, status=status, limit=limit
         )
     )
@@ -84,7 +84,7 @@ async def start_experiment(
     if not operator.sees_tenant(settings.tenant_of(body.candidate.split("@")[0])):
         raise NotFoundError(f"no adapter version {body.candidate!r}", code="adapter_not_found")
     exp = await run_in_threadpool(
-        lambda: canary.start(
+        lambda: live_watch.start(
             db,
             request.app.state.registry,
             settings,
@@ -122,7 +122,7 @@ async def end_experiment(
     (fenced on the incumbent) or `rollback` (reject the candidate). 409 once it has ended."""
     exp = await _visible(db, experiment_id, operator)
     ended = await run_in_threadpool(
-        lambda: canary.act(
+        lambda: live_watch.act(
             db,
             request.app.state.registry,
             exp.id,

@@ -1,4 +1,13 @@
-"""Live canaries: prove an approved adapter version on real traffic before it serves everyone.
+"""After the offline gate, live traffic decides: the live watch.
+
+Two decisions run here, every `PREFLOOP_WATCH_INTERVAL_SECONDS` in every replica (`run`):
+
+- rollback: a promoted version whose thumbs-up rate since its promotion is significantly below
+  its predecessor's (`adapters.watch.compare`) is rolled back (`watch_once`);
+- canary: a running experiment is looked at and promoted, rolled back, stopped or continued
+  (`decide_all`, below).
+
+Live canaries prove an approved adapter version on real traffic before it serves everyone.
 
 An experiment (`service.storage.models.Experiment`) serves a sticky `share` of a segment's end users
 the candidate version and the rest the incumbent (the segment's active version, or the base
@@ -26,10 +35,12 @@ leaves the safe truth (the incumbent serves, nothing was promoted).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from sqlalchemy import and_, case, func, or_, update
 from sqlalchemy.engine import Engine as Database
@@ -38,7 +49,16 @@ from sqlalchemy.orm import aliased
 from sqlmodel import Session, col, select
 
 from adapters import canary as stats
-from adapters.registry import APPROVED, REJECTED, AdapterVersion, Registry, RegistryError, as_utc
+from adapters.registry import (
+    APPROVED,
+    REJECTED,
+    AdapterVersion,
+    PromotionConflict,
+    Registry,
+    RegistryError,
+    as_utc,
+)
+from adapters.watch import Tally, WatchVerdict, compare
 from service.core.config import Settings
 from service.core.db import session_scope
 from service.core.errors import ConflictError, InvalidRequestError, NotFoundError
@@ -49,6 +69,87 @@ log = logging.getLogger(__name__)
 RUNNING, PROMOTED, ROLLED_BACK, STOPPED = "running", "promoted", "rolled_back", "stopped"
 STATUSES = (RUNNING, PROMOTED, ROLLED_BACK, STOPPED)
 ENDED_BY_ACTION = {"promote": PROMOTED, "rollback": ROLLED_BACK, "stop": STOPPED}
+
+
+class Kickable(Protocol):
+    def kick(self) -> None: ...
+
+
+async def run(db: Database, registry: Registry, router: Kickable, settings: Settings) -> None:
+    """The live watch's loop: roll back a promoted version whose thumbs-up rate dropped; then one
+    look at every running canary (promote, roll back, stop or continue). Every replica runs it:
+    the registry's fences and the experiments' conditional updates let one of them act. The
+    router syncs at once after a change."""
+    while True:
+        await asyncio.sleep(settings.watch_interval_seconds)
+        try:
+            results = await asyncio.to_thread(watch_once, db, registry, settings)
+            looks = await asyncio.to_thread(decide_all, db, registry)
+        except Exception:  # noqa: BLE001 - try again next interval
+            log.exception("the live watch failed")
+            continue
+        if any(r.verdict.rollback for r in results) or any(e.status != RUNNING for e in looks):
+            router.kick()
+
+
+# --- rollback of a promoted version ------------------------------------------------------------
+def thumbs_tally(session: Session, version: str | None, since: datetime | None = None) -> Tally:
+    """Thumbs on answers produced by ``version`` (None: the base model), optionally only on
+    answers produced since a time (the version's promotion). Head-to-head turns are left out:
+    their two answers come from two versions, and their signal is the pick."""
+    q = (
+        select(Feedback.value, func.count())
+        .join(Completion, col(Feedback.completion_id) == Completion.id)
+        .where(Feedback.kind == "thumbs", col(Completion.experiment_id).is_(None))
+        .group_by(Feedback.value)
+    )
+    if version is None:
+        q = q.where(col(Completion.adapter_version).is_(None))
+    else:
+        q = q.where(Completion.adapter_version == version)
+    if since is not None:
+        q = q.where(Completion.created_at >= since)
+    counts = dict(session.exec(q).all())
+    return Tally(up=counts.get(1, 0), down=counts.get(-1, 0))
+
+
+@dataclass(frozen=True)
+class WatchResult:
+    version: str
+    previous: str | None
+    verdict: WatchVerdict
+    rolled_back_to: str | None = None
+
+
+def watch_once(
+    db: Database, registry: Registry, settings: Settings, *, actor: str = "watch"
+) -> list[WatchResult]:
+    """Compare each active version's thumbs-up rate since its promotion with its predecessor's
+    (the version it replaced, or the base model); roll back the significantly worse ones."""
+    results = []
+    for segment, active in registry.active().items():
+        with Session(db) as session:
+            new = thumbs_tally(session, active.id, since=active.promoted_at)
+            old = thumbs_tally(session, active.previous)
+        verdict = compare(new, old, settings.watch)
+        result = WatchResult(active.id, active.previous, verdict)
+        if verdict.rollback:
+            try:
+                back = registry.rollback(
+                    segment,
+                    actor=actor,
+                    reason=f"live feedback dropped: {verdict.reason}",
+                    expect_active=active.id,
+                )
+            except PromotionConflict as exc:  # someone else acted first; judge again next time
+                log.info("watch: %s", exc)
+                continue
+            result = WatchResult(active.id, active.previous, verdict, back.id if back else None)
+            log.warning(
+                "rolled back %s to %s: %s", active.id, back.id if back else "base", verdict.reason
+            )
+        results.append(result)
+    return results
 
 
 # --- reading -----------------------------------------------------------------------------------
