@@ -287,7 +287,7 @@ class Registry:
     # --- writing -------------------------------------------------------------------------------
     @contextmanager
     def _tx(self) -> Iterator[Session]:
-        # On SQLite, `service.core.db` begins every transaction IMMEDIATE, so a promotion from
+        # On SQLite, `service.storage.db` begins every transaction IMMEDIATE, so a promotion from
         # the CLI waits for a replica's write instead of failing with "database is locked".
         with Session(self.db, expire_on_commit=False) as s:
             try:

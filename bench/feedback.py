@@ -154,7 +154,7 @@ def serve(
         from sqlalchemy import create_engine
 
         from service.auth import create_key
-        from service.core.db import init_db
+        from service.storage.db import init_db
 
         db = create_engine(db_url)
         init_db(db)

@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adapters.registry import APPROVED, Registry  # noqa: E402
 from bench import pct  # noqa: E402
 from service.core.config import Settings  # noqa: E402
-from service.core.db import init_db, make_engine  # noqa: E402
 from service.engines.modelprep import prepare_default_model  # noqa: E402
+from service.storage.db import init_db, make_engine  # noqa: E402
 from tests.servers import serve_subprocess  # noqa: E402
 
 PROMPTS = ["What is the capital of France?", "Name a yellow fruit.", "Say hello in Spanish."]

@@ -219,8 +219,8 @@ def main() -> int:
 
     from service.auth import create_key
     from service.core.config import Settings
-    from service.core.db import init_db
     from service.engines.modelprep import prepare_default_model
+    from service.storage.db import init_db
     from tests.servers import serve_subprocess
 
     home = Path(tempfile.mkdtemp(prefix="prefloop-poison-"))

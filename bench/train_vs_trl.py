@@ -85,7 +85,7 @@ def peak_memory_mb() -> float:
 def lora_config(args: argparse.Namespace):
     from peft import LoraConfig
 
-    from trainer.model import LORA_TARGETS
+    from trainer.config import LORA_TARGETS
 
     return LoraConfig(
         r=args.lora_r,

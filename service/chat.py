@@ -24,13 +24,13 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.engine import Engine as Database
 
 from service import observability
-from service.auth import Principal
 from service.core.config import Settings
-from service.core.db import session_scope
 from service.core.errors import InvalidRequestError, NotFoundError, PrefloopError
+from service.core.identity import Principal
 from service.engines import base
 from service.engines.base import Engine, GenerationRequest, GenerationStream, SamplingParams
 from service.storage import turns
+from service.storage.db import session_scope
 from service.storage.models import Completion, Message, new_id
 
 log = logging.getLogger(__name__)

@@ -24,11 +24,11 @@ from sqlmodel import Session
 
 from adapters.registry import as_utc
 from service import observability
-from service.auth import Principal
-from service.core.db import GroupCommit
 from service.core.errors import NotFoundError
+from service.core.identity import Principal
 from service.privacy import tombstoned
 from service.storage import feedback as stored
+from service.storage.db import GroupCommit
 from service.storage.models import Completion, Feedback, Message
 from service.storage.turns import path_to
 from trainer import records

@@ -29,7 +29,6 @@ from service.api.routes import (
 )
 from service.auth import KeyStore, RateLimiter, VisitorIds, visitor_secret
 from service.core.config import Settings, get_settings
-from service.core.db import GroupCommit, init_db, make_engine
 from service.core.errors import install_error_handlers
 from service.engines.base import Engine
 from service.engines.routing import AdapterRouter
@@ -37,6 +36,7 @@ from service.engines.startup import build_engine, engine_asleep, start_engine
 from service.loop import background
 from service.loop.scheduler import Refresher
 from service.observability import RequestMiddleware, build_registry
+from service.storage.db import GroupCommit, init_db, make_engine
 
 log = logging.getLogger(__name__)
 

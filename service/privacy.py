@@ -16,7 +16,7 @@ from sqlalchemy.engine import Engine as Database
 from sqlmodel import Session, col, select
 
 from service.core.config import Settings
-from service.core.db import session_scope
+from service.storage.db import session_scope
 from service.storage.models import (
     Completion,
     Conversation,

@@ -13,8 +13,8 @@ from sqlalchemy.orm import aliased
 from sqlmodel import Session, col, select
 
 from adapters.registry import as_utc
-from service.core.db import session_scope
 from service.core.errors import ConflictError, InvalidRequestError, NotFoundError
+from service.storage.db import session_scope
 from service.storage.models import (
     Completion,
     Conversation,

@@ -8,10 +8,11 @@ import os
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from trainer.config import TrainConfig
 from trainer.data import file_sha256
 from trainer.distributed import (
     Dist,
@@ -20,9 +21,6 @@ from trainer.distributed import (
     load_trainable_state_,
     optimizer_state,
 )
-
-if TYPE_CHECKING:
-    from trainer.dpo import TrainConfig
 
 MANIFEST_FORMAT = "prefloop-adapter/1"
 

@@ -14,16 +14,12 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from trainer.dpo import TrainConfig
+from trainer.config import BASE_DTYPES, TrainConfig
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-BASE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-QUANTIZE = ("none", "nf4")
 NF4_BLOCK = 64  # weights per absmax scale (the QLoRA paper's block size)
 NF4_SCALER_BLOCK = 256  # scales per second-level (double-quantization) block
 

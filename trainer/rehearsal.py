@@ -8,18 +8,16 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from trainer.config import TrainConfig
 from trainer.data import Tokens, collate
 from trainer.distributed import Dist
 from trainer.generate import generate
 from trainer.logps import per_sequence, token_logps
 from trainer.model import autocast
-
-if TYPE_CHECKING:
-    from trainer.dpo import TrainConfig
 
 REHEARSAL_PROMPTS = Path(__file__).with_name("rehearsal.jsonl")
 

@@ -17,18 +17,19 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.engine import Engine as Database
 
 from service.api.middleware import VISITOR_HEADER
-from service.auth import KeyStore, Principal, Role
+from service.auth import KeyStore
 from service.core.config import Settings
-from service.core.db import GroupCommit
 from service.core.errors import (
     AuthenticationError,
     InvalidRequestError,
     PermissionDeniedError,
     RateLimitError,
 )
+from service.core.identity import Principal, Role
 from service.engines.base import Engine
 from service.engines.routing import AdapterRouter
 from service.feedback import Author
+from service.storage.db import GroupCommit
 
 
 async def get_settings(request: Request) -> Settings:

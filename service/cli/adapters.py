@@ -56,7 +56,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from adapters.registry import Registry, RegistryError
-    from service.core.db import init_db, make_engine
+    from service.storage.db import init_db, make_engine
 
     settings = get_settings()
     db = make_engine(settings)

@@ -49,9 +49,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from adapters.registry import Registry, RegistryError
-    from service.core.db import init_db, make_engine
     from service.core.errors import PrefloopError
     from service.loop import live_watch
+    from service.storage.db import init_db, make_engine
 
     settings = get_settings()
     db = make_engine(settings)

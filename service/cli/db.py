@@ -23,8 +23,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`prefloop db ...`: the schema's migrations (Alembic) on PREFLOOP_DATABASE_URL."""
-    from service.core import migrations
-    from service.core.db import make_engine
+    from service.storage import migrate as migrations
+    from service.storage.db import make_engine
 
     settings = get_settings()
     db = make_engine(settings)

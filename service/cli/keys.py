@@ -34,7 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """`prefloop keys create|list|revoke`: API keys, in the configured database."""
     from service.auth import list_keys, revoke_key
-    from service.core.db import init_db, make_engine
+    from service.storage.db import init_db, make_engine
 
     settings = get_settings()
     db = make_engine(settings)

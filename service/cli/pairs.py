@@ -30,8 +30,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from service.core.db import init_db, make_engine
     from service.loop.stored_pairs import compile_and_store, export_pairs
+    from service.storage.db import init_db, make_engine
 
     settings = get_settings()  # the same settings `prefloop serve` reads
     db = make_engine(settings)

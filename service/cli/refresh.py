@@ -25,9 +25,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """One refresh now, in the foreground, with its steps and training progress shown."""
     from adapters.registry import Registry
-    from service.core.db import init_db, make_engine
     from service.loop.refresh import run_refresh
     from service.loop.runs import create_run
+    from service.storage.db import init_db, make_engine
 
     settings = get_settings()
     db = make_engine(settings)

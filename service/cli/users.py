@@ -21,8 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`prefloop users delete USER`: remove a user's data and keep them out of training."""
-    from service.core.db import init_db, make_engine
     from service.privacy import delete_user
+    from service.storage.db import init_db, make_engine
 
     settings = get_settings()
     db = make_engine(settings)

@@ -18,8 +18,8 @@ def run(_args: argparse.Namespace) -> int:
     import threading
 
     from adapters.registry import Registry
-    from service.core.db import init_db, make_engine
     from service.loop.scheduler import Refresher
+    from service.storage.db import init_db, make_engine
 
     settings = get_settings()
     db = make_engine(settings)

@@ -19,11 +19,12 @@ active version (the base model itself while there is none); a segment's name ser
 segment's active version; a version id (``default@v3``) or a static adapter from
 ``PREFLOOP_LORA_ADAPTERS`` pins it, while it is loaded.
 
-Live canaries (`service.loop.live_watch`): while a segment runs an experiment, its candidate
-version is loaded too (and unloaded once the experiment ends and no request holds it), and
-requests that name the segment are split per end user: `adapters.canary.assign(experiment,
-subject, share)` sends a sticky share of subjects to the candidate, the rest to the incumbent. A
-request without a subject, or one that pins a version by name, is not split. A head-to-head turn
+Live canaries (`service.loop.live_watch`, stored in `service.storage.experiments`): while a
+segment runs an experiment, its candidate version is loaded too (and unloaded once the
+experiment ends and no request holds it), and requests that name the segment are split per end
+user: `adapters.canary.assign(experiment, subject, share)` sends a sticky share of subjects to
+the candidate, the rest to the incumbent. A request without a subject, or one that pins a
+version by name, is not split. A head-to-head turn
 (`rival`) holds a second lease, on the arm the subject is not assigned to, for its other answer.
 """
 
@@ -38,7 +39,7 @@ from adapters import canary
 from adapters.registry import DEFAULT_SEGMENT, AdapterVersion, Registry
 from service.core.errors import ModelNotFoundError
 from service.engines.base import Engine
-from service.loop.live_watch import running as running_experiments
+from service.storage.experiments import running as running_experiments
 from service.storage.models import Experiment
 
 log = logging.getLogger(__name__)

@@ -60,13 +60,20 @@ from adapters.registry import (
 )
 from adapters.watch import Tally, WatchVerdict, compare
 from service.core.config import Settings
-from service.core.db import session_scope
 from service.core.errors import ConflictError, InvalidRequestError, NotFoundError
+from service.storage.db import session_scope
+from service.storage.experiments import (
+    PROMOTED,
+    ROLLED_BACK,
+    RUNNING,
+    STOPPED,
+    list_experiments,
+    running,
+)
 from service.storage.models import Completion, Experiment, Feedback, Message, OperatorAction, utcnow
 
 log = logging.getLogger(__name__)
 
-RUNNING, PROMOTED, ROLLED_BACK, STOPPED = "running", "promoted", "rolled_back", "stopped"
 STATUSES = (RUNNING, PROMOTED, ROLLED_BACK, STOPPED)
 ENDED_BY_ACTION = {"promote": PROMOTED, "rollback": ROLLED_BACK, "stop": STOPPED}
 
@@ -159,30 +166,6 @@ def get(db: Database, experiment_id: str) -> Experiment:
     if row is None:
         raise NotFoundError(f"no experiment {experiment_id!r}", code="experiment_not_found")
     return row
-
-
-def list_experiments(
-    db: Database,
-    *,
-    tenant: str | None = None,
-    segment: str | None = None,
-    status: str | None = None,
-    limit: int = 100,
-) -> list[Experiment]:
-    """Experiments, newest first; `tenant` None: every tenant's."""
-    q = select(Experiment)
-    for column, value in ((Experiment.tenant, tenant), (Experiment.segment, segment)):
-        if value is not None:
-            q = q.where(column == value)
-    if status is not None:
-        q = q.where(Experiment.status == status)
-    q = q.order_by(col(Experiment.started_at).desc()).limit(limit)
-    with Session(db, expire_on_commit=False) as s:
-        return list(s.exec(q).all())
-
-
-def running(db: Database) -> list[Experiment]:
-    return list_experiments(db, status=RUNNING, limit=10_000)
 
 
 def policy_of(experiment: Experiment) -> stats.CanaryPolicy:

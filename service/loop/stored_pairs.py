@@ -22,9 +22,9 @@ from sqlmodel import Session, col, select
 
 from adapters.registry import as_utc
 from service.core.config import Settings
-from service.core.db import session_scope
 from service.core.errors import ConflictError
 from service.feedback import load_signals
+from service.storage.db import session_scope
 from service.storage.models import OperatorAction, PreferencePair, utcnow
 from trainer import compiler, quality, records
 

@@ -7,7 +7,7 @@ are the assistant messages that point back at it with their `choice_index`.
 Feedback on those answers (`Feedback`) is compiled into training data (`PreferencePair`: DPO
 pairs and, in the same table with `kind="unpaired"`, KTO rows); every operator decision on them
 is logged in `OperatorAction`; a refresh is a `TrainingRun`. Alembic migrations
-(`service/migrations/versions/`) own the schema: a change here needs a migration
+(`service/storage/migrations/versions/`) own the schema: a change here needs a migration
 (`prefloop db revision -m ...`), or `tests/service/test_migrations.py` fails.
 """
 

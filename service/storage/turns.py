@@ -14,8 +14,8 @@ from typing import Any
 from sqlalchemy import update
 from sqlmodel import Session, col, select
 
-from service.auth import Principal
 from service.core.errors import InvalidRequestError, NotFoundError
+from service.core.identity import Principal
 from service.storage.models import Completion, Conversation, Message, utcnow
 
 

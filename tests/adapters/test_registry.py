@@ -34,7 +34,7 @@ from adapters.registry import (
     utcnow,
 )
 from service.core.config import Settings
-from service.core.db import init_db, make_engine
+from service.storage.db import init_db, make_engine
 from tests.conftest import BOTH_DATABASES
 
 pytestmark = BOTH_DATABASES

@@ -16,8 +16,8 @@ from sqlmodel import Session
 
 from adapters.registry import APPROVED, Registry
 from service.core.config import Settings
-from service.core.db import make_engine
 from service.main import create_app
+from service.storage.db import make_engine
 from tests.conftest import make_adapter
 from tests.servers import serve_thread
 

@@ -24,10 +24,10 @@ from adapters.canary import assign
 from adapters.registry import APPROVED, Registry
 from service.auth import create_key
 from service.core.config import Settings
-from service.core.db import init_db, make_engine
 from service.core.errors import ConflictError
 from service.loop import live_watch
 from service.main import create_app
+from service.storage.db import init_db, make_engine
 from service.storage.models import Experiment, OperatorAction
 from tests.conftest import BOTH_DATABASES
 from tests.servers import serve_thread

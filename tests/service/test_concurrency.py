@@ -122,8 +122,8 @@ ROUNDS = 12
 
 def _lease_racer(db_url: str, me: int, barrier, results) -> None:  # noqa: ANN001
     from service.core.config import Settings
-    from service.core.db import make_engine
     from service.loop.lease import acquire_lease
+    from service.storage.db import make_engine
 
     db = make_engine(Settings(database_url=db_url))
     for round_ in range(ROUNDS):
@@ -141,7 +141,7 @@ def _lease_racer(db_url: str, me: int, barrier, results) -> None:  # noqa: ANN00
 @BOTH_DATABASES
 def test_workers_racing_for_the_lease_exactly_one_wins(db_url: str) -> None:
     from service.core.config import Settings
-    from service.core.db import init_db, make_engine
+    from service.storage.db import init_db, make_engine
 
     db = make_engine(Settings(database_url=db_url))
     init_db(db)

@@ -11,7 +11,7 @@ from sqlalchemy import event
 from sqlmodel import Session, select
 
 from service.core.config import Settings
-from service.core.db import GroupCommit, init_db, make_engine
+from service.storage.db import GroupCommit, init_db, make_engine
 from service.storage.models import Conversation
 from tests.conftest import BOTH_DATABASES
 
@@ -89,7 +89,7 @@ def test_a_clash_rolls_back_only_its_own_write(writer: GroupCommit) -> None:
 def test_an_older_schema_is_refused_with_a_clear_message(tmp_path: Path) -> None:
     import sqlite3
 
-    from service.core.migrations import MigrationRequired as SchemaMismatchError
+    from service.storage.migrate import MigrationRequired as SchemaMismatchError
 
     path = tmp_path / "old.db"
     con = sqlite3.connect(path)

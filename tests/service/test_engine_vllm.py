@@ -25,10 +25,10 @@ from sqlmodel import Session, create_engine, select
 
 from adapters.registry import APPROVED, Registry
 from service.core.config import Settings
-from service.core.db import init_db, make_engine
 from service.engines.vllm import VLLMEngine, fleet_asleep, upstream_name
 from service.engines.vllm_dev import ServerSpec, VLLMServer, install_venv, thread_binds
 from service.main import create_app
+from service.storage.db import init_db, make_engine
 from service.storage.models import Completion, Message
 from tests.conftest import TEST_HOME, make_adapter
 from tests.servers import free_port, serve_thread

@@ -14,7 +14,7 @@ import pytest
 
 from adapters.registry import APPROVED, Registry
 from service.core.config import Settings
-from service.core.db import init_db, make_engine
+from service.storage.db import init_db, make_engine
 from tests.conftest import make_adapter
 from tests.servers import serve_subprocess
 

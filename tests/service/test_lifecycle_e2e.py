@@ -17,9 +17,9 @@ import pytest
 
 from adapters.registry import ACTIVE, APPROVED, REJECTED, Registry
 from service.core.config import Settings
-from service.core.db import init_db, make_engine
 from service.loop.refresh import gate_version
 from service.main import create_app
+from service.storage.db import init_db, make_engine
 from tests.servers import serve_thread
 from trainer.dpo import TrainConfig, train
 

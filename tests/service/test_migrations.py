@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import inspect, text
 
-from service.core import migrations
 from service.core.config import Settings
-from service.core.db import init_db, make_engine
+from service.storage import migrate as migrations
+from service.storage.db import init_db, make_engine
 from tests.conftest import BOTH_DATABASES
 
 
@@ -90,7 +90,7 @@ def test_a_database_from_before_migrations_is_adopted(db_url: str) -> None:
 def test_replicas_starting_together_migrate_once(db_url: str, tmp_path: Path) -> None:
     code = (
         "from service.core.config import Settings\n"
-        "from service.core.db import init_db, make_engine\n"
+        "from service.storage.db import init_db, make_engine\n"
         "init_db(make_engine(Settings()))\n"
     )
     env = {**os.environ, "PREFLOOP_DATABASE_URL": db_url, "PREFLOOP_HOME": str(tmp_path)}

@@ -13,8 +13,8 @@ import pytest
 from sqlalchemy import create_engine
 from sqlmodel import Session, select
 
-from service.auth import Principal, Role
 from service.core.config import Settings
+from service.core.identity import Principal, Role
 from service.feedback import load_signals
 from service.loop.stored_pairs import gate_config
 from service.storage import turns

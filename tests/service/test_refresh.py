@@ -13,11 +13,11 @@ from sqlmodel import Session, select
 
 from adapters.registry import Registry
 from service.core.config import Settings
-from service.core.db import init_db, make_engine
 from service.loop.lease import acquire_lease, release_lease, renew_lease
 from service.loop.refresh import run_refresh
 from service.loop.runs import create_run
 from service.loop.scheduler import Refresher
+from service.storage.db import init_db, make_engine
 from service.storage.models import OperatorAction, PreferencePair, TrainingRun
 from tests.conftest import BOTH_DATABASES
 from tests.service.conftest import Live

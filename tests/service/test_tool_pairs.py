@@ -12,7 +12,7 @@ import json
 
 from sqlmodel import select
 
-from service.auth import Principal, Role
+from service.core.identity import Principal, Role
 from service.storage import turns
 from service.storage.models import Message, PreferencePair
 from tests.conftest import BOTH_DATABASES

@@ -38,9 +38,9 @@ from service.api.schemas import (
     RollbackRequest,
     RollbackResult,
 )
-from service.auth import Principal, Role
 from service.core.config import Settings
 from service.core.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
+from service.core.identity import Principal, Role
 from service.loop.datasets import segment_golden_file
 
 router = APIRouter(prefix="/v1/operator", tags=["adapters"])

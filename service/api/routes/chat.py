@@ -29,7 +29,6 @@ from service.api.protocol import (
     TopLogprob,
     Usage,
 )
-from service.auth import Principal
 from service.chat import (
     ChatPlan,
     ChatRequest,
@@ -42,6 +41,7 @@ from service.chat import (
 )
 from service.core.config import Settings
 from service.core.errors import ModelNotFoundError, RateLimitError, error_body
+from service.core.identity import Principal
 from service.engines import base
 from service.engines.routing import Lease
 

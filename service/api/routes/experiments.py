@@ -21,8 +21,8 @@ from service.api.schemas import (
     ExperimentPublic,
     StartExperiment,
 )
-from service.auth import Principal
 from service.core.errors import NotFoundError
+from service.core.identity import Principal
 from service.loop import live_watch
 from service.storage.models import Experiment
 

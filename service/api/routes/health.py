@@ -9,8 +9,8 @@ from fastapi.security import HTTPAuthorizationCredentials
 from sqlalchemy import text
 
 from service.api.deps import DbDep, EngineDep, KeysDep, SettingsDep, bearer_scheme
-from service.auth import Role
 from service.core.errors import AuthenticationError, NotReadyError, PermissionDeniedError
+from service.core.identity import Role
 
 router = APIRouter(tags=["health"])
 

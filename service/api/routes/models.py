@@ -6,9 +6,9 @@ from fastapi import APIRouter, Path
 
 from service.api.deps import CallerDep, EngineDep, RouterDep, SettingsDep
 from service.api.protocol import ModelCard, ModelList
-from service.auth import Principal
 from service.core.config import Settings
 from service.core.errors import ModelNotFoundError
+from service.core.identity import Principal
 from service.engines.base import Engine
 from service.engines.routing import AdapterRouter
 

@@ -11,8 +11,8 @@ from sqlmodel import Session, col, select
 from adapters.registry import check_segment
 from service.api.deps import DbDep, OperatorDep, actor
 from service.api.schemas import RunDetail, RunList, RunPublic, StartRun
-from service.auth import Principal
 from service.core.errors import ConflictError, NotFoundError
+from service.core.identity import Principal
 from service.loop.runs import FINISHED, get_run, request_cancel
 from service.overview import run_scope
 from service.storage.models import TrainingRun

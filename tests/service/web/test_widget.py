@@ -18,7 +18,7 @@ from sqlmodel import col, select
 
 from adapters.registry import Registry
 from service.core.config import Settings
-from service.core.db import make_engine
+from service.storage.db import make_engine
 from service.storage.models import Completion, Feedback, Message
 from tests.conftest import make_adapter
 from tests.servers import free_port

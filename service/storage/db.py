@@ -64,9 +64,9 @@ def make_engine(settings: Settings) -> Engine:
 
 def init_db(engine: Engine, *, auto_upgrade: bool = True) -> None:
     """Bring the schema to this prefloop's migration head when that is safe: a fresh database,
-    or pending migrations that only add (see `service.core.migrations`); otherwise raise
+    or pending migrations that only add (see `service.storage.migrate`); otherwise raise
     MigrationRequired, which says to run `prefloop db upgrade`."""
-    from service.core.migrations import upgrade_at_startup
+    from service.storage.migrate import upgrade_at_startup
 
     applied = upgrade_at_startup(engine, auto=auto_upgrade)
     if applied:

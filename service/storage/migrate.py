@@ -1,4 +1,5 @@
-"""Schema migrations (Alembic): the revisions in `service/migrations/versions/` own the schema.
+"""Schema migrations (Alembic): the revisions in `service/storage/migrations/versions/` own the
+schema.
 
 At start-up (`init_db`, used by `prefloop serve`, `worker`, and the CLI) the database is brought
 to this prefloop's revision when that is safe:
@@ -30,7 +31,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import Connection, Engine
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "migrations"
+SCRIPTS = Path(__file__).resolve().parent / "migrations"
 INITIAL = "0001"
 # pg_advisory_xact_lock key: any constant shared by every prefloop process ("pref" in ASCII).
 LOCK_KEY = 0x70726566
@@ -58,7 +59,7 @@ def head() -> str:
 @contextmanager
 def locked(engine: Engine) -> Iterator[Connection]:
     """One transaction that no other prefloop process can be migrating in at the same time."""
-    with engine.begin() as conn:  # SQLite: BEGIN IMMEDIATE (service.core.db), the write lock
+    with engine.begin() as conn:  # SQLite: BEGIN IMMEDIATE (service.storage.db), the write lock
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": LOCK_KEY})
         yield conn

@@ -1,4 +1,4 @@
-"""Alembic's entry point: migrations run on the connection `service.core.migrations` hands in
+"""Alembic's entry point: migrations run on the connection `service.storage.migrate` hands in
 (already inside its locked transaction), against the models' metadata."""
 
 from alembic import context
