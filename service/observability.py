@@ -397,5 +397,12 @@ def configure_logging(level: str, *, json_lines: bool) -> None:
         hf_logging.disable_default_handler()
         hf_logging.enable_propagation()
         hf_logging.disable_progress_bar()
+        # torch too ("W1206 12:57:21 ... _pytree.py" lines, e.g. when torchao is installed):
+        # its records go through ours. The engines import torch anyway.
+        import torch  # noqa: F401 - sets up the "torch" logger's own handler
+
+        torch_log = logging.getLogger("torch")
+        torch_log.handlers.clear()
+        torch_log.propagate = True
         # Python warnings (a library's FutureWarning) print raw lines on stderr: log them.
         logging.captureWarnings(True)
