@@ -12,7 +12,7 @@ same one, as on a real site), gets one answer sampled as the service samples (te
 short enough to read at a glance (a finished answer of 40 to `UP_CHARS` characters) gets a
 thumbs up, anything else a thumbs down; `NOISE` of the visitors rate carelessly (the opposite).
 
-`run` compiles the events with the service's own compiler (`trainer.compiler.compile_pairs`: lone
+`run` compiles the events with the service's own compiler (`trainer.votes.compile_pairs`: lone
 thumbs become KTO rows, an up and a down on the same prompt from different visitors become a
 matched pair), trains the refresh recipe for a segment with thumbs, evaluates as a refresh does
 (held-out thumbs by implied-reward AUC, the golden set, the shipped canary prompts), applies
@@ -109,9 +109,9 @@ def compiled(events: list[dict[str, Any]], *, shuffle: bool, seed: int) -> list[
     gate), as stored rows: pairs and lone-thumbs (KTO) rows. ``shuffle``: the labels permuted
     among the visitors (the control)."""
     from service.core.config import Settings
-    from service.loop.stored_pairs import gate_config
-    from trainer.compiler import compile_pairs
+    from service.feedback import gate_config
     from trainer.records import Answer, Feedback
+    from trainer.votes import compile_pairs
 
     labels = [e["label"] for e in events]
     if shuffle:

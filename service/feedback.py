@@ -6,32 +6,45 @@ after the commit. Each signal is one write in a shared transaction: look up the 
 key, check the completion, upsert the user's slot (`service.storage.feedback`).
 
 `load_signals` is the way back: the stored answers that have signals (feedback, or a kept
-regeneration) together with their siblings, as `trainer.records` records.
+regeneration) together with their siblings, as `trainer.records` records. `compile_and_store` is
+the compile step the operator API, the CLI and the scheduler call: it runs the compiler
+(`trainer.votes.compile_pairs`) on them with every stored key as `known_keys`, and stores what
+comes back — accepted items as approved/pending, gate-excluded ones as excluded, so their keys
+stay known. Re-running it stores nothing twice.
 """
 
 from __future__ import annotations
 
 import json
 import threading
-from collections import OrderedDict
-from dataclasses import dataclass, field, replace
+from collections import Counter, OrderedDict
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Row
 from sqlalchemy.engine import Engine as Database
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from adapters.registry import as_utc
 from service import observability
-from service.core.errors import NotFoundError
+from service.core.config import Settings
+from service.core.errors import ConflictError, NotFoundError
 from service.core.identity import Principal
 from service.privacy import tombstoned
 from service.storage import feedback as stored
-from service.storage.db import GroupCommit
-from service.storage.models import Completion, Feedback, Message
+from service.storage.db import GroupCommit, session_scope
+from service.storage.models import (
+    Completion,
+    Feedback,
+    Message,
+    OperatorAction,
+    PreferencePair,
+    utcnow,
+)
 from service.storage.turns import path_to
-from trainer import records
+from trainer import quality, records, votes
 
 
 @dataclass(frozen=True)
@@ -261,3 +274,142 @@ def _vote(f: Feedback) -> records.Feedback:
         author_role=f.author_role,  # type: ignore[arg-type]
         key_id=f.key_id or "",
     )
+
+
+# --- compiled into pairs ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CompileSummary:
+    """What one compile stored, and what it looked at."""
+
+    stored: dict[str, int]  # by status: approved / pending / excluded
+    pairs: int  # new DPO pairs accepted
+    unpaired: int  # new KTO rows accepted
+    excluded: int
+    dropped: dict[str, int]  # DropReason -> count
+    redactions: dict[str, int]
+    answers: int  # answers considered
+    feedback: int  # feedback rows considered
+
+
+def gate_config(settings: Settings) -> quality.GateConfig:
+    return quality.GateConfig(
+        max_user_share=settings.pairs_max_user_share,
+        min_batch_for_cap=settings.pairs_min_batch_for_cap,
+        require_approval=settings.pairs_require_approval,
+        near_dup_threshold=settings.pairs_near_dup_threshold or None,
+        min_answer_chars=settings.pairs_min_answer_chars,
+        max_answer_chars=settings.pairs_max_answer_chars,
+        edit_weight=settings.pairs_edit_weight,
+        max_key_share=settings.pairs_max_key_share,
+        rater_trust=settings.pairs_rater_trust,
+        min_rater_trust=settings.pairs_min_rater_trust,
+        review_links=settings.pairs_review_links,
+    )
+
+
+def _row(item: records.PreferencePair | records.UnpairedExample, now: datetime) -> PreferencePair:
+    common = dict(
+        key=item.key,
+        tenant=item.tenant,
+        segment=item.segment,
+        prompt=[m.as_dict() for m in item.prompt],
+        source=item.source,
+        weight=item.weight,
+        status=item.status,
+        excluded_reason=item.excluded_reason or None,
+        created_at=now,
+        updated_at=now,
+    )
+    signal = {
+        "user_id": item.user_id,
+        "key_id": item.key_id,
+        "author_role": item.author_role,
+        "signal_at": item.created_at.isoformat(),
+        "feedback_ids": list(item.feedback_ids),
+    }
+    if isinstance(item, records.UnpairedExample):
+        return PreferencePair(
+            kind="unpaired",
+            chosen=item.completion,
+            label=item.label,
+            provenance=signal
+            | {
+                "message_id": item.message_id,
+                "completion_id": item.completion_id,
+                "adapter_version": item.adapter_version,
+                "sampling": dict(item.sampling),
+                "parent_id": item.parent_id,
+            },
+            **common,
+        )
+    return PreferencePair(
+        kind="pair",
+        chosen=item.chosen,
+        rejected=item.rejected,
+        provenance=signal
+        | {
+            "chosen_message_id": item.chosen_message_id,
+            "rejected_message_id": item.rejected_message_id,
+            "chosen_completion_id": item.chosen_completion_id,
+            "rejected_completion_id": item.rejected_completion_id,
+            "chosen_adapter_version": item.chosen_adapter_version,
+            "rejected_adapter_version": item.rejected_adapter_version,
+            "chosen_sampling": dict(item.chosen_sampling),
+            "rejected_sampling": dict(item.rejected_sampling),
+        },
+        **common,
+    )
+
+
+def compile_and_store(
+    db: Database, settings: Settings, *, actor: str = "system", tenant: str | None = None
+) -> CompileSummary:
+    """Compile new pairs from every stored signal and store them; returns the counts.
+    ``tenant``: only that tenant's signals (an operator's compile: its counts say nothing
+    about other tenants).
+
+    Reads and the compiler run outside the write transaction; the write is one transaction, and
+    the unique `key` keeps a concurrent compile from storing an item twice (it gets a 409).
+    """
+    with Session(db) as session:
+        answers, feedback = load_signals(session)
+        known = set(session.exec(select(PreferencePair.key)).all())
+    if tenant is not None:
+        answers = [a for a in answers if a.tenant == tenant]
+        mine = {a.message_id for a in answers}
+        feedback = [f for f in feedback if f.message_id in mine]
+    result = votes.compile_pairs(answers, feedback, gate_config(settings), known_keys=known)
+
+    now = utcnow()
+    items = [*result.pairs, *result.unpaired, *result.excluded]
+    rows = [_row(item, now) for item in items]
+    stored = Counter(r.status for r in rows)
+    summary = CompileSummary(
+        stored=dict(stored),
+        pairs=len(result.pairs),
+        unpaired=len(result.unpaired),
+        excluded=len(result.excluded),
+        dropped=dict(result.dropped),
+        redactions=dict(result.redactions),
+        answers=len(answers),
+        feedback=len(feedback),
+    )
+    try:
+        with session_scope(db) as session:
+            session.add_all(rows)
+            session.add(
+                OperatorAction(
+                    actor=actor,
+                    action="compile",
+                    target_ids=[r.id for r in rows],
+                    detail=asdict(summary),
+                )
+            )
+    except IntegrityError as exc:
+        raise ConflictError(
+            "another compile stored some of these pairs at the same time; run it again",
+            code="compile_conflict",
+        ) from exc
+    return summary

@@ -30,7 +30,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from service.loop.stored_pairs import compile_and_store, export_pairs
+    from service.feedback import compile_and_store
+    from service.loop.stored_pairs import export_pairs
     from service.storage.db import init_db, make_engine
 
     settings = get_settings()  # the same settings `prefloop serve` reads

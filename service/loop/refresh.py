@@ -45,6 +45,7 @@ from adapters.registry import (
 )
 from service.core.config import Settings
 from service.core.errors import ConflictError
+from service.feedback import compile_and_store
 from service.loop import live_watch
 from service.loop.datasets import (
     TrainingSets,
@@ -60,7 +61,7 @@ from service.loop.datasets import (
 from service.loop.launch import _train_flags, run_subprocess
 from service.loop.lease import HOLDER, acquire_lease, keep_renewing, release_lease, renew_lease
 from service.loop.runs import Recorder, RefreshCancelled, RefreshSkipped, get_run
-from service.loop.stored_pairs import compile_and_store, to_trainer
+from service.loop.stored_pairs import to_trainer
 from service.loop.trainjob import run_training
 from service.storage.models import PreferencePair, TrainingRun, utcnow
 from trainer.golden import save_golden

@@ -29,9 +29,9 @@ from sqlmodel import Session, col, select
 from adapters.registry import Registry
 from service.core.config import Settings
 from service.core.errors import ConflictError
+from service.feedback import compile_and_store
 from service.loop.refresh import run_refresh
 from service.loop.runs import FINISHED, create_run, request_cancel
-from service.loop.stored_pairs import compile_and_store
 from service.storage.models import Feedback, Message, PreferencePair, TrainingRun, utcnow
 
 log = logging.getLogger(__name__)

@@ -15,12 +15,11 @@ from sqlmodel import Session, select
 
 from service.core.config import Settings
 from service.core.identity import Principal, Role
-from service.feedback import load_signals
-from service.loop.stored_pairs import gate_config
+from service.feedback import gate_config, load_signals
 from service.storage import turns
 from service.storage.models import PreferencePair, new_id
 from tests.service.conftest import Live
-from trainer.compiler import compile_pairs
+from trainer.votes import compile_pairs
 
 PROMPTS = 500  # the first half contested (two honest users vote too), the rest Mallory's alone
 DEV = Principal(key_id=None, name="test", role=Role.admin, tenant="default")

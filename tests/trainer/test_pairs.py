@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 
-from trainer.compiler import compile_pairs
 from trainer.quality import GateConfig, prompt_tokens
 from trainer.records import (
     Answer,
@@ -30,7 +29,7 @@ from trainer.records import (
     kto_row,
     write_jsonl,
 )
-from trainer.votes import match_thumbs
+from trainer.votes import compile_pairs, match_thumbs
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 SYSTEM = {"role": "system", "content": "You are a helpful cooking assistant."}

@@ -8,10 +8,9 @@ from typing import Any
 
 import pytest
 
-from trainer.compiler import compile_pairs
 from trainer.quality import GateConfig
 from trainer.records import Answer, CompileResult, Feedback
-from trainer.votes import rater_trust
+from trainer.votes import compile_pairs, rater_trust
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings  # noqa: E402

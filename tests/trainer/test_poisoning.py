@@ -11,12 +11,11 @@ from pathlib import Path
 import pytest
 
 from adapters.gate import GateThresholds, decide
-from trainer.compiler import compile_pairs
 from trainer.dpo import TrainConfig, train
 from trainer.evaluate import evaluate
 from trainer.quality import GateConfig
 from trainer.records import Answer, DropReason, Feedback
-from trainer.votes import rater_trust
+from trainer.votes import compile_pairs, rater_trust
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 

@@ -32,7 +32,7 @@ from service.api.schemas import (
     UserDeleted,
 )
 from service.core.errors import InvalidRequestError, NotFoundError
-from service.loop.stored_pairs import compile_and_store
+from service.feedback import compile_and_store
 from service.overview import overview
 from service.privacy import delete_user
 from service.review import (
