@@ -251,6 +251,7 @@ def test_the_training_jobs_volumes_are_the_refresh_cronjobs_claims(
     mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
     for claim, path in volumes.items():
         assert claims[claim]["spec"]["accessModes"] == ["ReadWriteMany"], claim
+        assert claim in by_claim, f"the refresh CronJob does not mount {claim}"
         assert mounts[by_claim[claim]] == path, f"the CronJob mounts {claim} elsewhere"
     shared = [Path(p) for p in volumes.values()]
     for where in (settings.home, settings.adapters_path):
