@@ -63,6 +63,7 @@ from trainer.data import (
 )
 from trainer.generate import generate
 from trainer.logps import check_logits_path, completion_logps, per_sequence, token_logps
+from trainer.memory import return_freed_memory
 
 ProgressFn = Callable[[int, int, dict[str, float]], None]
 """Called after every optimizer step with (step, total steps, metrics)."""
@@ -683,6 +684,7 @@ def train(
     from transformers import AutoTokenizer
 
     t_start = time.perf_counter()
+    return_freed_memory()  # glibc arenas would keep every freed activation: trainer.memory
     d = setup_distributed()
     out, base, pairs = Path(out), Path(base), Path(pairs)
     if out.exists():
