@@ -15,6 +15,9 @@ Contenders, each in its own subprocess (so peak memory is that run's alone, read
   reference being the disabled adapter, run every step);
 * ``trl-precompute``: ``trl`` with ``precompute_ref_log_probs=True``.
 
+Every contender runs with ``MALLOC_MMAP_THRESHOLD_=131072``, the glibc setting ours makes for
+itself (``trainer.memory``), so that both sides free activation memory the same way.
+
 Reported per contender: time per epoch including the reference pass (model loading and
 tokenisation excluded on both sides; TRL pre-computes inside ``DPOTrainer.__init__``, so that
 call's reference pass is timed on its own and added), tokens per second, peak memory. Then the
@@ -38,6 +41,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from trainer.memory import MMAP_THRESHOLD_BYTES  # noqa: E402
 
 HEADLINE_ORDER = ["trl-accum", "trl", "trl-precompute"]
 TOPICS = ["tea", "rain", "bikes", "maps", "salt", "bread", "clocks", "owls", "glass", "ink"]
@@ -297,6 +302,8 @@ def spawn(args: argparse.Namespace, side: str) -> dict:
                  "lora_r", "pairs"):  # fmt: skip
         cmd += ["--" + name.replace("_", "-"), str(getattr(args, name))]
     env = dict(os.environ, TQDM_DISABLE="1", TRANSFORMERS_VERBOSITY="error")
+    # Both sides get the allocator setting ours makes for itself (trainer.memory): equal settings.
+    env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD_BYTES)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
