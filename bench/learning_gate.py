@@ -208,12 +208,10 @@ def _model_dir() -> Path:
 
 
 def _row(r: dict[str, Any]) -> str:
-    return (
-        f"| {r['seed']} | {'shuffled' if r['shuffled'] else 'as judged'} | "
-        f"{r['length_ratio']:.3f} | {r['effect']:+.1%} | {r['pair_accuracy']:.2f} | "
-        f"{r['golden_loss']:.3f} {r['golden_lost'] or ''} | {r['kl']:.3f} | "
-        f"{'approved' if r['approved'] else 'rejected: ' + '; '.join(r['reasons'])} |"
-    )
+    return (f"| {r['seed']} | {'shuffled' if r['shuffled'] else 'as judged'} | "
+            f"{r['length_ratio']:.3f} | {r['effect']:+.1%} | {r['pair_accuracy']:.2f} | "
+            f"{r['golden_loss']:.3f} {r['golden_lost'] or ''} | {r['kl']:.3f} | "
+            f"{'approved' if r['approved'] else 'rejected: ' + '; '.join(r['reasons'])} |")
 
 
 def study(seeds: int, overrides: dict[str, Any]) -> None:
@@ -243,10 +241,8 @@ def study(seeds: int, overrides: dict[str, Any]) -> None:
           f"its spread (needed: 3x)")  # fmt: skip
     room = tolerance - l_mean
     margin = room / l_sd if l_sd else float("inf")
-    print(
-        f"golden loss {l_mean:.3f} sd {l_sd:.3f}, {room:.3f} inside the tolerance "
-        f"{tolerance:.2f}: {margin:.1f}x its spread (needed: 3x)"
-    )
+    print(f"golden loss {l_mean:.3f} sd {l_sd:.3f}, {room:.3f} inside the tolerance "
+          f"{tolerance:.2f}: {margin:.1f}x its spread (needed: 3x)")
     control = results[-1]
     print(f"shuffled-label control: effect {control['effect']:+.1%}, "
           f"{'approved' if control['approved'] else 'rejected'}")  # fmt: skip
@@ -259,12 +255,12 @@ def main() -> int:
     run = sub.add_parser("run", help="one trainer seed (or the shuffled-label control)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--shuffle", action="store_true")
-    run.add_argument("--recipe", default="{}", help="trainer options over the gate recipe, JSON")
+    run.add_argument("--recipe", default="{}", help='trainer options over the gate recipe, JSON')
     run.add_argument("--out", type=Path, help="also write the result here (JSON)")
     run.add_argument("--no-progress", action="store_true")
     s = sub.add_parser("study", help="every seed and the shuffled-label control")
     s.add_argument("--seeds", type=int, default=5)
-    s.add_argument("--recipe", default="{}", help="trainer options over the gate recipe, JSON")
+    s.add_argument("--recipe", default="{}", help='trainer options over the gate recipe, JSON')
     args = p.parse_args()
     if args.cmd == "make-data":
         make_data(_model_dir())
