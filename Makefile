@@ -39,6 +39,7 @@ run: $(SERVE_STAMP)
 # installs) when it is down. PYTEST_ARGS: more pytest options (CI adds --durations=30).
 test: install chromium vllm-venv
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir $(VENV)/site
 	bash tests/postgres-up.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -50,6 +51,7 @@ docs: install
 # The fast tier for everyday work: everything but the `slow` tests, on every core.
 test-quick: install
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	bash tests/postgres-up.sh
 	$(BIN)/python -m pytest -m "not slow" -n auto $(PYTEST_ARGS)
 
