@@ -32,7 +32,7 @@ from sqlmodel import Session, col, select
 
 from service.core.identity import Principal, Role
 from service.storage.db import session_scope
-from service.storage.models import ApiKey, utcnow
+from service.storage.tables import ApiKey, utcnow
 
 SECRET_PREFIX = "pfk_"
 

@@ -31,7 +31,7 @@ from service.engines import base
 from service.engines.base import Engine, GenerationRequest, GenerationStream, SamplingParams
 from service.storage import turns
 from service.storage.db import session_scope
-from service.storage.models import Completion, Message, new_id
+from service.storage.tables import Completion, Message, new_id
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from service.core.identity import Principal
 from service.privacy import tombstoned
 from service.storage import feedback as stored
 from service.storage.db import GroupCommit, session_scope
-from service.storage.models import (
+from service.storage.tables import (
     Completion,
     Feedback,
     Message,

@@ -157,7 +157,7 @@ class DatabaseCollector(Collector):
 
 
 def _pairs(s: Session) -> Metric:
-    from service.storage.models import PreferencePair
+    from service.storage.tables import PreferencePair
 
     pairs = GaugeMetricFamily(
         "prefloop_pairs",
@@ -174,7 +174,7 @@ def _pairs(s: Session) -> Metric:
 
 
 def _runs(s: Session) -> Metric:
-    from service.storage.models import TrainingRun
+    from service.storage.tables import TrainingRun
 
     runs = CounterMetricFamily(
         "prefloop_refresh_runs",
@@ -192,7 +192,7 @@ def _runs(s: Session) -> Metric:
 
 def _run_durations(s: Session) -> Iterator[Metric]:
     from adapters.registry import as_utc
-    from service.storage.models import TrainingRun
+    from service.storage.tables import TrainingRun
 
     # Durations in Python: datetime arithmetic differs between SQLite and Postgres, and
     # there are a few runs a day.
@@ -266,7 +266,7 @@ def _active_versions(s: Session) -> Metric:
 
 
 def _thumbs(s: Session) -> Iterator[Metric]:
-    from service.storage.models import Completion, Feedback
+    from service.storage.tables import Completion, Feedback
 
     votes = CounterMetricFamily(
         "prefloop_thumbs",

@@ -15,7 +15,7 @@ from sqlmodel import Session, col, select
 
 from adapters.registry import as_utc
 from service.review import RatePoint, RateSeries
-from service.storage.models import Completion, Conversation, Feedback, PreferencePair, TrainingRun
+from service.storage.tables import Completion, Conversation, Feedback, PreferencePair, TrainingRun
 
 DAY = timedelta(days=1)
 

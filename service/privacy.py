@@ -17,7 +17,7 @@ from sqlmodel import Session, col, select
 
 from service.core.config import Settings
 from service.storage.db import session_scope
-from service.storage.models import (
+from service.storage.tables import (
     Completion,
     Conversation,
     Feedback,

@@ -15,7 +15,7 @@ from sqlmodel import Session, col, select
 from adapters.registry import as_utc
 from service.core.errors import ConflictError, InvalidRequestError, NotFoundError
 from service.storage.db import session_scope
-from service.storage.models import (
+from service.storage.tables import (
     Completion,
     Conversation,
     Feedback,

@@ -40,7 +40,7 @@ from adapters.registry import DEFAULT_SEGMENT, AdapterVersion, Registry
 from service.core.errors import ModelNotFoundError
 from service.engines.base import Engine
 from service.storage.experiments import running as running_experiments
-from service.storage.models import Experiment
+from service.storage.tables import Experiment
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from service.engines.routing import AdapterRouter
 from service.loop import live_watch
 from service.loop.runs import sweep_interrupted as sweep_interrupted_runs
 from service.privacy import purge_expired
-from service.storage.models import utcnow
+from service.storage.tables import utcnow
 from service.storage.turns import sweep_interrupted_completions
 
 log = logging.getLogger(__name__)

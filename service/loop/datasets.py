@@ -14,7 +14,7 @@ from sqlalchemy.engine import Engine as Database
 from sqlmodel import Session, col, select
 
 from service.core.config import Settings
-from service.storage.models import PreferencePair, utcnow
+from service.storage.tables import PreferencePair, utcnow
 from trainer import records, votes
 
 # --- the segment's pairs ----------------------------------------------------------------------

@@ -15,7 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
 
 from adapters.registry import as_utc
-from service.storage.models import Lease, utcnow
+from service.storage.tables import Lease, utcnow
 
 LEASE = "refresh"
 HOLDER = f"{socket.gethostname()}:{os.getpid()}"

@@ -9,7 +9,7 @@ Two decisions run here, every `PREFLOOP_WATCH_INTERVAL_SECONDS` in every replica
 
 Live canaries prove an approved adapter version on real traffic before it serves everyone.
 
-An experiment (`service.storage.models.Experiment`) serves a sticky `share` of a segment's end users
+An experiment (`service.storage.tables.Experiment`) serves a sticky `share` of a segment's end users
 the candidate version and the rest the incumbent (the segment's active version, or the base
 model); `service.engines.routing` splits the requests, so each stored completion's `adapter_version`
 says which arm answered. A share of the widget's "which is better?" turns
@@ -70,7 +70,7 @@ from service.storage.experiments import (
     list_experiments,
     running,
 )
-from service.storage.models import Completion, Experiment, Feedback, Message, OperatorAction, utcnow
+from service.storage.tables import Completion, Experiment, Feedback, Message, OperatorAction, utcnow
 
 log = logging.getLogger(__name__)
 

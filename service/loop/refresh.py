@@ -63,7 +63,7 @@ from service.loop.lease import HOLDER, acquire_lease, keep_renewing, release_lea
 from service.loop.runs import Recorder, RefreshCancelled, RefreshSkipped, get_run
 from service.loop.stored_pairs import to_trainer
 from service.loop.trainjob import run_training
-from service.storage.models import PreferencePair, TrainingRun, utcnow
+from service.storage.tables import PreferencePair, TrainingRun, utcnow
 from trainer.golden import save_golden
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from sqlmodel import Session, col, select
 
 from adapters.registry import as_utc
 from service.loop.lease import HOLDER, LEASE, dead_holder
-from service.storage.models import Lease, TrainingRun, utcnow
+from service.storage.tables import Lease, TrainingRun, utcnow
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from service.core.errors import ConflictError
 from service.feedback import compile_and_store
 from service.loop.refresh import run_refresh
 from service.loop.runs import FINISHED, create_run, request_cancel
-from service.storage.models import Feedback, Message, PreferencePair, TrainingRun, utcnow
+from service.storage.tables import Feedback, Message, PreferencePair, TrainingRun, utcnow
 
 log = logging.getLogger(__name__)
 

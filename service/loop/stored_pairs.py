@@ -14,7 +14,7 @@ from sqlalchemy.engine import Engine as Database
 from sqlmodel import Session, col, select
 
 from adapters.registry import as_utc
-from service.storage.models import PreferencePair
+from service.storage.tables import PreferencePair
 from trainer import records
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from sqlalchemy.engine import Engine as Database
 from sqlmodel import Session, col, select
 
-from service.storage.models import Experiment
+from service.storage.tables import Experiment
 
 RUNNING, PROMOTED, ROLLED_BACK, STOPPED = "running", "promoted", "rolled_back", "stopped"
 

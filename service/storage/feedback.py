@@ -18,7 +18,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
 
 from service.core.errors import ConflictError, InvalidRequestError, NotFoundError
-from service.storage.models import Completion, Conversation, Feedback, Message, new_id, utcnow
+from service.storage.tables import Completion, Conversation, Feedback, Message, new_id, utcnow
 
 
 def request_hash(payload: dict[str, Any]) -> str:

@@ -72,7 +72,7 @@ def current(conn: Connection) -> str | None:
 def _models() -> None:
     # Import for the side effect: the tables register on SQLModel.metadata.
     import adapters.registry  # noqa: F401
-    import service.storage.models  # noqa: F401
+    import service.storage.tables  # noqa: F401
 
 
 def _adopt_legacy(conn: Connection) -> bool:

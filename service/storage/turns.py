@@ -16,7 +16,7 @@ from sqlmodel import Session, col, select
 
 from service.core.errors import InvalidRequestError, NotFoundError
 from service.core.identity import Principal
-from service.storage.models import Completion, Conversation, Message, utcnow
+from service.storage.tables import Completion, Conversation, Message, utcnow
 
 
 @dataclass(frozen=True)

@@ -115,7 +115,7 @@ def test_roles_are_enforced_by_the_dependency(live: Live, keys: Keys) -> None:
     with live.session() as s:
         from sqlmodel import select
 
-        from service.storage.models import OperatorAction
+        from service.storage.tables import OperatorAction
 
         actors = {a.actor for a in s.exec(select(OperatorAction)).all()}
     assert actors == {"operator-default"}

@@ -28,7 +28,7 @@ from service.core.errors import ConflictError
 from service.loop import live_watch
 from service.main import create_app
 from service.storage.db import init_db, make_engine
-from service.storage.models import Experiment, OperatorAction
+from service.storage.tables import Experiment, OperatorAction
 from tests.conftest import BOTH_DATABASES
 from tests.servers import serve_thread
 from tests.service.conftest import Live, approved

@@ -15,7 +15,7 @@ from sqlmodel import Session, col, select
 
 from adapters.registry import Registry
 from service.core.config import Settings
-from service.storage.models import Completion, Message, PreferencePair
+from service.storage.tables import Completion, Message, PreferencePair
 from tests.service.conftest import Live, approved
 from tests.service.test_auth import SHOP, Keys
 from tests.service.test_canary import wait_until

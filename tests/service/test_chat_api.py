@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import create_engine, func
 from sqlmodel import Session, select
 
-from service.storage.models import Completion, Conversation, Message
+from service.storage.tables import Completion, Conversation, Message
 from tests.conftest import TEST_HOME
 from tests.servers import Server, serve_subprocess
 

@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import create_engine, func, update
 from sqlmodel import Session, select
 
-from service.storage.models import Feedback, Lease, utcnow
+from service.storage.tables import Feedback, Lease, utcnow
 from tests.conftest import BOTH_DATABASES
 from tests.servers import serve_subprocess
 

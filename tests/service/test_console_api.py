@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 from sqlmodel import select
 
-from service.storage.models import Completion
+from service.storage.tables import Completion
 from tests.service.conftest import Live
 
 OPS = {"X-Operator": "olga"}

@@ -12,7 +12,7 @@ from sqlmodel import Session, select
 
 from service.core.config import Settings
 from service.storage.db import GroupCommit, init_db, make_engine
-from service.storage.models import Conversation
+from service.storage.tables import Conversation
 from tests.conftest import BOTH_DATABASES
 
 

@@ -25,7 +25,7 @@ from sqlmodel import col, update
 from service.core.config import Settings
 from service.loop.lease import LEASE
 from service.main import create_app
-from service.storage.models import Lease, utcnow
+from service.storage.tables import Lease, utcnow
 from tests.conftest import make_adapter
 from tests.servers import free_port, serve_thread, wait_ready
 from tests.service.conftest import Live

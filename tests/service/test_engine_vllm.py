@@ -29,7 +29,7 @@ from service.engines.vllm import VLLMEngine, fleet_asleep, upstream_name
 from service.engines.vllm_dev import ServerSpec, VLLMServer, install_venv, thread_binds
 from service.main import create_app
 from service.storage.db import init_db, make_engine
-from service.storage.models import Completion, Message
+from service.storage.tables import Completion, Message
 from tests.conftest import TEST_HOME, make_adapter
 from tests.servers import free_port, serve_thread
 

@@ -17,7 +17,7 @@ from sqlmodel import Session, select
 from service.core.config import Settings
 from service.engines.local import LocalEngine
 from service.main import create_app
-from service.storage.models import Completion, Message
+from service.storage.tables import Completion, Message
 from tests.servers import serve_thread
 
 HELLO = [{"role": "user", "content": "Hello!"}]

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from sqlmodel import select
 
-from service.storage.models import Completion, Feedback, Message
+from service.storage.tables import Completion, Feedback, Message
 from tests.conftest import BOTH_DATABASES
 from tests.service.conftest import Live
 

@@ -126,7 +126,7 @@ def test_promotions_and_rollbacks_under_load_fail_no_request(
         assert text == expected[version], (version, text)
     from sqlmodel import Session, select
 
-    from service.storage.models import Completion, Message
+    from service.storage.tables import Completion, Message
 
     with Session(registry.db) as s:
         rows = s.exec(

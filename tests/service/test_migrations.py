@@ -71,7 +71,7 @@ def test_only_additive_migrations_run_at_start_up(
 @BOTH_DATABASES
 def test_a_database_from_before_migrations_is_adopted(db_url: str) -> None:
     import adapters.registry  # noqa: F401
-    import service.storage.models  # noqa: F401
+    import service.storage.tables  # noqa: F401
 
     db = make_engine(Settings(database_url=db_url))
     # What init_db's create_all made before migrations began: the first revision's schema, with

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from adapters.registry import APPROVED, Registry
 from service.core.config import Settings
 from service.storage.db import make_engine
-from service.storage.models import TrainingRun, utcnow
+from service.storage.tables import TrainingRun, utcnow
 from tests.conftest import BOTH_DATABASES, make_adapter
 from tests.servers import serve_subprocess
 from tests.service.conftest import Live

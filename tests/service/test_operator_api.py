@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from sqlmodel import select
 
-from service.storage.models import Message, OperatorAction, PreferencePair
+from service.storage.tables import Message, OperatorAction, PreferencePair
 from tests.conftest import BOTH_DATABASES
 from tests.service.conftest import Live
 

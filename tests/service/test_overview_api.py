@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from service.storage.models import Completion
+from service.storage.tables import Completion
 from tests.service.conftest import Live
 from tests.service.test_auth import Keys, error
 

@@ -17,7 +17,7 @@ from service.core.config import Settings
 from service.core.identity import Principal, Role
 from service.feedback import gate_config, load_signals
 from service.storage import turns
-from service.storage.models import PreferencePair, new_id
+from service.storage.tables import PreferencePair, new_id
 from tests.service.conftest import Live
 from trainer.votes import compile_pairs
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from sqlmodel import select
 
-from service.storage.models import (
+from service.storage.tables import (
     Completion,
     Conversation,
     Feedback,

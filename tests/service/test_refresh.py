@@ -18,7 +18,7 @@ from service.loop.refresh import run_refresh
 from service.loop.runs import create_run
 from service.loop.scheduler import Refresher
 from service.storage.db import init_db, make_engine
-from service.storage.models import OperatorAction, PreferencePair, TrainingRun
+from service.storage.tables import OperatorAction, PreferencePair, TrainingRun
 from tests.conftest import BOTH_DATABASES
 from tests.service.conftest import Live
 from trainer.rehearsal import REHEARSAL_PROMPTS

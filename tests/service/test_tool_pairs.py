@@ -14,7 +14,7 @@ from sqlmodel import select
 
 from service.core.identity import Principal, Role
 from service.storage import turns
-from service.storage.models import Message, PreferencePair
+from service.storage.tables import Message, PreferencePair
 from tests.conftest import BOTH_DATABASES
 from tests.service.conftest import Live
 

@@ -19,7 +19,7 @@ from service.core.config import Settings
 from service.loop.runs import Recorder, RefreshCancelled, create_run, request_cancel
 from service.loop.trainjob import KubernetesJob, render_job, run_training
 from service.storage.db import init_db, make_engine
-from service.storage.models import TrainingRun
+from service.storage.tables import TrainingRun
 from tests.service.conftest import Live
 from tests.service.test_refresh import FAST, OPS, picks, wait_run
 

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from sqlmodel import select
 
-from service.storage.models import Completion, Feedback
+from service.storage.tables import Completion, Feedback
 from tests.service.conftest import Live
 from tests.service.test_auth import HELLO, SHOP, Keys, error
 

@@ -24,7 +24,7 @@ from service.api.schemas import (
 from service.core.errors import NotFoundError
 from service.core.identity import Principal
 from service.loop import live_watch
-from service.storage.models import Experiment
+from service.storage.tables import Experiment
 
 router = APIRouter(prefix="/v1/operator", tags=["experiments"])
 

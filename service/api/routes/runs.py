@@ -15,7 +15,7 @@ from service.core.errors import ConflictError, NotFoundError
 from service.core.identity import Principal
 from service.loop.runs import FINISHED, get_run, request_cancel
 from service.overview import run_scope
-from service.storage.models import TrainingRun
+from service.storage.tables import TrainingRun
 
 router = APIRouter(prefix="/v1/operator", tags=["runs"])
 STATUSES = ("queued", "running", *FINISHED)

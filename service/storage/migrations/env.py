@@ -5,7 +5,7 @@ from alembic import context
 from sqlmodel import SQLModel
 
 import adapters.registry  # noqa: F401 - registers the registry's tables
-import service.storage.models  # noqa: F401 - registers the service's tables
+import service.storage.tables  # noqa: F401 - registers the service's tables
 
 connection = context.config.attributes["connection"]
 context.configure(

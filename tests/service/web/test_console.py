@@ -14,7 +14,7 @@ import pytest
 from playwright.sync_api import Page, expect
 from sqlmodel import select
 
-from service.storage.models import Feedback, OperatorAction, PreferencePair
+from service.storage.tables import Feedback, OperatorAction, PreferencePair
 from tests.service.conftest import Live
 from tests.service.test_refresh import FAST, OPS, picks, wait_run
 

@@ -17,7 +17,7 @@ from sqlmodel import select
 
 from adapters.canary import assign
 from adapters.registry import APPROVED, Registry
-from service.storage.models import OperatorAction
+from service.storage.tables import OperatorAction
 from tests.service.conftest import Live, approved
 from tests.service.test_canary import experiment as detail
 from tests.service.test_canary import wait_until

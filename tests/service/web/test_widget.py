@@ -19,7 +19,7 @@ from sqlmodel import col, select
 from adapters.registry import Registry
 from service.core.config import Settings
 from service.storage.db import make_engine
-from service.storage.models import Completion, Feedback, Message
+from service.storage.tables import Completion, Feedback, Message
 from tests.conftest import make_adapter
 from tests.servers import free_port
 from tests.service.conftest import Live
