@@ -85,7 +85,6 @@ from trainer.distributed import (
     shard_fsdp2,
 )
 from trainer.logps import check_logits_path, completion_logps, per_sequence, token_logps
-from trainer.memory import return_freed_memory
 from trainer.model import autocast, load_policy, trainable
 from trainer.rehearsal import prepare_rehearsal, rehearsal_batch, rehearsal_penalty
 
@@ -413,7 +412,6 @@ def train(
     from transformers import AutoTokenizer
 
     t_start = time.perf_counter()
-    return_freed_memory()  # glibc arenas would keep every freed activation: trainer.memory
     d = setup_distributed(cfg.distributed)
     out, base, pairs = Path(out), Path(base), Path(pairs)
     if out.exists():
