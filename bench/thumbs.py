@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.learning_gate import _model_dir, _sample  # noqa: E402
+from bench.learning_gate import EVAL_CACHE, _model_dir, _sample  # noqa: E402
 from bench.simulate import golden_items, prompts  # noqa: E402
 
 DATA = ROOT / "tests" / "data" / "thumbs"
@@ -287,7 +287,7 @@ def main() -> int:
                 overrides=json.loads(args.recipe), golden=not args.no_golden, events=args.events,
                 match=not args.no_match,
                 progress=not args.no_progress,
-                cache_dir=Path(tempfile.gettempdir()) / "prefloop-thumbs-cache",
+                cache_dir=EVAL_CACHE,
             )  # fmt: skip
         print(json.dumps(r, indent=1))
         if args.out:

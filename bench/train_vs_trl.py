@@ -8,6 +8,8 @@ Contenders, each in its own subprocess (so peak memory is that run's alone, read
 ``--repeats`` > 1 because a shared machine is noisy:
 
 * ``ours``: ``trainer.dpo.train`` (reference log-probs once up front, then one forward per step);
+* ``ours-unfused``: ``ours`` with ``--no-fused``: the stock PEFT/transformers layers instead of
+  ``trainer.fused``'s kernels (what those save);
 * ``trl-accum``: ``DPOTrainer`` with a PEFT model, reference log-probs pre-computed, and our
   micro-batch size with gradient accumulation to the same batch. Same settings as ours: this is
   the headline comparison;
@@ -44,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-HEADLINE_ORDER = ["trl-accum", "trl", "trl-precompute"]
+HEADLINE_ORDER = ["trl-accum", "trl", "trl-precompute", "ours-unfused"]
 TOPICS = ["tea", "rain", "bikes", "maps", "salt", "bread", "clocks", "owls", "glass", "ink"]
 
 
@@ -108,10 +110,11 @@ def lora_config(args: argparse.Namespace):
     )
 
 
-def our_config(args: argparse.Namespace):
+def our_config(args: argparse.Namespace, fused: bool = True):
     from trainer.dpo import TrainConfig
 
     return TrainConfig(
+        fused=fused,
         epochs=args.epochs,
         batch_size=args.batch_size,
         micro_batch_size=args.micro_batch_size,
@@ -163,12 +166,12 @@ def trl_dataset(path: Path):
     return Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
 
 
-def run_ours(args: argparse.Namespace) -> dict:
+def run_ours(args: argparse.Namespace, fused: bool = True) -> dict:
     from trainer.dpo import train
 
     with tempfile.TemporaryDirectory() as tmp:
         result = train(
-            our_config(args),
+            our_config(args, fused),
             pairs=args.pairs_file,
             base=args.model,
             out=Path(tmp) / "adapter",
@@ -287,8 +290,8 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     torch.manual_seed(0)
-    if args.side == "ours":
-        result = run_ours(args)
+    if args.side in ("ours", "ours-unfused"):
+        result = run_ours(args, fused=args.side == "ours")
     elif args.side == "losscheck":
         result = loss_check(args)
     else:
@@ -326,7 +329,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--sides",
         nargs="+",
         default=["ours", "trl-accum", "trl"],
-        choices=["ours", "trl", "trl-precompute", "trl-accum"],
+        choices=["ours", "ours-unfused", "trl", "trl-precompute", "trl-accum"],
         help="trl-accum: TRL with precomputed reference and our micro-batch size, accumulated",
     )
     p.add_argument("--child", dest="side", help=argparse.SUPPRESS)

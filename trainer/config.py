@@ -68,6 +68,7 @@ class TrainConfig:
     checkpoint_every: int = 50  # optimizer steps; 0 disables checkpoints
     bf16: bool = True  # autocast, on GPU only
     gradient_checkpointing: bool = True  # on GPU only: on 2 CPU cores compute, not memory, binds
+    fused: bool = True  # fused LoRA, SwiGLU, RMSNorm and grouped attention (trainer.fused)
     # Precision of the frozen base (trainer.model): fp32 | bf16, and nf4 (QLoRA) for the
     # decoder's linear weights. LoRA and its optimizer state are fp32 in every mode.
     base_dtype: str = "fp32"

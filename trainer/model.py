@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from trainer.config import BASE_DTYPES, TrainConfig
+from trainer.fused import fuse_for_training
 
 NF4_BLOCK = 64  # weights per absmax scale (the QLoRA paper's block size)
 NF4_SCALER_BLOCK = 256  # scales per second-level (double-quantization) block
@@ -52,6 +53,8 @@ def load_policy(
         model = get_peft_model(model, lora)
     for _, p in trainable(model):  # master weights and AdamW state in fp32 whatever the base
         p.data = p.data.float()
+    if cfg.fused:
+        fuse_for_training(model)
     if cfg.quantize == "nf4":
         quantize_nf4_(model, device)
     if place:

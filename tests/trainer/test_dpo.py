@@ -732,5 +732,8 @@ def test_a_set_of_only_thumbs_up_trains_with_kto_as_configured(
     assert (manifest["data"]["kind"], manifest["data"]["kto_lambdas"]) == ("kto", [1.0, 1.0])
     lines = _train_lines(out)
     assert "kto_gap" not in lines[-1] and "accuracy" not in lines[-1]
-    assert lines[-1]["kto/desirable"] > lines[0]["kto/desirable"] == 0.0
+    # Zero at the first step up to rounding: the reference pass batches rows by length across
+    # the whole set, a step's micro-batches differently, and matmuls round by batch shape.
+    assert lines[0]["kto/desirable"] == pytest.approx(0.0, abs=1e-5)
+    assert lines[-1]["kto/desirable"] > lines[0]["kto/desirable"]
     assert lines[-1]["loss"] < lines[0]["loss"]
