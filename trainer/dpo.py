@@ -274,7 +274,8 @@ def reference_logps(
     of the tokens its answers share (zero-padded).
 
     The reference is the policy as it starts: with a fresh LoRA that is the base model (adapter
-    disabled, which also skips the LoRA matmuls); warm-started, it is the parent adapter. Each
+    disabled: the fused kernels scale LoRA by 0, the stock layers skip it); warm-started, it is
+    the parent adapter. Each
     process scores its share and the shares are summed into one table; under FSDP2, where
     every forward is a collective, every process scores every example.
     """

@@ -11,8 +11,10 @@ autograd in tests/trainer/test_fused.py):
 * ``LoraSwiGLU``: ``down(silu(g) * u)`` with a LoRA ``down``; saves ``g`` and ``u`` and
   recomputes the product in the backward (elementwise), instead of keeping ``silu(g)`` and the
   product as well (as Unsloth's fused LoRA MLP does).
-* ``RMSNorm``: saves its input and one scale per token; the stock norm keeps two fp32 temporaries.
-* ``Rotary``: the rotary embedding written into one output instead of four temporaries.
+* ``RMSNorm``: saves its input and one scale per token; the stock norm makes two temporaries of
+  the input's size on the way.
+* ``Rotary``: the rotary embedding written into one output; the stock form makes three more
+  temporaries of the input's size.
 * ``grouped_sdpa``: attention with grouped-query K/V passed as they are (``enable_gqa``), on the
   CPU, where the flash kernel takes a mask; the stock path repeats K and V per query head and
   saves the copies.
@@ -195,7 +197,6 @@ def _fused_rotary(stock: Any) -> Any:
     return apply_rotary_pos_emb
 
 
-@torch.enable_grad()
 def _patch_rotary(attention: torch.nn.Module) -> bool:
     """Route the attention's modeling module through ``_fused_rotary``, if its
     ``apply_rotary_pos_emb`` is Llama's rotate-half form: checked on random numbers, since a
@@ -224,8 +225,9 @@ def _plain(weight: torch.Tensor) -> bool:
 
 
 def _lora_ready(layer: Any) -> bool:
-    """A PEFT LoRA linear this module's kernels compute exactly: one active adapter, no
-    dropout, no DoRA or LoRA bias, a plain bias-free base linear; adapter enabled, unmerged."""
+    """A PEFT LoRA linear this module's kernels compute exactly: one active adapter, unmerged,
+    no dropout, no DoRA or LoRA bias, a plain bias-free base linear. (A disabled adapter is
+    computed too, scaled by 0: ``_lora_args``.)"""
     if layer.merged or len(layer.active_adapters) != 1:
         return False
     name = layer.active_adapters[0]
